@@ -1,0 +1,105 @@
+"""Named LoRA adapters on one set of base weights, switched without touching ``requires_grad``.
+
+Self-play iterates and the GFlowNet sampler are LoRA adapters on one base model (peft), so
+several policies share one copy of the weights. Each :class:`gfn_spin.Policy` names the adapter
+it reads (or ``None`` for the bare base weights) and routes every forward through
+:func:`route`.
+
+Why not peft's ``set_adapter`` / ``disable_adapter``: both also reset ``requires_grad`` on the
+adapter weights, so scoring a frozen iterate in the middle of a training step would silently
+freeze the adapter being trained (or unfreeze a frozen one). :func:`route` flips only the
+routing flags of peft's tuner layers and restores them afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+
+def tuner_layers(model: torch.nn.Module) -> list[BaseTunerLayer]:
+    """The peft tuner layers injected into ``model`` (empty for a plain model)."""
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def adapter_names(model: torch.nn.Module) -> list[str]:
+    """Names of the adapters loaded on ``model``."""
+    return list(getattr(model, "peft_config", {}) or {})
+
+
+@contextmanager
+def route(model: torch.nn.Module, adapter: str | None) -> Iterator[None]:
+    """Run the forwards inside the block through ``adapter`` (``None``: base weights only)."""
+    layers = tuner_layers(model)
+    if not layers:
+        if adapter is not None:
+            raise ValueError(
+                f"adapter={adapter!r} was requested but the model has no adapters; "
+                "add one with Policy.add_adapter or load one with Policy.load_adapter"
+            )
+        yield
+        return
+    if adapter is not None and adapter not in adapter_names(model):
+        raise ValueError(
+            f"adapter={adapter!r} is not loaded; loaded adapters: {adapter_names(model)}"
+        )
+    saved = [(layer._disable_adapters, layer._active_adapter) for layer in layers]
+    try:
+        for layer in layers:
+            layer._disable_adapters = adapter is None
+            if adapter is not None:
+                layer._active_adapter = [adapter]
+        yield
+    finally:
+        for layer, (disabled, active) in zip(layers, saved, strict=True):
+            layer._disable_adapters = disabled
+            layer._active_adapter = active
+
+
+def default_lora_config(rank: int = 16, alpha: int = 16, dropout: float = 0.0) -> LoraConfig:
+    """LoRA on every attention and MLP projection (the published GFlowNet LM recipe uses r=64)."""
+    return LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules="all-linear",
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def add_adapter(model: torch.nn.Module, name: str, config: LoraConfig) -> PeftModel:
+    """Add a new trainable adapter ``name``; wraps a plain model in a ``PeftModel`` first.
+
+    Returns the ``PeftModel`` (the same object when ``model`` already is one). Other adapters
+    keep their ``requires_grad`` flags.
+    """
+    if isinstance(model, PeftModel):
+        if name in model.peft_config:
+            raise ValueError(f"adapter name {name!r} is already loaded; pick another name")
+        flags = [(p, p.requires_grad) for p in model.parameters()]
+        model.add_adapter(name, config)
+        for param, flag in flags:
+            param.requires_grad_(flag)
+        return model
+    return get_peft_model(model, config, adapter_name=name)
+
+
+def load_adapter(
+    model: torch.nn.Module, path: str, name: str, *, is_trainable: bool = False
+) -> PeftModel:
+    """Load an adapter saved by ``save_pretrained`` under ``name``; frozen unless trainable."""
+    if isinstance(model, PeftModel):
+        flags = [(p, p.requires_grad) for p in model.parameters()]
+        model.load_adapter(path, adapter_name=name, is_trainable=is_trainable)
+        for param, flag in flags:
+            param.requires_grad_(flag)
+        new_params = [p for n, p in model.named_parameters() if f".{name}." in n]
+        for param in new_params:
+            param.requires_grad_(is_trainable)
+        return model
+    return PeftModel.from_pretrained(model, path, adapter_name=name, is_trainable=is_trainable)

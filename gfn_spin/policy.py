@@ -1,0 +1,334 @@
+"""A policy: any Hugging Face causal LM with its tokenizer, optionally read through a LoRA adapter.
+
+For alignment code that needs exact token scores (DESIGN §1) in one teacher-forced pass, and
+ancestral sampling with the KV cache. Several policies can share one set of weights: each
+names the peft adapter it reads (``adapter=None`` reads the bare base weights), so self-play
+iterates and a GFlowNet adapter cost one model in memory.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+from gfn_spin import adapters
+from gfn_spin.density import Density, PromptLike, scores_from_steps
+from gfn_spin.devices import default_device, default_dtype
+from gfn_spin.scores import TokenScores
+
+
+@dataclass
+class PolicyState:
+    """Decoding state of a batch of prefixes: KV cache, mask, next positions, next log-probs."""
+
+    cache: DynamicCache
+    attention_mask: torch.Tensor
+    next_position: torch.Tensor
+    next_logprobs: torch.Tensor
+
+    def select(self, index: torch.Tensor) -> PolicyState:
+        cache = DynamicCache(ddp_cache_data=[(k[index], v[index]) for k, v, *_ in self.cache])
+        return PolicyState(
+            cache,
+            self.attention_mask[index],
+            self.next_position[index],
+            self.next_logprobs[index],
+        )
+
+
+class Policy(Density):
+    """An HF causal LM + tokenizer as a normalized density over responses.
+
+    Args:
+        model: a ``transformers`` causal LM, possibly a ``peft.PeftModel``.
+        tokenizer: its tokenizer; must define an EOS token (PAD falls back to EOS).
+        adapter: the peft adapter this policy reads; ``None`` reads the base weights even
+            when adapters are loaded.
+        allowed_token_ids: if given, responses may only use these tokens (EOS is always
+            allowed); other logits are masked before the softmax, so the policy is the LM
+            renormalized on that vocabulary. Makes exact enumeration possible on small worlds.
+        chat_template: pass string prompts through the tokenizer's chat template as a user turn.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        *,
+        adapter: str | None = None,
+        allowed_token_ids: Sequence[int] | None = None,
+        chat_template: bool = False,
+    ) -> None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError(
+                "tokenizer has no EOS token: set tokenizer.eos_token (responses end with it)"
+            )
+        if tokenizer.pad_token_id is None:
+            # Padding is only ever masked out, so EOS can stand in for a missing PAD token.
+            tokenizer.pad_token = tokenizer.eos_token
+        if chat_template and getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError("chat_template=True but the tokenizer has no chat template")
+        self.model = model
+        self._tokenizer = tokenizer
+        self.adapter = adapter
+        self.chat_template = chat_template
+        self.allowed_token_ids = None if allowed_token_ids is None else list(allowed_token_ids)
+        self._mask_cache: dict[torch.device, torch.Tensor] = {}
+        self._tokens = 0
+
+    # -- construction -------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        *,
+        adapter: str | os.PathLike | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        **kwargs: Any,
+    ) -> Policy:
+        """Load a model and tokenizer by hub name or local directory (``save_pretrained``).
+
+        ``adapter`` is the path of a peft adapter to read through (loaded as "default").
+        Other keyword arguments go to :class:`Policy`.
+        """
+        name_or_path = str(name_or_path)
+        looks_local = name_or_path.startswith((".", "/", "~")) or os.path.isdir(name_or_path)
+        if looks_local and not os.path.isdir(os.path.expanduser(name_or_path)):
+            raise FileNotFoundError(
+                f"name_or_path={name_or_path!r} is not a directory; give a directory written "
+                "by save_pretrained or a hub model name"
+            )
+        device = torch.device(device) if device is not None else default_device()
+        dtype = dtype or default_dtype(device)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+        except OSError as error:
+            raise OSError(
+                f"could not load name_or_path={name_or_path!r}: {error}. Check the name or "
+                "path; without network access only local directories load"
+            ) from error
+        model.to(device).eval()
+        adapter_name = None
+        if adapter is not None:
+            if not os.path.isdir(adapter):
+                raise FileNotFoundError(f"adapter={str(adapter)!r} is not a directory")
+            model = adapters.load_adapter(model, str(adapter), "default")
+            adapter_name = "default"
+        return cls(model, tokenizer, adapter=adapter_name, **kwargs)
+
+    def with_adapter(self, adapter: str | None) -> Policy:
+        """A view of the same weights read through ``adapter`` (``None``: the base weights)."""
+        view = Policy(
+            self.model,
+            self._tokenizer,
+            adapter=adapter,
+            allowed_token_ids=self.allowed_token_ids,
+            chat_template=self.chat_template,
+        )
+        if adapter is not None:
+            with adapters.route(self.model, adapter):
+                pass  # validates the name now rather than at the first forward
+        return view
+
+    def add_adapter(self, name: str, config: LoraConfig | None = None) -> Policy:
+        """Add a trainable LoRA adapter on these weights; returns the policy that reads it.
+
+        The new adapter starts at zero, so the returned policy starts equal to this one
+        (when this policy reads the base weights).
+        """
+        peft_model = adapters.add_adapter(
+            self.model, name, config or adapters.default_lora_config()
+        )
+        self.model = peft_model
+        return self.with_adapter(name)
+
+    def load_adapter(
+        self, path: str | os.PathLike, name: str, *, trainable: bool = False
+    ) -> Policy:
+        """Load a saved adapter under ``name``; returns the policy that reads it."""
+        self.model = adapters.load_adapter(self.model, str(path), name, is_trainable=trainable)
+        return self.with_adapter(name)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Save this policy: the adapter only (peft format) when it reads one, else the model."""
+        if self.adapter is not None:
+            self.model.save_pretrained(str(directory), selected_adapters=[self.adapter])
+        else:
+            self.model.save_pretrained(str(directory))
+        self._tokenizer.save_pretrained(str(directory))
+
+    # -- Density interface ----------------------------------------------------------------
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
+    @property
+    def eos_token_id(self) -> int:
+        return int(self._tokenizer.eos_token_id)
+
+    @property
+    def pad_token_id(self) -> int:
+        return int(self._tokenizer.pad_token_id)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def tokens_evaluated(self) -> int:
+        return self._tokens
+
+    @property
+    def max_context(self) -> int | None:
+        return getattr(self.model.config, "max_position_embeddings", None)
+
+    def encode_prompts(self, prompts: Sequence[PromptLike]) -> list[list[int]]:
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a list of strings or of token-id lists, not a str")
+        encoded = []
+        for prompt in prompts:
+            if isinstance(prompt, str):
+                if self.chat_template:
+                    text = self._tokenizer.apply_chat_template(
+                        [{"role": "user", "content": prompt}],
+                        tokenize=False,
+                        add_generation_prompt=True,
+                    )
+                    encoded.append(self._tokenizer(text, add_special_tokens=False)["input_ids"])
+                else:
+                    encoded.append(self._tokenizer(prompt)["input_ids"])
+            else:
+                encoded.append([int(t) for t in prompt])
+        return encoded
+
+    def _vocab_mask(self, device: torch.device) -> torch.Tensor | None:
+        if self.allowed_token_ids is None:
+            return None
+        if device not in self._mask_cache:
+            mask = torch.zeros(self.vocab_size, dtype=torch.bool, device=device)
+            mask[self.allowed_token_ids] = True
+            mask[self.eos_token_id] = True
+            self._mask_cache[device] = mask
+        return self._mask_cache[device]
+
+    def _log_softmax(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        mask = self._vocab_mask(logits.device)
+        if mask is not None:
+            logits = logits.masked_fill(~mask, float("-inf"))
+        return torch.log_softmax(logits, dim=-1)
+
+    def _forward(self, **inputs: Any) -> Any:
+        with adapters.route(self.model, self.adapter):
+            return self.model(**inputs)
+
+    def _teacher_forced_logits(
+        self, prompt_ids: list[list[int]], response_ids: torch.Tensor, lengths: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits at the states s_0..s_L of each row, ``[B, L+1, V]``, from one padded pass."""
+        device = self.device
+        response_ids = response_ids.to(device)
+        lengths = lengths.to(device)
+        batch, width = response_ids.shape
+        prompt_lengths = torch.tensor([len(p) for p in prompt_ids], device=device)
+        self._check_context(prompt_lengths, width)
+        total = int(prompt_lengths.max()) + width
+        # Right padding: prompt, then response, then PAD; every row's positions start at 0.
+        input_ids = torch.full((batch, total), self.pad_token_id, dtype=torch.long, device=device)
+        for row, prompt in enumerate(prompt_ids):
+            input_ids[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=device)
+        steps = torch.arange(width, device=device)
+        valid = steps[None, :] < lengths[:, None]
+        columns = prompt_lengths[:, None] + steps[None, :]
+        input_ids.scatter_(1, columns, torch.where(valid, response_ids, self.pad_token_id))
+        attention_mask = (
+            torch.arange(total, device=device)[None, :] < (prompt_lengths + lengths)[:, None]
+        ).long()
+        logits = self._forward(input_ids=input_ids, attention_mask=attention_mask).logits
+        self._tokens += int(attention_mask.sum())
+        state_columns = prompt_lengths[:, None] - 1 + torch.arange(width + 1, device=device)
+        state_columns = state_columns.clamp_max(total - 1)
+        return logits.gather(1, state_columns[..., None].expand(-1, -1, logits.shape[-1]))
+
+    def step_logprobs(
+        self, prompts: Sequence[PromptLike], response_ids: torch.Tensor, lengths: torch.Tensor
+    ) -> torch.Tensor:
+        prompt_ids = self.encode_prompts(prompts)
+        return self._log_softmax(self._teacher_forced_logits(prompt_ids, response_ids, lengths))
+
+    def score(
+        self, prompts: Sequence[PromptLike], response_ids: torch.Tensor, lengths: torch.Tensor
+    ) -> TokenScores:
+        steps = self.step_logprobs(prompts, response_ids, lengths)
+        return scores_from_steps(
+            steps, response_ids.to(steps.device), lengths.to(steps.device), self.eos_token_id
+        )
+
+    def _check_context(self, prompt_lengths: torch.Tensor, width: int) -> None:
+        limit = self.max_context
+        longest = int(prompt_lengths.max()) if len(prompt_lengths) else 0
+        if len(prompt_lengths) == 0:
+            raise ValueError("prompts is empty: give at least one prompt")
+        if int(prompt_lengths.min()) == 0:
+            raise ValueError("a prompt is empty: every prompt needs at least one token (e.g. BOS)")
+        if limit is not None and longest + width > limit:
+            raise ValueError(
+                f"a prompt of {longest} tokens plus max_new_tokens={width} exceeds the model's "
+                f"context of {limit} tokens; shorten the prompt or lower max_new_tokens"
+            )
+
+    def start(self, prompt_ids: Sequence[Sequence[int]]) -> PolicyState:
+        device = self.device
+        prompt_lengths = torch.tensor([len(p) for p in prompt_ids], device=device)
+        self._check_context(prompt_lengths, 0)
+        batch, longest = len(prompt_ids), int(prompt_lengths.max())
+        # Left padding so that every row's next token goes in the same column.
+        input_ids = torch.full((batch, longest), self.pad_token_id, dtype=torch.long, device=device)
+        for row, prompt in enumerate(prompt_ids):
+            input_ids[row, longest - len(prompt) :] = torch.tensor(list(prompt), device=device)
+        attention_mask = (
+            torch.arange(longest, device=device)[None, :] >= (longest - prompt_lengths)[:, None]
+        ).long()
+        position_ids = (attention_mask.cumsum(1) - 1).clamp_min(0)
+        out = self._forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=DynamicCache(),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self._tokens += int(prompt_lengths.sum())
+        return PolicyState(
+            out.cache, attention_mask, prompt_lengths, self._log_softmax(out.logits[:, -1])
+        )
+
+    def advance(self, state: PolicyState, tokens: torch.Tensor) -> PolicyState:
+        attention_mask = torch.cat(
+            [state.attention_mask, state.attention_mask.new_ones(len(tokens), 1)], dim=1
+        )
+        out = self._forward(
+            input_ids=tokens.to(self.device)[:, None],
+            attention_mask=attention_mask,
+            position_ids=state.next_position[:, None],
+            cache=state.cache,
+            use_cache=True,
+        )
+        self._tokens += len(tokens)
+        return PolicyState(
+            out.cache, attention_mask, state.next_position + 1, self._log_softmax(out.logits[:, -1])
+        )

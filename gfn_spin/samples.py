@@ -1,0 +1,147 @@
+"""``Samples``: what every sampler returns, and ancestral sampling from an autoregressive density.
+
+Defined here (not in ``samplers``) because policies sample too; ``samplers.Samples`` is this
+class.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from gfn_spin.density import Density, PromptLike
+from gfn_spin.devices import resolve_generator
+
+
+@dataclass
+class Samples:
+    """Draws from a sampler, one row per draw.
+
+    Attributes:
+        prompt_index: ``[N]`` index of each draw's prompt in the list given to ``sample``.
+        response_ids: ``[N, L]`` response tokens, padded past ``lengths`` (no EOS inside).
+        lengths: ``[N]`` response lengths n (a response of length L was stopped by the cap).
+        texts: decoded responses.
+        log_q: ``[N]`` the sampler's exact log-density of each draw, or None where the sampler
+            has none (importance resampling, SMC).
+        log_target: ``[N]`` the target's unnormalized log-density, or None without a target.
+        stats: "ess" and "log_z" (one value per prompt where estimated, else None), "tokens"
+            (model tokens evaluated), "seconds" (wall time), sampler-specific extras.
+    """
+
+    prompt_index: torch.Tensor
+    response_ids: torch.Tensor
+    lengths: torch.Tensor
+    texts: list[str]
+    log_q: torch.Tensor | None = None
+    log_target: torch.Tensor | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def responses(self) -> list[tuple[int, ...]]:
+        """Each draw's response as a tuple of token ids (the key used by exact enumeration)."""
+        return [
+            tuple(ids[:n].tolist())
+            for ids, n in zip(self.response_ids, self.lengths.tolist(), strict=True)
+        ]
+
+
+def check_count(name: str, value: int) -> int:
+    """Validate a positive count argument (num_samples, num_candidates, ...)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r} must be a positive integer")
+    return value
+
+
+def _sampling_logprobs(logprobs: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """The distribution actually sampled from: tempered, then nucleus-truncated, renormalized."""
+    if temperature != 1.0:
+        logprobs = torch.log_softmax(logprobs / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_logp, order = logprobs.sort(dim=-1, descending=True)
+        mass_before = sorted_logp.exp().cumsum(-1) - sorted_logp.exp()
+        drop_sorted = mass_before >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logprobs = torch.log_softmax(logprobs.masked_fill(drop, float("-inf")), dim=-1)
+    return logprobs
+
+
+@torch.no_grad()
+def ancestral_sample(
+    density: Density,
+    prompts: Sequence[PromptLike],
+    num_samples: int = 1,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | int | None = None,
+) -> Samples:
+    """Draw ``num_samples`` responses per prompt from an autoregressive ``density``.
+
+    One batched decoding loop over all draws with the KV cache; rows that stopped are dropped
+    from the batch as they accumulate. ``log_q`` is the log-density of the distribution sampled
+    (tempered / truncated when ``temperature``/``top_p`` differ from 1). The stop at
+    ``max_new_tokens`` is forced. Cost: one model token per component per generated token.
+    """
+    if not density.normalized:
+        raise ValueError(
+            "ancestral sampling needs a normalized (autoregressive) density; for a "
+            "GeometricMixture use its local_product() or a sampler from `samplers`"
+        )
+    check_count("num_samples", num_samples)
+    check_count("max_new_tokens", max_new_tokens)
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature} must be > 0")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p} must be in (0, 1]")
+    started, tokens_before = time.perf_counter(), density.tokens_evaluated
+    prompt_ids = density.encode_prompts(prompts)
+    if len(prompt_ids) == 0:
+        raise ValueError("prompts is empty: give at least one prompt")
+    device = density.device
+    generator = resolve_generator(generator, device)
+    rows = [ids for ids in prompt_ids for _ in range(num_samples)]
+    count, eos = len(rows), density.eos_token_id
+    pad = getattr(density.tokenizer, "pad_token_id", None) or eos
+
+    response_ids = torch.full((count, max_new_tokens), pad, dtype=torch.long, device=device)
+    lengths = torch.zeros(count, dtype=torch.long, device=device)
+    log_q = torch.zeros(count, device=device)
+    active = torch.arange(count, device=device)  # global row of each state row
+    state = density.start(rows)
+    for step in range(max_new_tokens):
+        logprobs = _sampling_logprobs(state.next_logprobs, temperature, top_p)
+        token = torch.multinomial(logprobs.exp(), 1, generator=generator).squeeze(1)
+        log_q[active] += logprobs.gather(1, token[:, None]).squeeze(1)
+        going_on = token != eos
+        response_ids[active[going_on], step] = token[going_on]
+        lengths[active[going_on]] += 1
+        if not bool(going_on.any()) or step == max_new_tokens - 1:
+            break
+        if not bool(going_on.all()):
+            # Drop finished rows so that later steps only pay for live prefixes.
+            keep = going_on.nonzero().squeeze(1)
+            state, active, token = state.select(keep), active[keep], token[keep]
+        state = density.advance(state, token)
+
+    prompt_index = torch.arange(len(prompt_ids), device=device).repeat_interleave(num_samples)
+    return Samples(
+        prompt_index=prompt_index,
+        response_ids=response_ids,
+        lengths=lengths,
+        texts=density.decode(response_ids, lengths),
+        log_q=log_q,
+        stats={
+            "ess": None,
+            "log_z": None,
+            "tokens": density.tokens_evaluated - tokens_before,
+            "seconds": time.perf_counter() - started,
+        },
+    )

@@ -1,0 +1,367 @@
+"""The tiny world: a task whose response distribution is known exactly, and tiny HF models on it.
+
+For first runs (seconds, not hours) and for measuring samplers and self-play exactly (DESIGN §6).
+
+The task ("noisy echo"): a prompt is 2-4 symbols over {a, b, c, d}; the response goes through
+the prompt symbols in order and, for each, writes it (p=0.7), skips it (p=0.15) or writes it
+twice (p=0.15); then, with p=0.25, one uniformly random symbol is appended. Responses are cut
+at the length cap L (forced stop, DESIGN §1), so ``p_data(y|x)`` is an exact finite table.
+The "shifted" rule is the same process with each written symbol replaced by the next one
+(a→b→c→d→a): a policy trained toward it is far from the base, so geometric mixtures of the
+two are far from either.
+
+Models: a tiny Llama-style ``LlamaForCausalLM`` trained by SFT on a limited sample (a *weak*
+base: better than uniform, worse than p_data), and a shifted policy fine-tuned from it. Both are
+written with ``save_pretrained`` to a cache directory and loaded back with ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import random
+import shutil
+import tempfile
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from gfn_spin.exact import ExactDistribution, divergences, exact_distribution
+from gfn_spin.policy import Policy
+
+SYMBOLS = ("a", "b", "c", "d")
+SPECIALS = ("[PAD]", "[BOS]", "[EOS]", "[UNK]", "=>")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}[BOS] {{ m['content'] }} =>"
+    "{% endif %}{% endfor %}"
+)
+
+
+@dataclass
+class ToyWorldConfig:
+    """Everything that determines the tiny world (its hash names the cache directory)."""
+
+    seed: int = 0
+    """Seed for the prompt split, the SFT sample and model initialization."""
+    max_new_tokens: int = 7
+    """Length cap L of responses."""
+    prompt_lengths: tuple[int, ...] = (2, 3, 4)
+    """Numbers of symbols in a prompt (all prompts of these lengths exist: 16+64+256)."""
+    num_eval_prompts: int = 16
+    """Held-out prompts used for every evaluation; never seen in training."""
+    keep_prob: float = 0.7
+    """Probability that a prompt symbol is written once."""
+    double_prob: float = 0.15
+    """Probability that a prompt symbol is written twice (skipped otherwise)."""
+    noise_prob: float = 0.25
+    """Probability that one uniform symbol is appended at the end."""
+    sft_examples: int = 384
+    """Size of the SFT sample (small on purpose: the base must be weak)."""
+    sft_steps: int = 150
+    """Optimizer steps of base SFT (few on purpose)."""
+    shift_steps: int = 150
+    """Optimizer steps that fine-tune the base toward the shifted rule."""
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    learning_rate: float = 3e-3
+    batch_size: int = 64
+    version: int = 1
+    """Bumped when the construction changes, so old caches are not reused."""
+
+    def key(self) -> str:
+        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+class EchoTask:
+    """The exact response distribution ``p_data(y|x)`` of the noisy-echo task (and its shift)."""
+
+    def __init__(self, config: ToyWorldConfig, symbol_ids: list[int], shift: int = 0):
+        self.config = config
+        self.symbol_ids = symbol_ids
+        self.shift = shift
+        self._cache: dict[tuple[int, ...], dict[tuple[int, ...], float]] = {}
+
+    def _write(self, symbol: int) -> int:
+        position = self.symbol_ids.index(symbol)
+        return self.symbol_ids[(position + self.shift) % len(self.symbol_ids)]
+
+    def table(self, prompt_ids: list[int] | tuple[int, ...]) -> dict[tuple[int, ...], float]:
+        """``{response: probability}`` for one prompt (token ids with BOS and "=>")."""
+        key = tuple(prompt_ids)
+        if key in self._cache:
+            return self._cache[key]
+        cfg = self.config
+        symbols = [t for t in prompt_ids if t in self.symbol_ids]
+        actions = (
+            (1, cfg.keep_prob),
+            (0, 1 - cfg.keep_prob - cfg.double_prob),
+            (2, cfg.double_prob),
+        )
+        noise = [((), 1 - cfg.noise_prob)] + [
+            ((s,), cfg.noise_prob / len(self.symbol_ids)) for s in self.symbol_ids
+        ]
+        table: dict[tuple[int, ...], float] = defaultdict(float)
+        for choice in itertools.product(actions, repeat=len(symbols)):
+            prob = 1.0
+            body: list[int] = []
+            for symbol, (times, p) in zip(symbols, choice, strict=True):
+                prob *= p
+                body += [self._write(symbol)] * times
+            for tail, p_tail in noise:
+                response = tuple(body + [self._write(t) for t in tail])[: cfg.max_new_tokens]
+                table[response] += prob * p_tail
+        self._cache[key] = dict(table)
+        return self._cache[key]
+
+    def sample(self, prompt_ids: list[int], rng: random.Random) -> tuple[int, ...]:
+        table = self.table(prompt_ids)
+        return rng.choices(list(table), weights=list(table.values()))[0]
+
+    def log_prob_on(self, prompt_ids: list[int], support: ExactDistribution) -> torch.Tensor:
+        """``log p_data`` aligned with an enumerated support (-inf off the task's support)."""
+        table = self.table(prompt_ids)
+        probs = torch.tensor([table.get(r, 0.0) for r in support.responses], dtype=torch.float64)
+        return probs.log()
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """A real fast tokenizer over the symbol vocabulary; ``"a b"`` encodes as ``[BOS] a b =>``."""
+    vocab = {token: i for i, token in enumerate(SPECIALS + SYMBOLS)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.post_processor = processors.TemplateProcessing(
+        single="[BOS] $A =>", special_tokens=[("[BOS]", vocab["[BOS]"]), ("=>", vocab["=>"])]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="[BOS]",
+        eos_token="[EOS]",
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+@dataclass
+class ToyWorld:
+    """The tiny world: tokenizer, exact task, base and shifted policies, prompts, SFT data."""
+
+    config: ToyWorldConfig
+    tokenizer: Any
+    task: EchoTask
+    shifted_task: EchoTask
+    base: Policy
+    shifted: Policy
+    train_prompts: list[list[int]]
+    eval_prompts: list[list[int]]
+    sft_dataset: Dataset
+    directory: Path
+    symbol_ids: list[int] = field(default_factory=list)
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.config.max_new_tokens
+
+    def load_policy(self, name: str = "base", **kwargs: Any) -> Policy:
+        """A fresh copy of a saved policy ("base" or "shifted") from its directory."""
+        return Policy.from_pretrained(
+            self.directory / name, allowed_token_ids=self.symbol_ids, **kwargs
+        )
+
+    def enumerate(self, density: Any, prompt_ids: list[int]) -> ExactDistribution:
+        return exact_distribution(density, prompt_ids, self.max_new_tokens)
+
+    def kl_from_data(self, policy: Any, prompts: list[list[int]] | None = None) -> float:
+        """Mean exact ``KL(p_data ‖ policy)`` over ``prompts`` (default: the eval prompts)."""
+        prompts = self.eval_prompts if prompts is None else prompts
+        total = 0.0
+        for prompt in prompts:
+            dist = self.enumerate(policy, prompt)
+            total += divergences(self.task.log_prob_on(prompt, dist), dist.logprobs)["kl_pq"]
+        return total / len(prompts)
+
+
+def _all_prompts(config: ToyWorldConfig, tokenizer: Any) -> list[list[int]]:
+    texts = [
+        " ".join(symbols)
+        for m in config.prompt_lengths
+        for symbols in itertools.product(SYMBOLS, repeat=m)
+    ]
+    return [tokenizer(text)["input_ids"] for text in texts]
+
+
+def _sft(
+    policy: Policy,
+    prompts: list[list[int]],
+    responses: list[tuple[int, ...]],
+    config: ToyWorldConfig,
+    steps: int,
+    seed: int,
+) -> None:
+    """Maximum likelihood on (prompt, response) pairs: one teacher-forced pass per step."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(policy.model.parameters(), lr=config.learning_rate)
+    width = config.max_new_tokens
+    ids = torch.full((len(responses), width), policy.pad_token_id, dtype=torch.long)
+    for row, response in enumerate(responses):
+        ids[row, : len(response)] = torch.tensor(response, dtype=torch.long)
+    lengths = torch.tensor([len(r) for r in responses])
+    policy.model.train()
+    for _ in range(steps):
+        batch = torch.randint(len(responses), (config.batch_size,), generator=generator)
+        nll = -policy.log_prob([prompts[i] for i in batch], ids[batch], lengths[batch]).mean()
+        optimizer.zero_grad()
+        nll.backward()
+        optimizer.step()
+    policy.model.eval()
+
+
+def _atomic_save(policy: Policy, target: Path) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    policy.save_pretrained(tmp)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("GFN_SPIN_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "gfn_spin"
+    )
+    return Path(root) / "toyworld"
+
+
+def build_world(
+    config: ToyWorldConfig | None = None,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    device: str | torch.device | None = "cpu",
+    rebuild: bool = False,
+) -> ToyWorld:
+    """Build (or load from the cache) the tiny world; deterministic for ``config.seed``.
+
+    Args:
+        config: the world's settings (defaults: :class:`ToyWorldConfig`).
+        cache_dir: where models are saved (default ``$GFN_SPIN_CACHE/toyworld`` or
+            ``~/.cache/gfn_spin/toyworld``), one subdirectory per config hash.
+        device: device of the returned policies (models are trained on CPU).
+        rebuild: retrain even when a cached build exists.
+    """
+    config = config or ToyWorldConfig()
+    tokenizer = build_tokenizer()
+    symbol_ids = tokenizer.convert_tokens_to_ids(list(SYMBOLS))
+    task = EchoTask(config, symbol_ids)
+    shifted_task = EchoTask(config, symbol_ids, shift=1)
+
+    prompts = _all_prompts(config, tokenizer)
+    rng = random.Random(config.seed)
+    order = list(range(len(prompts)))
+    rng.shuffle(order)
+    eval_prompts = [prompts[i] for i in sorted(order[: config.num_eval_prompts])]
+    train_prompts = [prompts[i] for i in sorted(order[config.num_eval_prompts :])]
+    sft_prompts = [rng.choice(train_prompts) for _ in range(config.sft_examples)]
+    sft_responses = [task.sample(p, rng) for p in sft_prompts]
+
+    directory = Path(cache_dir or default_cache_dir()) / config.key()
+    directory.mkdir(parents=True, exist_ok=True)
+    done = directory / "world.json"
+    if rebuild or not done.exists():
+        _train_models(
+            config,
+            tokenizer,
+            symbol_ids,
+            train_prompts,
+            sft_prompts,
+            sft_responses,
+            shifted_task,
+            rng,
+            directory,
+        )
+        tmp = done.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"config": asdict(config)}, indent=2))
+        os.replace(tmp, done)
+
+    def load(name: str) -> Policy:
+        return Policy.from_pretrained(
+            directory / name, allowed_token_ids=symbol_ids, device=device, dtype=torch.float32
+        )
+
+    return ToyWorld(
+        config=config,
+        tokenizer=tokenizer,
+        task=task,
+        shifted_task=shifted_task,
+        base=load("base"),
+        shifted=load("shifted"),
+        train_prompts=train_prompts,
+        eval_prompts=eval_prompts,
+        sft_dataset=_sft_dataset(tokenizer, sft_prompts, sft_responses),
+        directory=directory,
+        symbol_ids=symbol_ids,
+    )
+
+
+def _train_models(
+    config: ToyWorldConfig,
+    tokenizer: Any,
+    symbol_ids: list[int],
+    train_prompts: list[list[int]],
+    sft_prompts: list[list[int]],
+    sft_responses: list[tuple[int, ...]],
+    shifted_task: EchoTask,
+    rng: random.Random,
+    directory: Path,
+) -> None:
+    torch.manual_seed(config.seed)
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=config.hidden_size,
+            intermediate_size=2 * config.hidden_size,
+            num_hidden_layers=config.num_layers,
+            num_attention_heads=config.num_heads,
+            num_key_value_heads=config.num_heads,
+            max_position_embeddings=32,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=False,
+        )
+    )
+    policy = Policy(model, tokenizer, allowed_token_ids=symbol_ids)
+    _sft(policy, sft_prompts, sft_responses, config, config.sft_steps, config.seed)
+    _atomic_save(policy, directory / "base")
+    shift_prompts = [rng.choice(train_prompts) for _ in range(config.sft_examples)]
+    shift_responses = [shifted_task.sample(p, rng) for p in shift_prompts]
+    _sft(policy, shift_prompts, shift_responses, config, config.shift_steps, config.seed + 1)
+    _atomic_save(policy, directory / "shifted")
+
+
+def _sft_dataset(
+    tokenizer: Any, prompts: list[list[int]], responses: list[tuple[int, ...]]
+) -> Dataset:
+    """SFT pairs as text plus chat columns (``real``: user and assistant turns, as in SPIN data)."""
+    prompt_texts = tokenizer.batch_decode(prompts, skip_special_tokens=True)
+    prompt_texts = [t.replace("=>", "").strip() for t in prompt_texts]
+    response_texts = tokenizer.batch_decode([list(r) for r in responses], skip_special_tokens=True)
+    return Dataset.from_dict(
+        {
+            "prompt": prompt_texts,
+            "response": response_texts,
+            "real": [
+                [{"role": "user", "content": p}, {"role": "assistant", "content": r}]
+                for p, r in zip(prompt_texts, response_texts, strict=True)
+            ],
+        }
+    )

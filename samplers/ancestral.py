@@ -1,0 +1,82 @@
+"""Exact samplers for autoregressive models: a policy, an arithmetic mixture, a local product."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from gfn_spin.density import Density, PromptLike
+from gfn_spin.mixtures import ArithmeticMixture
+from gfn_spin.samples import Samples, ancestral_sample, check_count
+from samplers.base import Sampler, check_prompts
+
+
+class AncestralSampler(Sampler):
+    """Plain ancestral sampling from an autoregressive ``model``; ``log_q`` is exact.
+
+    Use it for any normalized density (a policy, an arithmetic mixture, a local product, a
+    trained GFlowNet policy). Cost: one model token per component per generated token.
+    ``target`` (optional) adds the target's log-density to each draw, for diagnostics.
+    """
+
+    def __init__(
+        self,
+        model: Density,
+        *,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        target: Density | None = None,
+    ) -> None:
+        if not model.normalized:
+            raise ValueError(
+                "AncestralSampler needs a normalized (autoregressive) model; for a "
+                "GeometricMixture use ImportanceResampler, SMCSampler or GFlowNetSampler"
+            )
+        self.model = model
+        self.max_new_tokens = check_count("max_new_tokens", max_new_tokens)
+        self.temperature = temperature
+        self.top_p = top_p
+        self.target = target
+
+    def sample(
+        self,
+        prompts: Sequence[PromptLike],
+        num_samples: int = 1,
+        *,
+        generator: torch.Generator | int | None = None,
+    ) -> Samples:
+        check_prompts(prompts)
+        prompt_ids = self.model.encode_prompts(prompts)
+        samples = ancestral_sample(
+            self.model,
+            prompt_ids,
+            num_samples,
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            generator=generator,
+        )
+        samples.log_target = self._score_target(prompt_ids, samples)
+        return samples
+
+
+class ArithmeticMixtureSampler(AncestralSampler):
+    """Exact samples from ``Σ_c w_c π_c`` with exact ``log_q`` (the mixture's own density).
+
+    Samples token by token from the posterior-weighted conditional (DESIGN §2), so one draw
+    costs one model token per component per generated token.
+    """
+
+    def __init__(
+        self,
+        components: Sequence[Density],
+        weights: Sequence[float] | torch.Tensor,
+        *,
+        max_new_tokens: int,
+        **kwargs,
+    ) -> None:
+        super().__init__(
+            ArithmeticMixture(components, weights), max_new_tokens=max_new_tokens, **kwargs
+        )

@@ -1,0 +1,19 @@
+"""Tolerances for statistical tests, derived from the sample size (not tuned to pass)."""
+
+from __future__ import annotations
+
+import math
+
+
+def tv_noise_bound(support: int, draws: int, failure: float = 1e-3) -> float:
+    """Upper bound on TV(empirical, true) that holds with probability ≥ 1 - failure.
+
+    E[TV] ≤ ½·sqrt(K/N) for K categories (Cauchy-Schwarz on Σ sqrt(p(1-p)/N)) and TV is
+    (1/N)-bounded-differences, so McDiarmid adds sqrt(log(1/failure) / (2N)).
+    """
+    return 0.5 * math.sqrt(support / draws) + math.sqrt(math.log(1 / failure) / (2 * draws))
+
+
+def chi_square_threshold(dof: int, z: float = 4.0) -> float:
+    """A χ² critical value by the Wilson-Hilferty approximation at z standard deviations."""
+    return dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
