@@ -17,3 +17,13 @@ def tv_noise_bound(support: int, draws: int, failure: float = 1e-3) -> float:
 def chi_square_threshold(dof: int, z: float = 4.0) -> float:
     """A χ² critical value by the Wilson-Hilferty approximation at z standard deviations."""
     return dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
+
+
+def tv_noise_bound_from_probs(probs, draws: int, failure: float = 1e-3) -> float:
+    """Like :func:`tv_noise_bound` but from the true probabilities: E[TV] ≤ ½ Σ_i sqrt(p_i/N).
+
+    (E|p̂_i - p_i| ≤ sqrt(p_i(1-p_i)/N) by Jensen.) Much tighter than sqrt(K/N) when most of the
+    K responses have tiny probability, as on the tiny world.
+    """
+    expected = 0.5 * float((probs / draws).sqrt().sum())
+    return expected + math.sqrt(math.log(1 / failure) / (2 * draws))
