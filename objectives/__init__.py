@@ -1,5 +1,20 @@
 """Losses as pure tensor functions (SubTB family, SPIN family)."""
 
 from objectives.spin import spin_loss, spin_metrics
+from objectives.subtb import (
+    balance_potentials,
+    modified_db_loss,
+    modified_subtb_loss,
+    subtb_pair_weights,
+    trajectory_balance_loss,
+)
 
-__all__ = ["spin_loss", "spin_metrics"]
+__all__ = [
+    "balance_potentials",
+    "modified_db_loss",
+    "modified_subtb_loss",
+    "spin_loss",
+    "spin_metrics",
+    "subtb_pair_weights",
+    "trajectory_balance_loss",
+]
