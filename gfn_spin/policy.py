@@ -9,8 +9,10 @@ iterates and a GFlowNet adapter cost one model in memory.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -160,11 +162,20 @@ class Policy(Density):
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Save this policy: the adapter only (peft format) when it reads one, else the model."""
-        if self.adapter is not None:
-            self.model.save_pretrained(str(directory), selected_adapters=[self.adapter])
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.adapter is None:
+            self.model.save_pretrained(directory)
         else:
-            self.model.save_pretrained(str(directory))
-        self._tokenizer.save_pretrained(str(directory))
+            # peft writes a non-"default" adapter into a subfolder named after it; flatten it
+            # so that the directory loads with Policy.from_pretrained(..., adapter=directory).
+            with tempfile.TemporaryDirectory(dir=directory) as tmp:
+                self.model.save_pretrained(tmp, selected_adapters=[self.adapter])
+                written = Path(tmp) / self.adapter if self.adapter != "default" else Path(tmp)
+                for item in written.iterdir():
+                    if item.is_file():
+                        os.replace(item, directory / item.name)
+        self._tokenizer.save_pretrained(directory)
 
     # -- Density interface ----------------------------------------------------------------
 

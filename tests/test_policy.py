@@ -1,0 +1,183 @@
+"""Policy: token scores against HF's own logits, padding invariance, adapters, loading, prompts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from gfn_spin import Policy
+from gfn_spin.adapters import default_lora_config
+from gfn_spin.samples import ancestral_sample
+
+
+def _responses(rows: list[list[int]], width: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+    return ids, torch.tensor([len(r) for r in rows])
+
+
+@pytest.fixture(scope="module")
+def raw_policy(world):
+    """The base model without a response-vocabulary restriction (HF's plain softmax)."""
+    return Policy(world.base.model, world.tokenizer)
+
+
+def test_token_scores_equal_hf_log_softmax(world, raw_policy):
+    prompts = world.eval_prompts[:3]
+    rows = [[5, 6, 7], [], [8, 8, 8, 8, 8, 8, 8]]
+    width = 7
+    ids, lengths = _responses(rows, width, world.tokenizer.pad_token_id)
+    with torch.no_grad():
+        scores = raw_policy.score(prompts, ids, lengths)
+    eos = world.tokenizer.eos_token_id
+    for b, (prompt, row) in enumerate(zip(prompts, rows, strict=True)):
+        full = torch.tensor([prompt + row])
+        with torch.no_grad():
+            logp = torch.log_softmax(world.base.model(input_ids=full).logits[0].float(), -1)
+        for k in range(width):
+            state = len(prompt) - 1 + k
+            expected_token = logp[state, row[k]] if k < len(row) else torch.tensor(0.0)
+            torch.testing.assert_close(
+                scores.token_logprobs[b, k], expected_token, atol=1e-5, rtol=0
+            )
+        for k in range(width + 1):
+            state = len(prompt) - 1 + k
+            expected_eos = logp[state, eos] if k <= len(row) and k < width else torch.tensor(0.0)
+            torch.testing.assert_close(scores.eos_logprobs[b, k], expected_eos, atol=1e-5, rtol=0)
+
+
+def test_scores_do_not_depend_on_batch_composition(world):
+    policy = world.base
+    short, long_prompt = world.eval_prompts[0], max(world.eval_prompts, key=len)
+    ids, lengths = _responses([[5, 6], [7, 8, 5, 6, 7, 8, 5], []], 7, policy.pad_token_id)
+    with torch.no_grad():
+        alone = policy.score([short], ids[:1], lengths[:1])
+        mixed = policy.score([short, long_prompt, long_prompt], ids, lengths)
+    torch.testing.assert_close(mixed.token_logprobs[:1], alone.token_logprobs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(mixed.eos_logprobs[:1], alone.eos_logprobs, atol=1e-5, rtol=0)
+
+
+def test_incremental_decoding_matches_teacher_forcing(world):
+    """start/advance with left padding and the KV cache give the teacher-forced scores."""
+    policy = world.base
+    prompts = [world.eval_prompts[0], max(world.eval_prompts, key=len)]
+    tokens = torch.tensor([[5, 6, 7], [8, 8, 5]])
+    with torch.no_grad():
+        state = policy.start(prompts)
+        stepwise = [state.next_logprobs]
+        for k in range(tokens.shape[1]):
+            state = policy.advance(state, tokens[:, k])
+            stepwise.append(state.next_logprobs)
+        forced = policy.step_logprobs(prompts, tokens, torch.tensor([3, 3]))
+    torch.testing.assert_close(torch.stack(stepwise, 1), forced[:, :4], atol=1e-5, rtol=0)
+
+
+def test_prefix_terminal_logprobs(world, prompt):
+    policy = world.base
+    ids, lengths = _responses([[5, 6, 7]], 7, policy.pad_token_id)
+    with torch.no_grad():
+        scores = policy.score([prompt], ids, lengths)
+        for k in range(4):
+            prefix_ids, prefix_len = _responses([[5, 6, 7][:k]], 7, policy.pad_token_id)
+            whole = policy.log_prob([prompt], prefix_ids, prefix_len)
+            torch.testing.assert_close(
+                scores.prefix_terminal_logprobs()[0, k], whole[0], atol=1e-5, rtol=0
+            )
+    assert torch.isinf(scores.prefix_terminal_logprobs()[0, 4:]).all()
+
+
+def test_prompts_as_ids_are_used_exactly_and_strings_are_tokenized(world):
+    policy = world.base
+    ids = [1, 5, 6, 4]
+    assert policy.encode_prompts([ids]) == [ids]
+    assert policy.encode_prompts(["a b"]) == [ids]
+    chat = Policy(policy.model, world.tokenizer, chat_template=True)
+    assert chat.encode_prompts(["a b"]) == [ids]
+    with pytest.raises(TypeError, match="not a str"):
+        policy.encode_prompts("a b")
+
+
+def test_sampling_is_seeded_and_respects_the_cap(world, prompt):
+    first = ancestral_sample(world.base, [prompt], 64, max_new_tokens=3, generator=7)
+    again = ancestral_sample(world.base, [prompt], 64, max_new_tokens=3, generator=7)
+    assert torch.equal(first.response_ids, again.response_ids)
+    assert int(first.lengths.max()) <= 3
+    assert (first.lengths == 3).any(), "some draws should reach the forced stop at the cap"
+    assert first.stats["tokens"] > 0
+
+
+def test_adapters_share_weights_and_base_view_ignores_them(world, prompt):
+    policy = world.load_policy("base")
+    ids, lengths = _responses([[5, 6, 7], [8]], 7, policy.pad_token_id)
+    with torch.no_grad():
+        before = policy.log_prob([prompt, prompt], ids, lengths)
+    trained = policy.add_adapter("iter1", default_lora_config(rank=4))
+    with torch.no_grad():
+        for name, param in trained.model.named_parameters():
+            if "lora_B" in name:
+                param.add_(0.5)
+    base_view = trained.with_adapter(None)
+    with torch.no_grad():
+        torch.testing.assert_close(policy.log_prob([prompt, prompt], ids, lengths), before)
+        torch.testing.assert_close(base_view.log_prob([prompt, prompt], ids, lengths), before)
+        assert not torch.allclose(trained.log_prob([prompt, prompt], ids, lengths), before)
+    # Scoring through other views must not change which weights are trainable.
+    flags = {n: p.requires_grad for n, p in trained.model.named_parameters()}
+    assert any(flags.values())
+    second = trained.with_adapter(None).add_adapter("iter2", default_lora_config(rank=4))
+    with torch.no_grad():
+        second.log_prob([prompt], ids[:1], lengths[:1])
+        base_view.log_prob([prompt], ids[:1], lengths[:1])
+    for name, param in trained.model.named_parameters():
+        if ".iter1." in name:
+            assert param.requires_grad == flags[name], name
+    with pytest.raises(ValueError, match="not loaded"):
+        trained.with_adapter("missing")
+
+
+def test_adapter_save_and_load_round_trip(world, prompt, tmp_path):
+    policy = world.load_policy("base")
+    trained = policy.add_adapter("iter1", default_lora_config(rank=4))
+    with torch.no_grad():
+        for name, param in trained.model.named_parameters():
+            if "lora_B" in name:
+                param.add_(0.3)
+    trained.save_pretrained(tmp_path / "iter1")
+    fresh = Policy.from_pretrained(
+        world.directory / "base",
+        adapter=tmp_path / "iter1",
+        allowed_token_ids=world.symbol_ids,
+        device="cpu",
+    )
+    ids, lengths = _responses([[5, 6, 7]], 7, policy.pad_token_id)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            fresh.log_prob([prompt], ids, lengths), trained.log_prob([prompt], ids, lengths)
+        )
+
+
+def test_from_pretrained_local_directory_and_missing_path(world, tmp_path):
+    loaded = Policy.from_pretrained(world.directory / "base", device="cpu")
+    assert isinstance(
+        loaded.model, type(AutoModelForCausalLM.from_pretrained(world.directory / "base"))
+    )
+    with pytest.raises(FileNotFoundError, match="name_or_path"):
+        Policy.from_pretrained(tmp_path / "does-not-exist")
+
+
+def test_tokenizer_without_eos_is_refused_and_missing_pad_falls_back(world):
+    tokenizer = world.tokenizer.__class__.from_pretrained(world.directory / "base")
+    tokenizer.pad_token = None
+    policy = Policy(world.base.model, tokenizer)
+    assert policy.pad_token_id == policy.eos_token_id
+    tokenizer.eos_token = None
+    with pytest.raises(ValueError, match="EOS"):
+        Policy(world.base.model, tokenizer)
+
+
+def test_prompt_longer_than_context_is_refused(world):
+    too_long = [1] + [5] * 40 + [4]
+    with pytest.raises(ValueError, match="context"):
+        ancestral_sample(world.base, [too_long], 1, max_new_tokens=4)
