@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gfn_spin.density import Density
+from gfn_spin.density import Density, unique_policies
 
 
 @dataclass
@@ -133,8 +133,6 @@ def exact_distribution(
 
 def _allowed_tokens(density: Density) -> list[int]:
     """The response vocabulary shared by a density's leaf policies (else the full vocabulary)."""
-    from gfn_spin.density import unique_policies
-
     leaves = unique_policies(getattr(density, "components", [density]))
     sets = [getattr(p, "allowed_token_ids", None) for p in leaves]
     if all(s is not None for s in sets):
