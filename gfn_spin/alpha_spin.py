@@ -63,9 +63,13 @@ class AlphaSpinConfig:
     """Every setting of an α-SPIN run (saved in the run's manifest).
 
     The defaults are chosen for the tiny world (a 0.1M-parameter model, L = 7): SPIN's own
-    defaults (β = 0.1, RMSProp, lr 5e-7 then 1e-7, batch 64, 2 epochs) are for 7B models and
-    would not move a tiny model within a CPU minute. Here: AdamW, lr 1e-3, LoRA r = 16,
-    β = 0.5, batch 32, 4 epochs per iteration.
+    defaults (β = 0.1, RMSProp, lr 5e-7 then 1e-7, batch 64) are for 7B models and would not
+    move a tiny model within a CPU minute. Here: AdamW, lr 1e-3, LoRA r = 16, batch 32,
+    2 epochs per iteration, and β = 2. Why β ≥ 1: with unlimited data the sigmoid loss is
+    minimized by π ∝ π_ref^(1-1/β) · p_data^(1/β), so β = 1 jumps to p_data in one iteration
+    whatever the reference (α and h would not matter), β < 1 overshoots past p_data, and
+    β = 2 moves halfway (geometrically) from π_ref toward p_data, which is where the
+    reference's regularization shows.
     """
 
     # -- model and data ---------------------------------------------------------------------
@@ -118,13 +122,13 @@ class AlphaSpinConfig:
     parallelism, so results do not depend on the number of processes)."""
 
     # -- loss and optimization -------------------------------------------------------------
-    beta: float = 0.5
+    beta: float = 2.0
     """β, the reward scale of the SPIN loss (SPIN: 0.1 for 7B models)."""
     loss_type: str = "sigmoid"
     """"sigmoid" (SPIN/DPO), "hinge" or "ipo"."""
     iterations: int = 3
     """Self-play iterations (iterates π_1..π_iterations); may be raised when resuming."""
-    epochs: int = 4
+    epochs: int = 2
     """Passes over the iteration's data when training π_(t+1) (SPIN: 2)."""
     optimizer: str = "adamw"
     """"adamw", "rmsprop" (SPIN's) or "sgd"; a fresh optimizer every iteration."""
@@ -638,10 +642,15 @@ class Distributed:
     shared model, so the trainer sums gradients itself after each step.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, device: str | None = None) -> None:
         from accelerate import PartialState
 
-        self.state = PartialState()
+        # cpu=True makes accelerate use gloo when the launcher started several CPU processes
+        # (torchrun-style LOCAL_RANK/WORLD_SIZE); otherwise it would ignore them without CUDA.
+        cpu = (device is not None and torch.device(device).type == "cpu") or not (
+            torch.cuda.is_available()
+        )
+        self.state = PartialState(cpu=cpu)
         self.rank = self.state.process_index
         self.size = self.state.num_processes
         self.is_main = self.state.is_main_process
@@ -938,7 +947,7 @@ class AlphaSpinTrainer:
     ) -> None:
         config.validate()
         self.config = config
-        self.dist = Distributed()
+        self.dist = Distributed(config.device)
         uses_world = policy is None and config.model is None
         uses_world = uses_world or (dataset is None and config.dataset is None)
         if uses_world and world is None:
