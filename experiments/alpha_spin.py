@@ -1,0 +1,306 @@
+"""SPIN vs α-SPIN vs fictitious play on the tiny world, measured by exact KL.
+
+    python -m experiments.alpha_spin --quick            # <= 2 minutes on 2 CPU cores
+    python -m experiments.alpha_spin                    # the full study, <= 15 minutes
+    python -m experiments.alpha_spin --sampler smc      # α < 1 opponents from SMC instead of SIR
+
+Runs SPIN (α=1, h=1), α-SPIN (α ∈ {0.5, 0.8, 0.95} × h ∈ {1, 2}) and fictitious play (α=1,
+h=all), each over several seeds and iterations, with :class:`gfn_spin.AlphaSpinTrainer`. After
+every iteration it records the exact KL(p_data ‖ π_t) on held-out prompts and the drift
+KL(π_t ‖ π_0); it writes a table (results.md), a plot (kl.png) and everything (results.json:
+study config, per-run records, summary, package versions, git commit) to ``--output-dir``.
+Each run lives in its own folder and resumes if the study is interrupted and restarted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import multiprocessing
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+VARIANTS_FULL = [
+    ("SPIN", 1.0, 1),
+    ("α-SPIN", 0.5, 1),
+    ("α-SPIN", 0.5, 2),
+    ("α-SPIN", 0.8, 1),
+    ("α-SPIN", 0.8, 2),
+    ("α-SPIN", 0.95, 1),
+    ("α-SPIN", 0.95, 2),
+    ("FP", 1.0, "all"),
+]
+VARIANTS_QUICK = [("SPIN", 1.0, 1), ("α-SPIN", 0.5, 1), ("α-SPIN", 0.95, 2), ("FP", 1.0, "all")]
+
+
+@dataclass
+class StudyConfig:
+    """Settings of the study (trainer settings not listed here keep AlphaSpinConfig's defaults)."""
+
+    output_dir: str = "runs/alpha_spin_study"
+    """Where results.json, results.md, kl.png and one folder per run go."""
+    quick: bool = False
+    """A smaller study (4 variants, 2 seeds, 2 iterations, 192 examples) for a first look."""
+    seeds: int = 3
+    """Seeds per variant (seeds 0..seeds-1)."""
+    iterations: int = 3
+    """Self-play iterations per run."""
+    sampler: str = "auto"
+    """Opponent sampler when α < 1: "importance" (auto), "smc", "gflownet" or "ancestral"
+    (α = 1 is always sampled exactly)."""
+    num_candidates: int = 16
+    """K of the importance sampler."""
+    num_particles: int = 16
+    """N of the SMC sampler."""
+    beta: float = 2.0
+    """β of the SPIN loss."""
+    learning_rate: float = 1e-3
+    """AdamW learning rate of the iterates' LoRA adapters."""
+    epochs: int = 2
+    """Epochs per iteration."""
+    max_examples: int | None = None
+    """Real examples per iteration (None: the world's 384 SFT examples)."""
+    drift_prompts: int = 4
+    """Eval prompts on which the exact drift KL(π_t ‖ π_0) is computed (the costly one)."""
+    workers: int = 2
+    """Runs executed in parallel (one CPU thread each)."""
+
+    def resolved(self) -> StudyConfig:
+        if not self.quick:
+            return self
+        return dataclasses.replace(
+            self,
+            seeds=min(self.seeds, 2),
+            iterations=min(self.iterations, 2),
+            max_examples=self.max_examples or 192,
+            num_candidates=min(self.num_candidates, 8),
+            num_particles=min(self.num_particles, 8),
+            drift_prompts=min(self.drift_prompts, 2),
+        )
+
+
+def variants(study: StudyConfig) -> list[tuple[str, float, int | str]]:
+    return VARIANTS_QUICK if study.quick else VARIANTS_FULL
+
+
+def label(name: str, alpha: float, history: int | str) -> str:
+    return f"{name} α={alpha:g} h={history}"
+
+
+def run_one(job: dict[str, Any]) -> dict[str, Any]:
+    """One (variant, seed) run in a worker: train, evaluate exactly, return its records."""
+    import torch
+
+    torch.set_num_threads(1)
+    from gfn_spin.alpha_spin import AlphaSpinConfig, AlphaSpinTrainer, ToyWorldEvaluator
+    from gfn_spin.toyworld import build_world
+
+    world = build_world()
+    evaluator = ToyWorldEvaluator(world, drift_prompts=job.pop("drift_prompts"))
+    config = AlphaSpinConfig(progress=False, **job["config"])
+    started = time.perf_counter()
+    records = AlphaSpinTrainer(config, world=world, evaluate=evaluator).train()
+    return {**job, "records": records, "seconds": time.perf_counter() - started}
+
+
+def jobs(study: StudyConfig, root: Path) -> list[dict[str, Any]]:
+    out = []
+    for name, alpha, history in variants(study):
+        for seed in range(study.seeds):
+            folder = root / "runs" / f"a{alpha:g}_h{history}_s{seed}"
+            out.append(
+                {
+                    "variant": label(name, alpha, history),
+                    "seed": seed,
+                    "drift_prompts": study.drift_prompts,
+                    "config": {
+                        "alpha": alpha,
+                        "history": history,
+                        "sampler": study.sampler,
+                        "num_candidates": study.num_candidates,
+                        "num_particles": study.num_particles,
+                        "beta": study.beta,
+                        "learning_rate": study.learning_rate,
+                        "epochs": study.epochs,
+                        "iterations": study.iterations,
+                        "max_examples": study.max_examples,
+                        "seed": seed,
+                        "output_dir": str(folder),
+                    },
+                }
+            )
+    return out
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def summarize(results: list[dict[str, Any]], iterations: int) -> dict[str, Any]:
+    """Per variant and iteration: mean and std over seeds of kl_data and kl_drift."""
+    summary: dict[str, Any] = {}
+    for result in results:
+        summary.setdefault(result["variant"], []).append(result["records"])
+    table = {}
+    for variant, runs in summary.items():
+        rows = []
+        for t in range(iterations + 1):
+            row = {"iteration": t}
+            for key in ("kl_data", "kl_drift"):
+                values = [run[t]["metrics"][key] for run in runs]
+                row[key], row[key + "_std"] = mean_std(values)
+            # The change from the base, per seed (paired: all seeds share π_0).
+            deltas = [run[t]["metrics"]["kl_data"] - run[0]["metrics"]["kl_data"] for run in runs]
+            row["kl_data_change"], row["kl_data_change_std"] = mean_std(deltas)
+            rows.append(row)
+        table[variant] = rows
+    return table
+
+
+def markdown(table: dict[str, Any], study: StudyConfig) -> str:
+    lines = [
+        f"Exact KL(p_data‖π_t) and drift KL(π_t‖π_0) on the tiny world, mean ± std over "
+        f"{study.seeds} seeds; α < 1 opponents: sampler={study.sampler}"
+        + (" (importance, SIR)" if study.sampler == "auto" else "")
+        + f"; α = 1 and t = 0 sampled exactly; drift on {study.drift_prompts} prompts.",
+        "",
+        "| variant | "
+        + " | ".join(f"KL data t={t}" for t in range(study.iterations + 1))
+        + f" | Δ KL data t={study.iterations} | drift t={study.iterations} |",
+        "|---" * (study.iterations + 4) + "|",
+    ]
+    for variant, rows in table.items():
+        cells = [f"{r['kl_data']:.3f} ± {r['kl_data_std']:.3f}" for r in rows]
+        last = rows[-1]
+        cells.append(f"{last['kl_data_change']:+.3f} ± {last['kl_data_change_std']:.3f}")
+        cells.append(f"{last['kl_drift']:.3f} ± {last['kl_drift_std']:.3f}")
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(table: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for variant, rows in table.items():
+        ts = [r["iteration"] for r in rows]
+        for axis, key in zip(axes, ("kl_data", "kl_drift"), strict=True):
+            axis.errorbar(
+                ts, [r[key] for r in rows], yerr=[r[key + "_std"] for r in rows],
+                marker="o", capsize=3, label=variant,
+            )  # fmt: skip
+    axes[0].set(xlabel="iteration t", ylabel="KL(p_data ‖ π_t)", title="distance to the data")
+    axes[1].set(xlabel="iteration t", ylabel="KL(π_t ‖ π_0)", title="drift from the base")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def environment() -> dict[str, Any]:
+    import importlib.metadata as md
+
+    versions = {}
+    for package in ("torch", "transformers", "peft", "datasets", "accelerate", "gfn-spin"):
+        try:
+            versions[package] = md.version(package)
+        except md.PackageNotFoundError:
+            versions[package] = None
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    return {"versions": versions, "git_commit": commit, "python": platform.python_version()}
+
+
+def write_atomic(text: str, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    study = parse_config(StudyConfig, argv).resolved()
+    root = Path(study.output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    from gfn_spin.toyworld import build_world
+
+    build_world()  # once here, so that workers load it from the cache
+    todo = jobs(study, root)
+    started = time.perf_counter()
+    print(f"{len(todo)} runs on {study.workers} workers -> {root}", file=sys.stderr)
+    from tqdm.auto import tqdm
+
+    results = []
+    if study.workers > 1:
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(study.workers) as pool:
+            for result in tqdm(pool.imap_unordered(run_one, todo), total=len(todo), desc="runs"):
+                results.append(result)
+    else:
+        results = [run_one(job) for job in tqdm(todo, desc="runs")]
+    order = {(j["variant"], j["seed"]): i for i, j in enumerate(todo)}
+    results.sort(key=lambda r: order[(r["variant"], r["seed"])])
+    table = summarize(results, study.iterations)
+    text = markdown(table, study)
+    output = {
+        "study": asdict(study),
+        "summary": table,
+        "runs": results,
+        "seconds": time.perf_counter() - started,
+        **environment(),
+    }
+    write_atomic(json.dumps(output, indent=2), root / "results.json")
+    write_atomic(text, root / "results.md")
+    plot(table, root / "kl.png")
+    print(text)
+    print(f"wrote {root / 'results.json'}, results.md, kl.png in {output['seconds']:.0f} s")
+    return output
+
+
+# -- CLI from the dataclass (to be replaced by experiments.common once it lands) -------------
+
+
+def parse_config(cls: type, argv: list[str] | None) -> Any:
+    """``--field value`` flags generated from a dataclass's fields and their docstrings."""
+    import ast
+    import inspect
+
+    docs: dict[str, str] = {}
+    source = ast.parse(inspect.getsource(cls))
+    body = source.body[0].body
+    for node, following in zip(body, body[1:], strict=False):
+        if isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr):
+            docs[node.target.id] = " ".join(str(following.value.value).split())
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    for item in dataclasses.fields(cls):
+        flag = "--" + item.name.replace("_", "-")
+        help_text = f"{docs.get(item.name, '')} (default: {item.default})"
+        if item.type in ("bool", bool):
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=item.default, help=help_text
+            )
+            continue
+        kind = {"int": int, "float": float, "str": str, "int | None": int}.get(str(item.type), str)
+        parser.add_argument(flag, type=kind, default=item.default, help=help_text)
+    return cls(**vars(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()
