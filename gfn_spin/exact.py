@@ -121,6 +121,12 @@ def exact_distribution(
         parents = torch.arange(len(prefixes), device=device).repeat_interleave(width)
         tokens = alphabet_t.repeat(len(prefixes))
         children = torch.cat([prefixes[parents], tokens[:, None]], dim=1)
+        if depth + 1 == max_new_tokens:
+            # Children stop at the cap (forced stop, no EOS factor): they need no forward.
+            # Same order as pushing and popping them would give; saves ~3/4 of the work.
+            logps.append(child_logp)
+            responses.extend(map(tuple, children.tolist()))
+            continue
         for lo in reversed(range(0, len(children), batch_size)):
             part = slice(lo, lo + batch_size)
             child_state = density.advance(state.select(parents[part]), tokens[part])
