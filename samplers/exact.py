@@ -1,0 +1,119 @@
+"""Exact sampling by enumeration: the reference every other sampler is measured against."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+
+from gfn_spin.density import Density, PromptLike
+from gfn_spin.devices import resolve_generator
+from gfn_spin.exact import ExactDistribution, _allowed_tokens, count_responses, exact_distribution
+from gfn_spin.samples import Samples, check_count
+from samplers.base import Sampler
+from samplers.importance import encode_checked, model_tokens
+
+
+class ExactSampler(Sampler):
+    """Exact i.i.d. draws from any density (normalized here) by enumerating every response.
+
+    Use it on small vocabularies and length caps only (the tiny world: 4 symbols, L = 7 gives
+    21,845 responses per prompt); it is the ground truth for tests and benchmarks. Cost: the
+    whole prefix tree once per distinct prompt, about ``|x| + Σ_k A^k`` model tokens per
+    component (A the response alphabet), then nothing per draw; enumerations are cached per
+    prompt, so repeated calls are free. The constructor refuses (before any model work) when
+    the tree has more than ``max_responses`` responses.
+
+    ``log_q`` is the exact normalized log-probability of each draw, ``log_target`` the
+    unnormalized one (``log_q + log Z``); ``stats["log_z"]`` ``[P]`` is the exact ``log Z``.
+
+    Args:
+        target: the density (a geometric mixture is normalized by the enumeration).
+        max_new_tokens: the length cap L.
+        allowed_token_ids: the response alphabet (default: the policies' allowed tokens, else
+            the whole vocabulary).
+        max_responses: the largest enumeration accepted.
+    """
+
+    def __init__(
+        self,
+        target: Density,
+        max_new_tokens: int,
+        *,
+        allowed_token_ids: Sequence[int] | None = None,
+        max_responses: int = 2_000_000,
+    ) -> None:
+        self.target = target
+        self.max_new_tokens = check_count("max_new_tokens", max_new_tokens)
+        if allowed_token_ids is None:
+            allowed_token_ids = _allowed_tokens(target)
+        self.allowed_token_ids = sorted({int(t) for t in allowed_token_ids})
+        self.max_responses = max_responses
+        alphabet = len(set(self.allowed_token_ids) - {target.eos_token_id})
+        total = count_responses(alphabet, self.max_new_tokens)
+        if total > max_responses:
+            raise ValueError(
+                f"enumeration too large: {total:,} responses per prompt (alphabet {alphabet}, "
+                f"max_new_tokens={self.max_new_tokens}) > max_responses={max_responses:,}; use "
+                "ImportanceResampler or SMCSampler, lower max_new_tokens, or restrict "
+                "allowed_token_ids"
+            )
+        self._cache: dict[tuple[int, ...], ExactDistribution] = {}
+
+    def distribution(self, prompt_ids: Sequence[int]) -> ExactDistribution:
+        """The enumerated distribution of one prompt (token ids), cached."""
+        key = tuple(int(t) for t in prompt_ids)
+        if key not in self._cache:
+            self._cache[key] = exact_distribution(
+                self.target,
+                list(key),
+                self.max_new_tokens,
+                allowed_token_ids=self.allowed_token_ids,
+                max_responses=self.max_responses,
+            )
+        return self._cache[key]
+
+    def sample(
+        self,
+        prompts: Sequence[PromptLike],
+        num_samples: int = 1,
+        *,
+        generator: torch.Generator | int | None = None,
+    ) -> Samples:
+        check_count("num_samples", num_samples)
+        prompt_ids = encode_checked(self.target, prompts)
+        started, tokens_before = time.perf_counter(), model_tokens(self.target)
+        generator = resolve_generator(generator, torch.device("cpu"))
+        pad = getattr(self.target.tokenizer, "pad_token_id", None) or self.target.eos_token_id
+        response_ids = torch.full(
+            (len(prompt_ids) * num_samples, self.max_new_tokens), pad, dtype=torch.long
+        )
+        lengths, log_q, log_z = [], [], []
+        for p, ids in enumerate(prompt_ids):
+            dist = self.distribution(ids)
+            picks = dist.sample_indices(num_samples, generator=generator)
+            for j, index in enumerate(picks.tolist()):
+                response = dist.responses[index]
+                response_ids[p * num_samples + j, : len(response)] = torch.tensor(response)
+                lengths.append(len(response))
+            log_q.append(dist.logprobs[picks])
+            log_z.append(dist.log_z)
+        lengths_t = torch.tensor(lengths, dtype=torch.long)
+        log_q_t = torch.cat(log_q)
+        log_z_t = torch.tensor(log_z, dtype=torch.float64)
+        prompt_index = torch.arange(len(prompt_ids)).repeat_interleave(num_samples)
+        return Samples(
+            prompt_index=prompt_index,
+            response_ids=response_ids,
+            lengths=lengths_t,
+            texts=self.target.decode(response_ids, lengths_t),
+            log_q=log_q_t,
+            log_target=log_q_t + log_z_t[prompt_index],
+            stats={
+                "ess": None,
+                "log_z": log_z_t,
+                "tokens": model_tokens(self.target) - tokens_before,
+                "seconds": time.perf_counter() - started,
+            },
+        )
