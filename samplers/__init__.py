@@ -1,13 +1,43 @@
 """Samplers for mixtures of language models behind one interface (DESIGN §5).
 
-Which to use:
+Every sampler has ``sample(prompts, num_samples=1, *, generator=None) -> Samples`` and counts
+the model tokens it spent in ``stats["tokens"]``. Which to use:
 
-- :class:`AncestralSampler`: any autoregressive model; exact, one model token per token.
-- :class:`ArithmeticMixtureSampler`: ``Σ w_c π_c`` exactly (cost: one token per component).
-- :class:`ExactSampler`: enumerate and draw; the reference on small worlds only.
+- :class:`AncestralSampler`: any autoregressive model (a policy, a local product, a trained
+  GFlowNet); exact, ``log_q`` exact. Cost per draw: one model token per component per
+  generated token (plus the prompt).
+- :class:`ArithmeticMixtureSampler`: ``Σ w_c π_c`` exactly (α = 1 in α-SPIN); same cost, one
+  token per component.
+- :class:`ImportanceResampler`: a geometric mixture (or any unnormalized target) from a
+  proposal that is already close (local product, π_t at α near 1, a GFlowNet). No training;
+  reports ESS and ``log Ẑ``. Biased at finite K (first order ``ρ/K`` in TV). Cost per draw: K
+  proposal samples plus one teacher-forced target pass over them.
+- :class:`SMCSampler`: a geometric mixture when the local product drifts over long responses;
+  resampling keeps particles on prefixes the target likes; unbiased ``Ẑ``. Cost per draw: N
+  particles × proposal components (× target components too for a proposal other than the
+  local product), no scoring pass.
+- :class:`ExactSampler`: enumerate and draw; the reference on small worlds only (refuses
+  large enumerations before any model work). Cost: the whole prefix tree once per prompt.
+
+Rule of thumb: α = 1 → ArithmeticMixtureSampler; ESS/K of SIR with the local product above
+~0.5 → ImportanceResampler with small K; otherwise SMCSampler, or train a GFlowNet and use it
+as the proposal.
 """
 
 from samplers.ancestral import AncestralSampler, ArithmeticMixtureSampler
 from samplers.base import Sampler, Samples
+from samplers.exact import ExactSampler
+from samplers.gflownet import GFlowNetSampler
+from samplers.importance import ImportanceResampler
+from samplers.smc import SMCSampler
 
-__all__ = ["AncestralSampler", "ArithmeticMixtureSampler", "Sampler", "Samples"]
+__all__ = [
+    "AncestralSampler",
+    "ArithmeticMixtureSampler",
+    "ExactSampler",
+    "GFlowNetSampler",
+    "ImportanceResampler",
+    "SMCSampler",
+    "Sampler",
+    "Samples",
+]
