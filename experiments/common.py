@@ -1,0 +1,270 @@
+"""Shared plumbing of runnable studies: CLI from a config dataclass, output dir, log, results.
+
+Every study in ``experiments/`` declares one dataclass whose fields carry their documentation
+(a string literal right under the field, or ``field(metadata={"help": ...})``); the CLI is
+generated from it, so ``--help`` and the code never drift apart. Results are written
+atomically as JSON together with the config, package versions and the git commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import importlib.metadata
+import inspect
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import textwrap
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+ConfigT = TypeVar("ConfigT")
+
+DEFAULT_PACKAGES = (
+    "gfn-spin",
+    "torch",
+    "transformers",
+    "peft",
+    "torchgfn",
+    "datasets",
+    "numpy",
+    "matplotlib",
+)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Docstrings of a dataclass's fields: the string literal under each field (or metadata)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):
+            continue
+        body = ast.parse(source).body[0].body
+        for node, following in zip(body, body[1:], strict=False):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(following, ast.Expr)
+                and isinstance(following.value, ast.Constant)
+                and isinstance(following.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(following.value.value.split())
+    for field in dataclasses.fields(cls):
+        if "help" in field.metadata:
+            docs[field.name] = field.metadata["help"]
+    return docs
+
+
+def _resolved_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _unwrap_optional(annotation: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(annotation)) == 2:
+            return args[0], True
+    return annotation, False
+
+
+def _bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _none_or(convert):
+    def parse(text: str):
+        return None if text.lower() in ("none", "null", "") else convert(text)
+
+    parse.__name__ = getattr(convert, "__name__", "value")
+    return parse
+
+
+def build_parser(cls: type, description: str | None = None) -> argparse.ArgumentParser:
+    """An argparse parser with one ``--flag`` per field of the dataclass ``cls``.
+
+    Types: int, float, str, bool (``--flag true/false``), ``X | None`` (``none`` gives None),
+    and tuples/lists of int/float/str (space-separated values).
+    """
+    parser = argparse.ArgumentParser(
+        description=description or (inspect.getdoc(cls) or "").split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    docs = field_docs(cls)
+    hints = _resolved_types(cls)
+    for field in dataclasses.fields(cls):
+        if not field.init:
+            continue
+        annotation, optional = _unwrap_optional(hints[field.name])
+        default = (
+            field.default
+            if field.default is not dataclasses.MISSING
+            else field.default_factory()  # type: ignore[misc]
+            if field.default_factory is not dataclasses.MISSING
+            else None
+        )
+        kwargs: dict[str, Any] = {"default": default, "help": docs.get(field.name, " ")}
+        origin = typing.get_origin(annotation)
+        if origin in (tuple, list):
+            inner = [a for a in typing.get_args(annotation) if a is not Ellipsis]
+            kwargs.update(nargs="+", type=inner[0] if inner else str)
+        elif annotation is bool:
+            kwargs.update(type=_bool, metavar="{true,false}")
+        elif annotation in (int, float, str):
+            kwargs.update(type=_none_or(annotation) if optional else annotation)
+        else:
+            kwargs.update(type=str)
+        if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            kwargs["required"] = True
+        parser.add_argument("--" + field.name.replace("_", "-"), dest=field.name, **kwargs)
+    return parser
+
+
+def parse_config(
+    cls: type[ConfigT], argv: list[str] | None = None, description: str | None = None
+) -> ConfigT:
+    """Parse ``argv`` (default ``sys.argv[1:]``) into an instance of the dataclass ``cls``."""
+    namespace = build_parser(cls, description).parse_args(argv)
+    values = vars(namespace)
+    hints = _resolved_types(cls)
+    for name, value in values.items():
+        annotation, _ = _unwrap_optional(hints[name])
+        if typing.get_origin(annotation) is tuple and isinstance(value, list):
+            values[name] = tuple(value)
+    return cls(**values)
+
+
+def prepare_output_dir(path: str | os.PathLike) -> Path:
+    """Create ``path`` (and parents) and check that it is a writable directory, before any work."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"output_dir={str(path)!r} exists and is not a directory")
+    path.mkdir(parents=True, exist_ok=True)
+    if not os.access(path, os.W_OK):
+        raise PermissionError(f"output_dir={str(path)!r} is not writable; pick another directory")
+    return path
+
+
+def setup_logging(output_dir: Path, name: str, *, filename: str = "run.log") -> logging.Logger:
+    """A logger writing to ``output_dir/filename`` (all messages) and to stderr (info)."""
+    logger = logging.getLogger(name)
+    logger.setLevel(logging.DEBUG)
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+    file_handler = logging.FileHandler(output_dir / filename, mode="a", encoding="utf-8")
+    file_handler.setFormatter(formatter)
+    file_handler.setLevel(logging.DEBUG)
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(logging.Formatter("%(message)s"))
+    stream.setLevel(logging.INFO)
+    logger.addHandler(file_handler)
+    logger.addHandler(stream)
+    logger.propagate = False
+    return logger
+
+
+def git_commit(directory: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The git commit of the source tree and whether it has uncommitted changes (None outside git)."""
+    directory = Path(directory or Path(__file__).resolve().parent)
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=directory,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=directory,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit, "dirty": bool(status.strip())}
+
+
+def environment(packages: tuple[str, ...] = DEFAULT_PACKAGES) -> dict[str, Any]:
+    """Python, platform, package versions and git commit, for the results file."""
+    versions = {}
+    for name in packages:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "packages": versions,
+        "git": git_commit(),
+        "argv": sys.argv,
+    }
+    try:
+        import torch
+
+        info["torch_threads"] = torch.get_num_threads()
+        info["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except ImportError:
+        pass
+    return info
+
+
+def to_jsonable(value: Any) -> Any:
+    """Dataclasses, paths, tensors and numpy values as plain JSON types (inf/nan kept as floats)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return to_jsonable(dataclasses.asdict(value))
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return value
+
+
+def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
+    """Write ``text`` to ``path`` via a temporary file in the same directory, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_results(
+    results: dict[str, Any], output_dir: str | os.PathLike, config: Any, name: str = "results.json"
+) -> Path:
+    """``results`` plus the config and the environment, as JSON at ``output_dir/name``."""
+    payload = {"config": to_jsonable(config), "environment": environment(), **results}
+    return write_text_atomic(json.dumps(to_jsonable(payload), indent=2), Path(output_dir) / name)

@@ -1,0 +1,603 @@
+"""The GFlowNet sampler: a LoRA policy trained with modified SubTB toward any target density.
+
+For users who need samples from an intractable product of LM densities (the geometric
+mixture ``π_0^{1-α} π_t^α`` of α-SPIN, a KL-regularized target) with an exact ``log_q``:
+once fitted, sampling is plain ancestral sampling and the sampler's error to the target can be
+measured exactly on small problems, or estimated (ESS, ELBO gap) on large ones. One adapter is
+fitted over many prompts (amortized) and generalizes to unseen ones.
+
+The training step (DESIGN §4), top to bottom in :meth:`GFlowNetSampler.train_step`:
+
+1. responses for a batch of prompts, under ``no_grad`` with the KV cache: from the policy
+   itself, tempered (exploration), or from a per-prompt replay buffer of high-reward responses;
+2. the target's prefix-terminal log-densities ``log R(s_k⊤)`` (one no-grad teacher-forced pass
+   per target component);
+3. the policy's token scores (one teacher-forced pass with gradients through the LoRA);
+4. the vectorized modified SubTB loss (flows derived from the rewards);
+5. an optimizer step with gradient clipping.
+
+Gradients never flow through sampling: SubTB is off-policy, so the no-grad rollout followed by
+one teacher-forced pass is the same objective as the published token-by-token rollout, and far
+cheaper.
+
+Parametrizations (``GFlowNetConfig.parametrization``):
+
+- ``"lora"``: a LoRA adapter on the init policy's weights (the published recipe); sampling costs
+  one model pass per token.
+- ``"residual"``: :class:`gfn_spin.residual.ResidualLocalProduct`, the local product of the
+  target's components times a LoRA correction that starts at zero; sampling costs one pass per
+  component plus one per token. Needs a geometric-mixture target.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from tqdm.auto import tqdm
+
+from gfn_spin.density import Density, PromptLike
+from gfn_spin.mixtures import GeometricMixture
+from gfn_spin.policy import Policy
+from gfn_spin.residual import ResidualLocalProduct
+from gfn_spin.samples import Samples, ancestral_sample, check_count
+from objectives.subtb import WEIGHTINGS, modified_subtb_loss
+from samplers.base import Sampler, check_prompts
+from samplers.replay import ReplayBuffer
+
+PARAMETRIZATIONS = ("lora", "residual")
+CONFIG_FILE = "gflownet_config.json"
+ADAPTER_WEIGHTS = "adapter_model.pt"
+
+
+@dataclass
+class GFlowNetConfig:
+    """Every setting of the GFlowNet sampler and its training (saved with the adapter)."""
+
+    max_new_tokens: int = 7
+    """Length cap L of responses (the stop at L is forced)."""
+    parametrization: str = "lora"
+    """"lora": LoRA on the init policy's weights; "residual": local product + LoRA correction."""
+    lora_rank: int = 32
+    """LoRA rank r (the published LM recipe uses 64)."""
+    lora_alpha: float = 32.0
+    """LoRA scaling numerator (the update is scaled by lora_alpha / lora_rank)."""
+    lora_output_layer: bool = True
+    """Also put LoRA on the output (LM head) layer, besides every attention and MLP projection."""
+    steps: int = 1000
+    """Optimizer steps of `fit` (when `fit` is not given `steps`)."""
+    learning_rate: float = 2e-3
+    """Peak AdamW learning rate (the published 1e-4 is for GPT-2-size models)."""
+    warmup_steps: int = 20
+    """Linear learning-rate warmup steps."""
+    lr_decay: str = "cosine"
+    """Learning-rate decay after warmup: "cosine" (to 5% of the peak) or "constant"."""
+    weight_decay: float = 0.0
+    """AdamW weight decay on the LoRA weights."""
+    prompts_per_step: int = 16
+    """Prompts in one training batch (drawn uniformly from the fit prompts)."""
+    samples_per_prompt: int = 4
+    """Responses per prompt in one training batch."""
+    subtb_lambda: float = 1.0
+    """SubTB λ: weight λ^(j-i-1) of the sub-trajectory from s_i to s_j."""
+    weighting: str = "batch"
+    """SubTB normalization: "batch" (published LM recipe) or "geometric_within"."""
+    explore_prob: float = 0.667
+    """Fraction of on-policy batches sampled at a random temperature (exploration)."""
+    explore_temperature: tuple[float, float] = (0.5, 2.0)
+    """Range of the uniform exploration temperature."""
+    replay_prob: float = 0.0
+    """Fraction of batches drawn from the replay buffer of high-reward responses."""
+    replay_capacity: int = 32
+    """Responses kept per prompt in the replay buffer (the highest log-reward ones)."""
+    reward_temperature_start: float = 1.0
+    """Reward temperature T at the first step (the loss targets R^(1/T))."""
+    reward_temperature_end: float = 1.0
+    """Reward temperature at the last step (linear schedule); 1.0 targets R itself."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 disables)."""
+    eval_every: int = 0
+    """Every this many steps, log the ESS of target/policy weights on fresh samples (0: never)."""
+    eval_prompts: int = 8
+    """Prompts (the first of the fit prompts) used for the periodic ESS."""
+    eval_samples: int = 64
+    """Fresh samples per prompt for the periodic ESS."""
+    checkpoint_every: int = 0
+    """Every this many steps, write a checkpoint when `fit` has a checkpoint_dir (0: only at the end)."""
+    adapter_name: str = "gflownet"
+    """Name of the peft adapter holding the GFlowNet weights."""
+    seed: int = 0
+    """Seed of the training batches, exploration temperatures and sampling."""
+
+    def __post_init__(self) -> None:
+        self.explore_temperature = tuple(float(t) for t in self.explore_temperature)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise a clear error on a bad setting (before any model work)."""
+        check_count("max_new_tokens", self.max_new_tokens)
+        check_count("lora_rank", self.lora_rank)
+        check_count("prompts_per_step", self.prompts_per_step)
+        check_count("samples_per_prompt", self.samples_per_prompt)
+        check_count("replay_capacity", self.replay_capacity)
+        if self.parametrization not in PARAMETRIZATIONS:
+            raise ValueError(
+                f"parametrization={self.parametrization!r} must be one of {PARAMETRIZATIONS}"
+            )
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting={self.weighting!r} must be one of {WEIGHTINGS}")
+        if self.lr_decay not in ("cosine", "constant"):
+            raise ValueError(f"lr_decay={self.lr_decay!r} must be 'cosine' or 'constant'")
+        if self.steps < 0 or self.warmup_steps < 0:
+            raise ValueError("steps and warmup_steps must be >= 0")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate={self.learning_rate} must be > 0")
+        for name in ("explore_prob", "replay_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1]")
+        low, high = self.explore_temperature
+        if not 0 < low <= high:
+            raise ValueError(
+                f"explore_temperature={self.explore_temperature} must be (low, high), 0 < low <= high"
+            )
+        for name in ("reward_temperature_start", "reward_temperature_end"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> GFlowNetConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown GFlowNetConfig fields {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+
+@dataclass
+class _TrainState:
+    """What a checkpoint restores besides the weights."""
+
+    step: int = 0
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+
+
+class GFlowNetSampler(Sampler):
+    """Samples from ``target`` with a LoRA policy fitted by modified SubTB.
+
+    Args:
+        target: any density (typically a :class:`gfn_spin.GeometricMixture`).
+        init: the policy whose weights carry the adapter (typically π_t); it may itself be a
+            component of ``target``: it always reads the base weights, so scoring the target
+            is never affected by the adapter being trained.
+        config: a :class:`GFlowNetConfig`; keyword arguments override its fields
+            (``max_new_tokens`` is required one way or the other).
+
+    After :meth:`fit`, ``.policy`` is the trained normalized density (score it, sample it,
+    enumerate it, or use it as the proposal of ImportanceResampler / SMCSampler).
+    """
+
+    def __init__(
+        self,
+        target: Density,
+        init: Policy,
+        config: GFlowNetConfig | None = None,
+        **overrides: Any,
+    ) -> None:
+        if config is None:
+            config = GFlowNetConfig(**overrides)
+        elif overrides:
+            config = GFlowNetConfig(**{**asdict(config), **overrides})
+        if not isinstance(init, Policy):
+            raise TypeError(f"init must be a gfn_spin.Policy, got {type(init).__name__}")
+        if init.adapter is not None:
+            raise ValueError(
+                f"init reads adapter {init.adapter!r}; give the policy that reads the base "
+                "weights (the GFlowNet adds its own adapter on top of them)"
+            )
+        if target.eos_token_id != init.eos_token_id or target.vocab_size != init.vocab_size:
+            raise ValueError("target and init must share the vocabulary and EOS token")
+        if config.parametrization == "residual" and not isinstance(target, GeometricMixture):
+            raise ValueError(
+                "parametrization='residual' needs a GeometricMixture target (its local product "
+                "is the starting point); use parametrization='lora' for other targets"
+            )
+        self.target = target
+        self.init = init
+        self.config = config
+        self.max_new_tokens = config.max_new_tokens
+        lora = LoraConfig(
+            r=config.lora_rank,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=0.0,
+            target_modules=_lora_targets(init.model, config.lora_output_layer),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        self.adapter_policy = init.add_adapter(config.adapter_name, lora)
+        if config.parametrization == "residual":
+            self.policy: Density = ResidualLocalProduct(
+                target.local_product(), self.adapter_policy, init
+            )
+        else:
+            self.policy = self.adapter_policy
+        self.trainable_parameters = self._adapter_parameters()
+        self.optimizer = torch.optim.AdamW(
+            self.trainable_parameters, lr=config.learning_rate, weight_decay=config.weight_decay
+        )
+        self.replay = ReplayBuffer(config.replay_capacity)
+        self.state = _TrainState()
+        self._rng = random.Random(config.seed)
+        self._torch_rng = torch.Generator(device=init.device).manual_seed(config.seed)
+
+    # -- weights -----------------------------------------------------------------------------
+
+    def _adapter_parameters(self) -> list[torch.nn.Parameter]:
+        marker = f".{self.config.adapter_name}."
+        params = [p for n, p in self.init.model.named_parameters() if marker in n]
+        for param in params:
+            param.requires_grad_(True)
+        if not params:
+            raise RuntimeError(f"adapter {self.config.adapter_name!r} has no parameters")
+        return params
+
+    @property
+    def metrics(self) -> list[dict[str, Any]]:
+        """One dict per logged step: step, loss, log_reward, reward_temperature, lr, (ess)."""
+        return self.state.metrics
+
+    # -- training -------------------------------------------------------------------------------
+
+    def reward_temperature(self, step: int, total: int) -> float:
+        """Linear schedule from ``reward_temperature_start`` to ``reward_temperature_end``."""
+        cfg = self.config
+        frac = step / max(total - 1, 1)
+        return cfg.reward_temperature_start + frac * (
+            cfg.reward_temperature_end - cfg.reward_temperature_start
+        )
+
+    def learning_rate(self, step: int, total: int) -> float:
+        cfg = self.config
+        if step < cfg.warmup_steps:
+            return cfg.learning_rate * (step + 1) / cfg.warmup_steps
+        if cfg.lr_decay == "constant":
+            return cfg.learning_rate
+        frac = (step - cfg.warmup_steps) / max(total - cfg.warmup_steps, 1)
+        floor = 0.05
+        return cfg.learning_rate * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+    def _batch(self, prompt_ids: list[list[int]]) -> tuple[list[list[int]], Samples, str]:
+        """Responses for one training batch (no gradients): policy, tempered policy, or replay."""
+        cfg = self.config
+        k = cfg.samples_per_prompt
+        if cfg.replay_prob > 0 and self._rng.random() < cfg.replay_prob:
+            stored = self.replay.prompts()
+            if stored:
+                chosen = [list(self._rng.choice(stored)) for _ in range(cfg.prompts_per_step)]
+                responses = [r for p in chosen for r in self.replay.sample(p, k, self._rng)]
+                rows = [p for p in chosen for _ in range(k)]
+                return rows, _samples_from(responses, cfg.max_new_tokens, self.init), "replay"
+        chosen = [self._rng.choice(prompt_ids) for _ in range(cfg.prompts_per_step)]
+        temperature, source = 1.0, "policy"
+        if self._rng.random() < cfg.explore_prob:
+            temperature, source = self._rng.uniform(*cfg.explore_temperature), "explore"
+        samples = ancestral_sample(
+            self.policy,
+            chosen,
+            k,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=temperature,
+            generator=self._torch_rng,
+        )
+        rows = [p for p in chosen for _ in range(k)]
+        return rows, samples, source
+
+    def train_step(self, prompt_ids: list[list[int]], reward_temperature: float = 1.0) -> dict:
+        """One SubTB step on a batch drawn for ``prompt_ids``; returns its metrics."""
+        rows, samples, source = self._batch(prompt_ids)
+        ids, lengths = samples.response_ids, samples.lengths
+        with torch.no_grad():
+            log_reward = self.target.score(rows, ids, lengths).prefix_terminal_logprobs()
+        scores = self.policy.score(rows, ids, lengths)
+        loss = modified_subtb_loss(
+            scores.token_logprobs,
+            scores.eos_logprobs,
+            log_reward.to(scores.token_logprobs.device),
+            scores.lengths,
+            subtb_lambda=self.config.subtb_lambda,
+            weighting=self.config.weighting,
+            reward_temperature=reward_temperature,
+        )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.trainable_parameters, self.config.max_grad_norm)
+        self.optimizer.step()
+        final = log_reward.gather(1, lengths.to(log_reward.device)[:, None]).squeeze(1)
+        if source != "replay" and self.config.replay_prob > 0:
+            self.replay.add(rows, samples.responses(), final.tolist())
+        finite = final[torch.isfinite(final)]
+        return {
+            "loss": float(loss.detach()),
+            "log_reward": float(finite.mean()) if len(finite) else float("-inf"),
+            "source": source,
+        }
+
+    def fit(
+        self,
+        prompts: Sequence[PromptLike],
+        steps: int | None = None,
+        *,
+        checkpoint_dir: str | os.PathLike | None = None,
+        resume: bool = False,
+        progress: bool = True,
+        log_every: int = 10,
+    ) -> list[dict[str, Any]]:
+        """Train on ``prompts`` for ``steps`` optimizer steps (default ``config.steps``).
+
+        With ``checkpoint_dir``, checkpoints (adapter, optimizer, RNG, replay buffer, metrics)
+        are written atomically every ``config.checkpoint_every`` steps and at the end; with
+        ``resume=True`` training continues from the latest one found there (an interrupted
+        fit resumes where it stopped). Returns the metrics log.
+        """
+        check_prompts(prompts)
+        prompt_ids = self.init.encode_prompts(prompts)
+        total = self.config.steps if steps is None else steps
+        if total < 0:
+            raise ValueError(f"steps={total} must be >= 0")
+        if resume:
+            if checkpoint_dir is None:
+                raise ValueError(
+                    "resume=True needs checkpoint_dir (where checkpoints were written)"
+                )
+            latest = latest_checkpoint(checkpoint_dir)
+            if latest is not None:
+                self._load_checkpoint(latest)
+        eval_prompts = prompt_ids[: self.config.eval_prompts]
+        bar = tqdm(
+            total=total, initial=self.state.step, disable=not progress, desc="gflownet", leave=False
+        )
+        started = time.perf_counter()
+        while self.state.step < total:
+            step = self.state.step
+            lr = self.learning_rate(step, total)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            temp = self.reward_temperature(step, total)
+            record = self.train_step(prompt_ids, temp)
+            self.state.step += 1
+            done = self.state.step
+            cfg = self.config
+            if cfg.eval_every and (done % cfg.eval_every == 0 or done == total):
+                record["ess"] = self.ess(eval_prompts, cfg.eval_samples)
+            if done % log_every == 0 or done == total or "ess" in record:
+                record.update(
+                    step=done,
+                    lr=lr,
+                    reward_temperature=temp,
+                    seconds=time.perf_counter() - started,
+                )
+                self.state.metrics.append(record)
+                bar.set_postfix(loss=f"{record['loss']:.3g}", logR=f"{record['log_reward']:.2f}")
+            bar.update(1)
+            if (
+                checkpoint_dir is not None
+                and cfg.checkpoint_every
+                and done % cfg.checkpoint_every == 0
+            ):
+                self.save_checkpoint(checkpoint_dir)
+        bar.close()
+        if checkpoint_dir is not None:
+            self.save_checkpoint(checkpoint_dir)
+        return self.state.metrics
+
+    @torch.no_grad()
+    def ess(self, prompts: Sequence[PromptLike], num_samples: int) -> float:
+        """Mean over prompts of ESS/N of the weights G̃/q on fresh policy samples."""
+        samples = self.sample(prompts, num_samples, generator=self._torch_rng)
+        log_w = (samples.log_target - samples.log_q).view(len(prompts), num_samples)
+        return float(ess_fraction(log_w).mean())
+
+    # -- sampling ----------------------------------------------------------------------------
+
+    def sample(
+        self,
+        prompts: Sequence[PromptLike],
+        num_samples: int = 1,
+        *,
+        generator: torch.Generator | int | None = None,
+    ) -> Samples:
+        """Ancestral samples from the trained policy; ``log_q`` exact, ``log_target`` scored.
+
+        ``stats["ess"]`` is ESS/N of the weights G̃/q per prompt and ``stats["log_z"]`` the
+        importance estimate log mean(G̃/q) per prompt (a lower bound in expectation).
+        """
+        check_prompts(prompts)
+        check_count("num_samples", num_samples)
+        prompt_ids = self.init.encode_prompts(prompts)
+        started = time.perf_counter()
+        tokens_before = self.policy.tokens_evaluated
+        samples = ancestral_sample(
+            self.policy,
+            prompt_ids,
+            num_samples,
+            max_new_tokens=self.max_new_tokens,
+            generator=generator,
+        )
+        samples.stats["tokens"] = self.policy.tokens_evaluated - tokens_before
+        samples.log_target = self._score_target(prompt_ids, samples)
+        log_w = (samples.log_target - samples.log_q).view(len(prompt_ids), num_samples)
+        samples.stats["ess"] = ess_fraction(log_w).tolist()
+        samples.stats["log_z"] = (torch.logsumexp(log_w, dim=1) - math.log(num_samples)).tolist()
+        samples.stats["elbo"] = log_w.mean(dim=1).tolist()
+        samples.stats["seconds"] = time.perf_counter() - started
+        return samples
+
+    # -- persistence -------------------------------------------------------------------------
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write the adapter (peft format) and the config JSON to ``directory``, atomically."""
+        directory = Path(directory)
+        return _atomic_dir(directory, self._write_adapter)
+
+    def _write_adapter(self, directory: Path) -> None:
+        model = self.init.model
+        name = self.config.adapter_name
+        state = get_peft_model_state_dict(model, adapter_name=name, save_embedding_layers=False)
+        from safetensors.torch import save_file
+
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in state.items()},
+            str(directory / "adapter_model.safetensors"),
+        )
+        model.peft_config[name].save_pretrained(str(directory))
+        (directory / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2))
+
+    @classmethod
+    def load(
+        cls, directory: str | os.PathLike, target: Density, init: Policy, **overrides: Any
+    ) -> GFlowNetSampler:
+        """A sampler with the config and adapter saved by :meth:`save` (or a checkpoint)."""
+        directory = Path(directory)
+        config_path = directory / CONFIG_FILE
+        if not config_path.is_file():
+            raise FileNotFoundError(
+                f"{config_path} not found: give a directory written by GFlowNetSampler.save"
+            )
+        values = json.loads(config_path.read_text())
+        config = GFlowNetConfig.from_dict({**values, **overrides})
+        sampler = cls(target, init, config)
+        sampler._read_adapter(directory)
+        return sampler
+
+    def _read_adapter(self, directory: Path) -> None:
+        from safetensors.torch import load_file
+
+        state = load_file(str(directory / "adapter_model.safetensors"))
+        result = set_peft_model_state_dict(
+            self.init.model, state, adapter_name=self.config.adapter_name
+        )
+        unexpected = [k for k in result.unexpected_keys if "lora" in k]
+        if unexpected:
+            raise ValueError(f"adapter weights in {directory} do not match: {unexpected[:3]}")
+
+    def save_checkpoint(self, checkpoint_dir: str | os.PathLike) -> Path:
+        """Write ``step_NNNNNNN/`` atomically (temp dir, then rename); keep only the latest."""
+        checkpoint_dir = Path(checkpoint_dir)
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        final = checkpoint_dir / f"step_{self.state.step:07d}"
+
+        def write(directory: Path) -> None:
+            self._write_adapter(directory)
+            torch.save(
+                {
+                    "optimizer": self.optimizer.state_dict(),
+                    "torch_rng": self._torch_rng.get_state(),
+                    "python_rng": self._rng.getstate(),
+                    "replay": self.replay.state_dict(),
+                },
+                directory / "trainer_state.pt",
+            )
+            (directory / "metrics.json").write_text(
+                json.dumps({"step": self.state.step, "metrics": self.state.metrics})
+            )
+
+        path = _atomic_dir(final, write)
+        for old in checkpoint_dir.glob("step_*"):
+            if old.is_dir() and old != path and not old.name.startswith(".tmp"):
+                shutil.rmtree(old, ignore_errors=True)
+        return path
+
+    def _load_checkpoint(self, directory: Path) -> None:
+        self._read_adapter(directory)
+        state = torch.load(directory / "trainer_state.pt", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self._torch_rng.set_state(state["torch_rng"])
+        self._rng.setstate(state["python_rng"])
+        self.replay.load_state_dict(state["replay"])
+        log = json.loads((directory / "metrics.json").read_text())
+        self.state = _TrainState(step=int(log["step"]), metrics=list(log["metrics"]))
+
+
+def _lora_targets(model: torch.nn.Module, output_layer: bool) -> str | list[str]:
+    """peft target modules: every linear layer, with or without the LM head."""
+    if not output_layer:
+        return "all-linear"
+    names = set()
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or ".lora_" in name:
+            continue
+        # Layers already wrapped by another adapter hold the original as ".base_layer".
+        parts = name.split(".")
+        names.add(parts[-2] if parts[-1] == "base_layer" and len(parts) > 1 else parts[-1])
+    return sorted(names)
+
+
+def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
+    """The complete checkpoint with the highest step in ``checkpoint_dir`` (None if none)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        return None
+    found = [
+        p
+        for p in checkpoint_dir.glob("step_*")
+        if p.is_dir() and (p / "trainer_state.pt").is_file() and (p / CONFIG_FILE).is_file()
+    ]
+    return max(found, key=lambda p: p.name) if found else None
+
+
+def ess_fraction(log_weights: torch.Tensor) -> torch.Tensor:
+    """ESS/N = (Σw)² / (N Σw²) along the last axis, from log-weights (-inf allowed)."""
+    log_weights = log_weights.double()
+    count = log_weights.shape[-1]
+    log_ess = 2 * torch.logsumexp(log_weights, -1) - torch.logsumexp(2 * log_weights, -1)
+    return (log_ess.exp() / count).nan_to_num(0.0)
+
+
+def _atomic_dir(final: Path, write) -> Path:
+    """Run ``write(tmp_dir)`` then move the finished directory to ``final`` (replacing it)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-" + final.name + "-", dir=final.parent))
+    try:
+        write(tmp)
+        if final.exists():
+            # A directory cannot be renamed over a non-empty one: move the old one aside first.
+            old = Path(tempfile.mkdtemp(prefix=".old-" + final.name + "-", dir=final.parent))
+            os.replace(final, old / "dir")
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _samples_from(
+    responses: Sequence[tuple[int, ...]], max_new_tokens: int, policy: Policy
+) -> Samples:
+    """Pack replayed responses as a Samples batch (no log_q: they were not sampled now)."""
+    ids = torch.full((len(responses), max_new_tokens), policy.pad_token_id, dtype=torch.long)
+    for row, response in enumerate(responses):
+        ids[row, : len(response)] = torch.tensor(response, dtype=torch.long)
+    lengths = torch.tensor([len(r) for r in responses], dtype=torch.long)
+    device = policy.device
+    return Samples(
+        prompt_index=torch.arange(len(responses), device=device),
+        response_ids=ids.to(device),
+        lengths=lengths.to(device),
+        texts=[],
+    )
