@@ -27,3 +27,12 @@ def tv_noise_bound_from_probs(probs, draws: int, failure: float = 1e-3) -> float
     """
     expected = 0.5 * float((probs / draws).sqrt().sum())
     return expected + math.sqrt(math.log(1 / failure) / (2 * draws))
+
+
+def tv_deviation_bound(draws: int, failure: float = 1e-3) -> float:
+    """How far an empirical TV strays below or above its mean, with probability ≥ 1 - failure.
+
+    TV(empirical, p) changes by at most 1/N when one of N draws changes, so McDiarmid gives
+    P(|TV - E TV| ≥ t) ≤ 2·exp(-2 N t²); one-sided at ``failure`` this is the value below.
+    """
+    return math.sqrt(math.log(1 / failure) / (2 * draws))

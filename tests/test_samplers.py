@@ -25,16 +25,11 @@ from samplers import (
     ImportanceResampler,
     SMCSampler,
 )
-from tests.stats import tv_noise_bound_from_probs
+from tests.stats import tv_deviation_bound, tv_noise_bound_from_probs
 
 CAP = 3
 FAILURE = 1e-3  # probability that a correct sampler fails one bound (McDiarmid / Gaussian)
 Z_SIGMAS = 4.0  # Gaussian tail for standard-error tolerances (two-sided p ≈ 6e-5)
-
-
-def _mcdiarmid(draws: int, failure: float = FAILURE) -> float:
-    """How far an empirical TV (a 1/N-bounded-differences function) strays from its mean."""
-    return math.sqrt(math.log(1 / failure) / (2 * draws))
 
 
 def _tv(dist: ExactDistribution, responses: list[tuple[int, ...]]) -> float:
@@ -148,7 +143,7 @@ def test_tv_to_target_falls_with_candidates_or_particles(world, hard_prompt, kin
     small = make(1).sample([hard_prompt], small_draws, generator=1)
     tv_small = _tv(target_dist, small.responses())
     # Jensen: E[TV(empirical, p)] ≥ TV(q, p); McDiarmid bounds the downward fluctuation.
-    assert tv_small > tv_proposal - _mcdiarmid(small_draws)
+    assert tv_small > tv_proposal - tv_deviation_bound(small_draws)
 
     size, draws = 16, 600
     large = make(size).sample([hard_prompt], draws, generator=2)
@@ -162,13 +157,18 @@ def test_tv_to_target_falls_with_candidates_or_particles(world, hard_prompt, kin
     bound = tv_noise_bound_from_probs(target_dist.logprobs.exp(), draws, FAILURE) + margin
     assert tv_large < bound, (tv_large, bound)
     # The fall is significant: the bound at K = 16 is under what K = 1 must show.
-    assert bound < tv_proposal - _mcdiarmid(small_draws) < tv_small
+    assert bound < tv_proposal - tv_deviation_bound(small_draws) < tv_small
     assert tv_large < tv_small
 
-    # log Ẑ: a mean of M weights has relative variance (ρ − 1)/M (ρ − 1 = χ²(p‖q) per weight),
-    # so sd(log Ẑ) ≈ sqrt((ρ − 1)/M). For SIR M = draws·K; SMC's populations are each at least
-    # as good as SIR with their N particles in this regime, so the same M is used.
-    tolerance = Z_SIGMAS * math.sqrt((rho - 1) / (draws * size))
+    # log Ẑ. SIR: a mean of M = draws·K weights has relative variance (ρ − 1)/M (ρ − 1 is
+    # χ²(p‖q), the relative variance of one weight), so sd(log Ẑ) ≈ sqrt((ρ − 1)/M).
+    # SMC: log of the mean of `draws` independent unbiased Ẑ_j, sd ≈ sd(Ẑ_j)/(mean·sqrt(draws)).
+    if kind == "sir":
+        standard_error = math.sqrt((rho - 1) / (draws * size))
+    else:
+        ratio = large.stats["log_z_populations"][0].double().exp()
+        standard_error = float(ratio.std() / ratio.mean()) / math.sqrt(draws)
+    tolerance = Z_SIGMAS * standard_error
     assert abs(float(large.stats["log_z"][0]) - target_dist.log_z) < tolerance
     assert large.log_target is not None and large.log_q is None
     scored = target.log_prob([hard_prompt] * draws, large.response_ids, large.lengths)
