@@ -99,7 +99,7 @@ def _none_or(convert):
 def build_parser(cls: type, description: str | None = None) -> argparse.ArgumentParser:
     """An argparse parser with one ``--flag`` per field of the dataclass ``cls``.
 
-    Types: int, float, str, bool (``--flag true/false``), ``X | None`` (``none`` gives None),
+    Types: int, float, str, bool (``--flag``, ``--flag true/false``), ``X | None`` (``none`` gives None),
     and tuples/lists of int/float/str (space-separated values).
     """
     parser = argparse.ArgumentParser(
@@ -125,7 +125,8 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
             inner = [a for a in typing.get_args(annotation) if a is not Ellipsis]
             kwargs.update(nargs="+", type=inner[0] if inner else str)
         elif annotation is bool:
-            kwargs.update(type=_bool, metavar="{true,false}")
+            # A bare ``--flag`` means true (``--quick``); ``--flag false`` still works.
+            kwargs.update(type=_bool, nargs="?", const=True, metavar="{true,false}")
         elif annotation in (int, float, str):
             kwargs.update(type=_none_or(annotation) if optional else annotation)
         else:
