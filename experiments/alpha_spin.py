@@ -7,26 +7,29 @@
 Runs SPIN (α=1, h=1), α-SPIN (α ∈ {0.5, 0.8, 0.95} × h ∈ {1, 2}) and fictitious play (α=1,
 h=all), each over several seeds and iterations, with :class:`gfn_spin.AlphaSpinTrainer`. After
 every iteration it records the exact KL(p_data ‖ π_t) on held-out prompts and the drift
-KL(π_t ‖ π_0); it writes a table (results.md), a plot (kl.png) and everything (results.json:
-study config, per-run records, summary, package versions, git commit) to ``--output-dir``.
+KL(π_t ‖ π_0); it writes a table (results.md), a plot (kl.png), a log (run.log) and
+everything (results.json: study config, per-run records, summary, package versions, git
+commit, via experiments.common) to ``--output-dir``.
 Each run lives in its own folder and resumes if the study is interrupted and restarted.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
 import multiprocessing
-import os
-import platform
-import subprocess
-import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from experiments.common import (
+    parse_config,
+    prepare_output_dir,
+    setup_logging,
+    write_results,
+    write_text_atomic,
+)
 
 VARIANTS_FULL = [
     ("SPIN", 1.0, 1),
@@ -211,40 +214,17 @@ def plot(table: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def environment() -> dict[str, Any]:
-    import importlib.metadata as md
-
-    versions = {}
-    for package in ("torch", "transformers", "peft", "datasets", "accelerate", "gfn-spin"):
-        try:
-            versions[package] = md.version(package)
-        except md.PackageNotFoundError:
-            versions[package] = None
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
-    return {"versions": versions, "git_commit": commit, "python": platform.python_version()}
-
-
-def write_atomic(text: str, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    study = parse_config(StudyConfig, argv).resolved()
-    root = Path(study.output_dir)
-    root.mkdir(parents=True, exist_ok=True)
+    study = parse_config(StudyConfig, argv, description=(__doc__ or "").split("\n\n")[0])
+    study = study.resolved()
+    root = prepare_output_dir(study.output_dir)
+    log = setup_logging(root, "experiments.alpha_spin")
     from gfn_spin.toyworld import build_world
 
     build_world()  # once here, so that workers load it from the cache
     todo = jobs(study, root)
     started = time.perf_counter()
-    print(f"{len(todo)} runs on {study.workers} workers -> {root}", file=sys.stderr)
+    log.info(f"{len(todo)} runs on {study.workers} workers -> {root}")
     from tqdm.auto import tqdm
 
     results = []
@@ -259,47 +239,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results.sort(key=lambda r: order[(r["variant"], r["seed"])])
     table = summarize(results, study.iterations)
     text = markdown(table, study)
-    output = {
-        "study": asdict(study),
-        "summary": table,
-        "runs": results,
-        "seconds": time.perf_counter() - started,
-        **environment(),
-    }
-    write_atomic(json.dumps(output, indent=2), root / "results.json")
-    write_atomic(text, root / "results.md")
+    output = {"summary": table, "runs": results, "seconds": time.perf_counter() - started}
+    write_results(output, root, study)
+    write_text_atomic(text, root / "results.md")
     plot(table, root / "kl.png")
     print(text)
-    print(f"wrote {root / 'results.json'}, results.md, kl.png in {output['seconds']:.0f} s")
+    log.info(f"wrote {root / 'results.json'}, results.md, kl.png in {output['seconds']:.0f} s")
     return output
-
-
-# -- CLI from the dataclass (to be replaced by experiments.common once it lands) -------------
-
-
-def parse_config(cls: type, argv: list[str] | None) -> Any:
-    """``--field value`` flags generated from a dataclass's fields and their docstrings."""
-    import ast
-    import inspect
-
-    docs: dict[str, str] = {}
-    source = ast.parse(inspect.getsource(cls))
-    body = source.body[0].body
-    for node, following in zip(body, body[1:], strict=False):
-        if isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr):
-            docs[node.target.id] = " ".join(str(following.value.value).split())
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    for item in dataclasses.fields(cls):
-        flag = "--" + item.name.replace("_", "-")
-        help_text = f"{docs.get(item.name, '')} (default: {item.default})"
-        if item.type in ("bool", bool):
-            parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=item.default, help=help_text
-            )
-            continue
-        kind = {"int": int, "float": float, "str": str, "int | None": int}.get(str(item.type), str)
-        parser.add_argument(flag, type=kind, default=item.default, help=help_text)
-    return cls(**vars(parser.parse_args(argv)))
 
 
 if __name__ == "__main__":
