@@ -16,6 +16,9 @@ the model tokens it spent in ``stats["tokens"]``. Which to use:
   resampling keeps particles on prefixes the target likes; unbiased ``Ẑ``. Cost per draw: N
   particles × proposal components (× target components too for a proposal other than the
   local product), no scoring pass.
+- :class:`GFlowNetSampler`: a geometric mixture sampled many times (α-SPIN iterations): a
+  LoRA policy trained once with SubTB (``.fit``); afterwards plain ancestral sampling, one
+  model token per generated token, ``log_q`` exact; also the best SIR/SMC proposal.
 - :class:`ExactSampler`: enumerate and draw; the reference on small worlds only (refuses
   large enumerations before any model work). Cost: the whole prefix tree once per prompt.
 
