@@ -234,7 +234,7 @@ def evaluate_exact(
     for entry in entries:
         started = time.perf_counter()
         samples, row = _draw(entry, prompts, config.draws, config.seed)
-        tvs, kls = [], []
+        tvs, kls, exact_ess = [], [], []
         responses = samples.responses()
         for i, (target_lp, (base, shifted)) in enumerate(
             zip(target_logprobs, components, strict=True)
@@ -255,7 +255,13 @@ def evaluate_exact(
                 d = divergences(target_lp, q_lp)
                 tvs.append(d["tv"])
                 kls.append(d["kl_pq"])
+                # ESS/N as N → ∞: 1 / E_q[(p/q)²] = 1 / Σ p²/q, exact from the enumeration.
+                chi = torch.logsumexp(2 * target_lp - q_lp, 0)
+                exact_ess.append(float(torch.exp(-chi)))
         exact = entry.density is not None
+        if exact:
+            row["ess_fraction_sampled"] = row["ess_fraction"]
+            row["ess_fraction"] = sum(exact_ess) / len(exact_ess)
         row.update(
             name=entry.name,
             alpha=alpha,

@@ -225,7 +225,11 @@ class GFlowNetSampler(Sampler):
             bias="none",
             task_type="CAUSAL_LM",
         )
-        self.adapter_policy = init.add_adapter(config.adapter_name, lora)
+        # LoRA's A matrices are drawn at random: seed them, so a run is reproducible from its
+        # config (and a resumed run continues the same trajectory), without touching global RNG.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            self.adapter_policy = init.add_adapter(config.adapter_name, lora)
         if config.parametrization == "residual":
             self.policy: Density = ResidualLocalProduct(
                 target.local_product(), self.adapter_policy, init

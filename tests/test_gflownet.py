@@ -1,0 +1,289 @@
+"""GFlowNetSampler: checked against enumeration, hooks on the model, and a resumed run.
+
+Each test builds its own copy of π_t (``world.load_policy``), because adding an adapter wraps
+the model in place and the session's ``world.shifted`` is shared with other tests.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from gfn_spin import GeometricMixture, LocalProduct
+from gfn_spin.exact import divergences, exact_distribution
+from samplers import GFlowNetSampler, ImportanceResampler, SMCSampler
+from samplers.gflownet import GFlowNetConfig, latest_checkpoint
+from samplers.replay import ReplayBuffer
+
+L = 7
+FAST = {"prompts_per_step": 4, "samples_per_prompt": 4, "warmup_steps": 1}
+
+
+def _setup(world, alpha: float = 0.5):
+    shifted = world.load_policy("shifted", device="cpu", dtype=torch.float32)
+    target = GeometricMixture([world.base, shifted], [1 - alpha, alpha])
+    return shifted, target
+
+
+def _batch(world, prompt, count: int = 6, seed: int = 0):
+    from gfn_spin.samples import ancestral_sample
+
+    samples = ancestral_sample(world.base, [prompt], count, max_new_tokens=L, generator=seed)
+    return [prompt] * count, samples.response_ids, samples.lengths
+
+
+def test_target_is_not_trivial(world):
+    """≥ 10^4 responses per prompt; at α = 0.5 base and π_t are both TV ≥ 0.15 from the target."""
+    prompts = sorted(world.eval_prompts, key=len)
+    for prompt in (prompts[0], prompts[-1]):
+        base = exact_distribution(world.base, prompt, L)
+        shifted = exact_distribution(world.shifted, prompt, L)
+        assert base.responses == shifted.responses
+        assert len(base.responses) >= 10**4
+        target = torch.log_softmax(0.5 * base.logprobs + 0.5 * shifted.logprobs, 0)
+        # The shortcut above is the geometric mixture itself (checked against its enumeration).
+        mixture = GeometricMixture([world.base, world.shifted], [0.5, 0.5])
+        direct = exact_distribution(mixture, prompt, L)
+        assert torch.allclose(direct.logprobs, target, atol=1e-9)
+        assert divergences(target, base.logprobs)["tv"] >= 0.15
+        assert divergences(target, shifted.logprobs)["tv"] >= 0.15
+
+
+@pytest.mark.parametrize("parametrization", ["lora", "residual"])
+def test_components_are_never_affected_by_the_adapter(world, parametrization):
+    """π_t is both the init policy and a target component: training must not move the target."""
+    shifted, target = _setup(world)
+    prompt = world.eval_prompts[0]
+    rows, ids, lengths = _batch(world, prompt)
+    with torch.no_grad():
+        before_target = target.log_prob(rows, ids, lengths)
+        before_shifted = shifted.log_prob(rows, ids, lengths)
+    sampler = GFlowNetSampler(
+        target,
+        shifted,
+        max_new_tokens=L,
+        parametrization=parametrization,
+        learning_rate=1e-2,
+        **FAST,
+    )
+    with torch.no_grad():
+        before_policy = sampler.policy.log_prob(rows, ids, lengths)
+    sampler.fit(world.train_prompts[:8], steps=5, progress=False)
+    with torch.no_grad():
+        after_policy = sampler.policy.log_prob(rows, ids, lengths)
+        assert torch.equal(target.log_prob(rows, ids, lengths), before_target)
+        assert torch.equal(shifted.log_prob(rows, ids, lengths), before_shifted)
+    assert not torch.allclose(after_policy, before_policy, atol=1e-4)  # the adapter did train
+    # Scoring the frozen components never flips the adapter's trainability either.
+    assert all(p.requires_grad for p in sampler.trainable_parameters)
+
+
+def test_training_step_carries_no_gradient_through_sampling(world):
+    """Exactly one forward runs with gradients (the teacher-forced pass); decoding never does."""
+    shifted, target = _setup(world)
+    sampler = GFlowNetSampler(target, shifted, max_new_tokens=L, explore_prob=1.0, **FAST)
+    calls: list[tuple[bool, int]] = []
+
+    def record(module, args, kwargs, output):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        calls.append((torch.is_grad_enabled(), ids.shape[1]))
+
+    handles = [
+        m.register_forward_hook(record, with_kwargs=True) for m in (shifted.model, world.base.model)
+    ]
+    try:
+        sampler.train_step(world.train_prompts[:4])
+    finally:
+        for handle in handles:
+            handle.remove()
+    with_grad = [c for c in calls if c[0]]
+    assert len(with_grad) == 1, calls
+    assert with_grad[0][1] > 1  # the whole response at once (teacher forcing), not one token
+    assert sum(1 for c in calls if c[1] == 1) >= 1  # incremental decoding happened, without grad
+
+
+def test_residual_policy_starts_at_the_local_product_and_is_normalized(world):
+    shifted, target = _setup(world)
+    sampler = GFlowNetSampler(target, shifted, max_new_tokens=L, parametrization="residual")
+    prompt = world.eval_prompts[1]
+    local = exact_distribution(LocalProduct([world.base, shifted], [0.5, 0.5]), prompt, L)
+    with torch.no_grad():  # a nonzero adapter, so that the correction term is exercised
+        for param in sampler.trainable_parameters:
+            param.add_(0.05 * torch.randn_like(param))
+    residual = exact_distribution(sampler.policy, prompt, L)
+    assert abs(residual.log_z) < 1e-5  # normalized: the enumerated mass is one
+    assert divergences(local.logprobs, residual.logprobs)["tv"] > 1e-3
+    # Teacher-forced scores agree with the step-by-step density used for sampling.
+    index = residual.index()
+    rows, ids, lengths = _batch(world, prompt, 8)
+    with torch.no_grad():
+        scored = sampler.policy.log_prob(rows, ids, lengths).double()
+    keys = [tuple(r[:n].tolist()) for r, n in zip(ids, lengths.tolist(), strict=True)]
+    expected = residual.logprobs[[index[k] for k in keys]]
+    assert torch.allclose(scored, expected, atol=1e-4)
+    with torch.no_grad():  # back to a zero adapter: exactly the local product
+        for name, param in shifted.model.named_parameters():
+            if "lora_B" in name:
+                param.zero_()
+    again = exact_distribution(sampler.policy, prompt, L)
+    assert torch.allclose(again.logprobs, local.logprobs, atol=1e-5)
+
+
+def test_fit_moves_the_policy_toward_the_target(world):
+    """A short fit on one prompt lowers the exact TV to the geometric mixture (enumerated)."""
+    shifted, target = _setup(world)
+    prompt = world.eval_prompts[0]
+    exact = exact_distribution(target, prompt, L)
+    sampler = GFlowNetSampler(
+        target,
+        shifted,
+        max_new_tokens=L,
+        learning_rate=3e-3,
+        eval_every=20,
+        eval_samples=16,
+        prompts_per_step=1,
+        samples_per_prompt=32,
+        warmup_steps=5,
+    )
+    before = divergences(exact.logprobs, exact_distribution(sampler.policy, prompt, L).logprobs)
+    metrics = sampler.fit([prompt], steps=60, progress=False)
+    after = divergences(exact.logprobs, exact_distribution(sampler.policy, prompt, L).logprobs)
+    assert after["tv"] < 0.75 * before["tv"]
+    assert after["kl_pq"] < before["kl_pq"]
+    assert metrics[-1]["step"] == 60 and "ess" in metrics[-1] and "loss" in metrics[-1]
+
+
+def test_sample_has_exact_log_q_and_serves_as_proposal(world):
+    shifted, target = _setup(world)
+    sampler = GFlowNetSampler(target, shifted, max_new_tokens=L)
+    prompts = world.eval_prompts[:2]
+    samples = sampler.sample(prompts, 5, generator=3)
+    assert len(samples) == 10 and samples.log_q is not None
+    with torch.no_grad():
+        rows = [prompts[i] for i in samples.prompt_index.tolist()]
+        scored = sampler.policy.log_prob(rows, samples.response_ids, samples.lengths)
+        assert torch.allclose(samples.log_q, scored, atol=1e-4)
+        assert torch.allclose(
+            samples.log_target, target.log_prob(rows, samples.response_ids, samples.lengths)
+        )
+    assert len(samples.stats["ess"]) == 2 and len(samples.stats["log_z"]) == 2
+    assert samples.stats["tokens"] > 0
+    again = sampler.sample(prompts, 5, generator=3)
+    assert torch.equal(again.response_ids, samples.response_ids)
+    assert sampler.policy.normalized
+    sir = ImportanceResampler(target, sampler.policy, 4, max_new_tokens=L).sample(prompts, 3)
+    smc = SMCSampler(target, 8, proposal=sampler.policy, max_new_tokens=L).sample(prompts, 2)
+    assert len(sir) == 6 and len(smc) == 4
+
+
+@pytest.mark.parametrize("parametrization", ["lora", "residual"])
+def test_save_and_load_round_trip(world, tmp_path, parametrization):
+    shifted, target = _setup(world)
+    sampler = GFlowNetSampler(
+        target,
+        shifted,
+        max_new_tokens=L,
+        parametrization=parametrization,
+        learning_rate=1e-2,
+        **FAST,
+    )
+    sampler.fit(world.train_prompts[:4], steps=3, progress=False)
+    path = sampler.save(tmp_path / "gfn")
+    assert (path / "adapter_config.json").is_file()
+    assert (path / "adapter_model.safetensors").is_file()
+    assert (
+        json.loads((path / "gflownet_config.json").read_text())["parametrization"]
+        == parametrization
+    )
+    fresh, fresh_target = _setup(world)
+    loaded = GFlowNetSampler.load(path, fresh_target, fresh)
+    assert loaded.config == sampler.config
+    rows, ids, lengths = _batch(world, world.eval_prompts[2])
+    with torch.no_grad():
+        assert torch.allclose(
+            loaded.policy.log_prob(rows, ids, lengths), sampler.policy.log_prob(rows, ids, lengths)
+        )
+    # The peft-format adapter also loads as a plain policy adapter (LoRA parametrization).
+    if parametrization == "lora":
+        plain = world.load_policy("shifted", device="cpu", dtype=torch.float32)
+        reader = plain.load_adapter(path, "gfn")
+        with torch.no_grad():
+            assert torch.allclose(
+                reader.log_prob(rows, ids, lengths), sampler.policy.log_prob(rows, ids, lengths)
+            )
+
+
+def test_interrupted_fit_resumes_to_the_same_result(world, tmp_path, monkeypatch):
+    """Checkpoints are atomic; an interrupted fit resumed from one equals an uninterrupted fit."""
+    config = GFlowNetConfig(
+        max_new_tokens=L, checkpoint_every=2, replay_prob=0.5, learning_rate=1e-2, **FAST
+    )
+    prompts = world.train_prompts[:6]
+    shifted, target = _setup(world)
+    reference = GFlowNetSampler(target, shifted, config)
+    reference.fit(prompts, steps=6, progress=False)
+
+    shifted2, target2 = _setup(world)
+    interrupted = GFlowNetSampler(target2, shifted2, config)
+    original = GFlowNetSampler.train_step
+    count = {"n": 0}
+
+    def flaky(self, *args, **kwargs):
+        count["n"] += 1
+        if count["n"] == 5:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(GFlowNetSampler, "train_step", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.fit(prompts, steps=6, checkpoint_dir=tmp_path, progress=False)
+    monkeypatch.setattr(GFlowNetSampler, "train_step", original)
+    assert latest_checkpoint(tmp_path).name == "step_0000004"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
+
+    shifted3, target3 = _setup(world)
+    resumed = GFlowNetSampler(target3, shifted3, config)
+    resumed.fit(prompts, steps=6, checkpoint_dir=tmp_path, resume=True, progress=False)
+    assert resumed.state.step == 6
+    rows, ids, lengths = _batch(world, world.eval_prompts[0])
+    with torch.no_grad():
+        assert torch.allclose(
+            resumed.policy.log_prob(rows, ids, lengths),
+            reference.policy.log_prob(rows, ids, lengths),
+            atol=1e-5,
+        )
+    assert [m["loss"] for m in resumed.metrics] == pytest.approx(
+        [m["loss"] for m in reference.metrics], rel=1e-4
+    )
+
+
+def test_bad_settings_fail_before_any_work(world):
+    shifted, target = _setup(world)
+    with pytest.raises(ValueError, match="parametrization"):
+        GFlowNetSampler(target, shifted, max_new_tokens=L, parametrization="mlp")
+    with pytest.raises(ValueError, match="residual"):
+        GFlowNetSampler(world.base, shifted, max_new_tokens=L, parametrization="residual")
+    with pytest.raises(ValueError, match="explore_temperature"):
+        GFlowNetConfig(explore_temperature=(2.0, 0.5))
+    with pytest.raises(ValueError, match="resume"):
+        GFlowNetSampler(target, shifted, max_new_tokens=L).fit(world.train_prompts, resume=True)
+    with pytest.raises(FileNotFoundError):
+        GFlowNetSampler.load("/nonexistent/dir", target, shifted)
+
+
+def test_replay_buffer_keeps_the_best_distinct_responses():
+    import random
+
+    buffer = ReplayBuffer(capacity=2)
+    buffer.add(
+        [[1], [1], [1], [1], [2]],
+        [(5,), (6,), (5,), (7,), (5,)],
+        [-3.0, -1.0, -3.0, -2.0, float("-inf")],
+    )
+    assert buffer.prompts() == [(1,)]
+    assert set(buffer.sample([1], 50, random.Random(0))) == {(6,), (7,)}
+    restored = ReplayBuffer(1)
+    restored.load_state_dict(buffer.state_dict())
+    assert restored.state_dict() == buffer.state_dict()
