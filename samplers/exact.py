@@ -12,7 +12,7 @@ from gfn_spin.devices import resolve_generator
 from gfn_spin.exact import ExactDistribution, _allowed_tokens, count_responses, exact_distribution
 from gfn_spin.samples import Samples, check_count
 from samplers.base import Sampler
-from samplers.importance import encode_checked, model_tokens
+from samplers.importance import encode_checked, model_tokens, pad_token_id
 
 
 class ExactSampler(Sampler):
@@ -85,7 +85,7 @@ class ExactSampler(Sampler):
         prompt_ids = encode_checked(self.target, prompts)
         started, tokens_before = time.perf_counter(), model_tokens(self.target)
         generator = resolve_generator(generator, torch.device("cpu"))
-        pad = getattr(self.target.tokenizer, "pad_token_id", None) or self.target.eos_token_id
+        pad = pad_token_id(self.target)
         response_ids = torch.full(
             (len(prompt_ids) * num_samples, self.max_new_tokens), pad, dtype=torch.long
         )

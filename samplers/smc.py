@@ -35,6 +35,7 @@ from samplers.importance import (
     encode_checked,
     logmeanexp,
     model_tokens,
+    pad_token_id,
 )
 
 
@@ -165,7 +166,7 @@ class SMCSampler(Sampler):
         n, width = self.num_particles, self.max_new_tokens
         groups, device = len(population_prompts), self.proposal.device
         count, eos = groups * n, self.proposal.eos_token_id
-        pad = getattr(self.proposal.tokenizer, "pad_token_id", None) or eos
+        pad = pad_token_id(self.proposal)
         rows = [p for p in population_prompts for _ in range(n)]
 
         response_ids = torch.full((count, width), pad, dtype=torch.long, device=device)
