@@ -100,13 +100,24 @@ class ResidualLocalProduct(Density):
         return torch.log_softmax(local + correction, dim=-1)
 
     def step_logprobs(
-        self, prompts: Sequence[PromptLike], response_ids: torch.Tensor, lengths: torch.Tensor
+        self,
+        prompts: Sequence[PromptLike],
+        response_ids: torch.Tensor,
+        lengths: torch.Tensor,
+        *,
+        component_steps: Sequence[torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        """Step scores ``[B, L+1, V]``; gradients flow through the adapter only.
+
+        ``component_steps``: the components' step scores when the caller already has them
+        (the GFlowNet training step scores the target with the same passes).
+        """
         prompts = self.encode_prompts(prompts)
         with torch.no_grad():
-            component_steps = [
-                c.step_logprobs(prompts, response_ids, lengths) for c in self.local.components
-            ]
+            if component_steps is None:
+                component_steps = [
+                    c.step_logprobs(prompts, response_ids, lengths) for c in self.local.components
+                ]
             if self._init_index is None:
                 init_steps = self.init.step_logprobs(prompts, response_ids, lengths)
             else:
@@ -115,9 +126,14 @@ class ResidualLocalProduct(Density):
         return self._combine(component_steps, adapter_steps, init_steps)
 
     def score(
-        self, prompts: Sequence[PromptLike], response_ids: torch.Tensor, lengths: torch.Tensor
+        self,
+        prompts: Sequence[PromptLike],
+        response_ids: torch.Tensor,
+        lengths: torch.Tensor,
+        *,
+        component_steps: Sequence[torch.Tensor] | None = None,
     ) -> TokenScores:
-        steps = self.step_logprobs(prompts, response_ids, lengths)
+        steps = self.step_logprobs(prompts, response_ids, lengths, component_steps=component_steps)
         return scores_from_steps(
             steps, response_ids.to(steps.device), lengths.to(steps.device), self.eos_token_id
         )

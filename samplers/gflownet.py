@@ -27,6 +27,12 @@ Parametrizations (``GFlowNetConfig.parametrization``):
 - ``"residual"``: :class:`gfn_spin.residual.ResidualLocalProduct`, the local product of the
   target's components times a LoRA correction that starts at zero; sampling costs one pass per
   component plus one per token. Needs a geometric-mixture target.
+- ``"auto"`` (default): residual for a geometric-mixture target, else lora.
+
+Measured on the tiny world (α = 0.5, 16 held-out prompts, batch 64, exact TV to the target):
+residual 0.34 (start, = q_loc) → 0.18 after 600 steps; lora 0.83 (start, = π_t) → 0.25 after
+600 steps and 0.21 after 1,200. Both plateau well above 0.02 within minutes of CPU; see the
+main job's results for the current figures.
 """
 
 from __future__ import annotations
@@ -48,16 +54,17 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from tqdm.auto import tqdm
 
-from gfn_spin.density import Density, PromptLike
+from gfn_spin.density import Density, PromptLike, scores_from_steps
 from gfn_spin.mixtures import GeometricMixture
 from gfn_spin.policy import Policy
 from gfn_spin.residual import ResidualLocalProduct
 from gfn_spin.samples import Samples, ancestral_sample, check_count
+from gfn_spin.scores import TokenScores, weighted_logsum
 from objectives.subtb import WEIGHTINGS, modified_subtb_loss
 from samplers.base import Sampler, check_prompts
 from samplers.replay import ReplayBuffer
 
-PARAMETRIZATIONS = ("lora", "residual")
+PARAMETRIZATIONS = ("auto", "lora", "residual")
 CONFIG_FILE = "gflownet_config.json"
 ADAPTER_WEIGHTS = "adapter_model.pt"
 
@@ -68,8 +75,10 @@ class GFlowNetConfig:
 
     max_new_tokens: int = 7
     """Length cap L of responses (the stop at L is forced)."""
-    parametrization: str = "lora"
-    """"lora": LoRA on the init policy's weights; "residual": local product + LoRA correction."""
+    parametrization: str = "auto"
+    """"lora": LoRA on the init policy's weights; "residual": local product + LoRA correction
+    (needs a GeometricMixture target; more accurate at equal steps on the tiny world, ~3x the
+    sampling cost for two components); "auto": residual for a GeometricMixture, else lora."""
     lora_rank: int = 32
     """LoRA rank r (the published LM recipe uses 64)."""
     lora_alpha: float = 32.0
@@ -208,7 +217,11 @@ class GFlowNetSampler(Sampler):
             )
         if target.eos_token_id != init.eos_token_id or target.vocab_size != init.vocab_size:
             raise ValueError("target and init must share the vocabulary and EOS token")
-        if config.parametrization == "residual" and not isinstance(target, GeometricMixture):
+        self.parametrization = config.parametrization
+        if self.parametrization == "auto":
+            residual = isinstance(target, GeometricMixture)
+            self.parametrization = "residual" if residual else "lora"
+        if self.parametrization == "residual" and not isinstance(target, GeometricMixture):
             raise ValueError(
                 "parametrization='residual' needs a GeometricMixture target (its local product "
                 "is the starting point); use parametrization='lora' for other targets"
@@ -230,7 +243,7 @@ class GFlowNetSampler(Sampler):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             self.adapter_policy = init.add_adapter(config.adapter_name, lora)
-        if config.parametrization == "residual":
+        if self.parametrization == "residual":
             self.policy: Density = ResidualLocalProduct(
                 target.local_product(), self.adapter_policy, init
             )
@@ -307,13 +320,32 @@ class GFlowNetSampler(Sampler):
         rows = [p for p in chosen for _ in range(k)]
         return rows, samples, source
 
+    def _scores(
+        self, rows: list[list[int]], ids: torch.Tensor, lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, TokenScores]:
+        """Target prefix-terminal log-densities (no grad) and the policy's scores (with grad)."""
+        if isinstance(self.policy, ResidualLocalProduct):
+            # The residual policy needs every component's step scores, which are also the
+            # target's: one no-grad pass per component serves both.
+            with torch.no_grad():
+                steps = [c.step_logprobs(rows, ids, lengths) for c in self.target.components]
+                combined = weighted_logsum(steps, self.target.weights)
+                log_reward = scores_from_steps(
+                    combined,
+                    ids.to(combined.device),
+                    lengths.to(combined.device),
+                    self.target.eos_token_id,
+                ).prefix_terminal_logprobs()
+            return log_reward, self.policy.score(rows, ids, lengths, component_steps=steps)
+        with torch.no_grad():
+            log_reward = self.target.score(rows, ids, lengths).prefix_terminal_logprobs()
+        return log_reward, self.policy.score(rows, ids, lengths)
+
     def train_step(self, prompt_ids: list[list[int]], reward_temperature: float = 1.0) -> dict:
         """One SubTB step on a batch drawn for ``prompt_ids``; returns its metrics."""
         rows, samples, source = self._batch(prompt_ids)
         ids, lengths = samples.response_ids, samples.lengths
-        with torch.no_grad():
-            log_reward = self.target.score(rows, ids, lengths).prefix_terminal_logprobs()
-        scores = self.policy.score(rows, ids, lengths)
+        log_reward, scores = self._scores(rows, ids, lengths)
         loss = modified_subtb_loss(
             scores.token_logprobs,
             scores.eos_logprobs,

@@ -140,6 +140,7 @@ def test_fit_moves_the_policy_toward_the_target(world):
         target,
         shifted,
         max_new_tokens=L,
+        parametrization="lora",
         learning_rate=3e-3,
         eval_every=20,
         eval_samples=16,
@@ -265,6 +266,9 @@ def test_bad_settings_fail_before_any_work(world):
         GFlowNetSampler(target, shifted, max_new_tokens=L, parametrization="mlp")
     with pytest.raises(ValueError, match="residual"):
         GFlowNetSampler(world.base, shifted, max_new_tokens=L, parametrization="residual")
+    assert GFlowNetSampler(target, shifted, max_new_tokens=L).parametrization == "residual"
+    auto = GFlowNetSampler(world.base, shifted, max_new_tokens=L, adapter_name="other")
+    assert auto.parametrization == "lora"  # a policy target has no local product
     with pytest.raises(ValueError, match="explore_temperature"):
         GFlowNetConfig(explore_temperature=(2.0, 0.5))
     with pytest.raises(ValueError, match="resume"):
