@@ -46,6 +46,7 @@ from gfn_spin.data import chat_messages, encode_example, load_pairs, load_parque
 from gfn_spin.density import Density
 from gfn_spin.mixtures import ArithmeticMixture, GeometricMixture
 from gfn_spin.policy import Policy
+from gfn_spin.samples import pad_responses
 from objectives.spin import LOSS_TYPES, spin_loss
 
 SAMPLERS = ("auto", "exact", "ancestral", "importance", "smc", "gflownet")
@@ -376,16 +377,6 @@ def encode_examples(
     return Examples(list(pairs["prompt"]), list(pairs["response"]), prompt_ids, real_ids)
 
 
-def pad_responses(
-    responses: Sequence[Sequence[int]], max_new_tokens: int, pad_token_id: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[B, W]`` padded ids and ``[B]`` lengths, W = L (the forced stop sits at column L)."""
-    ids = torch.full((len(responses), max_new_tokens), pad_token_id, dtype=torch.long)
-    for row, response in enumerate(responses):
-        ids[row, : len(response)] = torch.tensor(list(response), dtype=torch.long)
-    return ids, torch.tensor([len(r) for r in responses], dtype=torch.long)
-
-
 @torch.no_grad()
 def reference_logps(
     reference: Density,
@@ -419,7 +410,7 @@ def make_iteration_data(
     Chunks of ``chunk`` examples go round-robin to the processes; chunk c is drawn with seed
     ``derive_seed(seed, c)``, so the result does not depend on the number of processes.
     """
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else reference.eos_token_id
+    pad = reference.pad_token_id
     starts = list(range(0, len(examples), chunk))
     mine: dict[int, tuple[list[list[int]], list[float], list[float]]] = {}
     for start in tqdm(starts[dist.rank :: dist.size], desc="opponent", disable=not progress):

@@ -53,6 +53,12 @@ class Density(ABC):
     def tokenizer(self) -> Any: ...
 
     @property
+    def pad_token_id(self) -> int:
+        """The tokenizer's PAD id (0 is a valid id), else EOS; padding is always masked."""
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        return self.eos_token_id if pad is None else int(pad)
+
+    @property
     @abstractmethod
     def device(self) -> torch.device: ...
 

@@ -82,7 +82,7 @@ def exact_distribution(
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
     eos = density.eos_token_id
     if allowed_token_ids is None:
-        allowed_token_ids = _allowed_tokens(density)
+        allowed_token_ids = response_alphabet(density)
     alphabet = sorted({int(t) for t in allowed_token_ids} - {eos})
     total = count_responses(len(alphabet), max_new_tokens)
     if total > max_responses:
@@ -137,8 +137,8 @@ def exact_distribution(
     return ExactDistribution(responses, logprobs - log_z, float(log_z))
 
 
-def _allowed_tokens(density: Density) -> list[int]:
-    """The response vocabulary shared by a density's leaf policies (else the full vocabulary)."""
+def response_alphabet(density: Density) -> list[int]:
+    """Tokens a response may contain: those all leaf policies allow (else the whole vocabulary)."""
     leaves = unique_policies(getattr(density, "components", [density]))
     sets = [getattr(p, "allowed_token_ids", None) for p in leaves]
     if all(s is not None for s in sets):

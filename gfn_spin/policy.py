@@ -188,10 +188,6 @@ class Policy(Density):
         return int(self._tokenizer.eos_token_id)
 
     @property
-    def pad_token_id(self) -> int:
-        return int(self._tokenizer.pad_token_id)
-
-    @property
     def vocab_size(self) -> int:
         return int(self.model.get_output_embeddings().weight.shape[0])
 

@@ -52,6 +52,16 @@ class Samples:
         ]
 
 
+def pad_responses(
+    responses: Sequence[Sequence[int]], max_new_tokens: int, pad_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, L]`` padded response ids and ``[B]`` lengths (the forced stop sits at column L)."""
+    ids = torch.full((len(responses), max_new_tokens), pad_token_id, dtype=torch.long)
+    for row, response in enumerate(responses):
+        ids[row, : len(response)] = torch.tensor(list(response), dtype=torch.long)
+    return ids, torch.tensor([len(r) for r in responses], dtype=torch.long)
+
+
 def check_count(name: str, value: int) -> int:
     """Validate a positive count argument (num_samples, num_candidates, ...)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -109,7 +119,7 @@ def ancestral_sample(
     generator = resolve_generator(generator, device)
     rows = [ids for ids in prompt_ids for _ in range(num_samples)]
     count, eos = len(rows), density.eos_token_id
-    pad = getattr(density.tokenizer, "pad_token_id", None) or eos
+    pad = density.pad_token_id
 
     response_ids = torch.full((count, max_new_tokens), pad, dtype=torch.long, device=device)
     lengths = torch.zeros(count, dtype=torch.long, device=device)

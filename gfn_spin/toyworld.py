@@ -36,6 +36,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from gfn_spin.exact import ExactDistribution, divergences, exact_distribution
 from gfn_spin.policy import Policy
+from gfn_spin.samples import pad_responses
 
 SYMBOLS = ("a", "b", "c", "d")
 SPECIALS = ("[PAD]", "[BOS]", "[EOS]", "[UNK]", "=>")
@@ -212,11 +213,7 @@ def _sft(
     """Maximum likelihood on (prompt, response) pairs: one teacher-forced pass per step."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(policy.model.parameters(), lr=config.learning_rate)
-    width = config.max_new_tokens
-    ids = torch.full((len(responses), width), policy.pad_token_id, dtype=torch.long)
-    for row, response in enumerate(responses):
-        ids[row, : len(response)] = torch.tensor(response, dtype=torch.long)
-    lengths = torch.tensor([len(r) for r in responses])
+    ids, lengths = pad_responses(responses, config.max_new_tokens, policy.pad_token_id)
     policy.model.train()
     for _ in range(steps):
         batch = torch.randint(len(responses), (config.batch_size,), generator=generator)

@@ -9,10 +9,10 @@ import torch
 
 from gfn_spin.density import Density, PromptLike
 from gfn_spin.devices import resolve_generator
-from gfn_spin.exact import ExactDistribution, _allowed_tokens, count_responses, exact_distribution
+from gfn_spin.exact import ExactDistribution, count_responses, exact_distribution, response_alphabet
 from gfn_spin.samples import Samples, check_count
 from samplers.base import Sampler
-from samplers.importance import encode_checked, model_tokens, pad_token_id
+from samplers.importance import encode_checked, model_tokens
 
 
 class ExactSampler(Sampler):
@@ -47,7 +47,7 @@ class ExactSampler(Sampler):
         self.target = target
         self.max_new_tokens = check_count("max_new_tokens", max_new_tokens)
         if allowed_token_ids is None:
-            allowed_token_ids = _allowed_tokens(target)
+            allowed_token_ids = response_alphabet(target)
         self.allowed_token_ids = sorted({int(t) for t in allowed_token_ids})
         self.max_responses = max_responses
         alphabet = len(set(self.allowed_token_ids) - {target.eos_token_id})
@@ -85,7 +85,7 @@ class ExactSampler(Sampler):
         prompt_ids = encode_checked(self.target, prompts)
         started, tokens_before = time.perf_counter(), model_tokens(self.target)
         generator = resolve_generator(generator, torch.device("cpu"))
-        pad = pad_token_id(self.target)
+        pad = self.target.pad_token_id
         response_ids = torch.full(
             (len(prompt_ids) * num_samples, self.max_new_tokens), pad, dtype=torch.long
         )

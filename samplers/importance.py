@@ -61,12 +61,6 @@ def encode_checked(density: Density, prompts: Sequence[PromptLike]) -> list[list
     return prompt_ids
 
 
-def pad_token_id(density: Density) -> int:
-    """The tokenizer's PAD id (0 is a valid id), else EOS; padding is masked by ``lengths``."""
-    pad = getattr(density.tokenizer, "pad_token_id", None)
-    return density.eos_token_id if pad is None else int(pad)
-
-
 def effective_sample_size(log_weights: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """``(Σ w)² / Σ w²`` along ``dim`` from log-weights (``-inf`` allowed; 0 when all are ``-inf``)."""
     ess = torch.exp(2 * torch.logsumexp(log_weights, dim) - torch.logsumexp(2 * log_weights, dim))

@@ -35,7 +35,6 @@ from samplers.importance import (
     encode_checked,
     logmeanexp,
     model_tokens,
-    pad_token_id,
 )
 
 
@@ -166,7 +165,7 @@ class SMCSampler(Sampler):
         n, width = self.num_particles, self.max_new_tokens
         groups, device = len(population_prompts), self.proposal.device
         count, eos = groups * n, self.proposal.eos_token_id
-        pad = pad_token_id(self.proposal)
+        pad = self.proposal.pad_token_id
         rows = [p for p in population_prompts for _ in range(n)]
 
         response_ids = torch.full((count, width), pad, dtype=torch.long, device=device)

@@ -17,10 +17,10 @@ from gfn_spin.alpha_spin import (
     derive_seed,
     history_indices,
     load_iterate,
-    pad_responses,
 )
 from gfn_spin.data import encode_example, load_pairs, load_parquet, write_parquet
 from gfn_spin.exact import divergences
+from gfn_spin.samples import pad_responses
 from samplers.ancestral import AncestralSampler
 
 SMALL = dict(
