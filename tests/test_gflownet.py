@@ -272,7 +272,7 @@ def test_bad_settings_fail_before_any_work(world):
     with pytest.raises(ValueError, match="explore_temperature"):
         GFlowNetConfig(explore_temperature=(2.0, 0.5))
     with pytest.raises(ValueError, match="resume"):
-        GFlowNetSampler(target, shifted, max_new_tokens=L).fit(world.train_prompts, resume=True)
+        auto.fit(world.train_prompts, resume=True)
     with pytest.raises(FileNotFoundError):
         GFlowNetSampler.load("/nonexistent/dir", target, shifted)
 
