@@ -215,7 +215,7 @@ def modified_subtb_loss(
     reward_temperature: float = 1.0,
     log_reward_floor: float | None = None,
 ) -> torch.Tensor:
-    """Modified sub-trajectory balance loss (DESIGN §4), vectorized over pairs.
+    """Modified sub-trajectory balance loss (DESIGN §4), vectorized over pairs in O(B·L) memory.
 
     Loss = Σ_b Σ_{i<j≤n_b} λ^(j-i-1) r_ij² / normalizer, where
     "batch" normalizes by Σ_b Σ_{i<j≤n_b} λ^(j-i-1) (the published LM recipe)
@@ -238,7 +238,7 @@ def modified_subtb_loss(
         raise ValueError(f"weighting must be one of {WEIGHTINGS}; got {weighting!r}")
     if not (subtb_lambda >= 0 and math.isfinite(subtb_lambda)):
         raise ValueError(f"subtb_lambda must be finite and >= 0; got {subtb_lambda}")
-    potentials, _ = balance_potentials(
+    potentials, state_valid = balance_potentials(
         log_pf,
         log_pterm,
         log_reward,
@@ -246,14 +246,26 @@ def modified_subtb_loss(
         reward_temperature=reward_temperature,
         log_reward_floor=log_reward_floor,
     )
-    residuals = potentials.unsqueeze(2) - potentials.unsqueeze(1)  # [B, i, j]: r_ij = A_i - A_j
-    pair_weights, end_weights = subtb_pair_weights(
-        lengths, log_pf.shape[1], subtb_lambda, weighting, dtype=potentials.dtype
-    )
-    # Σ_i w_ij r_ij² for every end j, then the per-trajectory end factor.
-    per_end = (residuals.square() * pair_weights).sum(dim=1)  # [B, L+1]
-    weighted = (end_weights * per_end).sum(dim=1)  # [B]
-    normalizer = (end_weights * pair_weights.sum(dim=0)).sum(dim=1)  # [B]
+    # Σ_{i<j} w_ij e_j (A_i − A_j)², expanded so that no [B, L+1, L+1] tensor is built:
+    #   Σ_i A_i² (e Wᵀ)_i + Σ_j e_j A_j² colsum(W)_j − 2 Σ_j e_j A_j (A W)_j.
+    # The expansion cancels when the A_k are large next to their differences; centring each
+    # trajectory on its valid states (residuals are shift-invariant) bounds the terms by the
+    # residuals themselves. The centre is detached: a common shift has zero gradient.
+    centre = potentials.detach().sum(dim=1, keepdim=True) / state_valid.sum(dim=1, keepdim=True)
+    # CUDA may run float32 products in TF32 (10-bit mantissa) and autocast in bf16: these
+    # products are tiny, so they run in float64 there, and never under autocast.
+    dtype = torch.float64 if potentials.device.type == "cuda" else potentials.dtype
+    with torch.autocast(potentials.device.type, enabled=False):
+        centred = (potentials - centre).to(dtype)
+        pair_weights, end_weights = subtb_pair_weights(
+            lengths, log_pf.shape[1], subtb_lambda, weighting, dtype=dtype
+        )
+        start_totals = end_weights @ pair_weights.T  # [B, L+1]: Σ_j w_ij e_j per start i
+        end_totals = end_weights * pair_weights.sum(dim=0)  # [B, L+1]: e_j Σ_i w_ij per end j
+        cross = centred @ pair_weights  # [B, L+1]: Σ_i w_ij A_i per end j
+        per_state = centred * (start_totals + end_totals) - 2.0 * end_weights * cross
+        weighted = (centred * per_state).sum(dim=1).to(potentials.dtype)  # [B]
+        normalizer = end_totals.sum(dim=1).to(potentials.dtype)  # [B]
     # Any normalizer with a pair holds a weight equal to 1 (see subtb_pair_weights),
     # so clamping at 1 only turns 0/0 (no pair at all) into 0.
     if weighting == "batch":

@@ -1,0 +1,68 @@
+"""Fast paths must not change results: each is checked against the plain computation."""
+
+from __future__ import annotations
+
+import torch
+
+from objectives.subtb import modified_subtb_loss
+
+
+def _batch(batch: int, cap: int, seed: int, spread: float) -> list[torch.Tensor]:
+    """float32 batch whose potentials span ``spread`` nats while residuals stay O(1)."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, cap + 1, (batch,), generator=gen)
+    lengths[-1] = cap
+    valid = torch.arange(cap + 1)[None, :] <= lengths[:, None]
+    log_pf = torch.where(valid[:, 1:], -3 * torch.rand(batch, cap, generator=gen), 0.0)
+    log_pterm = torch.where(valid, -3 * torch.rand(batch, cap + 1, generator=gen), 0.0)
+    log_pterm[:, cap] = 0.0
+    prefix = torch.cat([torch.zeros(batch, 1), log_pf.cumsum(1)], 1)
+    log_reward = prefix + log_pterm - spread + torch.randn(batch, cap + 1, generator=gen)
+    return [log_pf, log_pterm, torch.where(valid, log_reward, 0.0), lengths]
+
+
+def _pair_tensor_loss(log_pf, log_pterm, log_reward, lengths, lam, weighting):
+    """The pair sum written directly over the [B, L+1, L+1] residual tensor, in float64."""
+    cap = log_pf.shape[1]
+    valid = torch.arange(cap + 1)[None, :] <= lengths[:, None]
+    prefix = torch.cat([torch.zeros(len(lengths), 1, dtype=log_pf.dtype), log_pf.cumsum(1)], 1)
+    potentials = torch.where(valid, log_reward - log_pterm - prefix, 0.0)
+    residuals = potentials[:, :, None] - potentials[:, None, :]
+    i, j = torch.meshgrid(torch.arange(cap + 1), torch.arange(cap + 1), indexing="ij")
+    weights = torch.where(i < j, torch.tensor(lam, dtype=log_pf.dtype) ** (j - i - 1), 0.0)
+    weights = weights[None] * valid[:, None, :]
+    weighted, normalizer = (weights * residuals**2).sum((1, 2)), weights.sum((1, 2))
+    if weighting == "batch":
+        return weighted.sum() / normalizer.sum()
+    has_pair = lengths >= 1
+    return (weighted[has_pair] / normalizer[has_pair]).mean()
+
+
+def test_subtb_expansion_matches_pair_tensor_on_large_potentials():
+    # The loss expands the pair sum into products; large potentials with small residuals are
+    # where that expansion would cancel without the per-trajectory centring.
+    for lam in (0.0, 0.5, 1.0):
+        for weighting in ("batch", "geometric_within"):
+            inputs = _batch(16, 40, seed=int(lam * 10), spread=60.0)
+            ref_inputs = [t.double().requires_grad_(t.is_floating_point()) for t in inputs[:3]]
+            ref = _pair_tensor_loss(*ref_inputs, inputs[3], lam, weighting)
+            ours_inputs = [t.clone().requires_grad_(True) for t in inputs[:3]]
+            ours = modified_subtb_loss(
+                *ours_inputs, inputs[3], subtb_lambda=lam, weighting=weighting
+            )
+            torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=0)
+            ref_grads = torch.autograd.grad(ref, ref_inputs[:2])
+            grads = torch.autograd.grad(ours, ours_inputs[:2])
+            for grad, ref_grad in zip(grads, ref_grads, strict=True):
+                scale = ref_grad.abs().max()
+                torch.testing.assert_close(grad.double(), ref_grad, rtol=0, atol=1e-4 * scale)
+
+
+def test_subtb_loss_is_unchanged_under_autocast():
+    # Its products must not be downcast when a caller wraps the step in bf16 autocast.
+    inputs = _batch(16, 40, seed=3, spread=60.0)
+    plain = modified_subtb_loss(*inputs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = modified_subtb_loss(*inputs)
+    assert cast.dtype == torch.float32
+    torch.testing.assert_close(cast, plain, rtol=1e-6, atol=0)
