@@ -19,12 +19,13 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import textwrap
 import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
+
+from gfn_spin.io import write_text_atomic
 
 ConfigT = TypeVar("ConfigT")
 
@@ -246,21 +247,6 @@ def to_jsonable(value: Any) -> Any:
     if hasattr(value, "tolist"):
         return value.tolist()
     return value
-
-
-def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
-    """Write ``text`` to ``path`` via a temporary file in the same directory, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def write_results(

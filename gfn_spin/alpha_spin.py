@@ -31,7 +31,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -44,6 +43,7 @@ from tqdm.auto import tqdm
 from gfn_spin import adapters
 from gfn_spin.data import chat_messages, encode_example, load_pairs, load_parquet, write_parquet
 from gfn_spin.density import Density
+from gfn_spin.io import atomic_directory, write_json_atomic
 from gfn_spin.mixtures import ArithmeticMixture, GeometricMixture
 from gfn_spin.policy import Policy
 from gfn_spin.samples import pad_responses
@@ -690,16 +690,6 @@ class Distributed:
 # -- 4. the run directory: atomic steps listed in a manifest ---------------------------------
 
 
-def atomic_write_json(value: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    with os.fdopen(handle, "w") as stream:
-        json.dump(value, stream, indent=2)
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(tmp, path)
-
-
 def comparable_config(config: AlphaSpinConfig) -> dict[str, Any]:
     return {k: v for k, v in asdict(config).items() if k not in RESUMABLE_FIELDS}
 
@@ -757,8 +747,8 @@ class RunDirectory:
             self.manifest["records"].append(record)
         self.manifest["done"].append(step)
         if self.dist.is_main:
-            atomic_write_json(self.manifest, self.path)
-            atomic_write_json(self.manifest["records"], self.root / "metrics.json")
+            write_json_atomic(self.manifest, self.path)
+            write_json_atomic(self.manifest["records"], self.root / "metrics.json")
         self.dist.barrier()
 
     def data_path(self, t: int) -> Path:
@@ -774,12 +764,8 @@ class RunDirectory:
 
 def save_iterate(policy: Policy, target: Path) -> None:
     """Write the iterate into a temporary folder, then rename it into place."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent))
-    policy.save_pretrained(tmp)
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
+    with atomic_directory(target) as tmp:
+        policy.save_pretrained(tmp)
 
 
 def _adapter_folder(directory: Path) -> Path:

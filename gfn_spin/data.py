@@ -13,13 +13,14 @@ chat columns ``real`` and ``generated`` of the published SPIN data, readable wit
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 from datasets import Dataset, load_dataset
+
+from gfn_spin.io import atomic_path
 
 #: File suffixes ``datasets`` loads by builder name.
 _BUILDERS = {
@@ -166,15 +167,8 @@ def encode_example(
 def write_parquet(columns: dict[str, list[Any]], path: str | os.PathLike) -> Path:
     """Write columns as one parquet file atomically (temporary file, then rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        Dataset.from_dict(columns).to_parquet(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path) as tmp:
+        Dataset.from_dict(columns).to_parquet(str(tmp))
     return path
 
 

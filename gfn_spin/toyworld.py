@@ -22,8 +22,6 @@ import itertools
 import json
 import os
 import random
-import shutil
-import tempfile
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +33,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from gfn_spin.exact import ExactDistribution, divergences, exact_distribution
+from gfn_spin.io import atomic_directory, write_json_atomic
 from gfn_spin.policy import Policy
 from gfn_spin.samples import pad_responses
 
@@ -225,11 +224,8 @@ def _sft(
 
 
 def _atomic_save(policy: Policy, target: Path) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    policy.save_pretrained(tmp)
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
+    with atomic_directory(target) as tmp:
+        policy.save_pretrained(tmp)
 
 
 def default_cache_dir() -> Path:
@@ -285,9 +281,7 @@ def build_world(
             rng,
             directory,
         )
-        tmp = done.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"config": asdict(config)}, indent=2))
-        os.replace(tmp, done)
+        write_json_atomic({"config": asdict(config)}, done)
 
     def load(name: str) -> Policy:
         return Policy.from_pretrained(

@@ -42,7 +42,6 @@ import math
 import os
 import random
 import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -55,6 +54,7 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from tqdm.auto import tqdm
 
 from gfn_spin.density import Density, PromptLike, scores_from_steps
+from gfn_spin.io import atomic_directory
 from gfn_spin.mixtures import GeometricMixture
 from gfn_spin.policy import Policy
 from gfn_spin.residual import ResidualLocalProduct
@@ -484,8 +484,9 @@ class GFlowNetSampler(Sampler):
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write the adapter (peft format) and the config JSON to ``directory``, atomically."""
-        directory = Path(directory)
-        return _atomic_dir(directory, self._write_adapter)
+        with atomic_directory(directory) as tmp:
+            self._write_adapter(tmp)
+        return Path(directory)
 
     def _write_adapter(self, directory: Path) -> None:
         model = self.init.model
@@ -549,11 +550,12 @@ class GFlowNetSampler(Sampler):
                 json.dumps({"step": self.state.step, "metrics": self.state.metrics})
             )
 
-        path = _atomic_dir(final, write)
-        for old in checkpoint_dir.glob("step_*"):
-            if old.is_dir() and old != path and not old.name.startswith(".tmp"):
+        with atomic_directory(final) as tmp:
+            write(tmp)
+        for old in _checkpoints(checkpoint_dir):
+            if old != final:
                 shutil.rmtree(old, ignore_errors=True)
-        return path
+        return final
 
     def _load_checkpoint(self, directory: Path) -> None:
         self._read_adapter(directory)
@@ -587,10 +589,15 @@ def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
         return None
     found = [
         p
-        for p in checkpoint_dir.glob("step_*")
-        if p.is_dir() and (p / "trainer_state.pt").is_file() and (p / CONFIG_FILE).is_file()
+        for p in _checkpoints(checkpoint_dir)
+        if (p / "trainer_state.pt").is_file() and (p / CONFIG_FILE).is_file()
     ]
     return max(found, key=lambda p: p.name) if found else None
+
+
+def _checkpoints(checkpoint_dir: Path) -> list[Path]:
+    """Finished ``step_NNNNNNN`` folders (temporary siblings of an interrupted write excluded)."""
+    return [p for p in checkpoint_dir.glob("step_*") if p.is_dir() and p.name[5:].isdigit()]
 
 
 def ess_fraction(log_weights: torch.Tensor) -> torch.Tensor:
@@ -599,27 +606,6 @@ def ess_fraction(log_weights: torch.Tensor) -> torch.Tensor:
     count = log_weights.shape[-1]
     log_ess = 2 * torch.logsumexp(log_weights, -1) - torch.logsumexp(2 * log_weights, -1)
     return (log_ess.exp() / count).nan_to_num(0.0)
-
-
-def _atomic_dir(final: Path, write) -> Path:
-    """Run ``write(tmp_dir)`` then move the finished directory to ``final`` (replacing it)."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-" + final.name + "-", dir=final.parent))
-    try:
-        write(tmp)
-        if final.exists():
-            # A directory cannot be renamed over a non-empty one: move the old one aside first.
-            old = Path(tempfile.mkdtemp(prefix=".old-" + final.name + "-", dir=final.parent))
-            os.replace(final, old / "dir")
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
 
 
 def _samples_from(
