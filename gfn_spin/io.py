@@ -20,11 +20,33 @@ from typing import Any
 TMP_SUFFIX = ".tmp"
 
 
+def make_directory(path: str | os.PathLike, argument: str = "path") -> Path:
+    """Create the directory ``path`` (and parents), or raise one clear error naming ``argument``.
+
+    Called before long work starts, so that an unwritable destination (a path under a regular
+    file, an existing file) fails at once rather than when the first result is saved.
+    """
+    path = Path(path).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as error:
+        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), path)
+        raise NotADirectoryError(
+            f"{argument}={str(path)!r} cannot be a directory: {str(blocker)!r} is a file; "
+            f"choose another {argument}"
+        ) from error
+    if not os.access(path, os.W_OK):
+        raise PermissionError(
+            f"{argument}={str(path)!r} is not writable; choose another {argument}"
+        )
+    return path
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary file path; on success it is renamed to ``path`` (replacing it)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_directory(path.parent)
     handle, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=TMP_SUFFIX, dir=path.parent)
     os.close(handle)
     try:
@@ -53,7 +75,7 @@ def write_json_atomic(value: Any, path: str | os.PathLike) -> Path:
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory; on success it replaces ``path`` as a whole."""
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    make_directory(final.parent)
     tmp = Path(tempfile.mkdtemp(prefix=final.name + ".", suffix=TMP_SUFFIX, dir=final.parent))
     try:
         yield tmp
