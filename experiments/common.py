@@ -25,7 +25,7 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
-from gfn_spin.io import write_text_atomic
+from gfn_spin.io import make_directory, write_text_atomic
 
 ConfigT = TypeVar("ConfigT")
 
@@ -154,13 +154,7 @@ def parse_config(
 
 def prepare_output_dir(path: str | os.PathLike) -> Path:
     """Create ``path`` (and parents) and check that it is a writable directory, before any work."""
-    path = Path(path).expanduser()
-    if path.exists() and not path.is_dir():
-        raise NotADirectoryError(f"output_dir={str(path)!r} exists and is not a directory")
-    path.mkdir(parents=True, exist_ok=True)
-    if not os.access(path, os.W_OK):
-        raise PermissionError(f"output_dir={str(path)!r} is not writable; pick another directory")
-    return path
+    return make_directory(path, "output_dir")
 
 
 def setup_logging(output_dir: Path, name: str, *, filename: str = "run.log") -> logging.Logger:
