@@ -54,7 +54,7 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from tqdm.auto import tqdm
 
 from gfn_spin.density import Density, PromptLike, scores_from_steps
-from gfn_spin.io import atomic_directory
+from gfn_spin.io import atomic_directory, make_directory
 from gfn_spin.mixtures import GeometricMixture
 from gfn_spin.policy import Policy
 from gfn_spin.residual import ResidualLocalProduct
@@ -66,7 +66,11 @@ from samplers.replay import ReplayBuffer
 
 PARAMETRIZATIONS = ("auto", "lora", "residual")
 CONFIG_FILE = "gflownet_config.json"
-ADAPTER_WEIGHTS = "adapter_model.pt"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+TRAINER_STATE = "trainer_state.pt"
+METRICS_FILE = "metrics.json"
+#: Config fields a resumed fit may change (they do not change the trajectory of the steps done).
+RESUMABLE_FIELDS = ("steps", "checkpoint_every")
 
 
 @dataclass
@@ -392,13 +396,14 @@ class GFlowNetSampler(Sampler):
         total = self.config.steps if steps is None else steps
         if total < 0:
             raise ValueError(f"steps={total} must be >= 0")
+        if resume and checkpoint_dir is None:
+            raise ValueError("resume=True needs checkpoint_dir (where checkpoints were written)")
+        if checkpoint_dir is not None:
+            make_directory(checkpoint_dir, "checkpoint_dir")  # fail now, not after training
         if resume:
-            if checkpoint_dir is None:
-                raise ValueError(
-                    "resume=True needs checkpoint_dir (where checkpoints were written)"
-                )
             latest = latest_checkpoint(checkpoint_dir)
             if latest is not None:
+                self._check_resumable(latest)
                 self._load_checkpoint(latest)
         eval_prompts = prompt_ids[: self.config.eval_prompts]
         bar = tqdm(
@@ -496,10 +501,29 @@ class GFlowNetSampler(Sampler):
 
         save_file(
             {k: v.detach().cpu().contiguous() for k, v in state.items()},
-            str(directory / "adapter_model.safetensors"),
+            str(directory / ADAPTER_WEIGHTS),
         )
         model.peft_config[name].save_pretrained(str(directory))
         (directory / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2))
+
+    def _check_resumable(self, checkpoint: Path) -> None:
+        """Refuse to resume a checkpoint written with different settings (before loading it)."""
+        saved = _read_config(checkpoint)
+        mine = json.loads(json.dumps(asdict(self.config)))  # tuples as lists, like the file
+        diff = sorted(
+            k
+            for k in set(saved) | set(mine)
+            if k not in RESUMABLE_FIELDS and saved.get(k) != mine.get(k)
+        )
+        if diff:
+            detail = ", ".join(
+                f"{k}: checkpoint {saved.get(k)!r}, now {mine.get(k)!r}" for k in diff
+            )
+            raise ValueError(
+                f"checkpoint_dir={str(checkpoint.parent)!r} holds a fit with a different "
+                f"configuration ({detail}); resume with the original settings or choose a new "
+                "checkpoint_dir"
+            )
 
     @classmethod
     def load(
@@ -507,13 +531,8 @@ class GFlowNetSampler(Sampler):
     ) -> GFlowNetSampler:
         """A sampler with the config and adapter saved by :meth:`save` (or a checkpoint)."""
         directory = Path(directory)
-        config_path = directory / CONFIG_FILE
-        if not config_path.is_file():
-            raise FileNotFoundError(
-                f"{config_path} not found: give a directory written by GFlowNetSampler.save"
-            )
-        values = json.loads(config_path.read_text())
-        config = GFlowNetConfig.from_dict({**values, **overrides})
+        _check_files(directory, (CONFIG_FILE, ADAPTER_WEIGHTS))
+        config = GFlowNetConfig.from_dict({**_read_config(directory), **overrides})
         sampler = cls(target, init, config)
         sampler._read_adapter(directory)
         return sampler
@@ -521,7 +540,11 @@ class GFlowNetSampler(Sampler):
     def _read_adapter(self, directory: Path) -> None:
         from safetensors.torch import load_file
 
-        state = load_file(str(directory / "adapter_model.safetensors"))
+        _check_files(directory, (ADAPTER_WEIGHTS,))
+        try:
+            state = load_file(str(directory / ADAPTER_WEIGHTS))
+        except Exception as error:  # safetensors raises its own SafetensorError on bad headers
+            raise _corrupted(directory / ADAPTER_WEIGHTS, error) from error
         result = set_peft_model_state_dict(
             self.init.model, state, adapter_name=self.config.adapter_name
         )
@@ -544,9 +567,9 @@ class GFlowNetSampler(Sampler):
                     "python_rng": self._rng.getstate(),
                     "replay": self.replay.state_dict(),
                 },
-                directory / "trainer_state.pt",
+                directory / TRAINER_STATE,
             )
-            (directory / "metrics.json").write_text(
+            (directory / METRICS_FILE).write_text(
                 json.dumps({"step": self.state.step, "metrics": self.state.metrics})
             )
 
@@ -558,13 +581,21 @@ class GFlowNetSampler(Sampler):
         return final
 
     def _load_checkpoint(self, directory: Path) -> None:
+        _check_files(directory, (CONFIG_FILE, ADAPTER_WEIGHTS, TRAINER_STATE, METRICS_FILE))
+        # Read every file before changing anything, so a bad checkpoint leaves the sampler as is.
+        try:
+            state = torch.load(directory / TRAINER_STATE, weights_only=False)
+        except Exception as error:
+            raise _corrupted(directory / TRAINER_STATE, error) from error
+        try:
+            log = json.loads((directory / METRICS_FILE).read_text())
+        except ValueError as error:
+            raise _corrupted(directory / METRICS_FILE, error) from error
         self._read_adapter(directory)
-        state = torch.load(directory / "trainer_state.pt", weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self._torch_rng.set_state(state["torch_rng"])
         self._rng.setstate(state["python_rng"])
         self.replay.load_state_dict(state["replay"])
-        log = json.loads((directory / "metrics.json").read_text())
         self.state = _TrainState(step=int(log["step"]), metrics=list(log["metrics"]))
 
 
@@ -590,9 +621,33 @@ def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
     found = [
         p
         for p in _checkpoints(checkpoint_dir)
-        if (p / "trainer_state.pt").is_file() and (p / CONFIG_FILE).is_file()
+        if (p / TRAINER_STATE).is_file() and (p / CONFIG_FILE).is_file()
     ]
     return max(found, key=lambda p: p.name) if found else None
+
+
+def _check_files(directory: Path, names: Sequence[str]) -> None:
+    """Raise FileNotFoundError naming the missing files of a saved sampler or checkpoint."""
+    missing = [name for name in names if not (directory / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{str(directory)!r} lacks {missing}: give a directory written by "
+            "GFlowNetSampler.save or a checkpoint_dir's step_NNNNNNN folder"
+        )
+
+
+def _corrupted(path: Path, error: Exception) -> ValueError:
+    return ValueError(
+        f"{str(path)!r} is corrupted or truncated ({type(error).__name__}: {error}); delete "
+        "that folder (a fit then resumes from scratch) or save the sampler again"
+    )
+
+
+def _read_config(directory: Path) -> dict[str, Any]:
+    try:
+        return json.loads((directory / CONFIG_FILE).read_text())
+    except ValueError as error:
+        raise _corrupted(directory / CONFIG_FILE, error) from error
 
 
 def _checkpoints(checkpoint_dir: Path) -> list[Path]:
