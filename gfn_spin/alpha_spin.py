@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from gfn_spin import adapters
 from gfn_spin.data import chat_messages, encode_example, load_pairs, load_parquet, write_parquet
 from gfn_spin.density import Density
-from gfn_spin.io import atomic_directory, write_json_atomic
+from gfn_spin.io import atomic_directory, make_directory, write_json_atomic
 from gfn_spin.mixtures import ArithmeticMixture, GeometricMixture
 from gfn_spin.policy import Policy
 from gfn_spin.samples import pad_responses
@@ -705,7 +705,9 @@ class RunDirectory:
         self.root = Path(root)
         self.dist = dist
         self.path = self.root / MANIFEST
-        manifest = json.loads(self.path.read_text()) if self.path.exists() else None
+        if dist.is_main:
+            make_directory(self.root, "output_dir")  # an unwritable output_dir fails before work
+        manifest = self._read_manifest()
         if manifest is not None and manifest["identity"] != identity:
             diff = sorted(
                 k
@@ -724,6 +726,21 @@ class RunDirectory:
         if dist.is_main:
             self._clean()
         dist.barrier()
+
+    def _read_manifest(self) -> dict[str, Any] | None:
+        if not self.path.exists():
+            return None
+        try:
+            manifest = json.loads(self.path.read_text())
+            if not {"identity", "done", "records"} <= set(manifest):
+                raise ValueError(f"keys {sorted(manifest)}")
+        except (ValueError, TypeError) as error:
+            # Written atomically, so this is outside damage: refuse rather than guess.
+            raise ValueError(
+                f"output_dir={str(self.root)!r} has a corrupted {MANIFEST} ({error}); delete "
+                "the run directory to start over, or choose a new output_dir"
+            ) from error
+        return manifest
 
     def _clean(self) -> None:
         """Remove leftovers of interrupted writes (temporary files and unlisted iterates)."""
