@@ -53,7 +53,11 @@ class StudyConfig:
     quick: bool = False
     """A smaller study (4 variants, 2 seeds, 2 iterations, 192 examples) for a first look."""
     seeds: int = 3
-    """Seeds per variant (seeds 0..seeds-1)."""
+    """Seeds per variant (seed, seed+1, ..., seed+seeds-1)."""
+    seed: int = 0
+    """First seed of every variant's runs (adapter init, generation, batch order)."""
+    device: str = "cpu"
+    """Device of every run: "cpu", "cuda", "cuda:1", ... or "auto" (CUDA when present)."""
     iterations: int = 3
     """Self-play iterations per run."""
     sampler: str = "auto"
@@ -75,6 +79,19 @@ class StudyConfig:
     """Eval prompts on which the exact drift KL(π_t ‖ π_0) is computed (the costly one)."""
     workers: int = 2
     """Runs executed in parallel (one CPU thread each)."""
+    progress: bool = True
+    """Show a progress bar over the runs."""
+
+    def validate(self) -> None:
+        """Raise on bad values before any model work (trainer settings: AlphaSpinConfig's checks)."""
+        for name in ("seeds", "iterations", "workers", "drift_prompts"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        if self.device != "auto":
+            import torch
+
+            torch.device(self.device)  # raises on a malformed device string
 
     def resolved(self) -> StudyConfig:
         if not self.quick:
@@ -117,7 +134,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
 def jobs(study: StudyConfig, root: Path) -> list[dict[str, Any]]:
     out = []
     for name, alpha, history in variants(study):
-        for seed in range(study.seeds):
+        for seed in range(study.seed, study.seed + study.seeds):
             folder = root / "runs" / f"a{alpha:g}_h{history}_s{seed}"
             out.append(
                 {
@@ -136,6 +153,7 @@ def jobs(study: StudyConfig, root: Path) -> list[dict[str, Any]]:
                         "iterations": study.iterations,
                         "max_examples": study.max_examples,
                         "seed": seed,
+                        "device": None if study.device == "auto" else study.device,
                         "output_dir": str(folder),
                     },
                 }
@@ -216,13 +234,18 @@ def plot(table: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     study = parse_config(StudyConfig, argv, description=(__doc__ or "").split("\n\n")[0])
+    study.validate()
     study = study.resolved()
+    from gfn_spin.alpha_spin import AlphaSpinConfig
+
+    todo = jobs(study, Path(study.output_dir).expanduser())
+    for job in todo:
+        AlphaSpinConfig(**job["config"])  # every run's settings checked before any work
     root = prepare_output_dir(study.output_dir)
     log = setup_logging(root, "experiments.alpha_spin")
     from gfn_spin.toyworld import build_world
 
     build_world()  # once here, so that workers load it from the cache
-    todo = jobs(study, root)
     started = time.perf_counter()
     log.info(f"{len(todo)} runs on {study.workers} workers -> {root}")
     from tqdm.auto import tqdm
@@ -231,10 +254,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if study.workers > 1:
         context = multiprocessing.get_context("spawn")
         with context.Pool(study.workers) as pool:
-            for result in tqdm(pool.imap_unordered(run_one, todo), total=len(todo), desc="runs"):
+            for result in tqdm(
+                pool.imap_unordered(run_one, todo),
+                total=len(todo),
+                desc="runs",
+                disable=not study.progress,
+            ):
                 results.append(result)
     else:
-        results = [run_one(job) for job in tqdm(todo, desc="runs")]
+        results = [run_one(job) for job in tqdm(todo, desc="runs", disable=not study.progress)]
     order = {(j["variant"], j["seed"]): i for i, j in enumerate(todo)}
     results.sort(key=lambda r: order[(r["variant"], r["seed"])])
     table = summarize(results, study.iterations)
