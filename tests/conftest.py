@@ -7,6 +7,10 @@ import torch
 
 from gfn_spin.toyworld import ToyWorld, build_world
 
+# The tiny models run fastest single-threaded, and a second thread makes every test 10x slower
+# whenever anything else runs on the machine (measured here); tests never rely on parallelism.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def world(tmp_path_factory: pytest.TempPathFactory) -> ToyWorld:
