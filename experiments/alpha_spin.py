@@ -91,7 +91,13 @@ class StudyConfig:
         if self.device != "auto":
             import torch
 
-            torch.device(self.device)  # raises on a malformed device string
+            try:
+                torch.device(self.device)
+            except RuntimeError as error:
+                raise ValueError(
+                    f"device={self.device!r} is not a torch device ({error}); use cpu, cuda, "
+                    "cuda:1, ... or auto"
+                ) from error
 
     def resolved(self) -> StudyConfig:
         if not self.quick:
