@@ -114,6 +114,13 @@ class ArithmeticMixture(_Composite):
 
     def _mix(self, log_posterior_unnorm: torch.Tensor, per_component: torch.Tensor) -> torch.Tensor:
         """``logsumexp_c ω_c + x_c`` for ``per_component [C, ...]`` and ``log ω`` ``[C, ...]``."""
+        # A prefix that no weighted component can produce (its mass is already 0) has no
+        # posterior (softmax of all -inf is NaN): use the prior weights, so steps stay normalized.
+        dead = torch.isneginf(log_posterior_unnorm).all(dim=0, keepdim=True)
+        if bool(dead.any()):
+            shape = (-1,) + (1,) * (log_posterior_unnorm.dim() - 1)
+            prior = self._log_weights.to(log_posterior_unnorm.device, log_posterior_unnorm.dtype)
+            log_posterior_unnorm = torch.where(dead, prior.view(shape), log_posterior_unnorm)
         log_omega = torch.log_softmax(log_posterior_unnorm, dim=0)
         return torch.logsumexp(log_omega + per_component, dim=0)
 
