@@ -255,9 +255,11 @@ class Policy(Density):
         self._check_context(prompt_lengths, width)
         total = int(prompt_lengths.max()) + width
         # Right padding: prompt, then response, then PAD; every row's positions start at 0.
-        input_ids = torch.full((batch, total), self.pad_token_id, dtype=torch.long, device=device)
-        for row, prompt in enumerate(prompt_ids):
-            input_ids[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=device)
+        # One tensor from padded lists: a per-row copy costs more than the forward on big batches.
+        pad = self.pad_token_id
+        input_ids = torch.tensor(
+            [list(p) + [pad] * (total - len(p)) for p in prompt_ids], dtype=torch.long
+        ).to(device)
         steps = torch.arange(width, device=device)
         valid = steps[None, :] < lengths[:, None]
         columns = prompt_lengths[:, None] + steps[None, :]
@@ -302,11 +304,12 @@ class Policy(Density):
         device = self.device
         prompt_lengths = torch.tensor([len(p) for p in prompt_ids], device=device)
         self._check_context(prompt_lengths, 0)
-        batch, longest = len(prompt_ids), int(prompt_lengths.max())
+        longest = int(prompt_lengths.max())
         # Left padding so that every row's next token goes in the same column.
-        input_ids = torch.full((batch, longest), self.pad_token_id, dtype=torch.long, device=device)
-        for row, prompt in enumerate(prompt_ids):
-            input_ids[row, longest - len(prompt) :] = torch.tensor(list(prompt), device=device)
+        pad = self.pad_token_id
+        input_ids = torch.tensor(
+            [[pad] * (longest - len(p)) + list(p) for p in prompt_ids], dtype=torch.long
+        ).to(device)
         attention_mask = (
             torch.arange(longest, device=device)[None, :] >= (longest - prompt_lengths)[:, None]
         ).long()
