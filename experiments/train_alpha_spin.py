@@ -12,18 +12,23 @@ from __future__ import annotations
 
 from typing import Any
 
-from experiments.common import parse_config, write_results
+from experiments.common import parse_config, prepare_output_dir, setup_logging, write_results
 from gfn_spin import AlphaSpinConfig, AlphaSpinTrainer
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     config = parse_config(AlphaSpinConfig, argv, description=(__doc__ or "").split("\n\n")[0])
     trainer = AlphaSpinTrainer(config)
-    records = trainer.train()
+    log = None
     if trainer.dist.is_main:
+        output_dir = prepare_output_dir(config.output_dir)
+        log = setup_logging(output_dir, "experiments.train_alpha_spin")
+        log.info(f"α-SPIN: {config.iterations} iterations -> {output_dir}")
+    records = trainer.train()
+    if log is not None:
         write_results({"iterations": records}, config.output_dir, config)
         for record in records:
-            print(record)
+            log.info(str(record))
     return records
 
 
