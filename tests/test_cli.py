@@ -45,11 +45,16 @@ def test_help_documents_every_flag_with_its_default(module, capsys):
         assert len(described.strip()) >= 5, f"{module.__name__} {flag} has no help text: {text!r}"
 
 
-def test_alpha_spin_study_tiny_run_writes_results_and_log(world, tmp_path, monkeypatch):
+@pytest.fixture
+def default_cache(world, tmp_path, monkeypatch):
+    """Point the default world cache at the session's world (experiments use the default)."""
     cache = tmp_path / "cache"
     cache.mkdir()
     (cache / "toyworld").symlink_to(world.directory.parent)
-    monkeypatch.setenv("GFN_SPIN_CACHE", str(cache))  # main() and its runs use the default cache
+    monkeypatch.setenv("GFN_SPIN_CACHE", str(cache))
+
+
+def test_alpha_spin_study_tiny_run_writes_results_and_log(default_cache, tmp_path):
     out = tmp_path / "study"
     argv = [
         "--output-dir", str(out), "--quick", "--seeds", "1", "--seed", "3",
@@ -66,3 +71,19 @@ def test_alpha_spin_study_tiny_run_writes_results_and_log(world, tmp_path, monke
     assert [run["seed"] for run in saved["runs"]] == [3] * len(saved["runs"])
     assert "runs on 1 workers" in (out / "run.log").read_text()
     assert (out / "results.md").is_file() and (out / "kl.png").stat().st_size > 0
+
+
+def test_train_alpha_spin_tiny_run_writes_results_and_log(default_cache, tmp_path):
+    out = tmp_path / "run"
+    argv = [
+        "--output-dir", str(out), "--iterations", "1", "--max-examples", "32",
+        "--batch-size", "16", "--epochs", "1", "--alpha", "1.0", "--seed", "2",
+        "--device", "cpu", "--progress", "false",
+    ]  # fmt: skip
+    records = train_alpha_spin.main(argv)
+    assert [r["iteration"] for r in records] == [0, 1]
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["config"]["seed"] == 2 and saved["config"]["alpha"] == 1.0
+    assert {"commit", "dirty"} <= set(saved["environment"]["git"])
+    assert saved["environment"]["packages"]["peft"]
+    assert "'iteration': 1" in (out / "run.log").read_text()
