@@ -4,7 +4,7 @@ Target (issue 2): >= 100k responses per prompt in <= 10 s on the 2-core CPU. Als
 naive alternative on a sample of responses, one full teacher-forced pass per response batch,
 to show what the cached prefix-tree expansion saves.
 
-    python bench/enumeration.py --max-new-tokens 9
+    python -m bench.enumeration --max-new-tokens 9
 """
 
 from __future__ import annotations
@@ -32,7 +32,11 @@ def main(argv: list[str] | None = None) -> None:
         "--batch-size", type=int, default=8192, help="prefixes per forward step (default: 8192)"
     )
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: 1)")
     args = parser.parse_args(argv)
+    if args.device == "cpu" or args.threads is not None:
+        # 1 thread: on a shared 2-core machine, 2-thread regions stall on the neighbours' jobs.
+        torch.set_num_threads(args.threads or 1)
 
     world = build_world(device=args.device)
     prompt = world.eval_prompts[0]
