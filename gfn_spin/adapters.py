@@ -19,6 +19,7 @@ from contextlib import contextmanager
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
+from transformers.pytorch_utils import Conv1D
 
 
 def tuner_layers(model: torch.nn.Module) -> list[BaseTunerLayer]:
@@ -70,6 +71,20 @@ def default_lora_config(rank: int = 16, alpha: int = 16, dropout: float = 0.0) -
         bias="none",
         task_type="CAUSAL_LM",
     )
+
+
+def lora_target_modules(model: torch.nn.Module, output_layer: bool) -> str | list[str]:
+    """peft target modules: every linear layer (GPT-2's ``Conv1D`` too), optionally the LM head."""
+    if not output_layer:
+        return "all-linear"
+    names = set()
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear | Conv1D) or ".lora_" in name:
+            continue
+        # Layers already wrapped by another adapter hold the original as ".base_layer".
+        parts = name.split(".")
+        names.add(parts[-2] if parts[-1] == "base_layer" and len(parts) > 1 else parts[-1])
+    return sorted(names)
 
 
 def add_adapter(model: torch.nn.Module, name: str, config: LoraConfig) -> PeftModel:

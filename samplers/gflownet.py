@@ -53,6 +53,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from tqdm.auto import tqdm
 
+from gfn_spin import adapters
 from gfn_spin.density import Density, PromptLike, scores_from_steps
 from gfn_spin.io import atomic_directory, make_directory
 from gfn_spin.mixtures import GeometricMixture
@@ -238,7 +239,7 @@ class GFlowNetSampler(Sampler):
             r=config.lora_rank,
             lora_alpha=config.lora_alpha,
             lora_dropout=0.0,
-            target_modules=_lora_targets(init.model, config.lora_output_layer),
+            target_modules=adapters.lora_target_modules(init.model, config.lora_output_layer),
             bias="none",
             task_type="CAUSAL_LM",
         )
@@ -597,20 +598,6 @@ class GFlowNetSampler(Sampler):
         self._rng.setstate(state["python_rng"])
         self.replay.load_state_dict(state["replay"])
         self.state = _TrainState(step=int(log["step"]), metrics=list(log["metrics"]))
-
-
-def _lora_targets(model: torch.nn.Module, output_layer: bool) -> str | list[str]:
-    """peft target modules: every linear layer, with or without the LM head."""
-    if not output_layer:
-        return "all-linear"
-    names = set()
-    for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) or ".lora_" in name:
-            continue
-        # Layers already wrapped by another adapter hold the original as ".base_layer".
-        parts = name.split(".")
-        names.add(parts[-2] if parts[-1] == "base_layer" and len(parts) > 1 else parts[-1])
-    return sorted(names)
 
 
 def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:

@@ -181,3 +181,16 @@ def test_prompt_longer_than_context_is_refused(world):
     too_long = [1] + [5] * 40 + [4]
     with pytest.raises(ValueError, match="context"):
         ancestral_sample(world.base, [too_long], 1, max_new_tokens=4)
+
+
+def test_lora_targets_cover_gpt2_conv1d_layers():
+    """GPT-2 projections are transformers' Conv1D, not nn.Linear: LoRA must still reach them."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from gfn_spin.adapters import lora_target_modules
+
+    model = GPT2LMHeadModel(
+        GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50, bos_token_id=0, eos_token_id=1)
+    )
+    assert lora_target_modules(model, output_layer=True) == ["c_attn", "c_fc", "c_proj", "lm_head"]
+    assert lora_target_modules(model, output_layer=False) == "all-linear"
