@@ -122,6 +122,12 @@ class SamplerAblationConfig:
     """The second model's weights: w + perturbation · std(w) · noise (so the mixture is not trivial)."""
     large_sharpness: float = 20.0
     """Scale of the random LM heads (a random Llama is near-uniform; this makes it peaked)."""
+    large_sir_candidates: tuple[int, ...] = (4, 16)
+    """K values of SIR in the large section."""
+    large_smc_particles: tuple[int, ...] = (16, 64)
+    """N values of SMC in the large section."""
+    large_draws: int = 16
+    """Draws per held-out prompt of every sampler in the large section."""
     large_gfn_steps: int = 150
     """GFlowNet training steps in the large section."""
     large_reference_particles: int = 512
@@ -130,26 +136,36 @@ class SamplerAblationConfig:
     """Show tqdm progress bars."""
 
     def __post_init__(self) -> None:
-        if self.quick:
-            self.num_eval_prompts = min(self.num_eval_prompts, 2)
-            self.draws = min(self.draws, 32)
-            self.sir_candidates = tuple(k for k in self.sir_candidates if k <= 16) or (4,)
-            self.smc_particles = tuple(n for n in self.smc_particles if n <= 16) or (4,)
-            self.gfn_base = (*self.gfn_base, "steps=60")
-            self.gfn_variants = ("steps=150", "subtb_lambda=0.9", "weighting=geometric_within")
-            self.torchgfn_steps = min(self.torchgfn_steps, 60)
-            self.large_gfn_steps = min(self.large_gfn_steps, 30)
-            self.large_reference_particles = min(self.large_reference_particles, 128)
+        if not self.quick:
+            return
+        # --quick shrinks the sizes still at their defaults; a size given on the command line wins.
+        quick = {
+            "num_eval_prompts": 2,
+            "draws": 32,
+            "sir_candidates": (1, 4, 16),
+            "smc_particles": (4, 16),
+            "gfn_base": (*self.gfn_base, "steps=60"),
+            "gfn_variants": ("steps=150", "subtb_lambda=0.9", "weighting=geometric_within"),
+            "torchgfn_steps": 60,
+            "large_gfn_steps": 30,
+            "large_reference_particles": 128,
+        }
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name, value in quick.items():
+            if getattr(self, name) == defaults[name]:
+                setattr(self, name, value)
 
     def validate(self) -> None:
         """Raise on bad values before any model work."""
         if not self.alphas or any(not 0.0 <= a <= 1.0 for a in self.alphas):
             raise ValueError(f"alphas={self.alphas} must be non-empty values in [0, 1]")
-        for name in ("num_eval_prompts", "draws", "torchgfn_steps", "large_gfn_steps"):
+        counts = ("num_eval_prompts", "draws", "torchgfn_steps", "large_gfn_steps", "large_draws")
+        for name in counts:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        if any(k < 1 for k in (*self.sir_candidates, *self.smc_particles)):
-            raise ValueError("sir_candidates and smc_particles must be >= 1")
+        budgets = (*self.sir_candidates, *self.smc_particles, *self.large_sir_candidates)
+        if any(k < 1 for k in (*budgets, *self.large_smc_particles)):
+            raise ValueError("SIR candidates and SMC particles must be >= 1")
         if self.large_vocab < 256 or self.large_cap < 32:
             raise ValueError("large_vocab must be >= 256 and large_cap >= 32 (not enumerable)")
         for spec in ("", *self.gfn_variants):
@@ -470,7 +486,7 @@ def large_setting(config: SamplerAblationConfig, logger) -> list[dict[str, Any]]
     generator = torch.Generator().manual_seed(config.seed)
     prompts = torch.randint(2, config.large_vocab, (10, 6), generator=generator).tolist()
     train, evaluation = prompts[:8], prompts[8:]
-    draws = 16
+    draws = config.large_draws
     log_z = SMCSampler(target, config.large_reference_particles, max_new_tokens=cap).sample(
         evaluation, 1, generator=config.seed
     )
@@ -495,21 +511,23 @@ def large_setting(config: SamplerAblationConfig, logger) -> list[dict[str, Any]]
         }
         rows.append(row)
 
-    for k in (4, 16):
+    for k in config.large_sir_candidates:
         sampler = ImportanceResampler(target, None, k, max_new_tokens=cap)
         record(
             f"SIR K={k}",
             "local product proposal",
             sampler.sample(evaluation, draws, generator=1),
             k,
+            1,
         )
-    for n in (16, 64):
+    for n in config.large_smc_particles:
         sampler = SMCSampler(target, n, max_new_tokens=cap)
         record(
             f"SMC N={n}",
             "local product proposal",
             sampler.sample(evaluation, draws, generator=1),
             n,
+            1,
         )
     gfn = gfn_config(config, f"steps={config.large_gfn_steps}", alpha, cap)
     gfn = dataclasses.replace(gfn, prompts_per_step=8, samples_per_prompt=4, adapter_name="large")
@@ -521,7 +539,7 @@ def large_setting(config: SamplerAblationConfig, logger) -> list[dict[str, Any]]
     elbo = torch.as_tensor(samples.stats["elbo"], dtype=torch.float64)
     samples.stats["ess"] = [e * draws for e in samples.stats["ess"]]
     record(
-        f"GFlowNet {gfn.parametrization}",
+        f"GFlowNet {gflownet.parametrization}",
         f"{gfn.steps} steps",
         samples,
         draws,
@@ -632,13 +650,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ]
     logger.info("world and enumeration ready in %.1f s", time.perf_counter() - started)
     rows: list[dict[str, Any]] = []
+    csv_path = output_dir / "ablation.csv"
     units = len(config.alphas) * (2 + len(config.gfn_variants))
     with tqdm(total=units, desc="ablation", disable=not config.progress) as bar:
         for alpha in config.alphas:
             rows.extend(sweep(config, world, components, eval_prompts, alpha, logger, bar))
+            write_csv(rows, csv_path)  # partial results survive an interrupted run
     if config.torchgfn:
         for alpha in config.alphas:
             rows.extend(torchgfn_comparison(config, world, components, eval_prompts, alpha, logger))
+            write_csv(rows, csv_path)
     if config.large:
         rows.extend(large_setting(config, logger))
     table = format_table(rows)
@@ -647,7 +668,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     total = time.perf_counter() - started
     logger.info("total %.1f s; results in %s", total, output_dir)
     results = {"rows": rows, "seconds": total, "table": table}
-    write_csv(rows, output_dir / "ablation.csv")
+    write_csv(rows, csv_path)
     write_results(results, output_dir, config)
     plot(rows, output_dir / "ablation.png")
     return results

@@ -23,22 +23,37 @@ def test_tiny_ablation_writes_outputs(world, tmp_path):
             "--gfn-base", "steps=3", "prompts_per_step=2", "samples_per_prompt=2",
             "--gfn-variants", "subtb_lambda=0.9",
             "--torchgfn-steps", "2",
-            "--large", "false",
+            "--large-sir-candidates", "2",
+            "--large-smc-particles", "2",
+            "--large-draws", "2",
+            "--large-gfn-steps", "2",
+            "--large-reference-particles", "8",
             "--progress", "false",
         ]
     )  # fmt: skip
     rows = list(csv.DictReader((out / "ablation.csv").open(encoding="utf-8")))
     sections = {row["section"] for row in rows}
-    assert sections == {"sweep", "torchgfn"}
-    gflownet = [r for r in rows if r["name"].startswith("GFlowNet")]
+    assert sections == {"sweep", "torchgfn", "large"}
+    gflownet = [r for r in rows if r["section"] == "sweep" and r["name"].startswith("GFlowNet")]
     assert len(gflownet) == 2 and all(0.0 <= float(r["tv"]) <= 1.0 for r in gflownet)
     torchgfn = [r for r in rows if r["section"] == "torchgfn"]
     # equal numbers of target evaluations (scored responses) on both sides
     assert torchgfn[0]["target_evaluations"] == torchgfn[1]["target_evaluations"] == "8"
+    large = {r["name"]: r for r in rows if r["section"] == "large"}
+    assert set(large) == {"SIR K=2", "SMC N=2", "GFlowNet residual"}
+    assert all(float(r["ess_per_token"]) > 0 for r in large.values())
+    assert large["GFlowNet residual"]["kl_q_target"] != ""
     payload = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert payload["config"]["draws"] == 8 and len(payload["rows"]) == len(results["rows"])
     assert (out / "ablation.png").stat().st_size > 0
     assert (out / "run.log").stat().st_size > 0
+
+
+def test_quick_keeps_sizes_given_on_the_command_line():
+    config = sampler_ablation.parse_config(
+        sampler_ablation.SamplerAblationConfig, ["--quick", "--draws", "5"]
+    )
+    assert config.draws == 5 and config.num_eval_prompts == 2
 
 
 def test_bad_setting_is_rejected_before_work(tmp_path):
