@@ -126,8 +126,8 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
-    from gfn_spin.alpha_spin import AlphaSpinConfig, AlphaSpinTrainer, ToyWorldEvaluator
-    from gfn_spin.toyworld import build_world
+    from gfn_spin.alpha_spin import AlphaSpinConfig, AlphaSpinTrainer
+    from gfn_spin.toyworld import ToyWorldEvaluator, build_world
 
     world = build_world()
     evaluator = ToyWorldEvaluator(world, drift_prompts=job.pop("drift_prompts"))

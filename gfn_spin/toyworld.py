@@ -23,6 +23,7 @@ import json
 import os
 import random
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,8 @@ from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from gfn_spin.exact import ExactDistribution, divergences, exact_distribution
+from gfn_spin.density import Density
+from gfn_spin.exact import ExactDistribution, exact_distribution
 from gfn_spin.io import atomic_directory, write_json_atomic
 from gfn_spin.policy import Policy
 from gfn_spin.samples import pad_responses
@@ -184,12 +186,7 @@ class ToyWorld:
 
     def kl_from_data(self, policy: Any, prompts: list[list[int]] | None = None) -> float:
         """Mean exact ``KL(p_data ‖ policy)`` over ``prompts`` (default: the eval prompts)."""
-        prompts = self.eval_prompts if prompts is None else prompts
-        total = 0.0
-        for prompt in prompts:
-            dist = self.enumerate(policy, prompt)
-            total += divergences(self.task.log_prob_on(prompt, dist), dist.logprobs)["kl_pq"]
-        return total / len(prompts)
+        return ToyWorldEvaluator(self, prompts, drift_prompts=None).kl_from_data(policy)
 
 
 def _all_prompts(config: ToyWorldConfig, tokenizer: Any) -> list[list[int]]:
@@ -356,3 +353,86 @@ def _sft_dataset(
             ],
         }
     )
+
+
+class ToyWorldEvaluator:
+    """Exact ``KL(p_data ‖ π)`` and drift ``KL(π ‖ π_0)`` on the tiny world's eval prompts.
+
+    Both are exact and cheap: ``KL(p_data ‖ π)`` needs π only on p_data's (small) support,
+    one teacher-forced pass; the drift is the chain rule ``Σ_s π(s) KL(π(·|s) ‖ π_0(·|s))`` over
+    every non-terminal prefix s, read off one teacher-forced pass over all |A|^(L-1) full-
+    length strings (each prefix of length k is shared by |A|^(L-1-k) of them).
+
+    The drift costs |A|^(L-1) rows per prompt (4,096 on the default world), so it is taken on
+    ``drift_prompts`` evenly spaced eval prompts only (None: all).
+    """
+
+    def __init__(
+        self,
+        world: Any,
+        prompts: Sequence[Sequence[int]] | None = None,
+        *,
+        drift_prompts: int | None = 4,
+    ) -> None:
+        self.world = world
+        self.prompts = [list(p) for p in (world.eval_prompts if prompts is None else prompts)]
+        stride = max(1, len(self.prompts) // drift_prompts) if drift_prompts else 1
+        self.drift_prompts = self.prompts[::stride][: drift_prompts or None]
+        self.max_new_tokens = world.max_new_tokens
+        alphabet = sorted(set(world.symbol_ids) - {world.tokenizer.eos_token_id})
+        strings = list(itertools.product(alphabet, repeat=self.max_new_tokens - 1))
+        self._strings = torch.tensor(strings, dtype=torch.long).reshape(len(strings), -1)
+        self._alphabet = len(alphabet)
+        supports, data_logps = [], []
+        for prompt in self.prompts:
+            table = world.task.table(prompt)
+            supports.append(list(table))
+            data_logps.append(torch.tensor(list(table.values()), dtype=torch.float64))
+        self._supports = supports
+        self._data_logps = data_logps
+        self._base_steps: list[torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def kl_from_data(self, policy: Density) -> float:
+        """Mean over prompts of ``Σ_y p(y) (log p(y) − log π(y))`` (exact)."""
+        rows = [p for p, support in zip(self.prompts, self._supports, strict=True) for _ in support]
+        responses = [r for support in self._supports for r in support]
+        ids, lengths = pad_responses(responses, self.max_new_tokens, policy.eos_token_id)
+        logq = policy.log_prob(rows, ids, lengths).double().cpu()
+        total, offset = 0.0, 0
+        for probs in self._data_logps:
+            part = logq[offset : offset + len(probs)]
+            offset += len(probs)
+            mask = probs > 0
+            total += float((probs[mask] * (probs[mask].log() - part[mask])).sum())
+        return total / len(self.prompts)
+
+    def _steps(self, policy: Density, prompt: list[int]) -> torch.Tensor:
+        lengths = torch.full((len(self._strings),), self._strings.shape[1], dtype=torch.long)
+        return (
+            policy.step_logprobs([prompt] * len(self._strings), self._strings, lengths)
+            .double()
+            .cpu()
+        )
+
+    @torch.no_grad()
+    def drift(self, policy: Density) -> float:
+        """Mean over the drift prompts of ``KL(π ‖ π_0)`` (exact, chain rule over prefixes)."""
+        if self._base_steps is None:
+            self._base_steps = [self._steps(self.world.base, p) for p in self.drift_prompts]
+        width = self._strings.shape[1]
+        duplicates = float(self._alphabet) ** torch.arange(width, -1, -1, dtype=torch.float64)
+        total = 0.0
+        for prompt, base_steps in zip(self.drift_prompts, self._base_steps, strict=True):
+            steps = self._steps(policy, prompt)  # [R, L, V] at states s_0..s_{L-1}
+            p = steps.exp()
+            terms = torch.where(p > 0, p * (steps - base_steps), torch.zeros_like(p)).sum(-1)
+            tokens = steps[:, :width].gather(2, self._strings[..., None]).squeeze(-1)
+            prefix = torch.cat(
+                [torch.zeros(len(tokens), 1, dtype=torch.float64), tokens.cumsum(1)], 1
+            )
+            total += float((prefix.exp() * terms / duplicates).sum())
+        return total / len(self.drift_prompts)
+
+    def __call__(self, policy: Density) -> dict[str, float]:
+        return {"kl_data": self.kl_from_data(policy), "kl_drift": self.drift(policy)}

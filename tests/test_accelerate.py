@@ -18,7 +18,8 @@ import json, sys
 from pathlib import Path
 import torch
 torch.set_num_threads(1)
-from gfn_spin.alpha_spin import AlphaSpinConfig, AlphaSpinTrainer, ToyWorldEvaluator
+from gfn_spin.alpha_spin import AlphaSpinConfig, AlphaSpinTrainer
+from gfn_spin.toyworld import ToyWorldEvaluator
 from gfn_spin.toyworld import build_world
 cache, out, extra = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 world = build_world(cache_dir=cache)
