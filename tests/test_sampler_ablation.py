@@ -35,6 +35,8 @@ def test_tiny_ablation_writes_outputs(world, tmp_path):
     sections = {row["section"] for row in rows}
     assert sections == {"sweep", "torchgfn", "large"}
     gflownet = [r for r in rows if r["section"] == "sweep" and r["name"].startswith("GFlowNet")]
+    budgets = [r for r in rows if r["section"] == "sweep" and r["name"][:3] in ("SIR", "SMC")]
+    assert len(budgets) == 2 and all(float(r["log_z_error"]) >= 0 for r in budgets)
     assert len(gflownet) == 2 and all(0.0 <= float(r["tv"]) <= 1.0 for r in gflownet)
     torchgfn = [r for r in rows if r["section"] == "torchgfn"]
     # equal numbers of target evaluations (scored responses) on both sides
