@@ -40,7 +40,7 @@ def test_tiny_ablation_writes_outputs(world, tmp_path):
     assert len(gflownet) == 2 and all(0.0 <= float(r["tv"]) <= 1.0 for r in gflownet)
     torchgfn = [r for r in rows if r["section"] == "torchgfn"]
     # equal numbers of target evaluations (scored responses) on both sides
-    assert torchgfn[0]["target_evaluations"] == torchgfn[1]["target_evaluations"] == "8"
+    assert len(torchgfn) == 3 and {r["target_evaluations"] for r in torchgfn} == {"8"}
     large = {r["name"]: r for r in rows if r["section"] == "large"}
     assert set(large) == {"SIR K=2", "SMC N=2", "GFlowNet residual"}
     assert all(float(r["ess_per_token"]) > 0 for r in large.values())
