@@ -42,9 +42,14 @@ def test_tiny_ablation_writes_outputs(world, tmp_path):
     # equal numbers of target evaluations (scored responses) on both sides
     assert len(torchgfn) == 3 and {r["target_evaluations"] for r in torchgfn} == {"8"}
     large = {r["name"]: r for r in rows if r["section"] == "large"}
-    assert set(large) == {"SIR K=2", "SMC N=2", "GFlowNet residual"}
+    assert set(large) == {
+        "SIR K=2",
+        "SMC N=2",
+        "GFlowNet residual 0 steps",
+        "GFlowNet residual 2 steps",
+    }
     assert all(float(r["ess_per_token"]) > 0 for r in large.values())
-    assert large["GFlowNet residual"]["kl_q_target"] != ""
+    assert large["GFlowNet residual 2 steps"]["kl_q_target"] != ""
     payload = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert payload["config"]["draws"] == 8 and len(payload["rows"]) == len(results["rows"])
     assert (out / "ablation.png").stat().st_size > 0
