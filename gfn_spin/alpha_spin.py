@@ -33,7 +33,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,12 @@ from tqdm.auto import tqdm
 from gfn_spin import adapters
 from gfn_spin.data import chat_messages, encode_example, load_pairs, load_parquet, write_parquet
 from gfn_spin.density import Density
-from gfn_spin.io import atomic_directory, make_directory, write_json_atomic
+from gfn_spin.io import (
+    atomic_directory,
+    dataclass_from_dict,
+    make_directory,
+    write_json_atomic,
+)
 from gfn_spin.mixtures import ArithmeticMixture, GeometricMixture
 from gfn_spin.policy import Policy
 from gfn_spin.samples import pad_responses
@@ -236,11 +241,7 @@ class AlphaSpinConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> AlphaSpinConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown AlphaSpinConfig fields {unknown}; known: {sorted(known)}")
-        return cls(**values)
+        return dataclass_from_dict(cls, values)
 
 
 # -- 1. the reference ------------------------------------------------------------------------

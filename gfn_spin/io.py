@@ -7,6 +7,7 @@ renamed into place (a rename within one directory is atomic on POSIX).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -14,7 +15,9 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 #: Suffix of temporary siblings; a resumed run may delete anything ending with it.
 TMP_SUFFIX = ".tmp"
@@ -40,6 +43,15 @@ def make_directory(path: str | os.PathLike, argument: str = "path") -> Path:
             f"{argument}={str(path)!r} is not writable; choose another {argument}"
         )
     return path
+
+
+def dataclass_from_dict(cls: type[T], values: dict[str, Any]) -> T:
+    """Rebuild a config dataclass from saved values, refusing unknown fields by name."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields {unknown}; known: {sorted(known)}")
+    return cls(**values)
 
 
 @contextmanager

@@ -44,7 +44,7 @@ import random
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 
 from gfn_spin import adapters
 from gfn_spin.density import Density, PromptLike, scores_from_steps
-from gfn_spin.io import atomic_directory, make_directory
+from gfn_spin.io import atomic_directory, dataclass_from_dict, make_directory
 from gfn_spin.mixtures import GeometricMixture
 from gfn_spin.policy import Policy
 from gfn_spin.residual import ResidualLocalProduct
@@ -172,11 +172,7 @@ class GFlowNetConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> GFlowNetConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown GFlowNetConfig fields {unknown}; known: {sorted(known)}")
-        return cls(**values)
+        return dataclass_from_dict(cls, values)
 
 
 @dataclass
