@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from gfn_spin import adapters
 from gfn_spin.density import Density, PromptLike, scores_from_steps
 from gfn_spin.devices import default_device, default_dtype
+from gfn_spin.samples import Samples, ancestral_sample
 from gfn_spin.scores import TokenScores
 
 
@@ -126,6 +127,27 @@ class Policy(Density):
             model = adapters.load_adapter(model, str(adapter), "default")
             adapter_name = "default"
         return cls(model, tokenizer, adapter=adapter_name, **kwargs)
+
+    def sample(
+        self,
+        prompts: Sequence[PromptLike],
+        num_samples: int = 1,
+        *,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        generator: torch.Generator | int | None = None,
+    ) -> Samples:
+        """Ancestral samples under ``no_grad`` with the KV cache (see :func:`ancestral_sample`)."""
+        return ancestral_sample(
+            self,
+            prompts,
+            num_samples,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            generator=generator,
+        )
 
     def with_adapter(self, adapter: str | None) -> Policy:
         """A view of the same weights read through ``adapter`` (``None``: the base weights)."""

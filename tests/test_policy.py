@@ -100,7 +100,7 @@ def test_prompts_as_ids_are_used_exactly_and_strings_are_tokenized(world):
 
 
 def test_sampling_is_seeded_and_respects_the_cap(world, prompt):
-    first = ancestral_sample(world.base, [prompt], 64, max_new_tokens=3, generator=7)
+    first = world.base.sample([prompt], 64, max_new_tokens=3, generator=7)
     again = ancestral_sample(world.base, [prompt], 64, max_new_tokens=3, generator=7)
     assert torch.equal(first.response_ids, again.response_ids)
     assert int(first.lengths.max()) <= 3
