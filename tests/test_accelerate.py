@@ -13,25 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-SCRIPT = """
-import json, sys
-from pathlib import Path
-import torch
-torch.set_num_threads(1)
-from gfn_spin.alpha_spin import AlphaSpinConfig, AlphaSpinTrainer
-from gfn_spin.toyworld import ToyWorldEvaluator
-from gfn_spin.toyworld import build_world
-cache, out, extra = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-world = build_world(cache_dir=cache)
-evaluator = ToyWorldEvaluator(world)
-config = AlphaSpinConfig(output_dir=out, progress=False, **extra)
-trainer = AlphaSpinTrainer(
-    config, world=world, evaluate=lambda p: {"kl_data": evaluator.kl_from_data(p)}
-)
-records = trainer.train()
-weights = {n: p.detach().clone() for n, p in trainer.base.model.named_parameters() if "lora" in n}
-torch.save({"weights": weights, "records": records}, Path(out) / f"rank{trainer.dist.rank}.pt")
-"""
+SCRIPT = Path(__file__).with_name("run_alpha_spin.py")
 
 CONFIG = {
     "alpha": 1.0,
@@ -46,8 +28,7 @@ CONFIG = {
 
 @pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not installed")
 def test_two_cpu_processes_match_single_process(world, tmp_path):
-    script = tmp_path / "run.py"
-    script.write_text(SCRIPT)
+    script = SCRIPT
     cache = str(world.directory.parent)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # accelerate's --cpu launcher needs MPI for several processes; --multi_gpu uses torchrun,

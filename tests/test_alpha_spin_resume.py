@@ -12,22 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-SCRIPT = """
-import json, sys
-import torch
-torch.set_num_threads(1)
-from gfn_spin.alpha_spin import AlphaSpinConfig, AlphaSpinTrainer
-from gfn_spin.toyworld import ToyWorldEvaluator
-from gfn_spin.toyworld import build_world
-cache, out, extra = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-world = build_world(cache_dir=cache)
-evaluator = ToyWorldEvaluator(world)
-config = AlphaSpinConfig(output_dir=out, progress=False, **extra)
-trainer = AlphaSpinTrainer(
-    config, world=world, evaluate=lambda p: {"kl_data": evaluator.kl_from_data(p)}
-)
-trainer.train()
-"""
+SCRIPT = Path(__file__).with_name("run_alpha_spin.py")
 
 CONFIG = {
     "alpha": 0.8,
@@ -58,8 +43,7 @@ def done_steps(out: Path) -> list[str]:
 
 
 def test_sigkill_then_resume_matches_uninterrupted(world, tmp_path):
-    script = tmp_path / "run_alpha_spin.py"
-    script.write_text(SCRIPT)
+    script = SCRIPT
     cache = world.directory.parent
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
