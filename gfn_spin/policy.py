@@ -323,6 +323,16 @@ class Policy(Density):
             )
 
     def start(self, prompt_ids: Sequence[Sequence[int]]) -> PolicyState:
+        # Samplers repeat each prompt once per draw (or candidate, or particle): prefill each
+        # distinct prompt once and copy its cache rows, instead of running identical rows.
+        distinct: dict[tuple[int, ...], int] = {}
+        rows = [distinct.setdefault(tuple(p), len(distinct)) for p in prompt_ids]
+        if len(distinct) < len(rows):
+            state = self._prefill(list(distinct))
+            return state.select(torch.tensor(rows, device=self.device))
+        return self._prefill(prompt_ids)
+
+    def _prefill(self, prompt_ids: Sequence[Sequence[int]]) -> PolicyState:
         device = self.device
         prompt_lengths = torch.tensor([len(p) for p in prompt_ids], device=device)
         self._check_context(prompt_lengths, 0)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from gfn_spin import GeometricMixture
 from objectives.subtb import modified_subtb_loss
+from samplers import ImportanceResampler
 
 
 def _batch(batch: int, cap: int, seed: int, spread: float) -> list[torch.Tensor]:
@@ -66,3 +68,42 @@ def test_subtb_loss_is_unchanged_under_autocast():
         cast = modified_subtb_loss(*inputs)
     assert cast.dtype == torch.float32
     torch.testing.assert_close(cast, plain, rtol=1e-6, atol=0)
+
+
+def test_prefill_of_repeated_prompts_equals_prefill_of_each(world):
+    # Policy.start prefills each distinct prompt once and copies its cache rows; the decoding
+    # that follows must be the one a separate prefill of every row gives.
+    short, long = world.eval_prompts[0], max(world.eval_prompts, key=len)
+    assert len(short) != len(long)  # mixed lengths: the left padding differs per row
+    rows = [short, long, short, short, long]
+    shared = world.base.start(rows)
+    assert shared.cache.get_seq_length() == len(long)
+    tokens = torch.tensor(world.symbol_ids[:1] * len(rows))
+    shared_next = world.base.advance(shared, tokens).next_logprobs
+    for row, prompt_ids in enumerate(rows):
+        alone = world.base.start([prompt_ids])
+        torch.testing.assert_close(shared.next_logprobs[row], alone.next_logprobs[0])
+        alone_next = world.base.advance(alone, tokens[:1]).next_logprobs
+        torch.testing.assert_close(shared_next[row], alone_next[0], rtol=1e-5, atol=1e-5)
+
+
+def test_sir_from_the_local_product_weighs_while_decoding_as_scoring_does(world):
+    # With the target's local product as proposal SIR skips the teacher-forced scoring pass;
+    # forcing the scoring path on the same seed must give the same candidates and draws.
+    target = GeometricMixture([world.base, world.shifted], [0.5, 0.5])
+    prompts = world.eval_prompts[:2]
+    fast = ImportanceResampler(target, None, 8, max_new_tokens=4)
+    scoring = ImportanceResampler(target, None, 8, max_new_tokens=4)
+    assert fast._unscored is not None
+    scoring._unscored = None  # the generic path: decode, then score every candidate
+    a = fast.sample(prompts, 30, generator=5)
+    b = scoring.sample(prompts, 30, generator=5)
+    assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.lengths, b.lengths)
+    torch.testing.assert_close(a.log_target, b.log_target, rtol=0, atol=1e-4)
+    for key in ("log_z", "ess"):
+        torch.testing.assert_close(
+            a.stats[key].double(), b.stats[key].double(), rtol=1e-5, atol=1e-5
+        )
+    assert set(a.stats) == set(b.stats)
+    # The scoring pass is what the fast path saves: one teacher-forced pass per component.
+    assert a.stats["tokens"] < b.stats["tokens"]
