@@ -35,7 +35,7 @@ from gfn_spin.mixtures import GeometricMixture
 from gfn_spin.toyworld import build_world
 from samplers import ImportanceResampler, SMCSampler
 from samplers.gflownet import GFlowNetSampler
-from samplers.importance import model_tokens
+from samplers.weighting import model_tokens
 
 
 def empirical_tv(samples, exact, draws: int) -> float:

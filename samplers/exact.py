@@ -12,7 +12,7 @@ from gfn_spin.devices import resolve_generator
 from gfn_spin.exact import ExactDistribution, count_responses, exact_distribution, response_alphabet
 from gfn_spin.samples import Samples, check_count
 from samplers.base import Sampler
-from samplers.importance import encode_checked, model_tokens
+from samplers.weighting import encode_checked, model_tokens
 
 
 class ExactSampler(Sampler):

@@ -25,30 +25,17 @@ import torch
 
 from gfn_spin.density import Density, PromptLike
 from gfn_spin.devices import resolve_generator
-from gfn_spin.mixtures import LocalProduct
 from gfn_spin.samples import Samples, check_count
 from samplers.base import Sampler
-from samplers.importance import (
+from samplers.weighting import (
     check_proposal,
     default_proposal,
     effective_sample_size,
     encode_checked,
+    is_local_product_of,
     logmeanexp,
     model_tokens,
 )
-
-
-def _is_local_product_of(proposal: Density, target: Density) -> bool:
-    """True when ``proposal`` is the token-level product of ``target``'s components and weights."""
-    if not isinstance(proposal, LocalProduct) or isinstance(target, LocalProduct):
-        return False
-    components = getattr(target, "components", None)
-    return (
-        components is not None
-        and len(components) == len(proposal.components)
-        and all(a is b for a, b in zip(components, proposal.components, strict=True))
-        and list(target.weights) == list(proposal.weights)
-    )
 
 
 class SMCSampler(Sampler):
@@ -109,7 +96,7 @@ class SMCSampler(Sampler):
         self.batch_size = check_count("batch_size", batch_size)
         if self.proposal is target:
             self._weighting = "exact"  # the proposal is the (normalized) target: w ≡ 1
-        elif _is_local_product_of(self.proposal, target):
+        elif is_local_product_of(self.proposal, target):
             self._weighting = "local_product"  # w = Z_loc(s_k), no target states needed
         else:
             self._weighting = "general"

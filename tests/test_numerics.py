@@ -18,7 +18,7 @@ from objectives.spin import spin_loss
 from objectives.subtb import WEIGHTINGS, modified_subtb_loss
 from samplers import GFlowNetSampler, ImportanceResampler, SMCSampler
 from samplers.gflownet import ess_fraction
-from samplers.importance import effective_sample_size
+from samplers.weighting import effective_sample_size
 
 
 def _no_nan(*tensors: torch.Tensor) -> bool:

@@ -1,0 +1,79 @@
+"""Proposals and importance weights: the helpers SIR and SMC share.
+
+For sampler authors: the default proposal of a target, the checks a proposal must pass, token
+accounting across densities, and numerically safe ESS / log-mean-exp of log-weights.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from gfn_spin.density import Density, PromptLike, check_compatible, unique_policies
+from gfn_spin.mixtures import LocalProduct
+from samplers.base import check_prompts
+
+
+def model_tokens(*densities: Density) -> int:
+    """Model tokens evaluated so far by the distinct policies under ``densities`` (no double count)."""
+    return sum(p.tokens_evaluated for p in unique_policies(densities))
+
+
+def default_proposal(target: Density) -> Density:
+    """The local product for a geometric mixture; the target itself when it is autoregressive."""
+    if target.normalized:
+        return target
+    local_product = getattr(target, "local_product", None)
+    if local_product is None:
+        raise ValueError(
+            "proposal=None needs a GeometricMixture target (its local product is the default "
+            "proposal) or a normalized target; give an autoregressive proposal explicitly"
+        )
+    return local_product()
+
+
+def check_proposal(target: Density, proposal: Density) -> Density:
+    """Raise unless ``proposal`` is autoregressive and shares ``target``'s vocabulary and EOS."""
+    if not proposal.normalized:
+        raise ValueError(
+            "proposal must be a normalized (autoregressive) density such as a Policy, an "
+            "ArithmeticMixture or a LocalProduct; for a GeometricMixture use .local_product()"
+        )
+    check_compatible([target, proposal], "target and proposal")
+    return proposal
+
+
+def encode_checked(density: Density, prompts: Sequence[PromptLike]) -> list[list[int]]:
+    """Prompt token ids; raises before any model work on an empty list or an empty prompt."""
+    check_prompts(prompts)
+    prompt_ids = density.encode_prompts(prompts)
+    for i, ids in enumerate(prompt_ids):
+        if len(ids) == 0:
+            raise ValueError(f"prompts[{i}] is empty: every prompt needs at least one token")
+    return prompt_ids
+
+
+def effective_sample_size(log_weights: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """``(Σ w)² / Σ w²`` along ``dim`` from log-weights (``-inf`` allowed; 0 when all are ``-inf``)."""
+    ess = torch.exp(2 * torch.logsumexp(log_weights, dim) - torch.logsumexp(2 * log_weights, dim))
+    return torch.nan_to_num(ess, nan=0.0)
+
+
+def logmeanexp(values: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """``log mean exp`` along ``dim`` (``-inf`` when every entry is ``-inf``)."""
+    return torch.logsumexp(values, dim) - math.log(values.shape[dim])
+
+
+def is_local_product_of(proposal: Density, target: Density) -> bool:
+    """True when ``proposal`` is the token-level product of ``target``'s components and weights."""
+    if not isinstance(proposal, LocalProduct) or isinstance(target, LocalProduct):
+        return False
+    components = getattr(target, "components", None)
+    return (
+        components is not None
+        and len(components) == len(proposal.components)
+        and all(a is b for a, b in zip(components, proposal.components, strict=True))
+        and list(target.weights) == list(proposal.weights)
+    )
