@@ -34,7 +34,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from gfn_spin.density import Density
-from gfn_spin.exact import ExactDistribution, exact_distribution
+from gfn_spin.exact import ExactDistribution, divergences, exact_distribution
 from gfn_spin.io import atomic_directory, write_json_atomic
 from gfn_spin.policy import Policy
 from gfn_spin.samples import pad_responses
@@ -359,12 +359,14 @@ class ToyWorldEvaluator:
     """Exact ``KL(p_data ‖ π)`` and drift ``KL(π ‖ π_0)`` on the tiny world's eval prompts.
 
     Both are exact and cheap: ``KL(p_data ‖ π)`` needs π only on p_data's (small) support,
-    one teacher-forced pass; the drift is the chain rule ``Σ_s π(s) KL(π(·|s) ‖ π_0(·|s))`` over
-    every non-terminal prefix s, read off one teacher-forced pass over all |A|^(L-1) full-
-    length strings (each prefix of length k is shared by |A|^(L-1-k) of them).
+    one teacher-forced pass; the drift is ``KL`` between π's and π_0's enumerated response
+    distributions (:func:`gfn_spin.exact.exact_distribution`, one decoding step per distinct
+    prefix with the KV cache; π_0's enumeration is kept). That is about 4x faster than reading
+    the chain rule off a teacher-forced pass over all |A|^(L-1) full-length strings, which
+    evaluates each prefix of length k |A|^(L-1-k) times.
 
-    The drift costs |A|^(L-1) rows per prompt (4,096 on the default world), so it is taken on
-    ``drift_prompts`` evenly spaced eval prompts only (None: all).
+    The drift costs one enumeration per prompt (21,845 responses on the default world), so it
+    is taken on ``drift_prompts`` evenly spaced eval prompts only (None: all).
     """
 
     def __init__(
@@ -379,10 +381,6 @@ class ToyWorldEvaluator:
         stride = max(1, len(self.prompts) // drift_prompts) if drift_prompts else 1
         self.drift_prompts = self.prompts[::stride][: drift_prompts or None]
         self.max_new_tokens = world.max_new_tokens
-        alphabet = sorted(set(world.symbol_ids) - {world.tokenizer.eos_token_id})
-        strings = list(itertools.product(alphabet, repeat=self.max_new_tokens - 1))
-        self._strings = torch.tensor(strings, dtype=torch.long).reshape(len(strings), -1)
-        self._alphabet = len(alphabet)
         supports, data_logps = [], []
         for prompt in self.prompts:
             table = world.task.table(prompt)
@@ -390,7 +388,7 @@ class ToyWorldEvaluator:
             data_logps.append(torch.tensor(list(table.values()), dtype=torch.float64))
         self._supports = supports
         self._data_logps = data_logps
-        self._base_steps: list[torch.Tensor] | None = None
+        self._base: list[ExactDistribution] | None = None
 
     @torch.no_grad()
     def kl_from_data(self, policy: Density) -> float:
@@ -407,31 +405,16 @@ class ToyWorldEvaluator:
             total += float((probs[mask] * (probs[mask].log() - part[mask])).sum())
         return total / len(self.prompts)
 
-    def _steps(self, policy: Density, prompt: list[int]) -> torch.Tensor:
-        lengths = torch.full((len(self._strings),), self._strings.shape[1], dtype=torch.long)
-        return (
-            policy.step_logprobs([prompt] * len(self._strings), self._strings, lengths)
-            .double()
-            .cpu()
-        )
-
     @torch.no_grad()
     def drift(self, policy: Density) -> float:
-        """Mean over the drift prompts of ``KL(π ‖ π_0)`` (exact, chain rule over prefixes)."""
-        if self._base_steps is None:
-            self._base_steps = [self._steps(self.world.base, p) for p in self.drift_prompts]
-        width = self._strings.shape[1]
-        duplicates = float(self._alphabet) ** torch.arange(width, -1, -1, dtype=torch.float64)
+        """Mean over the drift prompts of ``KL(π ‖ π_0)`` (exact, by enumeration)."""
+        if self._base is None:
+            self._base = [self.world.enumerate(self.world.base, p) for p in self.drift_prompts]
         total = 0.0
-        for prompt, base_steps in zip(self.drift_prompts, self._base_steps, strict=True):
-            steps = self._steps(policy, prompt)  # [R, L, V] at states s_0..s_{L-1}
-            p = steps.exp()
-            terms = torch.where(p > 0, p * (steps - base_steps), torch.zeros_like(p)).sum(-1)
-            tokens = steps[:, :width].gather(2, self._strings[..., None]).squeeze(-1)
-            prefix = torch.cat(
-                [torch.zeros(len(tokens), 1, dtype=torch.float64), tokens.cumsum(1)], 1
-            )
-            total += float((prefix.exp() * terms / duplicates).sum())
+        for prompt, base in zip(self.drift_prompts, self._base, strict=True):
+            total += divergences(self.world.enumerate(policy, prompt).logprobs, base.logprobs)[
+                "kl_pq"
+            ]
         return total / len(self.drift_prompts)
 
     def __call__(self, policy: Density) -> dict[str, float]:
