@@ -32,28 +32,46 @@ def adapter_names(model: torch.nn.Module) -> list[str]:
     return list(getattr(model, "peft_config", {}) or {})
 
 
+#: What a policy reads: one adapter's name, several names (stacked: their LoRA updates add
+#: up, e.g. a GFlowNet adapter on top of a self-play iterate), or None for the base weights.
+AdapterSpec = str | tuple[str, ...] | None
+
+
+def stacked_names(adapter: AdapterSpec) -> list[str]:
+    """The adapter names ``adapter`` reads, bottom first (empty for the base weights)."""
+    if adapter is None:
+        return []
+    names = [adapter] if isinstance(adapter, str) else list(adapter)
+    if not names:
+        raise ValueError("adapter=() names no adapter; use None for the base weights")
+    return names
+
+
 @contextmanager
-def route(model: torch.nn.Module, adapter: str | None) -> Iterator[None]:
+def route(model: torch.nn.Module, adapter: AdapterSpec) -> Iterator[None]:
     """Run the forwards inside the block through ``adapter`` (``None``: base weights only)."""
+    names = stacked_names(adapter)
     layers = tuner_layers(model)
     if not layers:
-        if adapter is not None:
+        if names:
             raise ValueError(
                 f"adapter={adapter!r} was requested but the model has no adapters; "
                 "add one with Policy.add_adapter or load one with Policy.load_adapter"
             )
         yield
         return
-    if adapter is not None and adapter not in adapter_names(model):
+    missing = [name for name in names if name not in adapter_names(model)]
+    if missing:
         raise ValueError(
-            f"adapter={adapter!r} is not loaded; loaded adapters: {adapter_names(model)}"
+            f"adapter={missing[0]!r} is not loaded; loaded adapters: {adapter_names(model)}"
         )
     saved = [(layer._disable_adapters, layer._active_adapter) for layer in layers]
     try:
         for layer in layers:
-            layer._disable_adapters = adapter is None
-            if adapter is not None:
-                layer._active_adapter = [adapter]
+            layer._disable_adapters = not names
+            if names:
+                # peft's LoRA layers add the updates of every active adapter.
+                layer._active_adapter = list(names)
         yield
     finally:
         for layer, (disabled, active) in zip(layers, saved, strict=True):

@@ -325,10 +325,9 @@ def opponent_sampler(
     if kind == "gflownet":
         from samplers.gflownet import GFlowNetSampler
 
-        init = iterates[-1] if iterates[-1].adapter is None else iterates[0]
         sampler = GFlowNetSampler(
             reference,
-            init,
+            iterates[-1],  # a LoRA iterate carries the GFlowNet's adapter stacked on its own
             max_new_tokens=max_new_tokens,
             steps=config.gflownet_steps,
             learning_rate=config.gflownet_lr,

@@ -51,8 +51,8 @@ class Policy(Density):
     Args:
         model: a ``transformers`` causal LM, possibly a ``peft.PeftModel``.
         tokenizer: its tokenizer; must define an EOS token (PAD falls back to EOS).
-        adapter: the peft adapter this policy reads; ``None`` reads the base weights even
-            when adapters are loaded.
+        adapter: the peft adapter this policy reads; a tuple of names reads them stacked (their
+            LoRA updates add up); ``None`` reads the base weights even when adapters are loaded.
         allowed_token_ids: if given, responses may only use these tokens (EOS is always
             allowed); other logits are masked before the softmax, so the policy is the LM
             renormalized on that vocabulary. Makes exact enumeration possible on small worlds.
@@ -64,7 +64,7 @@ class Policy(Density):
         model: torch.nn.Module,
         tokenizer: Any,
         *,
-        adapter: str | None = None,
+        adapter: adapters.AdapterSpec = None,
         allowed_token_ids: Sequence[int] | None = None,
         chat_template: bool = False,
     ) -> None:
@@ -149,7 +149,7 @@ class Policy(Density):
             generator=generator,
         )
 
-    def with_adapter(self, adapter: str | None) -> Policy:
+    def with_adapter(self, adapter: adapters.AdapterSpec) -> Policy:
         """A view of the same weights read through ``adapter`` (``None``: the base weights)."""
         view = Policy(
             self.model,
@@ -164,16 +164,17 @@ class Policy(Density):
         return view
 
     def add_adapter(self, name: str, config: LoraConfig | None = None) -> Policy:
-        """Add a trainable LoRA adapter on these weights; returns the policy that reads it.
+        """Add a trainable LoRA adapter on this policy; returns the policy that reads it.
 
-        The new adapter starts at zero, so the returned policy starts equal to this one
-        (when this policy reads the base weights).
+        The new adapter starts at zero, so the returned policy starts equal to this one: on a
+        policy that reads adapters (a self-play iterate, say) it is stacked on top of them.
         """
         peft_model = adapters.add_adapter(
             self.model, name, config or adapters.default_lora_config()
         )
         self.model = peft_model
-        return self.with_adapter(name)
+        below = adapters.stacked_names(self.adapter)
+        return self.with_adapter((*below, name) if below else name)
 
     def load_adapter(
         self, path: str | os.PathLike, name: str, *, trainable: bool = False
@@ -184,6 +185,11 @@ class Policy(Density):
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Save this policy: the adapter only (peft format) when it reads one, else the model."""
+        if self.adapter is not None and not isinstance(self.adapter, str):
+            raise ValueError(
+                f"this policy reads stacked adapters {self.adapter}; a directory holds one "
+                "adapter: save the policy of each (policy.with_adapter(name).save_pretrained)"
+            )
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         if self.adapter is None:

@@ -188,9 +188,11 @@ class GFlowNetSampler(Sampler):
 
     Args:
         target: any density (typically a :class:`gfn_spin.GeometricMixture`).
-        init: the policy whose weights carry the adapter (typically π_t); it may itself be a
-            component of ``target``: it always reads the base weights, so scoring the target
-            is never affected by the adapter being trained.
+        init: the policy the adapter starts from (typically π_t); it may itself be a
+            component of ``target``, since it never reads the new adapter, so scoring the
+            target is never affected by the adapter being trained. When ``init`` reads LoRA
+            adapters (a self-play iterate on shared base weights), the GFlowNet's adapter is
+            stacked on top of them; they stay frozen.
         config: a :class:`GFlowNetConfig`; keyword arguments override its fields
             (``max_new_tokens`` is required one way or the other).
 
@@ -211,11 +213,6 @@ class GFlowNetSampler(Sampler):
             config = GFlowNetConfig(**{**asdict(config), **overrides})
         if not isinstance(init, Policy):
             raise TypeError(f"init must be a gfn_spin.Policy, got {type(init).__name__}")
-        if init.adapter is not None:
-            raise ValueError(
-                f"init reads adapter {init.adapter!r}; give the policy that reads the base "
-                "weights (the GFlowNet adds its own adapter on top of them)"
-            )
         if target.eos_token_id != init.eos_token_id or target.vocab_size != init.vocab_size:
             raise ValueError("target and init must share the vocabulary and EOS token")
         self.parametrization = config.parametrization

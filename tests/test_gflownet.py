@@ -80,6 +80,46 @@ def test_components_are_never_affected_by_the_adapter(world, parametrization):
     assert all(p.requires_grad for p in sampler.trainable_parameters)
 
 
+@pytest.mark.parametrize("parametrization", ["lora", "residual"])
+def test_adapter_stacks_on_an_init_that_reads_an_adapter(world, tmp_path, parametrization):
+    """π_t is a LoRA iterate (as in α-SPIN): the GFlowNet starts from it and leaves it alone."""
+    shifted = world.load_policy("shifted", device="cpu", dtype=torch.float32)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        iterate = shifted.add_adapter("iter_1")
+        with torch.no_grad():  # a nonzero iterate, so that reading it or not makes a difference
+            for name, param in iterate.model.named_parameters():
+                if ".iter_1." in name:
+                    param.add_(0.1 * torch.randn_like(param))
+                    param.requires_grad_(False)
+    iterate_weights = {n: p.clone() for n, p in iterate.model.named_parameters() if ".iter_1." in n}
+    target = GeometricMixture([world.base, iterate], [0.5, 0.5])
+    rows, ids, lengths = _batch(world, world.eval_prompts[0])
+    with torch.no_grad():
+        before_iterate = iterate.log_prob(rows, ids, lengths)
+        assert not torch.allclose(before_iterate, shifted.log_prob(rows, ids, lengths), atol=1e-3)
+    sampler = GFlowNetSampler(
+        target, iterate, max_new_tokens=L, parametrization=parametrization, **FAST
+    )
+    assert sampler.adapter_policy.adapter == ("iter_1", sampler.config.adapter_name)
+    start = iterate if parametrization == "lora" else target.local_product()
+    with torch.no_grad():  # the new adapter starts at zero: the policy starts at its init
+        torch.testing.assert_close(
+            sampler.policy.log_prob(rows, ids, lengths), start.log_prob(rows, ids, lengths)
+        )
+    sampler.fit(world.train_prompts[:8], steps=5, progress=False)
+    with torch.no_grad():
+        assert torch.equal(iterate.log_prob(rows, ids, lengths), before_iterate)
+        moved = sampler.policy.log_prob(rows, ids, lengths) - start.log_prob(rows, ids, lengths)
+    assert moved.abs().max() > 1e-4  # the stacked adapter did train
+    for name, param in iterate.model.named_parameters():
+        if name in iterate_weights:
+            assert torch.equal(param, iterate_weights[name]), name
+    with pytest.raises(ValueError, match="stacked adapters"):
+        sampler.adapter_policy.save_pretrained(tmp_path / "stacked")
+    assert not (tmp_path / "stacked").exists()
+
+
 def test_training_step_carries_no_gradient_through_sampling(world):
     """Exactly one forward runs with gradients (the teacher-forced pass); decoding never does."""
     shifted, target = _setup(world)
