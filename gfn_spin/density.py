@@ -102,14 +102,25 @@ class Density(ABC):
 
 
 def scores_from_steps(
-    step_logprobs: torch.Tensor, response_ids: torch.Tensor, lengths: torch.Tensor, eos: int
+    step_logprobs: torch.Tensor,
+    response_ids: torch.Tensor,
+    lengths: torch.Tensor,
+    eos: int,
+    *,
+    log_normalizer: torch.Tensor | None = None,
 ) -> TokenScores:
-    """Token scores from full teacher-forced step scores ``[B, L+1, V]`` (DESIGN §1 masking)."""
+    """Token scores from full teacher-forced step scores ``[B, L+1, V]`` (DESIGN §1 masking).
+
+    ``log_normalizer`` ``[B, L+1]``, when given, is subtracted from the picked entries: pass
+    unnormalized logits and their logsumexp to normalize only the entries that are used.
+    """
     batch, width = response_ids.shape
     steps = torch.arange(width + 1, device=response_ids.device)
     token = step_logprobs[:, :width].gather(2, response_ids.clamp_min(0)[..., None]).squeeze(-1)
-    token = token.masked_fill(steps[None, :width] >= lengths[:, None], 0.0)
     eos_scores = step_logprobs[..., eos]
+    if log_normalizer is not None:
+        token, eos_scores = token - log_normalizer[:, :width], eos_scores - log_normalizer
+    token = token.masked_fill(steps[None, :width] >= lengths[:, None], 0.0)
     eos_scores = eos_scores.masked_fill(
         (steps[None, :] > lengths[:, None]) | (steps[None, :] == width), 0.0
     )

@@ -260,12 +260,14 @@ class Policy(Density):
             self._mask_cache[device] = mask
         return self._mask_cache[device]
 
-    def _log_softmax(self, logits: torch.Tensor) -> torch.Tensor:
+    def _masked(self, logits: torch.Tensor) -> torch.Tensor:
+        """float32 logits with tokens outside the response vocabulary at -inf."""
         logits = logits.float()
         mask = self._vocab_mask(logits.device)
-        if mask is not None:
-            logits = logits.masked_fill(~mask, float("-inf"))
-        return torch.log_softmax(logits, dim=-1)
+        return logits if mask is None else logits.masked_fill(~mask, float("-inf"))
+
+    def _log_softmax(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(self._masked(logits), dim=-1)
 
     def _forward(self, **inputs: Any) -> Any:
         with adapters.route(self.model, self.adapter):
@@ -274,7 +276,11 @@ class Policy(Density):
     def _teacher_forced_logits(
         self, prompt_ids: list[list[int]], response_ids: torch.Tensor, lengths: torch.Tensor
     ) -> torch.Tensor:
-        """Logits at the states s_0..s_L of each row, ``[B, L+1, V]``, from one padded pass."""
+        """Logits at the states s_0..s_L of each row, ``[B, L+1, V]``, from one padded pass.
+
+        Only the columns from the shortest prompt's last token on reach the LM head (the prompt
+        positions' logits are never needed); with prompts of one length the result is a view.
+        """
         device = self.device
         response_ids = response_ids.to(device)
         lengths = lengths.to(device)
@@ -295,10 +301,15 @@ class Policy(Density):
         attention_mask = (
             torch.arange(total, device=device)[None, :] < (prompt_lengths + lengths)[:, None]
         ).long()
-        logits = self._forward(input_ids=input_ids, attention_mask=attention_mask).logits
+        first = int(prompt_lengths.min()) - 1
+        logits = self._forward(
+            input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=total - first
+        ).logits
         self._tokens += int(attention_mask.sum())
-        state_columns = prompt_lengths[:, None] - 1 + torch.arange(width + 1, device=device)
-        state_columns = state_columns.clamp_max(total - 1)
+        offsets = prompt_lengths - 1 - first  # column of s_0 in the kept window
+        if not bool(offsets.any()):
+            return logits
+        state_columns = offsets[:, None] + torch.arange(width + 1, device=device)
         return logits.gather(1, state_columns[..., None].expand(-1, -1, logits.shape[-1]))
 
     def step_logprobs(
@@ -310,9 +321,16 @@ class Policy(Density):
     def score(
         self, prompts: Sequence[PromptLike], response_ids: torch.Tensor, lengths: torch.Tensor
     ) -> TokenScores:
-        steps = self.step_logprobs(prompts, response_ids, lengths)
+        # Only the response tokens' and EOS's log-probabilities are needed: logit - logsumexp,
+        # with no normalized [B, L+1, V] copy (the largest tensor for a real vocabulary).
+        prompt_ids = self.encode_prompts(prompts)
+        logits = self._masked(self._teacher_forced_logits(prompt_ids, response_ids, lengths))
         return scores_from_steps(
-            steps, response_ids.to(steps.device), lengths.to(steps.device), self.eos_token_id
+            logits,
+            response_ids.to(logits.device),
+            lengths.to(logits.device),
+            self.eos_token_id,
+            log_normalizer=torch.logsumexp(logits, dim=-1),
         )
 
     def _check_context(self, prompt_lengths: torch.Tensor, width: int) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from gfn_spin import GeometricMixture
+from gfn_spin.density import scores_from_steps
 from objectives.subtb import modified_subtb_loss
 from samplers import ImportanceResampler
 
@@ -107,3 +108,30 @@ def test_sir_from_the_local_product_weighs_while_decoding_as_scoring_does(world)
     assert set(a.stats) == set(b.stats)
     # The scoring pass is what the fast path saves: one teacher-forced pass per component.
     assert a.stats["tokens"] < b.stats["tokens"]
+
+
+def test_lean_token_scores_equal_the_full_normalized_steps(world):
+    # Policy.score normalizes only the picked entries (logit − logsumexp) and sends only the
+    # state columns to the LM head; both prompt-length cases (one length: a view; mixed: a
+    # gather) must give the scores, and gradients, of the full log-softmax path.
+    policy = world.load_policy("shifted")
+    generator = torch.Generator().manual_seed(0)
+    same = [world.eval_prompts[0]] * 3
+    mixed = [world.eval_prompts[0], max(world.eval_prompts, key=len), world.eval_prompts[0]]
+    for prompts in (same, mixed):
+        ids = torch.tensor(world.symbol_ids)[torch.randint(4, (3, 5), generator=generator)]
+        lengths = torch.tensor([5, 0, 3])
+        lean = policy.score(prompts, ids, lengths)
+        full = scores_from_steps(
+            policy.step_logprobs(prompts, ids, lengths), ids, lengths, policy.eos_token_id
+        )
+        for a, b in (
+            (lean.token_logprobs, full.token_logprobs),
+            (lean.eos_logprobs, full.eos_logprobs),
+        ):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+        grads = []
+        for scores in (lean, full):
+            total = scores.token_logprobs.sum() + scores.eos_logprobs.sum()
+            grads.append(torch.autograd.grad(total, [policy.model.lm_head.weight])[0])
+        torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
