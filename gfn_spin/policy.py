@@ -276,10 +276,14 @@ class Policy(Density):
     def _teacher_forced_logits(
         self, prompt_ids: list[list[int]], response_ids: torch.Tensor, lengths: torch.Tensor
     ) -> torch.Tensor:
-        """Logits at the states s_0..s_L of each row, ``[B, L+1, V]``, from one padded pass.
+        """Log-scores at the states s_0..s_L of each row, ``[B, L+1, V]`` (logits: each state's
+        row is defined up to a constant; normalize with log-softmax or logsumexp).
 
-        Only the columns from the shortest prompt's last token on reach the LM head (the prompt
-        positions' logits are never needed); with prompts of one length the result is a view.
+        Rows that share a prompt (a prompt's samples, SPIN's real and generated responses) share
+        its prefill: each distinct prompt runs once, its cache rows are copied (gradients flow
+        through the copy), and the responses run in one pass over the cache. Otherwise one
+        padded pass, where only the columns from the shortest prompt's last token on reach the
+        LM head (the prompt positions' logits are never needed).
         """
         device = self.device
         response_ids = response_ids.to(device)
@@ -287,6 +291,8 @@ class Policy(Density):
         batch, width = response_ids.shape
         prompt_lengths = torch.tensor([len(p) for p in prompt_ids], device=device)
         self._check_context(prompt_lengths, width)
+        if len({tuple(p) for p in prompt_ids}) < batch:
+            return self._logits_over_shared_prompts(prompt_ids, response_ids, lengths)
         total = int(prompt_lengths.max()) + width
         # Right padding: prompt, then response, then PAD; every row's positions start at 0.
         # One tensor from padded lists: a per-row copy costs more than the forward on big batches.
@@ -311,6 +317,23 @@ class Policy(Density):
             return logits
         state_columns = offsets[:, None] + torch.arange(width + 1, device=device)
         return logits.gather(1, state_columns[..., None].expand(-1, -1, logits.shape[-1]))
+
+    def _logits_over_shared_prompts(
+        self, prompt_ids: list[list[int]], response_ids: torch.Tensor, lengths: torch.Tensor
+    ) -> torch.Tensor:
+        state = self.start(prompt_ids)  # one prefill per distinct prompt (see start)
+        width = response_ids.shape[1]
+        valid = torch.arange(width, device=self.device)[None, :] < lengths[:, None]
+        out = self._forward(
+            input_ids=torch.where(valid, response_ids, self.pad_token_id),
+            attention_mask=torch.cat([state.attention_mask, valid.long()], dim=1),
+            position_ids=state.next_position[:, None] + torch.arange(width, device=self.device),
+            cache=state.cache,
+            use_cache=True,
+        )
+        self._tokens += int(lengths.sum())
+        # s_0's row comes normalized from the prefill; s_1..s_L are the block's logits.
+        return torch.cat([state.next_logprobs[:, None], out.logits.float()], dim=1)
 
     def step_logprobs(
         self, prompts: Sequence[PromptLike], response_ids: torch.Tensor, lengths: torch.Tensor

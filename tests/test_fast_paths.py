@@ -112,26 +112,39 @@ def test_sir_from_the_local_product_weighs_while_decoding_as_scoring_does(world)
 
 def test_lean_token_scores_equal_the_full_normalized_steps(world):
     # Policy.score normalizes only the picked entries (logit − logsumexp) and sends only the
-    # state columns to the LM head; both prompt-length cases (one length: a view; mixed: a
-    # gather) must give the scores, and gradients, of the full log-softmax path.
+    # state columns to the LM head; rows that share a prompt share its prefill. Every layout
+    # (one prompt length: a view; mixed lengths: a gather; repeated prompts: prefill + block)
+    # must give the scores and gradients of the full log-softmax path on each row alone.
     policy = world.load_policy("shifted")
+    short = [p for p in world.eval_prompts if len(p) == len(world.eval_prompts[0])]
+    longest = max(world.eval_prompts, key=len)
+    layouts = {
+        "one length": short[:3],
+        "mixed lengths": [short[0], longest, short[1]],
+        "shared prompts": [short[0], longest, short[0], longest],
+    }
     generator = torch.Generator().manual_seed(0)
-    same = [world.eval_prompts[0]] * 3
-    mixed = [world.eval_prompts[0], max(world.eval_prompts, key=len), world.eval_prompts[0]]
-    for prompts in (same, mixed):
-        ids = torch.tensor(world.symbol_ids)[torch.randint(4, (3, 5), generator=generator)]
-        lengths = torch.tensor([5, 0, 3])
-        lean = policy.score(prompts, ids, lengths)
-        full = scores_from_steps(
-            policy.step_logprobs(prompts, ids, lengths), ids, lengths, policy.eos_token_id
-        )
-        for a, b in (
-            (lean.token_logprobs, full.token_logprobs),
-            (lean.eos_logprobs, full.eos_logprobs),
-        ):
-            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
-        grads = []
-        for scores in (lean, full):
-            total = scores.token_logprobs.sum() + scores.eos_logprobs.sum()
-            grads.append(torch.autograd.grad(total, [policy.model.lm_head.weight])[0])
-        torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
+    # The first layer's key projection gets gradient only through the prompt's cached keys
+    # (and the response's own): it checks that gradients flow through the copied cache rows.
+    weight = policy.model.model.layers[0].self_attn.k_proj.weight
+    for name, prompts in layouts.items():
+        rows = len(prompts)
+        ids = torch.tensor(world.symbol_ids)[torch.randint(4, (rows, 5), generator=generator)]
+        lengths = torch.tensor([5, 0, 3, 5][:rows])
+        batched = policy.score(prompts, ids, lengths)
+        total = batched.token_logprobs.sum() + batched.eos_logprobs.sum()
+        batched_grad = torch.autograd.grad(total, [weight])[0]
+        alone_grad = torch.zeros_like(weight)
+        for row in range(rows):
+            steps = policy.step_logprobs([prompts[row]], ids[row : row + 1], lengths[row : row + 1])
+            alone = scores_from_steps(
+                steps, ids[row : row + 1], lengths[row : row + 1], policy.eos_token_id
+            )
+            for a, b in (
+                (batched.token_logprobs[row], alone.token_logprobs[0]),
+                (batched.eos_logprobs[row], alone.eos_logprobs[0]),
+            ):
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=name)
+            total = alone.token_logprobs.sum() + alone.eos_logprobs.sum()
+            alone_grad += torch.autograd.grad(total, [weight])[0]
+        torch.testing.assert_close(batched_grad, alone_grad, rtol=1e-4, atol=1e-5, msg=name)
