@@ -10,6 +10,11 @@ exactly on a few held-out eval prompts. Sections (each behind a flag):
 - **torchgfn** (``--torchgfn``): an external baseline, a GFlowNet trained with torchgfn's own
   SubTBGFlowNet (default weighting) on a DiscreteEnv over the token sequences of ONE prompt,
   against ours on the same prompt at an equal number of target evaluations (scored responses);
+- **amortization** (``--amortization``): is the GFlowNet's remaining error a matter of
+  training steps, or of one adapter fitting many prompts? The base setting (constant learning
+  rate) is fitted on the train prompts and, as a non-amortized reference, on the eval prompts
+  themselves; exact TV after each of ``amortization_steps``, on the eval prompts and (for the
+  amortized fit) on as many train prompts;
 - **large** (``--large``): two random-init Llama models (vocabulary ≥ 256, cap ≥ 32, the
   second a perturbed copy of the first), which cannot be enumerated: ESS per model token of
   SIR, SMC and a briefly trained GFlowNet, and the GFlowNet's KL(q‖target) =
@@ -113,6 +118,10 @@ class SamplerAblationConfig:
     """Run the torchgfn SubTB baseline on one eval prompt."""
     torchgfn_steps: int = 300
     """Training steps of both GFlowNets in the torchgfn comparison (64 trajectories each)."""
+    amortization: bool = False
+    """Run the amortization section (about 12 minutes at the default steps)."""
+    amortization_steps: tuple[int, ...] = (500, 2000, 6000)
+    """Cumulative training steps at which the amortization section measures both fits."""
     large: bool = True
     """Run the large (non-enumerable) random-Llama section."""
     large_vocab: int = 256
@@ -152,6 +161,7 @@ class SamplerAblationConfig:
             "torchgfn_steps": 60,
             "large_gfn_steps": 30,
             "large_reference_particles": 128,
+            "amortization_steps": (100, 300),
         }
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         for name, value in quick.items():
@@ -166,6 +176,8 @@ class SamplerAblationConfig:
         for name in counts:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if not self.amortization_steps or min(self.amortization_steps) < 1:
+            raise ValueError(f"amortization_steps={self.amortization_steps} must be >= 1")
         budgets = (*self.sir_candidates, *self.smc_particles, *self.large_sir_candidates)
         if any(k < 1 for k in (*budgets, *self.large_smc_particles)):
             raise ValueError("SIR candidates and SMC particles must be >= 1")
@@ -257,6 +269,57 @@ def sweep(config, world, components, eval_prompts, alpha, logger, bar) -> list[d
         )  # fmt: skip
         rows.append(row)
         bar.update(1)
+    return rows
+
+
+# -- section 1b: one adapter for many prompts (amortization) ------------------------------
+
+
+def amortization(config, world, components, eval_prompts, alpha, logger) -> list[dict[str, Any]]:
+    """The base GFlowNet setting fitted on the train prompts vs on the eval prompts themselves.
+
+    Both fits run with a constant learning rate so that one fit is measured after each of
+    ``amortization_steps`` (a cosine schedule depends on the total). If the amortized fit
+    stalls while the one on 16 prompts keeps improving, and its TV on train prompts is no better
+    than on held-out ones, the limit is fitting many prompts with one adapter, not steps or
+    generalization.
+    """
+    cap = world.max_new_tokens
+    target = GeometricMixture([world.base, world.shifted], [1 - alpha, alpha])
+    stride = max(1, len(world.train_prompts) // len(eval_prompts))
+    train_probe = [list(p) for p in world.train_prompts[::stride][: len(eval_prompts)]]
+    train_components = [
+        (exact_distribution(world.base, p, cap), exact_distribution(world.shifted, p, cap))
+        for p in train_probe
+    ]
+    measured = {"eval": (eval_prompts, components), "train": (train_probe, train_components)}
+    rows = []
+    for fit_on, prompts in (("train", world.train_prompts), ("eval", eval_prompts)):
+        gfn = gfn_config(config, "lr_decay=constant", alpha, cap)
+        gfn.adapter_name += f"_fit_on_{fit_on}"
+        sampler = GFlowNetSampler(target, world.shifted, gfn)
+        seconds = 0.0
+        for steps in sorted(config.amortization_steps):
+            started = time.perf_counter()
+            sampler.fit(prompts, steps=steps, progress=False)
+            seconds += time.perf_counter() - started
+            # The eval-prompt fit is the non-amortized reference: only its own prompts count.
+            for on in ("eval", "train") if fit_on == "train" else ("eval",):
+                probe, probe_components = measured[on]
+                name = f"GFlowNet fit on {fit_on} prompts, TV on {on} prompts"
+                entry = Entry(name, sampler, sampler.policy, "")
+                (row,) = evaluate_exact(
+                    config, world.shifted, cap, alpha, [entry], probe_components, probe, logger
+                )
+                row.update(
+                    section="amortization",
+                    setting=f"{len(prompts)} fit prompts, {steps} steps",
+                    train_steps=steps,
+                    train_seconds=seconds,
+                    target_evaluations=steps * gfn.prompts_per_step * gfn.samples_per_prompt,
+                )
+                logger.info("α=%g %s after %d steps: %.4f", alpha, name, steps, row["tv"])
+                rows.append(row)
     return rows
 
 
@@ -609,7 +672,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(17, 5))
+    amortized = [r for r in rows if r["section"] == "amortization"]
+    fig, axes = plt.subplots(1, 3 + bool(amortized), figsize=(17 + 5 * bool(amortized), 5))
     sweep_rows = [r for r in rows if r["section"] == "sweep"]
     for alpha in sorted({r["alpha"] for r in sweep_rows}):
         for family in ("SIR", "SMC"):
@@ -635,11 +699,27 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         range(len(ext)), [f"{r['name'][:28]} α={r['alpha']:g}" for r in ext], fontsize=7
     )
     axes[2].set(xlabel="exact TV, one prompt, equal target evaluations")
+    for (alpha, name), group in _groups(amortized, ("alpha", "name")).items():
+        axes[3].plot(
+            [r["train_steps"] for r in group], [r["tv"] for r in group], "o-",
+            label=f"{name[9:]} α={alpha:g}",
+        )  # fmt: skip
+    if amortized:
+        axes[3].axhline(0.02, color="red", ls="--", lw=0.8)
+        axes[3].set(xscale="log", xlabel="training steps", ylabel="exact TV")
+        axes[3].legend(fontsize=7)
     fig.tight_layout()
     tmp = path.with_name("." + path.name + ".tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     tmp.replace(path)
+
+
+def _groups(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[tuple, list[dict]]:
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row[k] for k in keys), []).append(row)
+    return groups
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -692,6 +772,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if config.torchgfn:
         for alpha in config.alphas:
             rows.extend(torchgfn_comparison(config, world, components, eval_prompts, alpha, logger))
+            write_csv(rows, csv_path)
+    if config.amortization:
+        for alpha in config.alphas:
+            rows.extend(amortization(config, world, components, eval_prompts, alpha, logger))
             write_csv(rows, csv_path)
     if config.large:
         rows.extend(large_setting(config, logger))

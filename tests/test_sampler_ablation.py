@@ -28,12 +28,21 @@ def test_tiny_ablation_writes_outputs(world, tmp_path):
             "--large-draws", "2",
             "--large-gfn-steps", "2",
             "--large-reference-particles", "8",
+            "--amortization", "true",
+            "--amortization-steps", "2", "4",
             "--progress", "false",
         ]
     )  # fmt: skip
     rows = list(csv.DictReader((out / "ablation.csv").open(encoding="utf-8")))
     sections = {row["section"] for row in rows}
-    assert sections == {"sweep", "torchgfn", "large"}
+    assert sections == {"sweep", "torchgfn", "large", "amortization"}
+    amortized = [(r["name"], r["train_steps"]) for r in rows if r["section"] == "amortization"]
+    # The amortized fit is measured on eval and train prompts, the reference on its own prompts.
+    assert sorted(amortized) == sorted(
+        (f"GFlowNet fit on {fit} prompts, TV on {on} prompts", steps)
+        for fit, on in (("train", "eval"), ("train", "train"), ("eval", "eval"))
+        for steps in ("2", "4")
+    )
     gflownet = [r for r in rows if r["section"] == "sweep" and r["name"].startswith("GFlowNet")]
     budgets = [r for r in rows if r["section"] == "sweep" and r["name"][:3] in ("SIR", "SMC")]
     assert len(budgets) == 2 and all(float(r["log_z_error"]) >= 0 for r in budgets)
