@@ -41,12 +41,12 @@ import sys
 import time
 
 import torch
-from tokenizers import Tokenizer, models
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from bench._timing import emit
 from bench.subtb_loss import loop_over_lengths_subtb
 from gfn_spin import GeometricMixture, Policy
+from gfn_spin.toyworld import numbered_tokenizer
 from objectives.subtb import modified_subtb_loss
 from samplers import GFlowNetSampler
 
@@ -55,12 +55,7 @@ STEPS = ("project", "published")
 
 def build(args: argparse.Namespace) -> tuple[GFlowNetSampler, list[list[int]]]:
     """The sampler (its LoRA policy and target) and the prompts of one batch."""
-    vocab = {f"t{i}": i for i in range(args.vocab)}
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
-        eos_token="t1",
-        pad_token="t0",
-    )
+    tokenizer = numbered_tokenizer(args.vocab)
     config = LlamaConfig(
         vocab_size=args.vocab,
         hidden_size=args.width,

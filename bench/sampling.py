@@ -34,22 +34,17 @@ import statistics
 import time
 
 import torch
-from tokenizers import Tokenizer, models
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from bench._timing import emit
 from gfn_spin import Policy
 from gfn_spin.samples import ancestral_sample
+from gfn_spin.toyworld import numbered_tokenizer
 
 
 def build(args: argparse.Namespace) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerFast]:
     torch.manual_seed(0)
-    vocab = {f"t{i}": i for i in range(args.vocab)}
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
-        eos_token="t1",
-        pad_token="t0",
-    )
+    tokenizer = numbered_tokenizer(args.vocab)
     config = GPT2Config(
         vocab_size=args.vocab,
         n_embd=args.width,

@@ -526,15 +526,11 @@ def torchgfn_comparison(config, world, components, eval_prompts, alpha, logger):
 
 def random_llama_pair(config: SamplerAblationConfig) -> tuple[Policy, Policy]:
     """Two random Llama policies: the second is the first with perturbed weights."""
-    from tokenizers import Tokenizer, models
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    vocab = {f"t{i}": i for i in range(config.large_vocab)}
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
-        eos_token="t1",
-        pad_token="t0",
-    )
+    from gfn_spin.toyworld import numbered_tokenizer
+
+    tokenizer = numbered_tokenizer(config.large_vocab)
     llama = LlamaConfig(
         vocab_size=config.large_vocab,
         hidden_size=64,

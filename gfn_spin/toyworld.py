@@ -157,6 +157,17 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+def numbered_tokenizer(size: int) -> PreTrainedTokenizerFast:
+    """A tokenizer over ``t0 .. t{size-1}`` (t0 is PAD and UNK, t1 is EOS), for random-weight
+    models of any vocabulary size: the benchmarks and the large, non-enumerable ablation."""
+    vocab = {f"t{i}": i for i in range(size)}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
+        eos_token="t1",
+        pad_token="t0",
+    )
+
+
 @dataclass
 class ToyWorld:
     """The tiny world: tokenizer, exact task, base and shifted policies, prompts, SFT data."""
