@@ -152,6 +152,49 @@ def parse_config(
     return cls(**values)
 
 
+def parse_overrides(cls: type, specs: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    """``("steps=300,lora_rank=8", "explore_temperature=1:2")`` → keyword arguments of ``cls``.
+
+    For settings of a nested config given on one command-line flag (GFlowNet variants, the tiny
+    world). Each value takes the type of the field's default; tuple values are ``:``-separated.
+    """
+    defaults = {
+        f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING
+    }
+    values: dict[str, Any] = {}
+    for spec in specs:
+        for item in filter(None, spec.split(",")):
+            name, sep, text = item.partition("=")
+            if not sep or name not in defaults:
+                raise ValueError(
+                    f"bad {cls.__name__} setting {item!r}: use field=value, fields {sorted(defaults)}"
+                )
+            default = defaults[name]
+            try:
+                if isinstance(default, tuple):
+                    kind = type(default[0]) if default else str
+                    values[name] = tuple(kind(t) for t in text.split(":"))
+                elif isinstance(default, bool):
+                    values[name] = _bool(text)
+                elif isinstance(default, int):  # "1e3" is fine, "2.5" is not
+                    number = float(text)
+                    if not number.is_integer():
+                        raise ValueError(f"{text} is not an integer")
+                    values[name] = int(number)
+                else:
+                    values[name] = type(default)(text)
+            except (TypeError, ValueError, argparse.ArgumentTypeError) as error:
+                raise ValueError(f"bad {cls.__name__} setting {item!r}: {error}") from None
+    return values
+
+
+def world_config(specs: tuple[str, ...] | list[str]) -> Any:
+    """The tiny world's ``ToyWorldConfig`` from ``field=value`` settings (a study's ``--world``)."""
+    from gfn_spin.toyworld import ToyWorldConfig
+
+    return ToyWorldConfig(**parse_overrides(ToyWorldConfig, specs))
+
+
 def prepare_output_dir(path: str | os.PathLike) -> Path:
     """Create ``path`` (and parents) and check that it is a writable directory, before any work."""
     return make_directory(path, "output_dir")

@@ -30,7 +30,13 @@ from typing import Any
 
 import torch
 
-from experiments.common import parse_config, prepare_output_dir, setup_logging, write_results
+from experiments.common import (
+    parse_config,
+    prepare_output_dir,
+    setup_logging,
+    world_config,
+    write_results,
+)
 from gfn_spin.density import Density
 from gfn_spin.exact import divergences, exact_distribution
 from gfn_spin.mixtures import GeometricMixture
@@ -62,6 +68,9 @@ class GeometricMixtureConfig:
     """π_base: an HF model name or local path; None uses the tiny world's base policy."""
     world_cache: str | None = None
     """Cache directory of the tiny world (default $GFN_SPIN_CACHE or ~/.cache/gfn_spin)."""
+    world: tuple[str, ...] = ()
+    """Tiny-world settings as field=value, ToyWorldConfig fields (e.g. ``shift_rule=style
+    sft_examples=8192``: a shifted task that overlaps the base task); each world is cached."""
     prompts_file: str | None = None
     """Real models only: a text file of prompts, one per line (the last quarter is held out)."""
     max_new_tokens: int = 32
@@ -104,6 +113,7 @@ class GeometricMixtureConfig:
 
     def validate(self) -> None:
         """Raise on bad values before any model work."""
+        world_config(self.world)  # a bad --world setting fails here, not after loading
         if not self.alphas:
             raise ValueError("alphas is empty: give at least one α")
         for name in ("draws", "num_eval_prompts", "max_new_tokens", "gfn_sir_candidates"):
@@ -113,6 +123,8 @@ class GeometricMixtureConfig:
             raise ValueError("sir_candidates and smc_particles must be >= 1")
         if (self.model is None) != (self.base is None):
             raise ValueError("give both --model and --base (real models), or neither (tiny world)")
+        if self.model is not None and self.world:
+            raise ValueError("--world sets up the tiny world; it does not apply with --model")
         if self.resume and self.checkpoint_dir is None:
             raise ValueError("--resume needs --checkpoint-dir")
         if self.threads < 0:
@@ -390,7 +402,7 @@ def _load_models(config: GeometricMixtureConfig, device: torch.device, logger: A
         from gfn_spin.toyworld import build_world
 
         started = time.perf_counter()
-        world = build_world(cache_dir=config.world_cache, device=device)
+        world = build_world(world_config(config.world), cache_dir=config.world_cache, device=device)
         logger.info(
             "tiny world ready in %.1f s (%s)", time.perf_counter() - started, world.directory
         )

@@ -38,12 +38,25 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from experiments.common import parse_config, prepare_output_dir, setup_logging, write_results
+from experiments.common import (
+    parse_config,
+    parse_overrides,
+    prepare_output_dir,
+    setup_logging,
+    world_config,
+    write_results,
+)
 from experiments.geometric_mixture import Entry, evaluate_exact
-from gfn_spin.exact import divergences, exact_distribution, response_alphabet
+from gfn_spin.exact import (
+    ExactDistribution,
+    divergences,
+    exact_distribution,
+    response_alphabet,
+)
 from gfn_spin.io import write_text_atomic
 from gfn_spin.mixtures import GeometricMixture
 from gfn_spin.policy import Policy
+from gfn_spin.samples import pad_responses
 from samplers import ImportanceResampler, SMCSampler
 from samplers.gflownet import GFlowNetConfig, GFlowNetSampler
 
@@ -83,6 +96,9 @@ class SamplerAblationConfig:
     """CPU threads for torch (the tiny models run fastest single-threaded; 0: torch's default)."""
     world_cache: str | None = None
     """Cache directory of the tiny world (default $GFN_SPIN_CACHE or ~/.cache/gfn_spin)."""
+    world: tuple[str, ...] = ()
+    """Tiny-world settings as field=value, ToyWorldConfig fields (e.g. ``shift_rule=style
+    sft_examples=8192``: a shifted task that overlaps the base task); each world is cached."""
     num_eval_prompts: int = 4
     """Held-out prompts whose target is enumerated (each has 21,845 responses at L=7)."""
     draws: int = 64
@@ -119,7 +135,8 @@ class SamplerAblationConfig:
     torchgfn_steps: int = 300
     """Training steps of both GFlowNets in the torchgfn comparison (64 trajectories each)."""
     amortization: bool = False
-    """Run the amortization section (about 12 minutes at the default steps)."""
+    """Run the amortization section: SubTB fitted on the train prompts and on the eval prompts,
+    and the maximum-likelihood oracle (about 20 minutes at the default steps)."""
     amortization_steps: tuple[int, ...] = (500, 2000, 6000)
     """Cumulative training steps at which the amortization section measures both fits."""
     large: bool = True
@@ -170,6 +187,7 @@ class SamplerAblationConfig:
 
     def validate(self) -> None:
         """Raise on bad values before any model work."""
+        world_config(self.world)  # a bad --world setting fails here, not after loading
         if not self.alphas or any(not 0.0 <= a <= 1.0 for a in self.alphas):
             raise ValueError(f"alphas={self.alphas} must be non-empty values in [0, 1]")
         counts = ("num_eval_prompts", "draws", "torchgfn_steps", "large_gfn_steps", "large_draws")
@@ -187,30 +205,14 @@ class SamplerAblationConfig:
             gfn_config(self, spec, 0.5, 7)  # every setting parses and validates up front
 
 
-def parse_overrides(specs: tuple[str, ...] | list[str]) -> dict[str, Any]:
-    """``("steps=300", "explore_temperature=1:2")`` → GFlowNetConfig keyword arguments."""
-    kinds = {f.name: f.default for f in dataclasses.fields(GFlowNetConfig)}
-    values: dict[str, Any] = {}
-    for spec in specs:
-        for item in filter(None, spec.split(",")):
-            name, sep, text = item.partition("=")
-            if not sep or name not in kinds:
-                raise ValueError(f"bad GFlowNet setting {item!r}: use field=value, fields {kinds}")
-            default = kinds[name]
-            if isinstance(default, tuple):
-                values[name] = tuple(float(t) for t in text.split(":"))
-            elif isinstance(default, bool):
-                values[name] = text.lower() in ("1", "true", "yes")
-            else:
-                values[name] = type(default)(float(text) if type(default) is int else text)
-    return values
-
-
 def gfn_config(
     config: SamplerAblationConfig, variant: str, alpha: float, cap: int
 ) -> GFlowNetConfig:
     """The base GFlowNet setting changed by ``variant`` (a unique adapter name per setting)."""
-    values = {**parse_overrides(config.gfn_base), **parse_overrides([variant])}
+    values = {
+        **parse_overrides(GFlowNetConfig, config.gfn_base),
+        **parse_overrides(GFlowNetConfig, [variant]),
+    }
     name = f"ablation_{alpha:g}_{variant or 'base'}"
     safe = "".join(c if c.isalnum() else "_" for c in name)
     return GFlowNetConfig(max_new_tokens=cap, seed=config.seed, adapter_name=safe, **values)
@@ -275,6 +277,47 @@ def sweep(config, world, components, eval_prompts, alpha, logger, bar) -> list[d
 # -- section 1b: one adapter for many prompts (amortization) ------------------------------
 
 
+def likelihood_fit(
+    sampler: GFlowNetSampler,
+    prompts: list[list[int]],
+    steps: int,
+    generator: torch.Generator,
+    exact: dict[tuple[int, ...], ExactDistribution],
+) -> None:
+    """The oracle, up to ``steps`` steps in all: maximum likelihood on exact target draws.
+
+    The sampler's own policy, optimizer, batch shape, learning-rate schedule (its step count
+    carries over, as in ``fit``) and clipping; only the training signal differs: each step's
+    responses are exact target draws and the loss is
+    ``-log q(y)``, an unbiased gradient of KL(target‖q). No training signal can do better for
+    this parametrization, so an oracle no better than SubTB on held-out prompts says the limit
+    is what one adapter can amortize, not the SubTB loss or its exploration. ``exact`` caches
+    the enumerated target per prompt across calls (each prompt is enumerated when first drawn).
+    """
+    cfg = sampler.config
+    while sampler.state.step < steps:
+        for group in sampler.optimizer.param_groups:
+            group["lr"] = sampler.learning_rate(sampler.state.step, steps)
+        picks = torch.randint(len(prompts), (cfg.prompts_per_step,), generator=generator)
+        rows, responses = [], []
+        for i in picks.tolist():
+            key = tuple(prompts[i])
+            if key not in exact:
+                exact[key] = exact_distribution(sampler.target, prompts[i], cfg.max_new_tokens)
+            target = exact[key]
+            draws = target.sample_indices(cfg.samples_per_prompt, generator).tolist()
+            rows += [list(prompts[i])] * len(draws)
+            responses += [target.responses[d] for d in draws]
+        ids, lengths = pad_responses(responses, cfg.max_new_tokens, sampler.init.pad_token_id)
+        loss = -sampler.policy.score(rows, ids, lengths).sequence_logprob().mean()
+        sampler.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(sampler.trainable_parameters, cfg.max_grad_norm)
+        sampler.optimizer.step()
+        sampler.state.step += 1
+
+
 def amortization(config, world, components, eval_prompts, alpha, logger) -> list[dict[str, Any]]:
     """The base GFlowNet setting fitted on the train prompts vs on the eval prompts themselves.
 
@@ -282,7 +325,8 @@ def amortization(config, world, components, eval_prompts, alpha, logger) -> list
     ``amortization_steps`` (a cosine schedule depends on the total). If the amortized fit
     stalls while the one on 16 prompts keeps improving, and its TV on train prompts is no better
     than on held-out ones, the limit is fitting many prompts with one adapter, not steps or
-    generalization.
+    generalization. A third fit, the oracle of :func:`likelihood_fit` on the train prompts,
+    tells the SubTB training signal apart from what the parametrization can amortize.
     """
     cap = world.max_new_tokens
     target = GeometricMixture([world.base, world.shifted], [1 - alpha, alpha])
@@ -293,20 +337,30 @@ def amortization(config, world, components, eval_prompts, alpha, logger) -> list
         for p in train_probe
     ]
     measured = {"eval": (eval_prompts, components), "train": (train_probe, train_components)}
+    fits = (
+        ("GFlowNet fit on train prompts", world.train_prompts),
+        ("GFlowNet fit on eval prompts", eval_prompts),
+        ("Likelihood fit on exact target draws (oracle) on train prompts", world.train_prompts),
+    )
     rows = []
-    for fit_on, prompts in (("train", world.train_prompts), ("eval", eval_prompts)):
+    for fit_name, prompts in fits:
+        oracle = "oracle" in fit_name
         gfn = gfn_config(config, "lr_decay=constant", alpha, cap)
-        gfn.adapter_name += f"_fit_on_{fit_on}"
+        gfn.adapter_name += "_" + "".join(c if c.isalnum() else "_" for c in fit_name.lower())
         sampler = GFlowNetSampler(target, world.shifted, gfn)
+        generator, exact = torch.Generator().manual_seed(config.seed), {}
         seconds = 0.0
         for steps in sorted(config.amortization_steps):
             started = time.perf_counter()
-            sampler.fit(prompts, steps=steps, progress=False)
+            if oracle:
+                likelihood_fit(sampler, prompts, steps, generator, exact)
+            else:
+                sampler.fit(prompts, steps=steps, progress=False)
             seconds += time.perf_counter() - started
             # The eval-prompt fit is the non-amortized reference: only its own prompts count.
-            for on in ("eval", "train") if fit_on == "train" else ("eval",):
+            for on in ("eval",) if prompts is eval_prompts else ("eval", "train"):
                 probe, probe_components = measured[on]
-                name = f"GFlowNet fit on {fit_on} prompts, TV on {on} prompts"
+                name = f"{fit_name}, TV on {on} prompts"
                 entry = Entry(name, sampler, sampler.policy, "")
                 (row,) = evaluate_exact(
                     config, world.shifted, cap, alpha, [entry], probe_components, probe, logger
@@ -316,7 +370,10 @@ def amortization(config, world, components, eval_prompts, alpha, logger) -> list
                     setting=f"{len(prompts)} fit prompts, {steps} steps",
                     train_steps=steps,
                     train_seconds=seconds,
-                    target_evaluations=steps * gfn.prompts_per_step * gfn.samples_per_prompt,
+                    # the oracle reads the enumerated target: no count of evaluations applies
+                    target_evaluations=None
+                    if oracle
+                    else steps * gfn.prompts_per_step * gfn.samples_per_prompt,
                 )
                 logger.info("α=%g %s after %d steps: %.4f", alpha, name, steps, row["tv"])
                 rows.append(row)
@@ -698,7 +755,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     for (alpha, name), group in _groups(amortized, ("alpha", "name")).items():
         axes[3].plot(
             [r["train_steps"] for r in group], [r["tv"] for r in group], "o-",
-            label=f"{name[9:]} α={alpha:g}",
+            label=name.replace("GFlowNet fit", "SubTB fit").replace(
+                "Likelihood fit on exact target draws (oracle)", "oracle fit") + f" α={alpha:g}",
         )  # fmt: skip
     if amortized:
         axes[3].axhline(0.02, color="red", ls="--", lw=0.8)
@@ -750,7 +808,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     started = time.perf_counter()
     torch.manual_seed(config.seed)
-    world = build_world(cache_dir=config.world_cache)
+    world = build_world(world_config(config.world), cache_dir=config.world_cache)
     cap = world.max_new_tokens
     eval_prompts = [list(p) for p in world.eval_prompts[: config.num_eval_prompts]]
     components = [

@@ -6,9 +6,15 @@ The task ("noisy echo"): a prompt is 2-4 symbols over {a, b, c, d}; the response
 the prompt symbols in order and, for each, writes it (p=0.7), skips it (p=0.15) or writes it
 twice (p=0.15); then, with p=0.25, one uniformly random symbol is appended. Responses are cut
 at the length cap L (forced stop, DESIGN §1), so ``p_data(y|x)`` is an exact finite table.
-The "shifted" rule is the same process with each written symbol replaced by the next one
-(a→b→c→d→a): a policy trained toward it is far from the base, so geometric mixtures of the
-two are far from either.
+The shifted task, which a second policy is fine-tuned toward, follows one of two rules
+(``ToyWorldConfig.shift_rule``):
+
+- ``"symbol"`` (default): the same process with each written symbol replaced by the next one
+  (a→b→c→d→a). The two policies' supports barely overlap, so their geometric mixture lives where
+  both are small: in their tails, which depend on each model's quirks on each prompt.
+- ``"style"``: the same symbols, written with other probabilities (``shifted_*`` fields). The
+  supports overlap, as between a base model and a fine-tuned iterate of it, and the mixture
+  lives where both policies put mass.
 
 Models: a tiny Llama-style ``LlamaForCausalLM`` trained by SFT on a limited sample (a *weak*
 base: better than uniform, worse than p_data), and a shifted policy fine-tuned from it. Both are
@@ -24,7 +30,7 @@ import os
 import random
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +46,7 @@ from gfn_spin.policy import Policy
 from gfn_spin.samples import pad_responses
 
 SYMBOLS = ("a", "b", "c", "d")
+SHIFT_RULES = ("symbol", "style")
 SPECIALS = ("[PAD]", "[BOS]", "[EOS]", "[UNK]", "=>")
 CHAT_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'user' %}[BOS] {{ m['content'] }} =>"
@@ -76,10 +83,32 @@ class ToyWorldConfig:
     num_heads: int = 4
     learning_rate: float = 3e-3
     batch_size: int = 64
+    shift_rule: str = "symbol"
+    """How the shifted task differs from the task: "symbol" (next symbol) or "style" (other
+    keep/double/noise probabilities: the shifted_* fields below)."""
+    shifted_keep_prob: float = 0.45
+    """"style" rule: probability that a prompt symbol is written once."""
+    shifted_double_prob: float = 0.4
+    """"style" rule: probability that a prompt symbol is written twice."""
+    shifted_noise_prob: float = 0.45
+    """"style" rule: probability that one uniform symbol is appended."""
     version: int = 2
     """Bumped when the construction changes, so old caches are not reused (2: the SFT's token
     scores are computed with shared prompt prefills and logit − logsumexp, which moves the
     trained weights by float rounding)."""
+
+    def __post_init__(self) -> None:
+        if self.shift_rule not in SHIFT_RULES:
+            raise ValueError(f"shift_rule={self.shift_rule!r} must be one of {SHIFT_RULES}")
+        for prefix in ("", "shifted_"):
+            keep, double, noise = (
+                getattr(self, prefix + name) for name in ("keep_prob", "double_prob", "noise_prob")
+            )
+            if not (0 <= keep and 0 <= double and keep + double <= 1 and 0 <= noise <= 1):
+                raise ValueError(
+                    f"{prefix}keep_prob={keep}, {prefix}double_prob={double} and "
+                    f"{prefix}noise_prob={noise} must be probabilities with keep + double <= 1"
+                )
 
     def key(self) -> str:
         blob = json.dumps(asdict(self), sort_keys=True).encode()
@@ -202,6 +231,20 @@ class ToyWorld:
         return ToyWorldEvaluator(self, prompts, drift_prompts=None).kl_from_data(policy)
 
 
+def shifted_echo_task(config: ToyWorldConfig, symbol_ids: list[int]) -> EchoTask:
+    """The task the shifted policy is fine-tuned toward, by ``config.shift_rule``."""
+    if config.shift_rule == "symbol":
+        return EchoTask(config, symbol_ids, shift=1)
+    # EchoTask reads its probabilities from the config it is given.
+    style = replace(
+        config,
+        keep_prob=config.shifted_keep_prob,
+        double_prob=config.shifted_double_prob,
+        noise_prob=config.shifted_noise_prob,
+    )
+    return EchoTask(style, symbol_ids)
+
+
 def _all_prompts(config: ToyWorldConfig, tokenizer: Any) -> list[list[int]]:
     texts = [
         " ".join(symbols)
@@ -265,7 +308,7 @@ def build_world(
     tokenizer = build_tokenizer()
     symbol_ids = tokenizer.convert_tokens_to_ids(list(SYMBOLS))
     task = EchoTask(config, symbol_ids)
-    shifted_task = EchoTask(config, symbol_ids, shift=1)
+    shifted_task = shifted_echo_task(config, symbol_ids)
 
     prompts = _all_prompts(config, tokenizer)
     rng = random.Random(config.seed)

@@ -37,10 +37,17 @@ def test_tiny_ablation_writes_outputs(world, tmp_path):
     sections = {row["section"] for row in rows}
     assert sections == {"sweep", "torchgfn", "large", "amortization"}
     amortized = [(r["name"], r["train_steps"]) for r in rows if r["section"] == "amortization"]
-    # The amortized fit is measured on eval and train prompts, the reference on its own prompts.
+    # The amortized fits are measured on eval and train prompts, the reference on its own prompts.
+    oracle = "Likelihood fit on exact target draws (oracle) on train prompts"
     assert sorted(amortized) == sorted(
-        (f"GFlowNet fit on {fit} prompts, TV on {on} prompts", steps)
-        for fit, on in (("train", "eval"), ("train", "train"), ("eval", "eval"))
+        (f"{fit}, TV on {on} prompts", steps)
+        for fit, on in (
+            ("GFlowNet fit on train prompts", "eval"),
+            ("GFlowNet fit on train prompts", "train"),
+            ("GFlowNet fit on eval prompts", "eval"),
+            (oracle, "eval"),
+            (oracle, "train"),
+        )
         for steps in ("2", "4")
     )
     gflownet = [r for r in rows if r["section"] == "sweep" and r["name"].startswith("GFlowNet")]
@@ -72,6 +79,16 @@ def test_quick_keeps_sizes_given_on_the_command_line():
     assert config.draws == 5 and config.num_eval_prompts == 2
 
 
-def test_bad_setting_is_rejected_before_work(tmp_path):
-    with pytest.raises(ValueError, match="bad GFlowNet setting"):
-        sampler_ablation.main(["--output-dir", str(tmp_path), "--gfn-variants", "nonsense=1"])
+@pytest.mark.parametrize(
+    ("flag", "setting", "message"),
+    [
+        ("--gfn-variants", "nonsense=1", "bad GFlowNetConfig setting 'nonsense=1'"),
+        ("--gfn-variants", "lora_rank=2.5", "2.5 is not an integer"),
+        ("--world", "nonsense=1", "bad ToyWorldConfig setting 'nonsense=1'"),
+        ("--world", "shift_rule=rotate", "shift_rule='rotate' must be one of"),
+        ("--world", "shifted_keep_prob=0.7", "keep \\+ double <= 1"),
+    ],
+)
+def test_bad_setting_is_rejected_before_work(tmp_path, flag, setting, message):
+    with pytest.raises(ValueError, match=message):
+        sampler_ablation.main(["--output-dir", str(tmp_path), flag, setting])

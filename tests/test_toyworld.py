@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import re
 
+import pytest
 import torch
 
 from gfn_spin.exact import divergences, exact_distribution
-from gfn_spin.toyworld import ToyWorldConfig, build_world
+from gfn_spin.toyworld import ToyWorldConfig, build_world, shifted_echo_task
 
 
 def test_task_table_is_a_distribution_with_entropy_and_varied_lengths(world):
@@ -21,8 +23,6 @@ def test_task_table_is_a_distribution_with_entropy_and_varied_lengths(world):
 
 
 def pytest_approx(value: float):
-    import pytest
-
     return pytest.approx(value, abs=1e-12)
 
 
@@ -66,6 +66,41 @@ def test_build_is_deterministic_and_cached(world, tmp_path):
     cached = build_world(ToyWorldConfig(), cache_dir=tmp_path)
     assert (tmp_path / ToyWorldConfig().key() / "world.json").exists()
     assert cached.directory == again.directory
+
+
+def test_shift_rules_rotate_symbols_or_reweight_the_same_responses(world):
+    ids, prompt = world.symbol_ids, world.eval_prompts[0]
+    base = world.task.table(prompt)
+    symbol = shifted_echo_task(ToyWorldConfig(), ids).table(prompt)
+    style = shifted_echo_task(ToyWorldConfig(shift_rule="style"), ids).table(prompt)
+    rotate = dict(zip(ids, ids[1:] + ids[:1], strict=True))
+    assert symbol == {tuple(rotate[t] for t in r): pytest.approx(p) for r, p in base.items()}
+    assert set(style) == set(base) and sum(style.values()) == pytest.approx(1.0)
+    tv = 0.5 * sum(abs(style[r] - base[r]) for r in base)
+    assert tv > 0.2, tv
+
+
+def test_style_world_fine_tunes_toward_the_style_task(tmp_path):
+    config = ToyWorldConfig(shift_rule="style", sft_examples=16, sft_steps=1, shift_steps=1)
+    assert config.key() != ToyWorldConfig().key()
+    small = build_world(config, cache_dir=tmp_path)
+    prompt = small.eval_prompts[0]
+    assert small.shifted_task.table(prompt) == shifted_echo_task(config, small.symbol_ids).table(
+        prompt
+    )
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"shift_rule": "rotate"}, "shift_rule='rotate' must be one of"),
+        ({"keep_prob": 0.9}, "keep_prob=0.9, double_prob=0.15"),
+        ({"shifted_noise_prob": 1.5}, "shifted_noise_prob=1.5"),
+    ],
+)
+def test_bad_world_settings_are_refused(settings, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ToyWorldConfig(**settings)
 
 
 class _UniformModel(torch.nn.Module):
