@@ -66,6 +66,12 @@ def test_bad_flags_fail_before_work(tmp_path):
         geometric_mixture.main(["--output-dir", str(tmp_path), "--model", "x"])
     with pytest.raises(ValueError, match="draws"):
         geometric_mixture.main(["--output-dir", str(tmp_path), "--draws", "0"])
+    with pytest.raises(ValueError, match="does not apply with --model"):
+        geometric_mixture.main(
+            ["--output-dir", str(tmp_path), "--model", "x", "--base", "y", "--world", "seed=1"]
+        )
+    with pytest.raises(ValueError, match="bad ToyWorldConfig setting 'sft_steps=many'"):
+        geometric_mixture.main(["--output-dir", str(tmp_path), "--world", "sft_steps=many"])
     with pytest.raises(SystemExit):
         geometric_mixture.main(["--no-such-flag"])
 
