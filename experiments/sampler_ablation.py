@@ -77,6 +77,8 @@ CSV_COLUMNS = (
     "log_z_error",
     "ess_per_token",
     "kl_q_target",
+    "elbo",
+    "log_z_spread",
 )
 
 
@@ -159,8 +161,11 @@ class SamplerAblationConfig:
     """GFlowNet training steps in the large section."""
     large_learning_rate: float = 1e-4
     """GFlowNet peak learning rate in the large section (the sharp random heads need a small one)."""
+    large_subtb_lambdas: tuple[float, ...] = (1.0, 0.5)
+    """SubTB λ of the large section's GFlowNets, one trained per value (1: the published one)."""
     large_reference_particles: int = 512
-    """N of the SMC run whose log Ẑ serves as log Z in KL(q‖target)."""
+    """N of the two SMC runs (two seeds) whose mean log Ẑ serves as log Z in KL(q‖target); their
+    difference is reported as log_z_spread, the uncertainty of that KL."""
     progress: bool = True
     """Show tqdm progress bars."""
 
@@ -199,6 +204,8 @@ class SamplerAblationConfig:
         budgets = (*self.sir_candidates, *self.smc_particles, *self.large_sir_candidates)
         if any(k < 1 for k in (*budgets, *self.large_smc_particles)):
             raise ValueError("SIR candidates and SMC particles must be >= 1")
+        if not self.large_subtb_lambdas or min(self.large_subtb_lambdas) < 0:
+            raise ValueError(f"large_subtb_lambdas={self.large_subtb_lambdas} must be >= 0")
         if self.large_vocab < 256 or self.large_cap < 32:
             raise ValueError("large_vocab must be >= 256 and large_cap >= 32 (not enumerable)")
         for spec in ("", *self.gfn_variants):
@@ -621,10 +628,18 @@ def large_setting(config: SamplerAblationConfig, logger) -> list[dict[str, Any]]
     prompts = torch.randint(2, config.large_vocab, (10, 6), generator=generator).tolist()
     train, evaluation = prompts[:8], prompts[8:]
     draws = config.large_draws
-    log_z = SMCSampler(target, config.large_reference_particles, max_new_tokens=cap).sample(
-        evaluation, 1, generator=config.seed
+    # Two independent SMC estimates: their mean is the reference log Z, and their gap says how
+    # far to trust KL = log Z − ELBO (the ELBO itself needs no reference: compare it across rows).
+    references = [
+        SMCSampler(target, config.large_reference_particles, max_new_tokens=cap).sample(
+            evaluation, 1, generator=config.seed + offset
+        )
+        for offset in (0, 1)
+    ]
+    estimates = torch.tensor(
+        [[float(z) for z in r.stats["log_z"]] for r in references], dtype=torch.float64
     )
-    log_z = torch.as_tensor(log_z.stats["log_z"], dtype=torch.float64)
+    log_z, log_z_spread = estimates.mean(0), float((estimates[0] - estimates[1]).abs().mean())
     rows = []
 
     def record(name, setting, samples, size, per_draw, extra=None):
@@ -663,40 +678,47 @@ def large_setting(config: SamplerAblationConfig, logger) -> list[dict[str, Any]]
             n,
             1,
         )
-    gfn = gfn_config(config, f"steps={config.large_gfn_steps}", alpha, cap)
-    gfn = dataclasses.replace(
-        gfn,
-        prompts_per_step=8,
-        samples_per_prompt=4,
-        learning_rate=config.large_learning_rate,
-        adapter_name="large",
-    )
-    gflownet = GFlowNetSampler(target, model, gfn)
-    seconds = 0.0
-    for steps in (0, gfn.steps):  # untrained (the local product for residual), then trained
-        started = time.perf_counter()
-        gflownet.fit(train, steps, progress=config.progress)
-        seconds += time.perf_counter() - started
-        samples = gflownet.sample(evaluation, draws, generator=1)
-        elbo = torch.as_tensor(samples.stats["elbo"], dtype=torch.float64)
-        samples.stats["ess"] = [e * draws for e in samples.stats["ess"]]
-        record(
-            f"GFlowNet {gflownet.parametrization} {steps} steps",
-            f"lr {gfn.learning_rate:g}, {gfn.prompts_per_step}x{gfn.samples_per_prompt} per step",
-            samples,
-            draws,
-            draws,
-            {
-                "kl_q_target": float((log_z - elbo).mean()),
-                "train_steps": steps,
-                "train_seconds": seconds,
-            },
+    for index, subtb_lambda in enumerate(config.large_subtb_lambdas):
+        gfn = gfn_config(config, f"steps={config.large_gfn_steps}", alpha, cap)
+        gfn = dataclasses.replace(
+            gfn,
+            prompts_per_step=8,
+            samples_per_prompt=4,
+            learning_rate=config.large_learning_rate,
+            subtb_lambda=subtb_lambda,
+            adapter_name=f"large_{index}",
         )
+        gflownet = GFlowNetSampler(target, model, gfn)
+        seconds = 0.0
+        # untrained (the local product for residual) once, then trained with each λ
+        for steps in (0, gfn.steps) if index == 0 else (gfn.steps,):
+            started = time.perf_counter()
+            gflownet.fit(train, steps, progress=config.progress)
+            seconds += time.perf_counter() - started
+            samples = gflownet.sample(evaluation, draws, generator=1)
+            elbo = torch.as_tensor(samples.stats["elbo"], dtype=torch.float64)
+            samples.stats["ess"] = [e * draws for e in samples.stats["ess"]]
+            record(
+                f"GFlowNet {gflownet.parametrization} {steps} steps"
+                + (f" λ={subtb_lambda:g}" if steps else ""),
+                f"lr {gfn.learning_rate:g}, {gfn.prompts_per_step}x{gfn.samples_per_prompt} per step",
+                samples,
+                draws,
+                draws,
+                {
+                    "kl_q_target": float((log_z - elbo).mean()),
+                    "elbo": float(elbo.mean()),
+                    "log_z_spread": log_z_spread,
+                    "train_steps": steps,
+                    "train_seconds": seconds,
+                },
+            )
     for row in rows:
         logger.info(
-            "large: %-22s ESS/N %.3f  ESS per model token %.2e  tokens/draw %.0f  KL(q‖p) %s",
+            "large: %-28s ESS/N %.3f  ESS per model token %.2e  tokens/draw %.0f  KL(q‖p) %s "
+            "(ELBO %s, log Ẑ spread %s)",
             row["name"], row["ess_fraction"], row["ess_per_token"], row["tokens_per_draw"],
-            row.get("kl_q_target"),
+            row.get("kl_q_target"), row.get("elbo"), row.get("log_z_spread"),
         )  # fmt: skip
     logger.info("large: log Z from SMC N=%d: %s", config.large_reference_particles, log_z.tolist())
     return rows

@@ -62,10 +62,19 @@ def test_tiny_ablation_writes_outputs(world, tmp_path):
         "SIR K=2",
         "SMC N=2",
         "GFlowNet residual 0 steps",
-        "GFlowNet residual 2 steps",
+        "GFlowNet residual 2 steps λ=1",
+        "GFlowNet residual 2 steps λ=0.5",
     }
     assert all(float(r["ess_per_token"]) > 0 for r in large.values())
-    assert large["GFlowNet residual 2 steps"]["kl_q_target"] != ""
+    for name in ("GFlowNet residual 0 steps", "GFlowNet residual 2 steps λ=0.5"):
+        row = large[name]
+        # KL = log Z − ELBO, with the two reference runs' gap beside it
+        assert float(row["kl_q_target"]) == pytest.approx(
+            float(large["GFlowNet residual 0 steps"]["kl_q_target"])
+            + float(large["GFlowNet residual 0 steps"]["elbo"])
+            - float(row["elbo"])
+        )
+        assert float(row["log_z_spread"]) > 0
     payload = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert payload["config"]["draws"] == 8 and len(payload["rows"]) == len(results["rows"])
     assert (out / "ablation.png").stat().st_size > 0
