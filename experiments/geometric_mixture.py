@@ -69,8 +69,9 @@ class GeometricMixtureConfig:
     world_cache: str | None = None
     """Cache directory of the tiny world (default $GFN_SPIN_CACHE or ~/.cache/gfn_spin)."""
     world: tuple[str, ...] = ()
-    """Tiny-world settings as field=value, ToyWorldConfig fields (e.g. ``shift_rule=style
-    sft_examples=8192``: a shifted task that overlaps the base task); each world is cached."""
+    """Tiny-world settings as field=value, fields of gfn_spin.toyworld.ToyWorldConfig (e.g.
+    shift_rule=style sft_examples=8192: a shifted task that overlaps the base task); each
+    distinct world is built once and cached."""
     prompts_file: str | None = None
     """Real models only: a text file of prompts, one per line (the last quarter is held out)."""
     max_new_tokens: int = 32

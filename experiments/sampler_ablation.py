@@ -99,8 +99,9 @@ class SamplerAblationConfig:
     world_cache: str | None = None
     """Cache directory of the tiny world (default $GFN_SPIN_CACHE or ~/.cache/gfn_spin)."""
     world: tuple[str, ...] = ()
-    """Tiny-world settings as field=value, ToyWorldConfig fields (e.g. ``shift_rule=style
-    sft_examples=8192``: a shifted task that overlaps the base task); each world is cached."""
+    """Tiny-world settings as field=value, fields of gfn_spin.toyworld.ToyWorldConfig (e.g.
+    shift_rule=style sft_examples=8192: a shifted task that overlaps the base task); each
+    distinct world is built once and cached."""
     num_eval_prompts: int = 4
     """Held-out prompts whose target is enumerated (each has 21,845 responses at L=7)."""
     draws: int = 64
