@@ -715,11 +715,15 @@ def large_setting(config: SamplerAblationConfig, logger) -> list[dict[str, Any]]
                 },
             )
     for row in rows:
+        kl = (
+            ""
+            if row.get("kl_q_target") is None
+            else f"  KL(q‖p) {row['kl_q_target']:.3f} (ELBO {row['elbo']:.3f}, log Ẑ spread "
+            f"{row['log_z_spread']:.3f})"
+        )
         logger.info(
-            "large: %-28s ESS/N %.3f  ESS per model token %.2e  tokens/draw %.0f  KL(q‖p) %s "
-            "(ELBO %s, log Ẑ spread %s)",
-            row["name"], row["ess_fraction"], row["ess_per_token"], row["tokens_per_draw"],
-            row.get("kl_q_target"), row.get("elbo"), row.get("log_z_spread"),
+            "large: %-28s ESS/N %.3f  ESS per model token %.2e  tokens/draw %.0f%s",
+            row["name"], row["ess_fraction"], row["ess_per_token"], row["tokens_per_draw"], kl,
         )  # fmt: skip
     logger.info("large: log Z from SMC N=%d: %s", config.large_reference_particles, log_z.tolist())
     return rows
