@@ -296,11 +296,11 @@ def likelihood_fit(
 
     The sampler's own policy, optimizer, batch shape, learning-rate schedule (its step count
     carries over, as in ``fit``) and clipping; only the training signal differs: each step's
-    responses are exact target draws and the loss is
-    ``-log q(y)``, an unbiased gradient of KL(target‖q). No training signal can do better for
-    this parametrization, so an oracle no better than SubTB on held-out prompts says the limit
-    is what one adapter can amortize, not the SubTB loss or its exploration. ``exact`` caches
-    the enumerated target per prompt across calls (each prompt is enumerated when first drawn).
+    responses are exact target draws and the loss is ``-log q(y)``, an unbiased gradient of
+    KL(target‖q). No training signal can do better for this parametrization, so an oracle no
+    better than SubTB on held-out prompts says the limit is what one adapter can amortize, not
+    the SubTB loss or its exploration. ``exact`` caches the enumerated target per prompt across
+    calls (each prompt is enumerated when first drawn).
     """
     cfg = sampler.config
     while sampler.state.step < steps:
@@ -317,12 +317,7 @@ def likelihood_fit(
             rows += [list(prompts[i])] * len(draws)
             responses += [target.responses[d] for d in draws]
         ids, lengths = pad_responses(responses, cfg.max_new_tokens, sampler.init.pad_token_id)
-        loss = -sampler.policy.score(rows, ids, lengths).sequence_logprob().mean()
-        sampler.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(sampler.trainable_parameters, cfg.max_grad_norm)
-        sampler.optimizer.step()
+        sampler.optimizer_step(-sampler.policy.score(rows, ids, lengths).sequence_logprob().mean())
         sampler.state.step += 1
 
 
@@ -345,14 +340,20 @@ def amortization(config, world, components, eval_prompts, alpha, logger) -> list
         for p in train_probe
     ]
     measured = {"eval": (eval_prompts, components), "train": (train_probe, train_components)}
+    # (name, fit prompts, oracle?, prompts measured on): the eval-prompt fit is the
+    # non-amortized reference, so only its own prompts count.
     fits = (
-        ("GFlowNet fit on train prompts", world.train_prompts),
-        ("GFlowNet fit on eval prompts", eval_prompts),
-        ("Likelihood fit on exact target draws (oracle) on train prompts", world.train_prompts),
+        ("GFlowNet fit on train prompts", world.train_prompts, False, ("eval", "train")),
+        ("GFlowNet fit on eval prompts", eval_prompts, False, ("eval",)),
+        (
+            "Likelihood fit on exact target draws (oracle) on train prompts",
+            world.train_prompts,
+            True,
+            ("eval", "train"),
+        ),
     )
     rows = []
-    for fit_name, prompts in fits:
-        oracle = "oracle" in fit_name
+    for fit_name, prompts, oracle, measured_on in fits:
         gfn = gfn_config(config, "lr_decay=constant", alpha, cap)
         gfn.adapter_name += "_" + "".join(c if c.isalnum() else "_" for c in fit_name.lower())
         sampler = GFlowNetSampler(target, world.shifted, gfn)
@@ -365,8 +366,7 @@ def amortization(config, world, components, eval_prompts, alpha, logger) -> list
             else:
                 sampler.fit(prompts, steps=steps, progress=False)
             seconds += time.perf_counter() - started
-            # The eval-prompt fit is the non-amortized reference: only its own prompts count.
-            for on in ("eval",) if prompts is eval_prompts else ("eval", "train"):
+            for on in measured_on:
                 probe, probe_components = measured[on]
                 name = f"{fit_name}, TV on {on} prompts"
                 entry = Entry(name, sampler, sampler.policy, "")

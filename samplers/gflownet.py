@@ -342,6 +342,15 @@ class GFlowNetSampler(Sampler):
             log_reward = self.target.score(rows, ids, lengths).prefix_terminal_logprobs()
         return log_reward, self.policy.score(rows, ids, lengths)
 
+    def optimizer_step(self, loss: torch.Tensor) -> None:
+        """Backpropagate ``loss`` into the adapter and take one clipped optimizer step (also for
+        other objectives on this policy, such as the ablation's maximum-likelihood oracle)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.trainable_parameters, self.config.max_grad_norm)
+        self.optimizer.step()
+
     def train_step(self, prompt_ids: list[list[int]], reward_temperature: float = 1.0) -> dict:
         """One SubTB step on a batch drawn for ``prompt_ids``; returns its metrics."""
         rows, samples, source = self._batch(prompt_ids)
@@ -356,11 +365,7 @@ class GFlowNetSampler(Sampler):
             weighting=self.config.weighting,
             reward_temperature=reward_temperature,
         )
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.trainable_parameters, self.config.max_grad_norm)
-        self.optimizer.step()
+        self.optimizer_step(loss)
         final = log_reward.gather(1, lengths.to(log_reward.device)[:, None]).squeeze(1)
         if source != "replay" and self.config.replay_prob > 0:
             self.replay.add(rows, samples.responses(), final.tolist())
