@@ -21,7 +21,15 @@ Every residual of the family is a difference of one per-state potential
 
 because r_ij = log F̂(s_i) + Σ_{k=i}^{j-1} log q(y_{k+1}|s_k) − log F̂(s_j) = A_i − A_j.
 Sub-trajectory balance uses every pair i < j ≤ n_b, modified detailed balance
-the pairs j = i + 1, trajectory balance the pair (log Z, n_b).
+the pairs j = i + 1. The terminal-only losses (trajectory balance and the
+log-variance loss) read each trajectory through its terminal log-ratio
+
+    δ_b = log prior(y_b) + log R(s_{n_b}⊤)/T − log q(y_b),
+    log q(y_b) = Σ_{k<n_b} log q(y_{k+1}|s_k) + log q(⊤|s_{n_b}),
+
+which is A_{n_b} when there is no prior. Trajectory balance regresses δ_b on
+a given log Z_b; the log-variance loss replaces log Z_b by the mean of δ over
+the trajectories that share the prompt.
 
 -inf handling. A target may forbid a prefix (log R(s_k⊤) = -inf). Its flow
 would be -inf and every residual touching it infinite (inf/NaN loss, NaN
@@ -46,16 +54,22 @@ import torch
 __all__ = [
     "FORBIDDEN_LOG_REWARD_MARGIN",
     "POLICY_LOGPROB_FLOOR",
+    "TERMINATION_GRADIENTS",
     "WEIGHTINGS",
     "balance_potentials",
+    "log_variance_loss",
     "modified_db_loss",
     "modified_subtb_loss",
     "subtb_pair_weights",
+    "terminal_log_ratios",
     "trajectory_balance_loss",
 ]
 
 WEIGHTINGS = ("batch", "geometric_within")
 """Valid `weighting` values of `modified_subtb_loss`."""
+
+TERMINATION_GRADIENTS = ("all", "anchor")
+"""Valid `termination_gradient` values of `modified_subtb_loss`."""
 
 FORBIDDEN_LOG_REWARD_MARGIN = 30.0
 """Nats below the batch's smallest finite tempered log-reward at which a
@@ -214,6 +228,8 @@ def modified_subtb_loss(
     weighting: str = "batch",
     reward_temperature: float = 1.0,
     log_reward_floor: float | None = None,
+    termination_gradient: str = "all",
+    tb_anchor_weight: float = 0.0,
 ) -> torch.Tensor:
     """Modified sub-trajectory balance loss (DESIGN §4), vectorized over pairs in O(B·L) memory.
 
@@ -222,6 +238,22 @@ def modified_subtb_loss(
     and "geometric_within" normalizes each trajectory by its own weight sum,
     then averages over the trajectories with n_b ≥ 1 (torchgfn's default).
 
+    Termination gradient. Every stop log-probability log q(⊤|s_k) enters the
+    derived flows of all the windows that start or end at s_k, so one shift of
+    a stop logit can shrink many residuals at once, whatever the rest of the
+    policy does. ``termination_gradient`` decides which windows may move it:
+
+    - "all": every window (the plain gradient of the loss).
+    - "anchor": only the full-trajectory window (0, n_b), whose residual
+      r_{0,n_b} = log F̂(s_0) + log q(y_b) − log R(s_{n_b}⊤)/T is trajectory
+      balance with log Z = log F̂(s_0). In every other window log q(⊤|s_k) is
+      a constant (detached). The token log-probabilities and the rewards keep
+      the gradient of every window. The loss value is unchanged (bit for bit);
+      the gradient with respect to log_pterm is exactly that of
+      λ^(n_b-1) r_{0,n_b}² / normalizer summed over b (same normalizer as the
+      loss), so it is nonzero only at k = 0 and k = n_b. This is a
+      semi-gradient: it still vanishes at balance, where every residual is 0.
+
     Args:
         log_pf, log_pterm, log_reward, lengths: see the module docstring.
         subtb_lambda: λ ≥ 0, the geometric discount on sub-trajectory length
@@ -229,6 +261,11 @@ def modified_subtb_loss(
         weighting: "batch" or "geometric_within".
         reward_temperature: T > 0; the target is R^(1/T).
         log_reward_floor: see `balance_potentials`.
+        termination_gradient: one of TERMINATION_GRADIENTS (see above).
+        tb_anchor_weight: w ≥ 0. Adds w · Σ_{b: n_b≥1} r_{0,n_b}² / #{b: n_b ≥ 1}
+            (the trajectory-balance residual of each trajectory, log Z = log F̂(s_0)).
+            Its gradient follows the (0, n_b) window's rule above, so under
+            "anchor" it also moves log q(⊤|s_0) and log q(⊤|s_{n_b}).
 
     Returns:
         A scalar tensor. When no trajectory has a pair (all n_b = 0) it is 0,
@@ -238,14 +275,23 @@ def modified_subtb_loss(
         raise ValueError(f"weighting must be one of {WEIGHTINGS}; got {weighting!r}")
     if not (subtb_lambda >= 0 and math.isfinite(subtb_lambda)):
         raise ValueError(f"subtb_lambda must be finite and >= 0; got {subtb_lambda}")
+    if termination_gradient not in TERMINATION_GRADIENTS:
+        raise ValueError(
+            f"termination_gradient must be one of {TERMINATION_GRADIENTS}; "
+            f"got {termination_gradient!r}"
+        )
+    if not (tb_anchor_weight >= 0 and math.isfinite(tb_anchor_weight)):
+        raise ValueError(f"tb_anchor_weight must be finite and >= 0; got {tb_anchor_weight}")
+    anchored = termination_gradient == "anchor"
     potentials, state_valid = balance_potentials(
         log_pf,
-        log_pterm,
+        log_pterm.detach() if anchored else log_pterm,
         log_reward,
         lengths,
         reward_temperature=reward_temperature,
         log_reward_floor=log_reward_floor,
     )
+    ends = lengths.long().unsqueeze(1)
     # Σ_{i<j} w_ij e_j (A_i − A_j)², expanded so that no [B, L+1, L+1] tensor is built:
     #   Σ_i A_i² (e Wᵀ)_i + Σ_j e_j A_j² colsum(W)_j − 2 Σ_j e_j A_j (A W)_j.
     # The expansion cancels when the A_k are large next to their differences; centring each
@@ -266,12 +312,35 @@ def modified_subtb_loss(
         per_state = centred * (start_totals + end_totals) - 2.0 * end_weights * cross
         weighted = (centred * per_state).sum(dim=1).to(potentials.dtype)  # [B]
         normalizer = end_totals.sum(dim=1).to(potentials.dtype)  # [B]
+        if anchored or tb_anchor_weight > 0:
+            # r_{0,n_b} = A_0 − A_{n_b}; its window weight λ^(n_b-1) (rescaled like the rest).
+            anchor = (centred[:, 0] - centred.gather(1, ends).squeeze(1)).to(potentials.dtype)
+            anchor_weight = (pair_weights[0] * end_weights).gather(1, ends).squeeze(1)
+            anchor_weight = anchor_weight.to(potentials.dtype)
+    if anchored or tb_anchor_weight > 0:
+        if anchored:
+            # Put the stop terms back into this one window: ∂r_{0,n}/∂log q(⊤|s_0) = −1 and
+            # ∂r_{0,n}/∂log q(⊤|s_n) = +1. Adding (x − x.detach()) leaves every value as it is
+            # (x is finite after the clamp, so x − x is exactly 0) and restores the gradient.
+            # The added term is built on the detached residual, so it sends gradient to the
+            # stop terms only and the token and reward gradients stay those of the plain loss.
+            stops = torch.where(state_valid, log_pterm, 0.0).clamp_min(POLICY_LOGPROB_FLOOR)
+            shift = stops.gather(1, ends).squeeze(1) - stops[:, 0]
+            shift = shift - shift.detach()
+            frozen = anchor.detach()
+            weighted = weighted + anchor_weight * ((frozen + shift).square() - frozen.square())
+            anchor = anchor + shift
     # Any normalizer with a pair holds a weight equal to 1 (see subtb_pair_weights),
     # so clamping at 1 only turns 0/0 (no pair at all) into 0.
+    has_pair = (lengths >= 1).sum().clamp_min(1)
     if weighting == "batch":
-        return weighted.sum() / normalizer.sum().clamp_min(1.0)
-    per_trajectory = weighted / normalizer.clamp_min(1.0)
-    return per_trajectory.sum() / (lengths >= 1).sum().clamp_min(1)
+        loss = weighted.sum() / normalizer.sum().clamp_min(1.0)
+    else:
+        loss = (weighted / normalizer.clamp_min(1.0)).sum() / has_pair
+    if tb_anchor_weight > 0:
+        # r_{0,0} = 0 for n_b = 0, so the sum runs over the trajectories with a pair.
+        loss = loss + tb_anchor_weight * anchor.square().sum() / has_pair
+    return loss
 
 
 def modified_db_loss(
@@ -312,6 +381,65 @@ def modified_db_loss(
     return squared.sum() / step_valid.sum().clamp_min(1)
 
 
+def terminal_log_ratios(
+    log_pf: torch.Tensor,
+    log_pterm: torch.Tensor,
+    log_reward: torch.Tensor,
+    lengths: torch.Tensor,
+    *,
+    log_prior: torch.Tensor | None = None,
+    reward_temperature: float = 1.0,
+    log_reward_floor: float | None = None,
+) -> torch.Tensor:
+    """Terminal log-ratio of each complete response: δ_b = log prior(y_b) + log R(y_b⊤)/T − log q(y_b).
+
+    With log q(y_b) = Σ_{k<n_b} log q(y_{k+1}|s_k) + log q(⊤|s_{n_b}) (the stop
+    term is 0 at the cap) and R(y_b⊤) = log_reward[b, n_b]: the only reward
+    entry read, so the caller may leave the other entries at anything. Without
+    a prior δ_b = A_{n_b} (see `balance_potentials`). With a prior the target is
+    prior(y) · R(y)^(1/T), relative trajectory balance's "prior × correction";
+    the temperature tempers R only. E_q[δ] ≤ log Z ≤ log E_q[e^δ] (per prompt).
+
+    -inf handling: the terminal target t_b = log prior(y_b) + log R(y_b⊤)/T is
+    clamped at the batch's smallest finite target minus
+    FORBIDDEN_LOG_REWARD_MARGIN (or at ``log_reward_floor`` when given), and
+    policy log-probabilities at POLICY_LOGPROB_FLOOR, as in the other losses.
+
+    Args:
+        log_pf, log_pterm, log_reward, lengths: see the module docstring.
+        log_prior: [B] or None, log prior(y_b) of the complete response; -inf allowed.
+        reward_temperature: T > 0.
+        log_reward_floor: None (relative floor, touches only -inf targets) or an
+            absolute clamp on the terminal target t_b.
+
+    Returns:
+        [B] tensor, finite, in float32 for lower-precision inputs (a sum of L
+        bf16 log-probabilities would lose the nats the losses resolve), else in
+        the inputs' dtype.
+    """
+    _check_inputs(log_pf, log_pterm, log_reward, lengths, reward_temperature)
+    batch, cap = log_pf.shape
+    if log_prior is not None and tuple(log_prior.shape) != (batch,):
+        raise ValueError(
+            f"log_prior has shape {tuple(log_prior.shape)} but log_pf has shape "
+            f"{tuple(log_pf.shape)} = [B, L], so log_prior must have shape ({batch},)"
+        )
+    dtype = torch.promote_types(log_pf.dtype, torch.float32)
+    ends = lengths.long().unsqueeze(1)
+    step_valid = torch.arange(cap, device=lengths.device).unsqueeze(0) < ends
+    with torch.autocast(log_pf.device.type, enabled=False):
+        # torch.where, not a multiplied mask: 0 * inf would be NaN in values and gradients.
+        tokens = torch.where(step_valid, log_pf.to(dtype), 0.0).clamp_min(POLICY_LOGPROB_FLOOR)
+        stop = log_pterm.to(dtype).gather(1, ends).squeeze(1).clamp_min(POLICY_LOGPROB_FLOOR)
+        log_q = tokens.sum(dim=1) + stop
+        target = log_reward.to(dtype).gather(1, ends).squeeze(1) / reward_temperature
+        if log_prior is not None:
+            target = target + log_prior.to(dtype)
+        every = torch.ones_like(target, dtype=torch.bool)
+        target = torch.clamp(target, min=_log_reward_floor(target, every, log_reward_floor))
+    return target - log_q
+
+
 def trajectory_balance_loss(
     log_pf: torch.Tensor,
     log_pterm: torch.Tensor,
@@ -319,35 +447,113 @@ def trajectory_balance_loss(
     lengths: torch.Tensor,
     log_z: torch.Tensor,
     *,
+    log_prior: torch.Tensor | None = None,
     reward_temperature: float = 1.0,
     log_reward_floor: float | None = None,
 ) -> torch.Tensor:
     """Trajectory balance on complete responses, mean over the batch.
 
-    (log Z_b + Σ_{k<n_b} log q(y_{k+1}|s_k) + log q(⊤|s_{n_b}) − log R(s_{n_b}⊤)/T)²,
-    i.e. (log Z_b − A_{n_b})².
+    (log Z_b + log q(y_b) − log prior(y_b) − log R(s_{n_b}⊤)/T)² = (log Z_b − δ_b)²,
+    δ_b from `terminal_log_ratios`. With ``log_prior`` this is relative
+    trajectory balance (target prior · R^(1/T)); without it, and with no
+    forbidden terminal, (log Z_b − A_{n_b})².
 
     Args:
-        log_pf, log_pterm, log_reward, lengths: see the module docstring.
-        log_z: [B] learned per-prompt log-normalizer, gathered by the caller.
-        reward_temperature: T > 0; the target is R^(1/T).
-        log_reward_floor: see `balance_potentials`.
+        log_pf, log_pterm, log_reward, lengths: see the module docstring; only
+            log_reward[b, n_b] is read.
+        log_z: [B] log-normalizer of each row (a learned per-prompt log Z
+            gathered by the caller, or any estimate), or a scalar shared by all rows.
+        log_prior: [B] or None, see `terminal_log_ratios`.
+        reward_temperature: T > 0; the reward is R^(1/T).
+        log_reward_floor: see `terminal_log_ratios`.
 
     Returns:
-        A scalar tensor.
+        A scalar tensor (float32 for lower-precision inputs).
     """
-    if tuple(log_z.shape) != (log_pf.shape[0],):
+    if log_z.dim() != 0 and tuple(log_z.shape) != (log_pf.shape[0],):
         raise ValueError(
             f"log_z has shape {tuple(log_z.shape)} but log_pf has shape "
-            f"{tuple(log_pf.shape)} = [B, L], so log_z must have shape ({log_pf.shape[0]},)"
+            f"{tuple(log_pf.shape)} = [B, L], so log_z must have shape ({log_pf.shape[0]},) "
+            "or be a scalar"
         )
-    potentials, _ = balance_potentials(
+    ratios = terminal_log_ratios(
         log_pf,
         log_pterm,
         log_reward,
         lengths,
+        log_prior=log_prior,
         reward_temperature=reward_temperature,
         log_reward_floor=log_reward_floor,
     )
-    final_potential = potentials.gather(1, lengths.long().unsqueeze(1)).squeeze(1)
-    return (log_z - final_potential).square().mean()
+    return (log_z.to(ratios.dtype) - ratios).square().mean()
+
+
+def log_variance_loss(
+    log_pf: torch.Tensor,
+    log_pterm: torch.Tensor,
+    log_reward: torch.Tensor,
+    lengths: torch.Tensor,
+    group: torch.Tensor,
+    *,
+    log_prior: torch.Tensor | None = None,
+    reward_temperature: float = 1.0,
+    log_reward_floor: float | None = None,
+) -> torch.Tensor:
+    """Log-variance (VarGrad) loss: trajectory balance with each prompt's batch log Z.
+
+    With δ_b from `terminal_log_ratios` and G_g = {b : group_b = g}, N_g = |G_g|:
+
+        log Ẑ_g = (1/N_g) Σ_{b∈G_g} δ_b
+        s²_g    = Σ_{b∈G_g} (δ_b − log Ẑ_g)² / (N_g − 1)
+        Loss    = mean of s²_g over the groups with N_g ≥ 2
+
+    s²_g is the unbiased sample variance of δ within the prompt; a group of
+    one trajectory has none and is left out (all singletons: the loss is 0,
+    connected to the graph). log Ẑ_g is not detached, and it does not matter:
+    Σ_{b∈G_g} (δ_b − log Ẑ_g) = 0, so the gradient through log Ẑ_g is zero
+    and ∇s²_g = 2/(N_g − 1) Σ_b (δ_b − log Ẑ_g) ∇δ_b, i.e. the TB gradient at
+    the batch's log Z, scaled by N_g/(N_g − 1). The loss is 0 with zero
+    gradient exactly when q(y) ∝ prior(y) R(y)^(1/T) on each group's draws.
+    With ``log_prior`` (e.g. a proposal the target factors through) this is
+    the log-variance form of relative trajectory balance.
+
+    Args:
+        log_pf, log_pterm, log_reward, lengths: see the module docstring; only
+            log_reward[b, n_b] is read.
+        group: [B] integer prompt index of each trajectory (any values;
+            equal values share a log Ẑ).
+        log_prior: [B] or None, see `terminal_log_ratios`.
+        reward_temperature: T > 0; the reward is R^(1/T).
+        log_reward_floor: see `terminal_log_ratios`.
+
+    Returns:
+        A scalar tensor (float32 for lower-precision inputs). Built from a
+        [B, B] same-prompt mask, so it needs no device synchronization.
+    """
+    if tuple(group.shape) != (log_pf.shape[0],):
+        raise ValueError(
+            f"group has shape {tuple(group.shape)} but log_pf has shape "
+            f"{tuple(log_pf.shape)} = [B, L], so group must have shape ({log_pf.shape[0]},)"
+        )
+    if group.dtype.is_floating_point or group.dtype.is_complex or group.dtype == torch.bool:
+        raise ValueError(f"group must be an integer tensor of prompt indices; got {group.dtype}")
+    ratios = terminal_log_ratios(
+        log_pf,
+        log_pterm,
+        log_reward,
+        lengths,
+        log_prior=log_prior,
+        reward_temperature=reward_temperature,
+        log_reward_floor=log_reward_floor,
+    )
+    same = group.unsqueeze(1) == group.unsqueeze(0)  # [B, B]
+    size = same.sum(dim=1)  # [B]: N_g of each trajectory's group
+    group_mean = torch.where(same, ratios.unsqueeze(0), 0.0).sum(dim=1) / size
+    centred = ratios - group_mean
+    eligible = size >= 2
+    per_trajectory = torch.where(eligible, centred.square() / (size - 1).clamp_min(1), 0.0)
+    # Count each eligible group once, at its first member: an exact integer count.
+    order = torch.arange(group.shape[0], device=group.device)
+    first = ~(same & (order.unsqueeze(0) < order.unsqueeze(1))).any(dim=1)
+    num_groups = (eligible & first).sum().clamp_min(1)
+    return per_trajectory.sum() / num_groups
