@@ -17,15 +17,26 @@ import json
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import types
 import typing
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from gfn_spin.io import make_directory, write_text_atomic
+from gfn_spin.io import (
+    RUN_MARKER,
+    TMP_SUFFIX,
+    claim_run_directory,
+    is_temporary_of,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 ConfigT = TypeVar("ConfigT")
 
@@ -195,20 +206,110 @@ def world_config(specs: tuple[str, ...] | list[str]) -> Any:
     return ToyWorldConfig(**parse_overrides(ToyWorldConfig, specs))
 
 
-def prepare_output_dir(path: str | os.PathLike) -> Path:
-    """Create ``path`` (and parents) and check that it is a writable directory, before any work."""
-    return make_directory(path, "output_dir")
+def prepare_output_dir(
+    path: str | os.PathLike,
+    *,
+    tool: str | None = None,
+    is_earlier_run: Callable[[Path], bool] | None = None,
+) -> Path:
+    """Create or reuse the run folder ``path`` before any work, and hold its lock.
+
+    A writable directory is created if missing; a non-empty folder that is not a run folder of
+    gfn-spin (no ``.gfn-spin-run.json`` marker, and ``is_earlier_run`` does not recognize it)
+    is refused with FileExistsError, so ``--output-dir .`` never writes over a project; a
+    folder another process is writing into is refused with
+    :class:`gfn_spin.io.DirectoryInUseError`. The lock is held until the process ends.
+
+    Args:
+        path: the ``--output-dir`` of a study.
+        tool: the name recorded in the folder's marker (default: the calling module).
+        is_earlier_run: recognizes a run folder written before markers existed.
+    """
+    if tool is None:
+        caller = inspect.currentframe()
+        caller = caller.f_back if caller is not None else None
+        tool = caller.f_globals.get("__name__", "experiments") if caller else "experiments"
+    root, _ = claim_run_directory(path, "output_dir", tool=tool, is_earlier_run=is_earlier_run)
+    return root
 
 
-def setup_logging(output_dir: Path, name: str, *, filename: str = "run.log") -> logging.Logger:
-    """A logger writing to ``output_dir/filename`` (all messages) and to stderr (info)."""
+#: Prefix of the staging folder of :func:`output_set` inside an output folder.
+STAGING = ".run-outputs"
+
+
+def _recorded_outputs(output_dir: Path) -> list[str]:
+    """Names of the outputs that the last published run wrote (from the folder's marker)."""
+    try:
+        marker = json.loads((output_dir / RUN_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    names = marker.get("outputs", []) if isinstance(marker, dict) else []
+    return [n for n in names if isinstance(n, str) and "/" not in n and n not in ("", ".", "..")]
+
+
+@contextmanager
+def output_set(output_dir: str | os.PathLike) -> Iterator[Path]:
+    """Stage one run's outputs and publish them together, as one set.
+
+    For a study that writes several outputs (results, plots, adapters, ``run.log``) into a
+    folder prepared by :func:`prepare_output_dir`: write every output into the yielded staging
+    folder. On success the outputs the previous run published (recorded in the folder's
+    marker) are removed, the staged ones moved in, and the marker lists the new set, so an
+    older run's files never sit beside new results. A name in the folder that no earlier run
+    recorded is never replaced: FileExistsError before anything moves. On failure the
+    staging folder stays (for its ``run.log``) and the previous outputs stay as they were;
+    the next call removes such leftovers.
+    """
+    root = Path(output_dir)
+    for entry in root.iterdir():
+        if is_temporary_of(entry.name, STAGING):
+            shutil.rmtree(entry, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING + ".", suffix=TMP_SUFFIX, dir=root))
+    yield staging
+    previous = set(_recorded_outputs(root))
+    produced = sorted(entry.name for entry in staging.iterdir())
+    foreign = [n for n in produced if (root / n).exists() and n not in previous]
+    if foreign:
+        raise FileExistsError(
+            f"output_dir={str(root)!r} already holds {foreign}, which no earlier run recorded "
+            f"as its output; the new outputs stay in {str(staging)!r}: move those files away "
+            "and publish again, or choose a new output_dir"
+        )
+    for name in sorted(previous):
+        old = root / name
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)
+        elif old.exists() or old.is_symlink():
+            old.unlink()
+    for name in produced:
+        os.replace(staging / name, root / name)
+    marker = {}
+    try:
+        marker = json.loads((root / RUN_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        pass
+    marker = marker if isinstance(marker, dict) else {}
+    write_json_atomic({**marker, "outputs": produced}, root / RUN_MARKER)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def setup_logging(
+    output_dir: Path, name: str, *, filename: str = "run.log", append: bool = True
+) -> logging.Logger:
+    """A logger writing to ``output_dir/filename`` (all messages) and to stderr (info).
+
+    ``append=False`` starts the file afresh (one run's log, e.g. inside :func:`output_set`);
+    a resumable run appends, so its log tells the whole story of the run.
+    """
     logger = logging.getLogger(name)
     logger.setLevel(logging.DEBUG)
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
         handler.close()
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
-    file_handler = logging.FileHandler(output_dir / filename, mode="a", encoding="utf-8")
+    file_handler = logging.FileHandler(
+        output_dir / filename, mode="a" if append else "w", encoding="utf-8"
+    )
     file_handler.setFormatter(formatter)
     file_handler.setLevel(logging.DEBUG)
     stream = logging.StreamHandler(sys.stderr)

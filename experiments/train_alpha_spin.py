@@ -14,6 +14,7 @@ from typing import Any
 
 from experiments.common import parse_config, prepare_output_dir, setup_logging, write_results
 from gfn_spin import AlphaSpinConfig, AlphaSpinTrainer
+from gfn_spin.alpha_spin import MANIFEST
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -21,7 +22,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     trainer = AlphaSpinTrainer(config)
     log = None
     if trainer.dist.is_main:
-        output_dir = prepare_output_dir(config.output_dir)
+        output_dir = prepare_output_dir(
+            config.output_dir,
+            tool="experiments.train_alpha_spin",
+            is_earlier_run=lambda root: (root / MANIFEST).is_file(),
+        )
         log = setup_logging(output_dir, "experiments.train_alpha_spin")
         log.info(f"α-SPIN: {config.iterations} iterations -> {output_dir}")
     records = trainer.train()

@@ -30,6 +30,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -41,12 +42,24 @@ import torch
 from tqdm.auto import tqdm
 
 from gfn_spin import adapters
-from gfn_spin.data import chat_messages, encode_example, load_pairs, load_parquet, write_parquet
+from gfn_spin.data import (
+    chat_messages,
+    check_no_special_tokens,
+    encode_example,
+    load_pairs,
+    load_parquet,
+    pairs_fingerprint,
+    write_parquet,
+)
 from gfn_spin.density import Density
+from gfn_spin.devices import check_device
 from gfn_spin.distributed import Distributed
 from gfn_spin.io import (
+    RUN_MARKER,
     atomic_directory,
+    claim_run_directory,
     dataclass_from_dict,
+    is_temporary_of,
     make_directory,
     write_json_atomic,
 )
@@ -206,14 +219,26 @@ class AlphaSpinConfig:
                 f"alpha={self.alpha} π_ref is a geometric mixture: use sampler='importance', "
                 "'smc', 'gflownet' or the 'ancestral' baseline"
             )
-        if not (math.isfinite(self.beta) and self.beta > 0):
-            raise ValueError(f"beta={self.beta!r} must be a positive finite number")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate={self.learning_rate!r} must be > 0")
-        if not 0.0 <= self.warmup_ratio < 1.0:
+
+        def number(name: str, low: float, *, low_open: bool, high: float = math.inf) -> None:
+            value = getattr(self, name)
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+            ok = ok and math.isfinite(value) and value <= high
+            ok = ok and (value > low if low_open else value >= low)
+            if not ok:
+                bound = f"> {low:g}" if low_open else f">= {low:g}"
+                upper = f" and < {high:g}" if high != math.inf else ""
+                raise ValueError(f"{name}={value!r} must be a finite number {bound}{upper}")
+
+        number("beta", 0.0, low_open=True)
+        number("learning_rate", 0.0, low_open=True)
+        number("gflownet_lr", 0.0, low_open=True)
+        number("weight_decay", 0.0, low_open=False)
+        number("warmup_ratio", 0.0, low_open=False, high=1.0)
+        if self.warmup_ratio == 1.0:
             raise ValueError(f"warmup_ratio={self.warmup_ratio!r} must be in [0, 1)")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm={self.max_grad_norm!r} must be > 0 or None")
+        if self.max_grad_norm is not None:
+            number("max_grad_norm", 0.0, low_open=True)
         for name in (
             "num_candidates",
             "num_particles",
@@ -227,12 +252,28 @@ class AlphaSpinConfig:
             "max_prompt_length",
         ):
             positive(name)
-        if self.gflownet_steps < 0:
-            raise ValueError(f"gflownet_steps={self.gflownet_steps!r} must be >= 0")
+        if (
+            isinstance(self.gflownet_steps, bool)
+            or not isinstance(self.gflownet_steps, int)
+            or self.gflownet_steps < 0
+        ):
+            raise ValueError(f"gflownet_steps={self.gflownet_steps!r} must be an integer >= 0")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed={self.seed!r} must be an integer >= 0")
         if self.max_new_tokens is not None:
             positive("max_new_tokens")
         if self.max_examples is not None:
             positive("max_examples")
+        for name in ("model", "dataset", "messages_column"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ValueError(f"{name}={value!r} must be a non-empty string or None")
+        for name in ("dataset_split", "prompt_column", "response_column", "output_dir"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"{name}={value!r} must be a non-empty string")
+        if self.device is not None:
+            check_device(self.device, "device")
 
     def resolved_sampler(self) -> str:
         """The sampler actually used for a geometric-mixture reference."""
@@ -377,6 +418,31 @@ def encode_examples(
         prompt_ids.append(p)
         real_ids.append(r)
     return Examples(list(pairs["prompt"]), list(pairs["response"]), prompt_ids, real_ids)
+
+
+def check_context_fits(
+    examples: Examples, context: int | None, config: AlphaSpinConfig, max_new_tokens: int
+) -> None:
+    """Refuse, before any work, prompts plus responses that do not fit the model's context.
+
+    The message names the setting to change: ``max_new_tokens`` when responses alone fill
+    the context, else ``max_prompt_length`` (the longest prompt keeps its last tokens).
+    """
+    if context is None:
+        return
+    if max_new_tokens >= context:
+        raise ValueError(
+            f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's context "
+            f"of {context} tokens; lower --max-new-tokens below {context}"
+        )
+    longest = max(len(p) for p in examples.prompt_ids)
+    if longest + max_new_tokens > context:
+        raise ValueError(
+            f"prompts of up to {longest} tokens (max_prompt_length={config.max_prompt_length}) "
+            f"plus max_new_tokens={max_new_tokens} exceed the model's context of {context} "
+            f"tokens; lower --max-prompt-length to {context - max_new_tokens} or less (longer "
+            "prompts keep their last tokens), or lower --max-new-tokens"
+        )
 
 
 @torch.no_grad()
@@ -591,6 +657,12 @@ def train_iterate(
                     beta=config.beta,
                     loss_type=config.loss_type,
                 )
+                if not bool(torch.isfinite(losses).all()):
+                    raise FloatingPointError(
+                        f"the SPIN loss of π_{iteration + 1} is not finite at epoch {epoch}, "
+                        f"step {step} (iteration {iteration + 1}); nothing of this iteration is "
+                        "saved. Lower learning_rate or beta, or set max_grad_norm"
+                    )
                 (losses.sum() / rows_per_step).backward()
                 with torch.no_grad():
                     reward_real = config.beta * (policy_real.double() - ref_r)
@@ -609,6 +681,14 @@ def train_iterate(
                 torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
             optimizer.step()
             scheduler.step()
+            with torch.no_grad():
+                finite = all(bool(torch.isfinite(p).all()) for p in parameters)
+            if not finite:
+                raise FloatingPointError(
+                    f"the weights of π_{iteration + 1} became non-finite after epoch {epoch}, "
+                    f"step {step} (iteration {iteration + 1}); nothing of this iteration is "
+                    "saved. Lower learning_rate, or set max_grad_norm"
+                )
             bar.update(1)
     bar.close()
     policy.model.eval()
@@ -631,47 +711,106 @@ def comparable_config(config: AlphaSpinConfig) -> dict[str, Any]:
     return {k: v for k, v in asdict(config).items() if k not in RESUMABLE_FIELDS}
 
 
+def identity_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``name (run has X, now Y)`` for each setting that differs between two run identities.
+
+    Config fields are compared one by one, so a refusal names only the fields that differ.
+    """
+    differences = []
+    old_config, new_config = recorded.get("config", {}), current.get("config", {})
+    if isinstance(old_config, dict) and isinstance(new_config, dict):
+        for key in sorted(set(old_config) | set(new_config)):
+            if old_config.get(key) != new_config.get(key):
+                differences.append(
+                    f"{key} (run has {old_config.get(key)!r}, now {new_config.get(key)!r})"
+                )
+    elif old_config != new_config:
+        differences.append("config")
+    for key in sorted((set(recorded) | set(current)) - {"config"}):
+        if recorded.get(key) != current.get(key):
+            differences.append(f"{key} (run has {recorded.get(key)!r}, now {current.get(key)!r})")
+    return differences
+
+
+#: Files the run writes at the top of its folder (their temporaries are its leftovers).
+_ROOT_FILES = (MANIFEST, "metrics.json", "results.json", RUN_MARKER)
+_DATA_FILE = re.compile(r"iteration_\d+\.parquet")
+_ITERATE = re.compile(r"iter_\d+")
+
+
 class RunDirectory:
     """``output_dir``: manifest.json (the source of truth), data/, iterates/, metrics.json.
 
-    A step counts as done only once the manifest lists it; anything else found on disk (a
-    temporary file, an iterate written just before a kill) is ignored and rewritten.
+    A step counts as done only once the manifest lists it; anything else the run finds of
+    its own (a temporary file of its own writers, an iterate written just before a kill) is
+    ignored and rewritten. The folder is locked while the run holds it (see :meth:`close`);
+    a non-empty folder that is not a run of this package is refused, and nothing the run
+    did not write is ever deleted.
     """
 
     def __init__(self, root: str | os.PathLike, identity: dict[str, Any], dist: Distributed):
         self.root = Path(root)
         self.dist = dist
         self.path = self.root / MANIFEST
+        self._lock = None
         if dist.is_main:
             make_directory(self.root, "output_dir")  # an unwritable output_dir fails before work
-        manifest = self._read_manifest()
-        if manifest is not None and manifest["identity"] != identity:
-            diff = sorted(
-                k
-                for k in set(identity) | set(manifest["identity"])
-                if identity.get(k) != manifest["identity"].get(k)
+            self._read_manifest()  # a damaged manifest is refused before anything is written
+            _, self._lock = claim_run_directory(
+                self.root,
+                "output_dir",
+                tool="gfn_spin.AlphaSpinTrainer",
+                is_earlier_run=lambda root: (root / MANIFEST).is_file(),
             )
-            detail = ", ".join(
-                f"{k}: run has {manifest['identity'].get(k)!r}, now {identity.get(k)!r}"
-                for k in diff
-            )
-            raise ValueError(
-                f"output_dir={str(self.root)!r} holds a run with a different configuration "
-                f"({detail}); resume with the original settings or choose a new output_dir"
-            )
-        self.manifest = manifest or {"identity": identity, "done": [], "records": []}
-        if dist.is_main:
-            self._clean()
+        try:
+            manifest = self._read_manifest()
+            if manifest is not None and manifest["identity"] != identity:
+                detail = "; ".join(identity_differences(manifest["identity"], identity))
+                raise ValueError(
+                    f"output_dir={str(self.root)!r} holds a run with a different configuration: "
+                    f"{detail}. A resume may change only {', '.join(RESUMABLE_FIELDS)}; resume "
+                    "with the run's values of the settings above, or choose a new output_dir"
+                )
+            self.manifest = manifest or {"identity": identity, "done": [], "records": []}
+            if dist.is_main:
+                self._clean()
+        except BaseException:
+            self.close()
+            raise
         dist.barrier()
+
+    def close(self) -> None:
+        """Release the folder's lock (the main process holds it from construction on)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _read_manifest(self) -> dict[str, Any] | None:
         if not self.path.exists():
             return None
         try:
-            manifest = json.loads(self.path.read_text())
-            if not {"identity", "done", "records"} <= set(manifest):
-                raise ValueError(f"keys {sorted(manifest)}")
-        except (ValueError, TypeError) as error:
+            manifest = json.loads(self.path.read_text(encoding="utf-8"))
+            if not isinstance(manifest, dict) or not {"identity", "done", "records"} <= set(
+                manifest
+            ):
+                found = sorted(manifest) if isinstance(manifest, dict) else type(manifest).__name__
+                raise ValueError(f"expected keys identity, done, records; found {found}")
+            if not isinstance(manifest["identity"], dict):
+                raise ValueError("identity is not an object")
+            if not (
+                isinstance(manifest["done"], list)
+                and all(isinstance(step, str) for step in manifest["done"])
+            ):
+                raise ValueError("done is not a list of step names")
+            if not (
+                isinstance(manifest["records"], list)
+                and all(
+                    isinstance(r, dict) and isinstance(r.get("iteration"), int)
+                    for r in manifest["records"]
+                )
+            ):
+                raise ValueError("records is not a list of records with an integer iteration")
+        except (ValueError, TypeError, UnicodeDecodeError) as error:
             # Written atomically, so this is outside damage: refuse rather than guess.
             raise ValueError(
                 f"output_dir={str(self.root)!r} has a corrupted {MANIFEST} ({error}); delete "
@@ -680,17 +819,41 @@ class RunDirectory:
         return manifest
 
     def _clean(self) -> None:
-        """Remove leftovers of interrupted writes (temporary files and unlisted iterates)."""
-        for tmp in self.root.glob("**/*.tmp"):
-            if tmp.is_dir():
-                shutil.rmtree(tmp, ignore_errors=True)
+        """Remove leftovers of this run's own interrupted writes, and only those.
+
+        Temporaries are recognized by the exact names the atomic writers give them
+        (:func:`gfn_spin.io.is_temporary_of`) next to the files the run writes, in the run's
+        own subfolders; an unlisted iterate is an ``iter_N`` folder inside ``iterates/``.
+        """
+
+        def remove(entry: Path) -> None:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
             else:
-                tmp.unlink(missing_ok=True)
+                entry.unlink(missing_ok=True)
+
+        for entry in self.root.iterdir():
+            if any(is_temporary_of(entry.name, name) for name in _ROOT_FILES):
+                remove(entry)
+        data = self.root / "data"
+        if data.is_dir() and not data.is_symlink():
+            for entry in data.iterdir():
+                final, _, _ = entry.name.partition(".parquet.")
+                if _DATA_FILE.fullmatch(final + ".parquet") and is_temporary_of(
+                    entry.name, final + ".parquet"
+                ):
+                    remove(entry)
         iterates = self.root / "iterates"
-        if iterates.is_dir():
+        if iterates.is_dir() and not iterates.is_symlink():
             for entry in iterates.iterdir():
-                if f"train_{entry.name}" not in self.manifest["done"]:
-                    shutil.rmtree(entry, ignore_errors=True)
+                final = entry.name.split(".", 1)[0]
+                if not _ITERATE.fullmatch(final):
+                    continue  # not a name this run writes: leave it alone
+                if entry.name == final:
+                    if f"train_{final}" not in self.manifest["done"]:
+                        remove(entry)
+                elif is_temporary_of(entry.name, final):
+                    remove(entry)
 
     def done(self, step: str) -> bool:
         return step in self.manifest["done"]
@@ -826,12 +989,15 @@ class AlphaSpinTrainer:
                 messages_column=config.messages_column,
                 max_examples=config.max_examples,
             )
+        check_no_special_tokens(policy.tokenizer, pairs["prompt"], "the dataset's prompts")
+        check_no_special_tokens(policy.tokenizer, pairs["response"], "the dataset's responses")
         self.examples = encode_examples(
             pairs,
             policy.tokenizer,
             max_prompt_length=config.max_prompt_length,
             max_new_tokens=self.max_new_tokens,
         )
+        check_context_fits(self.examples, policy.max_context, config, self.max_new_tokens)
         if len(self.examples) < config.batch_size * config.gradient_accumulation_steps:
             raise ValueError(
                 f"{len(self.examples)} examples are fewer than one optimizer step "
@@ -841,7 +1007,7 @@ class AlphaSpinTrainer:
         if evaluate is None and self.world is not None and policy.allowed_token_ids is not None:
             evaluate = ToyWorldEvaluator(self.world)
         self.evaluate = evaluate
-        identity = {"config": comparable_config(config)}
+        identity = {"config": comparable_config(config), "data_sha256": pairs_fingerprint(pairs)}
         if self.world is not None:
             identity["world"] = self.world.config.key()
         self.identity = identity
@@ -854,9 +1020,19 @@ class AlphaSpinTrainer:
         return self.dist.broadcast_object(metrics)
 
     def train(self) -> list[dict[str, Any]]:
-        """Run (or resume) all iterations; returns the per-iterate records."""
+        """Run (or resume) all iterations; returns the per-iterate records.
+
+        The run folder is locked for the whole call: a second run on the same ``output_dir``
+        is refused with :class:`gfn_spin.io.DirectoryInUseError`.
+        """
+        run = RunDirectory(self.config.output_dir, self.identity, self.dist)
+        try:
+            return self._train(run)
+        finally:
+            run.close()
+
+    def _train(self, run: RunDirectory) -> list[dict[str, Any]]:
         cfg, dist = self.config, self.dist
-        run = RunDirectory(cfg.output_dir, self.identity, dist)
         iterates: list[Policy] = [self.base]
         if not run.done("eval_0"):
             started = time.perf_counter()

@@ -12,13 +12,16 @@ chat columns ``real`` and ``generated`` of the published SPIN data, readable wit
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
-from datasets import Dataset, load_dataset
+from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
 from gfn_spin.io import atomic_path
 
@@ -37,16 +40,33 @@ def chat_messages(prompt: str, response: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
 
 
-def _split_messages(messages: Sequence[dict[str, str]], column: str) -> tuple[str, str]:
-    """(first user content, last assistant content) of one chat."""
-    users = [m["content"] for m in messages if m.get("role") == "user"]
-    assistants = [m["content"] for m in messages if m.get("role") == "assistant"]
+def _split_messages(messages: Any, row: int, column: str) -> tuple[Any, Any]:
+    """(first user content, last assistant content) of one chat (row ``row`` of ``column``)."""
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise ValueError(
+            f"row {row} of messages_column={column!r} is {type(messages).__name__}, not a list "
+            'of {"role": ..., "content": ...} turns'
+        )
+    users = [m.get("content") for m in messages if m.get("role") == "user"]
+    assistants = [m.get("content") for m in messages if m.get("role") == "assistant"]
     if not users or not assistants:
         raise ValueError(
-            f"a row of messages_column={column!r} lacks a user or an assistant turn: "
-            f"{list(messages)!r}"
+            f"row {row} of messages_column={column!r} lacks a user or an assistant turn: "
+            f"{messages!r:.200}"
         )
     return users[0], assistants[-1]
+
+
+#: Marker files of a folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``.
+_SAVED_TO_DISK = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+
+def _unreadable(source: Any, error: BaseException, how: str) -> ValueError:
+    return ValueError(
+        f"dataset={str(source)!r} could not be read {how} ({type(error).__name__}: "
+        f"{str(error)[:300]}); check that the file is complete, UTF-8 text (json/jsonl/csv), "
+        "and holds one record per row (jsonl: one JSON object per line; json: a list of objects)"
+    )
 
 
 def _load_source(source: str | os.PathLike, split: str) -> Dataset:
@@ -56,13 +76,59 @@ def _load_source(source: str | os.PathLike, split: str) -> Dataset:
         if builder is None:
             raise ValueError(
                 f"dataset={str(source)!r} has suffix {path.suffix!r}; give a .json, .jsonl, "
-                ".parquet, .csv or .arrow file, a folder of them, or a hub dataset name"
+                ".parquet, .csv or .arrow file, a folder of them, a folder written by "
+                "save_to_disk, or a hub dataset name"
             )
-        return load_dataset(builder, data_files=str(path), split="train")
+        if path.stat().st_size == 0:
+            raise ValueError(f"dataset={str(source)!r} is an empty file; give a file with rows")
+        try:
+            return load_dataset(builder, data_files=str(path), split="train")
+        except Exception as error:  # datasets/pyarrow raise many types for damaged files
+            raise _unreadable(source, error, f"as {builder}") from error
     if str(source).startswith((".", "/", "~")) and not path.exists():
         raise FileNotFoundError(f"dataset={str(source)!r} does not exist")
+    if path.is_dir() and any((path / name).is_file() for name in _SAVED_TO_DISK):
+        try:
+            saved = load_from_disk(str(path))
+        except Exception as error:
+            raise _unreadable(source, error, "with datasets.load_from_disk") from error
+        if isinstance(saved, DatasetDict):
+            if split not in saved:
+                raise ValueError(
+                    f"dataset_split={split!r} is not a split of dataset={str(source)!r}; "
+                    f"splits: {sorted(saved)}"
+                )
+            return saved[split]
+        return saved
     # A folder of data files or a hub name: the ordinary loader (no network in tests).
-    return load_dataset(str(source), split=split)
+    try:
+        return load_dataset(str(source), split=split)
+    except Exception as error:
+        if not path.is_dir():
+            raise  # a hub name: the loader's own message (network, missing repository)
+        raise _unreadable(source, error, f"as a folder of data files (split={split!r})") from error
+
+
+def _check_fields(prompts: Sequence[Any], responses: Sequence[Any]) -> None:
+    """Refuse rows whose prompt is not a non-empty string or whose response is not a string.
+
+    An empty response is a real response (end of sequence at once) and is kept.
+    """
+    bad = []
+    for row, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
+        if not isinstance(prompt, str):
+            bad.append(f"row {row}: prompt is {prompt!r:.60} ({type(prompt).__name__})")
+        elif not prompt.strip():
+            bad.append(f"row {row}: prompt is empty")
+        if not isinstance(response, str):
+            bad.append(f"row {row}: response is {response!r:.60} ({type(response).__name__})")
+    if bad:
+        shown = "; ".join(bad[:5]) + (f"; ... ({len(bad)} problems in all)" if len(bad) > 5 else "")
+        raise ValueError(
+            f"the dataset has rows without a usable prompt or response (rows count from 0): "
+            f"{shown}. Every prompt must be a non-empty string and every response a string: "
+            "fix or drop these rows, or map other columns"
+        )
 
 
 def load_pairs(
@@ -77,8 +143,8 @@ def load_pairs(
     """(prompt, response) string pairs from any ``datasets`` source.
 
     Args:
-        source: a hub dataset name, a local file (json/jsonl/parquet/csv/arrow) or folder, or a
-            ``datasets.Dataset``.
+        source: a hub dataset name, a local file (json/jsonl/parquet/csv/arrow) or folder, a
+            folder written by ``save_to_disk``, or a ``datasets.Dataset``.
         split: the split to read (files load as "train").
         prompt_column: the column holding prompt strings.
         response_column: the column holding the real (SFT) responses.
@@ -88,6 +154,10 @@ def load_pairs(
 
     Returns:
         a ``Dataset`` with exactly the string columns ``prompt`` and ``response``.
+
+    Raises:
+        ValueError: an unreadable source, a missing column, no rows, or a row whose prompt is
+            not a non-empty string or whose response is not a string (rows named).
     """
     data = source if isinstance(source, Dataset) else _load_source(source, split)
     if messages_column is not None:
@@ -95,7 +165,10 @@ def load_pairs(
             raise ValueError(
                 f"messages_column={messages_column!r} is not a column; columns: {data.column_names}"
             )
-        pairs = [_split_messages(m, messages_column) for m in data[messages_column]]
+        column = data[messages_column]
+        if max_examples is not None:
+            column = column[:max_examples]
+        pairs = [_split_messages(m, row, messages_column) for row, m in enumerate(column)]
         prompts, responses = [p for p, _ in pairs], [r for _, r in pairs]
     else:
         for name, column in (
@@ -113,7 +186,48 @@ def load_pairs(
         prompts, responses = prompts[:max_examples], responses[:max_examples]
     if not prompts:
         raise ValueError("the dataset has no rows; check the source, split and max_examples")
-    return Dataset.from_dict({"prompt": [str(p) for p in prompts], "response": responses})
+    _check_fields(prompts, responses)
+    return Dataset.from_dict({"prompt": prompts, "response": responses})
+
+
+def pairs_fingerprint(pairs: Dataset) -> str:
+    """SHA-256 of the (prompt, response) pairs' content, recorded by a run to detect edits."""
+    digest = hashlib.sha256()
+    for prompt, response in zip(pairs["prompt"], pairs["response"], strict=True):
+        digest.update(json.dumps([prompt, response], ensure_ascii=False).encode("utf-8"))
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def special_token_strings(tokenizer: Any) -> list[str]:
+    """The text forms of the tokenizer's special tokens (BOS, EOS, PAD, chat markers, ...)."""
+    found = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    for token in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).values():
+        if getattr(token, "special", False):
+            found.add(str(token.content))
+    return sorted((t for t in found if t), key=len, reverse=True)
+
+
+def check_no_special_tokens(
+    tokenizer: Any, texts: Sequence[str], argument: str = "the dataset"
+) -> None:
+    """Refuse texts holding a special token's text (it would tokenize to that control token).
+
+    Data is text: a literal ``</s>`` in a response must not end it. Raises a ValueError
+    naming the rows (counted from 0) and the tokens found.
+    """
+    specials = special_token_strings(tokenizer)
+    bad = []
+    for row, text in enumerate(texts):
+        hits = [t for t in specials if t in text]
+        if hits:
+            bad.append(f"row {row} ({', '.join(repr(h) for h in hits[:3])})")
+    if bad:
+        shown = ", ".join(bad[:5]) + (f", ... ({len(bad)} rows in all)" if len(bad) > 5 else "")
+        raise ValueError(
+            f"{argument} has text that spells the tokenizer's special tokens, which would turn "
+            f"into control tokens: {shown}. Remove or escape them in these rows"
+        )
 
 
 def encode_prompt(
@@ -178,5 +292,16 @@ def load_parquet(path: str | os.PathLike) -> Dataset:
 
     Read with pyarrow into an in-memory ``Dataset``: no ``datasets`` cache, so a file
     rewritten at the same path is never served stale.
+
+    Raises:
+        ValueError: the file is truncated or not parquet (written atomically, so this is
+            outside damage), naming the file.
     """
-    return Dataset(pq.read_table(str(path)))
+    try:
+        return Dataset(pq.read_table(str(path)))
+    except (pa.ArrowException, OSError) as error:
+        raise ValueError(
+            f"{str(path)!r} is corrupted or truncated ({type(error).__name__}: {error}); the "
+            "run cannot resume from it: choose a new output_dir, or delete the run directory "
+            "to start over"
+        ) from error

@@ -8,6 +8,7 @@ iterates and a GFlowNet adapter cost one model in memory.
 
 from __future__ import annotations
 
+import operator
 import os
 import tempfile
 from collections.abc import Sequence
@@ -20,20 +21,70 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from gfn_spin import adapters
+from gfn_spin.data import check_no_special_tokens
 from gfn_spin.density import Density, PromptLike, scores_from_steps
 from gfn_spin.devices import default_device, default_dtype
+from gfn_spin.io import make_directory
 from gfn_spin.samples import Samples, ancestral_sample
 from gfn_spin.scores import TokenScores
 
 
+def check_saved_adapter(path: str | os.PathLike, argument: str = "adapter") -> None:
+    """Refuse a saved LoRA adapter that is missing, truncated or holds non-finite weights.
+
+    Read before peft loads it (safetensors: no code runs), so a corrupted adapter never
+    changes a model. A folder with only ``adapter_model.bin`` is left to peft, which reads it
+    with ``torch.load(weights_only=True)``.
+    """
+    from safetensors.torch import load_file
+
+    folder = Path(path)
+    weights = folder / "adapter_model.safetensors"
+    if not (folder / "adapter_config.json").is_file():
+        raise FileNotFoundError(
+            f"{argument}={str(path)!r} holds no adapter_config.json; give a folder written by "
+            "Policy.save_pretrained for a policy that reads an adapter"
+        )
+    if not weights.is_file():
+        return
+    try:
+        tensors = load_file(str(weights))
+    except Exception as error:
+        raise ValueError(
+            f"{str(weights)!r} is corrupted or truncated ({type(error).__name__}: "
+            f"{str(error)[:200]}); save the adapter again"
+        ) from error
+    bad = [
+        name
+        for name, tensor in tensors.items()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
+    if bad:
+        raise ValueError(
+            f"{str(weights)!r} holds non-finite (NaN or inf) weights in {len(bad)} tensors "
+            f"({bad[0]}, ...); the adapter is corrupted or was saved from a diverged run: "
+            "retrain or restore it"
+        )
+
+
+def _adapter_error(argument: str, path: str | os.PathLike, error: BaseException) -> ValueError:
+    return ValueError(
+        f"{argument}={str(path)!r} could not be loaded as a LoRA adapter of this model "
+        f"({type(error).__name__}: {str(error)[:300]}); it was saved for another model (tensor "
+        "shapes differ) or is damaged: give the adapter saved for this base model"
+    )
+
+
 @dataclass
 class PolicyState:
-    """Decoding state of a batch of prefixes: KV cache, mask, next positions, next log-probs."""
+    """Decoding state of a batch of prefixes: KV cache, mask, next positions, next log-probs,
+    and (when asked for with ``start(..., features=True)``) the last hidden state ``[B, H]``."""
 
     cache: DynamicCache
     attention_mask: torch.Tensor
     next_position: torch.Tensor
     next_logprobs: torch.Tensor
+    next_features: torch.Tensor | None = None
 
     def select(self, index: torch.Tensor) -> PolicyState:
         cache = DynamicCache(ddp_cache_data=[(k[index], v[index]) for k, v, *_ in self.cache])
@@ -42,6 +93,7 @@ class PolicyState:
             self.attention_mask[index],
             self.next_position[index],
             self.next_logprobs[index],
+            None if self.next_features is None else self.next_features[index],
         )
 
 
@@ -112,19 +164,33 @@ class Policy(Density):
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype(device)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+            # Never run code from a model folder: no remote code, and pickled weights
+            # (pytorch_model.bin) load with torch.load(weights_only=True).
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
+            model = AutoModelForCausalLM.from_pretrained(
+                name_or_path, dtype=dtype, trust_remote_code=False, weights_only=True
+            )
         except OSError as error:
             raise OSError(
                 f"could not load name_or_path={name_or_path!r}: {error}. Check the name or "
                 "path; without network access only local directories load"
+            ) from error
+        except Exception as error:  # truncated weights, garbage tokenizer.json, bad config
+            raise ValueError(
+                f"could not load name_or_path={name_or_path!r}: it is corrupted, truncated or "
+                f"not a causal LM ({type(error).__name__}: {str(error)[:300]}); save the model "
+                "again with save_pretrained, or give another path"
             ) from error
         model.to(device).eval()
         adapter_name = None
         if adapter is not None:
             if not os.path.isdir(adapter):
                 raise FileNotFoundError(f"adapter={str(adapter)!r} is not a directory")
-            model = adapters.load_adapter(model, str(adapter), "default")
+            check_saved_adapter(adapter, "adapter")
+            try:
+                model = adapters.load_adapter(model, str(adapter), "default")
+            except Exception as error:
+                raise _adapter_error("adapter", adapter, error) from error
             adapter_name = "default"
         return cls(model, tokenizer, adapter=adapter_name, **kwargs)
 
@@ -179,19 +245,37 @@ class Policy(Density):
     def load_adapter(
         self, path: str | os.PathLike, name: str, *, trainable: bool = False
     ) -> Policy:
-        """Load a saved adapter under ``name``; returns the policy that reads it."""
-        self.model = adapters.load_adapter(self.model, str(path), name, is_trainable=trainable)
+        """Load a saved adapter under ``name``; returns the policy that reads it.
+
+        Raises:
+            FileNotFoundError, ValueError: the folder holds no adapter, or its weights are
+                truncated, non-finite or shaped for another model (the path is named).
+        """
+        check_saved_adapter(path, "path")
+        try:
+            self.model = adapters.load_adapter(self.model, str(path), name, is_trainable=trainable)
+        except Exception as error:
+            raise _adapter_error("path", path, error) from error
         return self.with_adapter(name)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Save this policy: the adapter only (peft format) when it reads one, else the model."""
+        """Save this policy: the adapter only (peft format) when it reads one, else the model.
+
+        ``directory`` must be new or empty: a folder that holds files is refused
+        (FileExistsError), so that no file in it is replaced or moved.
+        """
         if self.adapter is not None and not isinstance(self.adapter, str):
             raise ValueError(
                 f"this policy reads stacked adapters {self.adapter}; a directory holds one "
                 "adapter: save the policy of each (policy.with_adapter(name).save_pretrained)"
             )
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        if directory.is_dir() and any(directory.iterdir()):
+            raise FileExistsError(
+                f"directory={str(directory)!r} is not empty; save_pretrained writes into a new "
+                "or empty folder only (it never replaces files): choose another directory"
+            )
+        make_directory(directory, "directory")
         if self.adapter is None:
             self.model.save_pretrained(directory)
         else:
@@ -235,8 +319,10 @@ class Policy(Density):
         if isinstance(prompts, str):
             raise TypeError("prompts must be a list of strings or of token-id lists, not a str")
         encoded = []
-        for prompt in prompts:
+        vocab = None
+        for index, prompt in enumerate(prompts):
             if isinstance(prompt, str):
+                check_no_special_tokens(self._tokenizer, [prompt], f"prompts[{index}]")
                 if self.chat_template:
                     text = self._tokenizer.apply_chat_template(
                         [{"role": "user", "content": prompt}],
@@ -247,7 +333,21 @@ class Policy(Density):
                 else:
                     encoded.append(self._tokenizer(prompt)["input_ids"])
             else:
-                encoded.append([int(t) for t in prompt])
+                try:
+                    ids = [operator.index(t) for t in prompt]
+                except TypeError:
+                    raise TypeError(
+                        f"prompts[{index}] must be a string or a list of integer token ids, got "
+                        f"{prompt!r:.80}"
+                    ) from None
+                vocab = self.vocab_size if vocab is None else vocab
+                outside = [t for t in ids if not 0 <= t < vocab]
+                if outside:
+                    raise ValueError(
+                        f"prompts[{index}] has token ids {outside[:5]} outside the model's "
+                        f"vocabulary [0, {vocab}); encode prompts with this model's tokenizer"
+                    )
+                encoded.append(ids)
         return encoded
 
     def _vocab_mask(self, device: torch.device) -> torch.Tensor | None:
@@ -274,10 +374,15 @@ class Policy(Density):
             return self.model(**inputs)
 
     def _teacher_forced_logits(
-        self, prompt_ids: list[list[int]], response_ids: torch.Tensor, lengths: torch.Tensor
-    ) -> torch.Tensor:
+        self,
+        prompt_ids: list[list[int]],
+        response_ids: torch.Tensor,
+        lengths: torch.Tensor,
+        features: bool = False,
+    ) -> Any:
         """Log-scores at the states s_0..s_L of each row, ``[B, L+1, V]`` (logits: each state's
-        row is defined up to a constant; normalize with log-softmax or logsumexp).
+        row is defined up to a constant; normalize with log-softmax or logsumexp). With
+        ``features=True``, also the last hidden state at each state, ``[B, L+1, H]``, as a pair.
 
         Rows that share a prompt (a prompt's samples, SPIN's real and generated responses) share
         its prefill: each distinct prompt runs once, its cache rows are copied (gradients flow
@@ -292,7 +397,7 @@ class Policy(Density):
         prompt_lengths = torch.tensor([len(p) for p in prompt_ids], device=device)
         self._check_context(prompt_lengths, width)
         if len({tuple(p) for p in prompt_ids}) < batch:
-            return self._logits_over_shared_prompts(prompt_ids, response_ids, lengths)
+            return self._logits_over_shared_prompts(prompt_ids, response_ids, lengths, features)
         total = int(prompt_lengths.max()) + width
         # Right padding: prompt, then response, then PAD; every row's positions start at 0.
         # One tensor from padded lists: a per-row copy costs more than the forward on big batches.
@@ -308,20 +413,34 @@ class Policy(Density):
             torch.arange(total, device=device)[None, :] < (prompt_lengths + lengths)[:, None]
         ).long()
         first = int(prompt_lengths.min()) - 1
-        logits = self._forward(
-            input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=total - first
-        ).logits
+        out = self._forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            logits_to_keep=total - first,
+            output_hidden_states=features,
+        )
         self._tokens += int(attention_mask.sum())
         offsets = prompt_lengths - 1 - first  # column of s_0 in the kept window
-        if not bool(offsets.any()):
-            return logits
         state_columns = offsets[:, None] + torch.arange(width + 1, device=device)
-        return logits.gather(1, state_columns[..., None].expand(-1, -1, logits.shape[-1]))
+
+        def at_states(values: torch.Tensor) -> torch.Tensor:
+            if not bool(offsets.any()):
+                return values
+            return values.gather(1, state_columns[..., None].expand(-1, -1, values.shape[-1]))
+
+        logits = at_states(out.logits)
+        if not features:
+            return logits
+        return logits, at_states(out.hidden_states[-1][:, first:].float())
 
     def _logits_over_shared_prompts(
-        self, prompt_ids: list[list[int]], response_ids: torch.Tensor, lengths: torch.Tensor
-    ) -> torch.Tensor:
-        state = self.start(prompt_ids)  # one prefill per distinct prompt (see start)
+        self,
+        prompt_ids: list[list[int]],
+        response_ids: torch.Tensor,
+        lengths: torch.Tensor,
+        features: bool = False,
+    ) -> Any:
+        state = self.start(prompt_ids, features=features)  # one prefill per distinct prompt
         width = response_ids.shape[1]
         valid = torch.arange(width, device=self.device)[None, :] < lengths[:, None]
         out = self._forward(
@@ -330,16 +449,37 @@ class Policy(Density):
             position_ids=state.next_position[:, None] + torch.arange(width, device=self.device),
             cache=state.cache,
             use_cache=True,
+            output_hidden_states=features,
         )
         self._tokens += int(lengths.sum())
         # s_0's row comes normalized from the prefill; s_1..s_L are the block's logits.
-        return torch.cat([state.next_logprobs[:, None], out.logits.float()], dim=1)
+        logits = torch.cat([state.next_logprobs[:, None], out.logits.float()], dim=1)
+        if not features:
+            return logits
+        hidden = torch.cat([state.next_features[:, None], out.hidden_states[-1].float()], dim=1)
+        return logits, hidden
 
     def step_logprobs(
         self, prompts: Sequence[PromptLike], response_ids: torch.Tensor, lengths: torch.Tensor
     ) -> torch.Tensor:
         prompt_ids = self.encode_prompts(prompts)
         return self._log_softmax(self._teacher_forced_logits(prompt_ids, response_ids, lengths))
+
+    def step_logprobs_and_features(
+        self, prompts: Sequence[PromptLike], response_ids: torch.Tensor, lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step scores ``[B, L+1, V]`` and the last hidden state at each state ``[B, L+1, H]``
+        (the LM head's input), from one teacher-forced pass: what a learned twist reads."""
+        prompt_ids = self.encode_prompts(prompts)
+        logits, hidden = self._teacher_forced_logits(
+            prompt_ids, response_ids, lengths, features=True
+        )
+        return self._log_softmax(logits), hidden
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of the features returned with ``features=True``."""
+        return int(self.model.config.hidden_size)
 
     def score(
         self, prompts: Sequence[PromptLike], response_ids: torch.Tensor, lengths: torch.Tensor
@@ -369,17 +509,19 @@ class Policy(Density):
                 f"context of {limit} tokens; shorten the prompt or lower max_new_tokens"
             )
 
-    def start(self, prompt_ids: Sequence[Sequence[int]]) -> PolicyState:
+    def start(self, prompt_ids: Sequence[Sequence[int]], *, features: bool = False) -> PolicyState:
+        """Prefill the prompts; with ``features=True`` the states also carry the last hidden
+        state (``next_features``), through every later ``advance``."""
         # Samplers repeat each prompt once per draw (or candidate, or particle): prefill each
         # distinct prompt once and copy its cache rows, instead of running identical rows.
         distinct: dict[tuple[int, ...], int] = {}
         rows = [distinct.setdefault(tuple(p), len(distinct)) for p in prompt_ids]
         if len(distinct) < len(rows):
-            state = self._prefill(list(distinct))
+            state = self._prefill(list(distinct), features)
             return state.select(torch.tensor(rows, device=self.device))
-        return self._prefill(prompt_ids)
+        return self._prefill(prompt_ids, features)
 
-    def _prefill(self, prompt_ids: Sequence[Sequence[int]]) -> PolicyState:
+    def _prefill(self, prompt_ids: Sequence[Sequence[int]], features: bool) -> PolicyState:
         device = self.device
         prompt_lengths = torch.tensor([len(p) for p in prompt_ids], device=device)
         self._check_context(prompt_lengths, 0)
@@ -400,13 +542,19 @@ class Policy(Density):
             cache=DynamicCache(),
             use_cache=True,
             logits_to_keep=1,
+            output_hidden_states=features,
         )
         self._tokens += int(prompt_lengths.sum())
         return PolicyState(
-            out.cache, attention_mask, prompt_lengths, self._log_softmax(out.logits[:, -1])
+            out.cache,
+            attention_mask,
+            prompt_lengths,
+            self._log_softmax(out.logits[:, -1]),
+            out.hidden_states[-1][:, -1].float() if features else None,
         )
 
     def advance(self, state: PolicyState, tokens: torch.Tensor) -> PolicyState:
+        features = state.next_features is not None
         attention_mask = torch.cat(
             [state.attention_mask, state.attention_mask.new_ones(len(tokens), 1)], dim=1
         )
@@ -416,8 +564,13 @@ class Policy(Density):
             position_ids=state.next_position[:, None],
             cache=state.cache,
             use_cache=True,
+            output_hidden_states=features,
         )
         self._tokens += len(tokens)
         return PolicyState(
-            out.cache, attention_mask, state.next_position + 1, self._log_softmax(out.logits[:, -1])
+            out.cache,
+            attention_mask,
+            state.next_position + 1,
+            self._log_softmax(out.logits[:, -1]),
+            out.hidden_states[-1][:, -1].float() if features else None,
         )

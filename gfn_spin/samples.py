@@ -6,6 +6,7 @@ class.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ from typing import Any
 
 import torch
 
-from gfn_spin.density import Density, PromptLike
+from gfn_spin.density import Density, PromptLike, unique_policies
 from gfn_spin.devices import resolve_generator
 
 
@@ -69,6 +70,48 @@ def check_count(name: str, value: int) -> int:
     return value
 
 
+def check_sampling(temperature: float, top_p: float) -> None:
+    """Refuse a temperature that is not a finite number > 0, or top_p outside (0, 1]."""
+    if not (
+        isinstance(temperature, int | float) and math.isfinite(temperature) and temperature > 0
+    ):
+        raise ValueError(f"temperature={temperature!r} must be a finite number > 0")
+    if not (isinstance(top_p, int | float) and 0 < top_p <= 1):
+        raise ValueError(f"top_p={top_p!r} must be in (0, 1]")
+
+
+def context_length(density: Density) -> int | None:
+    """The shortest context (``max_position_embeddings``) among the models under ``density``."""
+    limits = [getattr(p, "max_context", None) for p in unique_policies([density])]
+    limits = [int(limit) for limit in limits if isinstance(limit, int)]
+    return min(limits) if limits else None
+
+
+def check_context(
+    density: Density, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int
+) -> None:
+    """Refuse, before any model work, prompts that leave no room for ``max_new_tokens``.
+
+    Every sampler calls this with its length cap: a response runs up to ``max_new_tokens``
+    tokens past its prompt, and positions beyond the model's context are undefined.
+    """
+    limit = context_length(density)
+    if limit is None or not prompt_ids:
+        return
+    longest = max(len(p) for p in prompt_ids)
+    if max_new_tokens >= limit:
+        raise ValueError(
+            f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's context "
+            f"of {limit} tokens; lower max_new_tokens below {limit}"
+        )
+    if longest + max_new_tokens > limit:
+        raise ValueError(
+            f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the "
+            f"model's context of {limit} tokens; shorten the prompts to at most "
+            f"{limit - max_new_tokens} tokens (keep their last tokens) or lower max_new_tokens"
+        )
+
+
 def _sampling_logprobs(logprobs: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
     """The distribution actually sampled from: tempered, then nucleus-truncated, renormalized."""
     if temperature != 1.0:
@@ -107,14 +150,12 @@ def ancestral_sample(
         )
     check_count("num_samples", num_samples)
     check_count("max_new_tokens", max_new_tokens)
-    if not temperature > 0:
-        raise ValueError(f"temperature={temperature} must be > 0")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p={top_p} must be in (0, 1]")
+    check_sampling(temperature, top_p)
     started, tokens_before = time.perf_counter(), density.tokens_evaluated
     prompt_ids = density.encode_prompts(prompts)
     if len(prompt_ids) == 0:
         raise ValueError("prompts is empty: give at least one prompt")
+    check_context(density, prompt_ids, max_new_tokens)
     device = density.device
     generator = resolve_generator(generator, device)
     rows = [ids for ids in prompt_ids for _ in range(num_samples)]

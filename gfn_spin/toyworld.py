@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import os
 import random
 from collections import defaultdict
@@ -98,6 +99,41 @@ class ToyWorldConfig:
     trained weights by float rounding)."""
 
     def __post_init__(self) -> None:
+        def integer(name: str, low: int) -> int:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name}={value!r} must be an integer >= {low}")
+            return value
+
+        for name in ("max_new_tokens", "num_eval_prompts", "sft_examples", "hidden_size"):
+            integer(name, 1)
+        for name in ("num_layers", "num_heads", "batch_size"):
+            integer(name, 1)
+        for name in ("seed", "sft_steps", "shift_steps"):
+            integer(name, 0)
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} must divide hidden_size={self.hidden_size}"
+            )
+        lengths = self.prompt_lengths
+        if (
+            not isinstance(lengths, tuple | list)
+            or not lengths
+            or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in lengths)
+        ):
+            raise ValueError(f"prompt_lengths={lengths!r} must be positive integers")
+        total = sum(4**n for n in set(lengths))
+        if self.num_eval_prompts >= total:
+            raise ValueError(
+                f"num_eval_prompts={self.num_eval_prompts} leaves no train prompts: there are "
+                f"{total} prompts of lengths {tuple(lengths)}; lower num_eval_prompts"
+            )
+        if not (
+            isinstance(self.learning_rate, int | float)
+            and math.isfinite(self.learning_rate)
+            and self.learning_rate > 0
+        ):
+            raise ValueError(f"learning_rate={self.learning_rate!r} must be a finite number > 0")
         if self.shift_rule not in SHIFT_RULES:
             raise ValueError(f"shift_rule={self.shift_rule!r} must be one of {SHIFT_RULES}")
         for prefix in ("", "shifted_"):

@@ -8,8 +8,8 @@ import torch
 
 from gfn_spin.density import Density, PromptLike
 from gfn_spin.mixtures import ArithmeticMixture
-from gfn_spin.samples import Samples, ancestral_sample, check_count
-from samplers.base import Sampler, check_prompts
+from gfn_spin.samples import Samples, ancestral_sample, check_count, check_sampling
+from samplers.base import Sampler, encode_within_context
 
 
 class AncestralSampler(Sampler):
@@ -36,6 +36,7 @@ class AncestralSampler(Sampler):
             )
         self.model = model
         self.max_new_tokens = check_count("max_new_tokens", max_new_tokens)
+        check_sampling(temperature, top_p)
         self.temperature = temperature
         self.top_p = top_p
         self.target = target
@@ -47,8 +48,8 @@ class AncestralSampler(Sampler):
         *,
         generator: torch.Generator | int | None = None,
     ) -> Samples:
-        check_prompts(prompts)
-        prompt_ids = self.model.encode_prompts(prompts)
+        check_count("num_samples", num_samples)
+        prompt_ids = encode_within_context(self.model, prompts, self.max_new_tokens)
         samples = ancestral_sample(
             self.model,
             prompt_ids,

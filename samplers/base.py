@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from gfn_spin.density import Density, PromptLike
-from gfn_spin.samples import Samples, check_count
+from gfn_spin.samples import Samples, check_context, check_count, check_sampling
 
 
 class Sampler(ABC):
@@ -45,6 +45,20 @@ class Sampler(ABC):
             return self.target.log_prob(rows, samples.response_ids, samples.lengths)
 
 
+def encode_within_context(
+    density: Density, prompts: Sequence[PromptLike], max_new_tokens: int
+) -> list[list[int]]:
+    """``prompts`` as token ids, refused before any model work when they are empty, a bare
+    string, or too long for ``max_new_tokens`` more tokens in ``density``'s context.
+
+    The one check every sampler's ``sample`` (and a GFlowNet's ``fit``) runs first.
+    """
+    check_prompts(prompts)
+    prompt_ids = density.encode_prompts(prompts)
+    check_context(density, prompt_ids, max_new_tokens)
+    return prompt_ids
+
+
 def check_prompts(prompts: Sequence[PromptLike]) -> None:
     """Raise before any model work when ``prompts`` is empty or a bare string."""
     if isinstance(prompts, str):
@@ -53,4 +67,12 @@ def check_prompts(prompts: Sequence[PromptLike]) -> None:
         raise ValueError("prompts is empty: give at least one prompt")
 
 
-__all__ = ["Sampler", "Samples", "check_count", "check_prompts"]
+__all__ = [
+    "Sampler",
+    "Samples",
+    "check_context",
+    "check_count",
+    "check_prompts",
+    "check_sampling",
+    "encode_within_context",
+]

@@ -19,7 +19,7 @@ import torch
 from gfn_spin.density import Density, PromptLike
 from gfn_spin.devices import resolve_generator
 from gfn_spin.samples import Samples, ancestral_sample, check_count
-from samplers.base import Sampler
+from samplers.base import Sampler, encode_within_context
 from samplers.smc import SMCSampler
 from samplers.weighting import (
     check_proposal,
@@ -106,6 +106,7 @@ class ImportanceResampler(Sampler):
         generator: torch.Generator | int | None = None,
     ) -> Samples:
         check_count("num_samples", num_samples)
+        encode_within_context(self.target, prompts, self.max_new_tokens)
         if self._unscored is not None:
             samples = self._unscored.sample(prompts, num_samples, generator=generator)
             stats = {key: samples.stats[key] for key in ("ess", "log_z", "tokens", "seconds")}

@@ -180,10 +180,15 @@ def test_resume_equals_uninterrupted(world, kl_only, tmp_path):
     garbage = cut / "iterates" / "iter_2"
     garbage.mkdir(parents=True)
     (garbage / "adapter_config.json").write_text("{not json")
-    (cut / "data" / "iteration_1.parquet.abc.tmp").write_text("partial")
+    # A temporary named as the atomic writer names it (<final name>.<8 random>.tmp).
+    (cut / "data" / "iteration_1.parquet.abcd_123.tmp").write_text("partial")
+    # Files a user put there: not the run's names, so never deleted.
+    (cut / "data" / "notes.tmp").write_text("mine")
+    (cut / "iterates" / "my_adapter").mkdir()
     _, resumed = run(world, kl_only, tmp_path, name="cut", iterations=2)
     assert metrics(resumed) == metrics(full)
-    assert not list(cut.glob("**/*.tmp"))
+    assert sorted(p.name for p in cut.glob("**/*.tmp")) == ["notes.tmp"]
+    assert (cut / "iterates" / "my_adapter").is_dir()
     # A finished run restarted does nothing and returns the same records.
     _, again = run(world, kl_only, tmp_path, name="cut", iterations=2)
     assert metrics(again) == metrics(full)
