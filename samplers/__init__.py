@@ -15,7 +15,8 @@ the model tokens it spent in ``stats["tokens"]``. Which to use:
 - :class:`SMCSampler`: a geometric mixture when the local product drifts over long responses;
   resampling keeps particles on prefixes the target likes; unbiased ``Ẑ``. Cost per draw: N
   particles × proposal components (× target components too for a proposal other than the
-  local product), no scoring pass.
+  local product), no scoring pass. With a trained GFlowNet: ``proposal=gfn.policy,
+  twist="flow"`` (its prefix flow as the look-ahead potential).
 - :class:`GFlowNetSampler`: a geometric mixture sampled many times (α-SPIN iterations): a
   LoRA policy trained once with SubTB (``.fit``); afterwards plain ancestral sampling, one
   model token per generated token, ``log_q`` exact; also the best SIR/SMC proposal.
@@ -32,7 +33,7 @@ from samplers.base import Sampler, Samples
 from samplers.exact import ExactSampler
 from samplers.gflownet import GFlowNetSampler
 from samplers.importance import ImportanceResampler
-from samplers.smc import SMCSampler
+from samplers.smc import SMCSampler, Twist, TwistInputs, flow_twist
 
 __all__ = [
     "AncestralSampler",
@@ -43,4 +44,7 @@ __all__ = [
     "SMCSampler",
     "Sampler",
     "Samples",
+    "Twist",
+    "TwistInputs",
+    "flow_twist",
 ]

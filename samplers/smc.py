@@ -9,23 +9,38 @@ When a population's ESS falls under ``ess_threshold · N`` it is resampled (mult
 finished particles keep their weight, stop extending, and take part in resampling (a copy of a
 finished particle stays finished).
 
-``Ẑ = Π_epochs mean(w)`` (product over resampling epochs of the mean weight) is an unbiased
-estimate of the target's normalizer ``Z``; ``log Ẑ`` is biased low (Jensen). The law of a draw
-picked ∝ w from the final population tends to the target as N → ∞ (consistent, biased at
-finite N, first order O(1/N)); without resampling it is exactly SIR with K = N.
+Twisted SMC (``twist=``): the intermediate potential of a particle at ``s_k`` is
+``γ_k(s_k) = g̃(y_{1:k}) · ψ(s_k)``, the target's prefix product ``g̃(y_{1:k}) = Π_{j<k}
+g(y_{j+1}|s_j)`` times a twist ψ that looks ahead (ψ ≡ 1 without a twist). A finished particle's
+potential is its target density ``G̃(y)`` (ψ = 1 at ⊤ and at the forced stop at L). The initial
+weight is ``γ_0(s_0) = ψ(s_0)`` and the incremental weight of ``s_k → s_k·v`` is
+``γ_{k+1}(s_k v) / (γ_k(s_k) q(v|s_k))``, so the weights along any path multiply to
+``G̃(y) / q(y)`` whatever ψ is: only the variance depends on ψ. With ``twist="flow"``, ``γ_k`` is
+the prefix flow of modified SubTB (DESIGN §4), ``F(s_k) = R(s_k⊤) / q(⊤|s_k)`` with
+``R(s_k⊤) = G̃(y_{1:k}⊤)``: then ``ψ(s) = g(⊤|s) / q(⊤|s)``, stopping has incremental weight 1, and
+a proposal that samples the target exactly makes every incremental weight 1 and ``Ẑ = Z``.
+
+``Ẑ = Π_epochs mean(w)`` (product over resampling epochs of the mean weight, the initial weight
+included) is an unbiased estimate of the target's normalizer ``Z`` for any ψ > 0; ``log Ẑ`` is
+biased low (Jensen). The law of a draw picked ∝ w from the final population tends to the target
+as N → ∞ (consistent, biased at finite N, first order O(1/N)); without resampling it is exactly
+SIR with K = N.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from gfn_spin.density import Density, PromptLike
+from gfn_spin.density import DecodeState, Density, PromptLike
 from gfn_spin.devices import resolve_generator
+from gfn_spin.mixtures import LocalProduct
 from gfn_spin.samples import Samples, check_count
+from gfn_spin.scores import weighted_logsum
 from samplers.base import Sampler
 from samplers.weighting import (
     check_proposal,
@@ -38,22 +53,92 @@ from samplers.weighting import (
 )
 
 
+@dataclass(frozen=True)
+class TwistInputs:
+    """What a twist sees: B particles, all at states ``s_k`` of the same length k (k < L).
+
+    Attributes:
+        prompts: the prompt token ids of each population in the batch.
+        population: ``[B]`` index into ``prompts`` of each particle.
+        response_ids: ``[B, k]`` the particles' prefixes ``y_{1:k}`` (no EOS inside).
+        log_target_prefix: ``[B]`` float64, ``log g̃(y_{1:k}) = Σ_{j<k} log g(y_{j+1}|s_j)``.
+        target_logprobs: ``[B, V]`` the target's step log-scores ``log g(·|s_k)`` (unnormalized
+            for a geometric mixture; ``target_logprobs[:, eos]`` is its stop score).
+        proposal_state: the proposal's decode state at ``s_k`` (``next_logprobs [B, V]``, and
+            whatever the proposal carries: caches, component states).
+        eos_token_id: the EOS (⊤) token id.
+    """
+
+    prompts: list[list[int]]
+    population: torch.Tensor
+    response_ids: torch.Tensor
+    log_target_prefix: torch.Tensor
+    target_logprobs: torch.Tensor
+    proposal_state: DecodeState
+    eos_token_id: int
+
+
+#: A twist: ``log ψ(s_k)`` ``[B]`` of the states in :class:`TwistInputs` (``-inf`` allowed where
+#: the target has no mass below ``s_k``; NaN and ``+inf`` are errors). The potential is
+#: ``log g̃(y_{1:k}) + log ψ(s_k)``, so a twist is relative to the target's prefix product: a
+#: learned twist head predicts ``log Σ_{y ⊒ s_k} G̃(y) − log g̃(y_{1:k})`` (the log of the
+#: expected product of the target's remaining step-score normalizers).
+Twist = Callable[[TwistInputs], torch.Tensor]
+
+
+def flow_twist(inputs: TwistInputs) -> torch.Tensor:
+    """The modified-SubTB prefix flow as a twist: ``log ψ(s) = log g(⊤|s) − log q(⊤|s)``.
+
+    The potential ``log g̃(y_{1:k}) + log ψ(s_k) = log R(s_k⊤) − log q(⊤|s_k) = log F(s_k)``: a
+    GFlowNet policy at zero SubTB loss has ``F(s_k) = Σ_{y ⊒ s_k} G̃(y)``, the optimal potential.
+    Where the flow is not a usable potential (the target forbids stopping at s, or the proposal
+    never stops there), ψ = 1: any positive twist keeps ``Ẑ`` unbiased, a zero one would not.
+    Returns ``[B]`` float64.
+    """
+    eos = inputs.eos_token_id
+    log_psi = (
+        inputs.target_logprobs[:, eos].double()
+        - inputs.proposal_state.next_logprobs[:, eos].double()
+    )
+    return torch.where(torch.isfinite(log_psi), log_psi, 0.0)
+
+
+TWISTS: dict[str, Twist] = {"flow": flow_twist}
+
+
+def resolve_twist(twist: str | Twist | None) -> Twist | None:
+    """The twist callable for ``SMCSampler(twist=...)``; raises on an unknown name or type."""
+    if twist is None or callable(twist):
+        return twist
+    if isinstance(twist, str) and twist in TWISTS:
+        return TWISTS[twist]
+    raise ValueError(
+        f"twist={twist!r} must be None (the target's prefix as potential), one of "
+        f"{sorted(TWISTS)}, or a callable TwistInputs -> log ψ [B] (see samplers.smc.Twist)"
+    )
+
+
 class SMCSampler(Sampler):
     """Sequential Monte Carlo with adaptive multinomial resampling and an unbiased ``Ẑ``.
 
     Use it for a geometric mixture when the local product (the default proposal) drifts from
     the target over long responses: resampling prunes particles whose prefixes the target
     dislikes, which SIR cannot do. Use :class:`~samplers.ImportanceResampler` when the proposal
-    is already close (ESS/K high), :class:`~samplers.ExactSampler` on tiny worlds.
+    is already close (ESS/K high), :class:`~samplers.ExactSampler` on tiny worlds. With a trained
+    GFlowNet, pass its ``.policy`` as ``proposal`` and ``twist="flow"``: its prefix flow then
+    looks ahead when resampling (GFlowNet-twisted SMC), and the closer the GFlowNet is to the
+    target, the closer every incremental weight is to 1.
 
     ``num_samples`` semantics: each output draw comes from its own independent population of
     ``num_particles`` particles (one particle picked ∝ its final weight), so draws are
     independent and their law tends to the target as N grows. All particles of all populations
     and prompts are extended in one batch per step (``batch_size`` caps a batch; populations
     are never split). Cost in model tokens per draw: ``N·(|x| + n̄)`` per proposal component,
-    plus the same per target component when the proposal is neither the target's local product
-    nor the target itself (then the target's step scores are needed too). No teacher-forced
-    pass is needed: ``log_target`` is accumulated along each particle's path.
+    plus the same per target component unless the proposal is the target itself, the target's
+    local product, or a residual on it (a density whose ``local`` is the target's local product
+    and whose states carry its component states, as the residual GFlowNet policy does): then
+    the target's step scores come with the proposal's. No teacher-forced pass is needed:
+    ``log_target`` is accumulated along each particle's path.
 
     A population whose weights all become zero (the target forbids every particle) cannot
     produce a draw: ``sample`` raises a RuntimeError.
@@ -68,6 +153,10 @@ class SMCSampler(Sampler):
         num_particles: N, particles per population.
         proposal: a normalized density; None uses the target's local product (or the target
             itself when it is normalized).
+        twist: the look-ahead of the intermediate potentials (see the module docstring): None
+            (ψ ≡ 1, the target's prefix), ``"flow"`` (:func:`flow_twist`, the prefix flow
+            ``F(s) = R(s⊤) / q(⊤|s)`` of the proposal read as a GFlowNet), or a :data:`Twist`
+            callable (a learned twist head).
         ess_threshold: resample a population when its ESS < ``ess_threshold · N`` (0: never,
             which is SIR; 1: at every step).
         max_new_tokens: the length cap L.
@@ -80,6 +169,7 @@ class SMCSampler(Sampler):
         num_particles: int,
         *,
         proposal: Density | None = None,
+        twist: str | Twist | None = None,
         ess_threshold: float = 0.5,
         max_new_tokens: int,
         batch_size: int = 65536,
@@ -89,6 +179,7 @@ class SMCSampler(Sampler):
             target, default_proposal(target) if proposal is None else proposal
         )
         self.num_particles = check_count("num_particles", num_particles)
+        self.twist = resolve_twist(twist)
         if not 0.0 <= float(ess_threshold) <= 1.0:
             raise ValueError(f"ess_threshold={ess_threshold} must be in [0, 1]")
         self.ess_threshold = float(ess_threshold)
@@ -98,6 +189,8 @@ class SMCSampler(Sampler):
             self._weighting = "exact"  # the proposal is the (normalized) target: w ≡ 1
         elif is_local_product_of(self.proposal, target):
             self._weighting = "local_product"  # w = Z_loc(s_k), no target states needed
+        elif is_residual_on_local_product_of(self.proposal, target):
+            self._weighting = "components"  # target scores from the proposal's component states
         else:
             self._weighting = "general"
 
@@ -145,11 +238,57 @@ class SMCSampler(Sampler):
             },
         )
 
+    @torch.no_grad()
+    def log_weight_increments(
+        self, prompts: Sequence[PromptLike], response_ids: torch.Tensor, lengths: torch.Tensor
+    ) -> torch.Tensor:
+        """The log-weights this sampler gives the given complete paths, step by step.
+
+        For checking a twist or a proposal on chosen responses: the same decoding code as
+        :meth:`sample`, fed the given tokens instead of sampled ones, without resampling.
+
+        Args:
+            prompts: B prompts (one per path).
+            response_ids: ``[B, L]`` responses (L = ``max_new_tokens``), padded past ``lengths``.
+            lengths: ``[B]`` response lengths n ≤ L (n = L: the stop at the cap is forced).
+                Every token must have positive proposal probability.
+
+        Returns:
+            ``[B, L+1]`` float64: column 0 the initial log-weight ``log ψ(s_0)``, column k+1 the
+            log incremental weight of the step from ``s_k`` (token ``y_{k+1}``, or ⊤ at k = n
+            when n < L), 0 past the path's end. Each row sums to ``log G̃(y) − log q(y)``.
+        """
+        prompt_ids = encode_checked(self.target, prompts)
+        width = self.max_new_tokens
+        device = self.proposal.device
+        response_ids, lengths = response_ids.to(device), lengths.to(device)
+        if response_ids.shape != (len(prompt_ids), width) or lengths.shape != (len(prompt_ids),):
+            raise ValueError(
+                f"response_ids {tuple(response_ids.shape)} and lengths {tuple(lengths.shape)} "
+                f"must be [{len(prompt_ids)}, {width}] and [{len(prompt_ids)}] (one per prompt, "
+                "padded to max_new_tokens)"
+            )
+        if bool(((lengths < 0) | (lengths > width)).any()):
+            raise ValueError(f"lengths must lie in [0, max_new_tokens={width}]")
+        positions = torch.arange(width, device=device)
+        forced = torch.where(
+            positions[None, :] < lengths[:, None], response_ids, self.proposal.eos_token_id
+        )
+        return self._run(prompt_ids, None, forced=forced)["increments"]
+
     def _run(
-        self, population_prompts: list[list[int]], generator: torch.Generator | None
+        self,
+        population_prompts: list[list[int]],
+        generator: torch.Generator | None,
+        forced: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """One batch of G independent populations (one prompt each); one draw per population."""
-        n, width = self.num_particles, self.max_new_tokens
+        """One batch of G independent populations (one prompt each); one draw per population.
+
+        ``forced`` ``[G, L]``: decode these tokens (EOS where a path stops) with one particle
+        per population and no resampling, and return only the per-step log-weights.
+        """
+        n = 1 if forced is not None else self.num_particles
+        width = self.max_new_tokens
         groups, device = len(population_prompts), self.proposal.device
         count, eos = groups * n, self.proposal.eos_token_id
         pad = self.proposal.pad_token_id
@@ -165,31 +304,93 @@ class SMCSampler(Sampler):
         alive = torch.arange(count, device=device)  # global row of each state row
         proposal_state = self.proposal.start(rows)
         target_state = self.target.start(rows) if self._weighting == "general" else None
+        increments = (
+            torch.zeros(count, width + 1, dtype=torch.float64, device=device)
+            if forced is not None
+            else None
+        )
+
+        def add(where: torch.Tensor, values: torch.Tensor, column: int) -> None:
+            log_w[where] += values
+            if increments is not None:
+                increments[where, column] += values
+
+        # Twisted: a particle's states sit at s_{k+1} before resampling (the potential needs
+        # them), and log ψ of its current state is kept to divide it out at the next step.
+        twisted = self.twist is not None
+        log_psi = torch.zeros(count, dtype=torch.float64, device=device)
+        if twisted:
+            log_psi[alive] = self._log_twist(
+                population_prompts,
+                alive // n,
+                response_ids[:, :0],
+                path_log_target,
+                proposal_state,
+                target_state,
+            )
+            add(alive, log_psi[alive], 0)  # γ_0(s_0) = ψ(s_0): Ẑ estimates Σ_y G̃(y), not Z / ψ(s_0)
 
         for step in range(width):
             logp_q = proposal_state.next_logprobs
-            token = torch.multinomial(logp_q.exp(), 1, generator=generator).squeeze(1)
+            if forced is None:
+                token = torch.multinomial(logp_q.exp(), 1, generator=generator).squeeze(1)
+            else:
+                token = forced[alive, step]
             step_q = logp_q.gather(1, token[:, None]).squeeze(1).double()
             step_target = self._target_step(proposal_state, target_state, token, step_q)
-            log_w[alive] += step_target - step_q
+            increment = step_target - step_q
+            if twisted:
+                # ψ(s_k) leaves the potential whether the particle moves on or stops. Where it
+                # is 0 the weight is already 0: keep it there (no −inf + inf).
+                previous = log_psi[alive]
+                increment = increment - previous.masked_fill(torch.isneginf(previous), 0.0)
+            add(alive, increment, step + 1)
             path_log_target[alive] += step_target
             going_on = token != eos
             response_ids[alive[going_on], step] = token[going_on]
             lengths[alive[going_on]] += 1
             finished[alive[~going_on]] = True
             if step == width - 1:
-                break  # every live particle is now at s_L: forced stop, Z_loc(s_L) = 1
-            self._check_alive(log_w, groups)
+                break  # every live particle is now at s_L: forced stop, no factor, ψ(s_L) = 1
+
+            if twisted and bool(going_on.any()):
+                moved = alive[going_on]
+                proposal_state, target_state = self._advance(
+                    proposal_state, target_state, going_on, token[going_on]
+                )
+                psi = self._log_twist(
+                    population_prompts,
+                    moved // n,
+                    response_ids[moved, : step + 1],
+                    path_log_target[moved],
+                    proposal_state,
+                    target_state,
+                )
+                add(moved, psi, step + 1)
+                log_psi[moved] = psi
+                in_state = moved  # global row of each state row, states at s_{k+1}
+            elif twisted:
+                in_state = alive[going_on]  # none: every particle has stopped
+            else:
+                in_state = alive  # states at s_k, the sampled token not fed yet
+            if forced is None:
+                self._check_alive(log_w, groups)
 
             next_token = torch.full((count,), -1, dtype=torch.long, device=device)
             next_token[alive] = token
             state_row = torch.full((count,), -1, dtype=torch.long, device=device)
-            state_row[alive] = torch.arange(len(alive), device=device)
-            ancestors = self._resample(log_w, log_z, resamples, groups, generator)
+            state_row[in_state] = torch.arange(len(in_state), device=device)
+            ancestors = (
+                self._resample(log_w, log_z, resamples, groups, generator)
+                if forced is None
+                else None
+            )
             if ancestors is not None:
                 response_ids, lengths = response_ids[ancestors], lengths[ancestors]
                 finished, path_log_target = finished[ancestors], path_log_target[ancestors]
                 next_token, state_row = next_token[ancestors], state_row[ancestors]
+                if twisted:
+                    log_psi = log_psi[ancestors]
             alive = (~finished).nonzero().squeeze(1)
             if len(alive) == 0:
                 break
@@ -199,10 +400,13 @@ class SMCSampler(Sampler):
             ):
                 proposal_state = proposal_state.select(keep)
                 target_state = target_state.select(keep) if target_state is not None else None
-            proposal_state = self.proposal.advance(proposal_state, next_token[alive])
-            if target_state is not None:
-                target_state = self.target.advance(target_state, next_token[alive])
+            if not twisted:
+                proposal_state = self.proposal.advance(proposal_state, next_token[alive])
+                if target_state is not None:
+                    target_state = self.target.advance(target_state, next_token[alive])
 
+        if increments is not None:
+            return {"increments": increments}
         self._check_alive(log_w, groups)
         by_group = log_w.view(groups, n)
         log_z += logmeanexp(by_group)
@@ -217,6 +421,69 @@ class SMCSampler(Sampler):
             "resamples": resamples,
         }
 
+    def _advance(
+        self, proposal_state: Any, target_state: Any, going_on: torch.Tensor, tokens: torch.Tensor
+    ) -> tuple[Any, Any]:
+        """States of the rows that go on (``going_on`` ``[B]`` mask), advanced by ``tokens``."""
+        if not bool(going_on.all()):
+            keep = going_on.nonzero().squeeze(1)
+            proposal_state = proposal_state.select(keep)
+            target_state = target_state.select(keep) if target_state is not None else None
+        proposal_state = self.proposal.advance(proposal_state, tokens)
+        if target_state is not None:
+            target_state = self.target.advance(target_state, tokens)
+        return proposal_state, target_state
+
+    def _log_twist(
+        self,
+        population_prompts: list[list[int]],
+        population: torch.Tensor,
+        prefixes: torch.Tensor,
+        log_target_prefix: torch.Tensor,
+        proposal_state: Any,
+        target_state: Any,
+    ) -> torch.Tensor:
+        """``log ψ(s_k)`` ``[B]`` float64 of the state rows; raises on NaN or ``+inf``."""
+        log_psi = self.twist(
+            TwistInputs(
+                prompts=population_prompts,
+                population=population,
+                response_ids=prefixes,
+                log_target_prefix=log_target_prefix,
+                target_logprobs=self._target_logprobs(proposal_state, target_state),
+                proposal_state=proposal_state,
+                eos_token_id=self.proposal.eos_token_id,
+            )
+        )
+        log_psi = torch.as_tensor(log_psi, device=log_target_prefix.device).double()
+        if log_psi.shape != log_target_prefix.shape:
+            raise ValueError(
+                f"the twist returned shape {tuple(log_psi.shape)}; it must return log ψ of "
+                f"each state, shape {tuple(log_target_prefix.shape)}"
+            )
+        if bool((torch.isnan(log_psi) | torch.isposinf(log_psi)).any()):
+            raise ValueError(
+                "the twist returned NaN or +inf: log ψ must be finite, or -inf where the target "
+                "has no mass below the state"
+            )
+        return log_psi
+
+    def _target_logprobs(self, proposal_state: Any, target_state: Any) -> torch.Tensor:
+        """The target's step log-scores ``log g(·|s_k)`` ``[B, V]`` at the state rows."""
+        if self._weighting == "exact":
+            return proposal_state.next_logprobs
+        if self._weighting == "local_product":
+            return proposal_state.next_logprobs + proposal_state.log_z_local[:, None]
+        if self._weighting == "components":
+            return self._from_components(proposal_state)
+        return target_state.next_logprobs
+
+    def _from_components(self, proposal_state: Any) -> torch.Tensor:
+        """The target's step scores ``Σ_c w_c log π_c(·|s)`` from the proposal's component states."""
+        return weighted_logsum(
+            [s.next_logprobs for s in proposal_state.components], self.target.weights
+        )
+
     def _target_step(
         self, proposal_state: Any, target_state: Any, token: torch.Tensor, step_q: torch.Tensor
     ) -> torch.Tensor:
@@ -225,6 +492,9 @@ class SMCSampler(Sampler):
             return step_q
         if self._weighting == "local_product":
             return step_q + proposal_state.log_z_local.double()
+        if self._weighting == "components":
+            scores = self._from_components(proposal_state)
+            return scores.gather(1, token[:, None]).squeeze(1).double()
         return target_state.next_logprobs.gather(1, token[:, None]).squeeze(1).double()
 
     def _resample(
@@ -259,3 +529,14 @@ class SMCSampler(Sampler):
                 "zero density to every particle): use a proposal whose support covers the "
                 "target's, or more particles"
             )
+
+
+def is_residual_on_local_product_of(proposal: Density, target: Density) -> bool:
+    """True when ``proposal`` is a residual on ``target``'s local product (``proposal.local``).
+
+    Such a proposal's decode states carry the states of the target's components (in the
+    target's order, field ``components``), so SMC reads the target's step scores from them
+    instead of running the components a second time.
+    """
+    local = getattr(proposal, "local", None)
+    return isinstance(local, LocalProduct) and is_local_product_of(local, target)
