@@ -1,10 +1,12 @@
-"""The main job end to end with a tiny budget: table, results.json, plot, log, --help."""
+"""The main job end to end with a tiny budget: tables, results.json, plot, log, --help."""
 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
+import torch
 
 from experiments import geometric_mixture
 from experiments.common import build_parser, field_docs
@@ -16,12 +18,15 @@ def test_main_job_smoke(world, tmp_path, capsys):
         [
             "--output-dir", str(out),
             "--world-cache", str(world.directory.parent),
+            "--world-preset", "stress",
             "--alphas", "0.5",
             "--gfn-steps", "4",
             "--num-eval-prompts", "2",
             "--draws", "8",
             "--sir-candidates", "4",
             "--smc-particles", "4",
+            "--smc-runs", "3",
+            "--smc-max-runs", "6",
             "--gfn-sir-candidates", "2",
             "--progress", "false",
         ]
@@ -35,13 +40,40 @@ def test_main_job_smoke(world, tmp_path, capsys):
         "GFlowNet",
         "SIR(GFlowNet) K=2",
     ]
+    rows = {row["name"]: row for row in results["rows"]}
+    measures = {name: row["measure"] for name, row in rows.items()}
+    assert measures == {
+        "ancestral π_t": "exact",
+        "local product": "exact",
+        "SIR K=4": "exact SIR law",
+        "SMC N=4": "smc",
+        "GFlowNet": "exact",
+        "SIR(GFlowNet) K=2": "exact SIR law",
+    }
     for row in results["rows"]:
-        assert 0.0 <= row["tv"] <= 1.0 and row["kl"] >= 0.0
-        assert 0.0 <= row["ess_fraction"] <= 1.0 + 1e-9
         assert row["tokens_per_draw"] > 0 and row["draws_per_second"] > 0
-        assert (row["measure"] == "exact") == (row["noise_floor_tv"] is None)
+        if row["measure"] == "smc":
+            assert row["tv"] is None and row["kl"] is None
+            continue
+        assert 0.0 <= row["tv"] <= 1.0 and row["kl"] >= 0.0
+        assert len(row["tv_per_prompt"]) == 2
+        if row["measure"] == "exact":
+            assert 0.0 <= row["ess_fraction"] <= 1.0 + 1e-9
+    # SIR's exact law reaches the default rtol (its correctness: tests/test_sir_law.py).
+    assert 0.0 < results["sir_law_precision"] <= 1e-8
+    assert rows["SIR K=4"]["law_precision"] <= 1e-8
+    # SMC: |Δlog Z| with its standard error from 3 to 6 runs per prompt; a mean is shown only
+    # when its standard error is at most a quarter of it.
+    smc = rows["SMC N=4"]
+    assert smc["runs_per_prompt"] in (3, 6)
+    assert smc["log_z_error_measured"] > 0 and smc["log_z_error_se"] > 0
+    shown = smc["log_z_error"] is not None
+    assert shown == smc["floor_met"]
+    if shown:
+        assert smc["log_z_error_se"] <= smc["log_z_error"] / 4
     # π_t's exact TV to the α = 0.5 mixture is far from zero (the target is not trivial).
-    assert results["rows"][0]["tv"] > 0.15
+    assert rows["ancestral π_t"]["tv"] > 0.15
+    assert results["world"] == ["shift_rule=symbol"]
     saved = json.loads((out / "results.json").read_text())
     assert saved["config"]["alphas"] == [0.5]
     assert saved["environment"]["packages"]["torch"]
@@ -49,7 +81,9 @@ def test_main_job_smoke(world, tmp_path, capsys):
     assert (out / "error_vs_cost.png").stat().st_size > 0
     assert "GFlowNet" in (out / "run.log").read_text()
     assert (out / "gflownet_alpha_0_5" / "adapter_model.safetensors").is_file()
-    assert "SIR(GFlowNet) K=2" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "SIR(GFlowNet) K=2" in printed and "SMC (no computable law)" in printed
+    assert "relative precision" in printed
 
 
 def test_every_flag_is_documented():
@@ -59,6 +93,23 @@ def test_every_flag_is_documented():
     assert flags and all(docs.get(a.dest) for a in flags)
     text = parser.format_help()
     assert "--gfn-parametrization" in text and "--seed" in text and "--device" in text
+
+
+def test_world_presets():
+    """The default world overlaps; the stress world is one flag away; --world adds to either."""
+    config = geometric_mixture.GeometricMixtureConfig()
+    assert config.world_preset == "overlap"
+    assert config.world_specs() == ("shift_rule=style", "sft_examples=8192")
+    stress = geometric_mixture.GeometricMixtureConfig(world_preset="stress", world=("seed=1",))
+    assert stress.world_specs() == ("shift_rule=symbol", "seed=1")
+
+
+def test_stratified_standard_error_matches_a_direct_computation():
+    values = torch.tensor([[1.0, 3.0, 2.0], [10.0, 14.0, 12.0]], dtype=torch.float64)
+    mean, se = geometric_mixture.stratified_mean(values)
+    assert mean == pytest.approx(7.0)
+    # var per prompt: 1 and 4 (unbiased); SE = sqrt((1 + 4) / 3) / 2.
+    assert se == pytest.approx(math.sqrt(5 / 3) / 2)
 
 
 def test_bad_flags_fail_before_work(tmp_path):
@@ -72,6 +123,10 @@ def test_bad_flags_fail_before_work(tmp_path):
         )
     with pytest.raises(ValueError, match="bad ToyWorldConfig setting 'sft_steps=many'"):
         geometric_mixture.main(["--output-dir", str(tmp_path), "--world", "sft_steps=many"])
+    with pytest.raises(ValueError, match="world_preset"):
+        geometric_mixture.main(["--output-dir", str(tmp_path), "--world-preset", "easy"])
+    with pytest.raises(ValueError, match="smc_max_runs"):
+        geometric_mixture.main(["--output-dir", str(tmp_path), "--smc-max-runs", "4"])
     with pytest.raises(SystemExit):
         geometric_mixture.main(["--no-such-flag"])
 
