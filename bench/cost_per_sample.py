@@ -1,168 +1,305 @@
-"""Cost per effective sample of SIR, SMC and the GFlowNet toward a geometric mixture (tiny world).
+"""Model tokens per effective sample, and error, of SIR, SMC and the GFlowNet samplers (tiny worlds).
 
-Target: ``G ∝ π_base^(1-α) π_shifted^α`` on the tiny world (DESIGN §6). For each sampler, on the
-held-out prompts, in one run:
+Target: ``G ∝ π_base^(1-α) π_shifted^α`` on two tiny worlds in one run: the symbol-shift stress
+world (``build_world()``, policies that barely overlap) and the overlapping world
+(``shift_rule="style", sft_examples=8192``). On each world's held-out prompts, samplers:
 
-- model tokens evaluated (every forward token of every distinct policy: proposal, target
-  components, the GFlowNet's adapter), per draw and per unit of ESS;
-- wall time per draw and per unit of ESS.
+- SIR (K candidates) and SMC (N particles) from the local product, the baselines;
+- the GFlowNet itself (``GFlowNetSampler`` from ``GFlowNetConfig`` defaults, with
+  ``--parametrization``, fitted on the world's train prompts; the fit is a one-time cost,
+  reported apart);
+- SIR with the GFlowNet's policy as proposal;
+- GFlowNet-twisted SMC (the policy as proposal, its prefix flow as the look-ahead potential).
 
-ESS is each sampler's own: SIR (K candidates from the local product per draw) and SMC (N
-particles from the local product per draw) report the ESS of the weighted population behind
-each draw, so total ESS = Σ_draws ESS_draw; the GFlowNet reports ESS/N of the weights G̃/q
-over its N draws of a prompt, so total ESS = Σ_prompts (ESS/N)·N. These are not the same
-quantity (an SMC population's final ESS ignores the diversity lost to resampling; a SIR draw's
-K candidates collapse into one output draw), so the exact TV of each sampler's draws to the
-enumerated target is printed beside them (empirical: a histogram of the draws, with the noise
-floor of as many exact draws). The GFlowNet's training (``--gfn-steps``) is a one-time cost,
-reported apart with the number of draws after which it is paid back against SIR.
+Columns, per sampler (means over prompts):
 
-    python -m bench.cost_per_sample                 # CPU, α = 0.5, a few minutes at most
-    python -m bench.cost_per_sample --alpha 0.9 --gfn-steps 1000
+- ``tok/draw``: model tokens evaluated per output draw (every forward token of every distinct
+  policy; the GFlowNet's own draws: its sampling passes only);
+- ``ESS/draw`` and ``tok/ESS``. ESS is each sampler's own and they are not the same quantity:
+  for SIR/SMC it is the ESS of the weighted population behind each draw (K candidates, N
+  particles; an SMC population's final ESS ignores the diversity lost to resampling); for the
+  GFlowNet it is ESS/N of the weights G̃/q over its draws of a prompt (its draws are used
+  unweighted; the weights are scored outside the token count, only to measure q);
+- ``|Δlog Z|``: ``|log Ẑ − log Z|`` against the enumerated normalizer, Ẑ from all of the
+  run's draws of the prompt (for the GFlowNet itself, the importance estimate from its draws);
+- ``TV``: the exact total variation to the target, for samplers with a density (the GFlowNet;
+  the local product is printed as its starting point).
+
+Matching rule of the printed ratio ("best GFlowNet-based ÷ best of SIR and SMC from the local
+product", at equal or lower error): the error both sides have is ``|Δlog Z|``, so the weighted
+GFlowNet-based samplers (SIR with its proposal, twisted SMC) take part; the GFlowNet's own
+draws, whose error is their exact TV, are in the table only. Each one is matched with the
+cheapest local-product setting that is at least as exact (``|Δlog Z|`` ≤ its own): what a user
+pays for that accuracy without a GFlowNet. When no setting is as exact, it is matched with the
+most exact one (it is then more exact too, said on the line). The printed ratio is the lowest
+over the GFlowNet-based samplers, once in tokens per effective sample (population ESS) and once
+in tokens per output draw (every draw an independent sample: SIR/SMC's population ESS counts
+K or N candidates behind a single output draw).
+
+    python -m bench.cost_per_sample                  # CPU, α = 0.5, both worlds, ~5 minutes
+    python -m bench.cost_per_sample --parametrization lora --gfn-steps 300 --worlds stress
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import time
-from collections import Counter
+from dataclasses import dataclass
 
 import torch
 
 from bench._timing import emit
-from gfn_spin.exact import exact_distribution
+from gfn_spin.exact import divergences, exact_distribution
 from gfn_spin.mixtures import GeometricMixture
-from gfn_spin.toyworld import build_world
+from gfn_spin.toyworld import ToyWorld, ToyWorldConfig, build_world
 from samplers import ImportanceResampler, SMCSampler
-from samplers.gflownet import GFlowNetSampler
+from samplers.gflownet import PARAMETRIZATIONS, GFlowNetConfig, GFlowNetSampler
 from samplers.weighting import model_tokens
 
+WORLDS = {
+    "stress": ToyWorldConfig(),
+    "overlap": ToyWorldConfig(shift_rule="style", sft_examples=8192),
+}
 
-def empirical_tv(samples, exact, draws: int) -> float:
-    """Mean over prompts of TV(histogram of the draws, exact target)."""
+
+@dataclass
+class Row:
+    """One sampler's figures on one world (means over the prompts)."""
+
+    name: str
+    family: str  # "local" (baseline from the local product) or "gflownet"
+    tokens_per_draw: float
+    ess_per_draw: float
+    log_z_error: float
+    tv: float | None
+    seconds: float
+
+    @property
+    def tokens_per_ess(self) -> float:
+        return self.tokens_per_draw / self.ess_per_draw if self.ess_per_draw > 0 else math.inf
+
+
+def _counts(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
+
+
+def _mean_tv(target_exact, density, prompts, cap: int) -> float:
+    """Mean over prompts of the exact TV between the target and an autoregressive density."""
     total = 0.0
-    responses = samples.responses()
-    for i, dist in enumerate(exact):
-        counts = Counter(responses[i * draws : (i + 1) * draws])
-        p = dict(zip(dist.responses, dist.logprobs.exp().tolist(), strict=True))
-        keys = set(p) | set(counts)
-        total += 0.5 * sum(abs(p.get(k, 0.0) - counts.get(k, 0) / draws) for k in keys)
-    return total / len(exact)
-
-
-def noise_floor_tv(prompts, exact, draws: int, seed: int) -> float:
-    """Empirical TV of ``draws`` exact draws (what a perfect sampler would score)."""
-    gen = torch.Generator().manual_seed(seed)
-    total = 0.0
-    for i in range(len(prompts)):
-        probs = exact[i].logprobs.exp()
-        picks = torch.multinomial(probs, draws, replacement=True, generator=gen)
-        freq = torch.bincount(picks, minlength=len(probs)).double() / draws
-        total += 0.5 * (freq - probs.double()).abs().sum().item()
+    for exact, prompt in zip(target_exact, prompts, strict=True):
+        other = exact_distribution(density, prompt, cap)
+        assert other.responses == exact.responses
+        total += divergences(exact.logprobs, other.logprobs)["tv"]
     return total / len(prompts)
 
 
-def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+def run_world(name: str, world: ToyWorld, args: argparse.Namespace) -> list[Row]:
+    """Fit the GFlowNet on ``world`` and measure every sampler on its held-out prompts."""
+    target = GeometricMixture([world.base, world.shifted], [1 - args.alpha, args.alpha])
+    prompts = world.eval_prompts[: args.prompts]
+    cap, draws = world.max_new_tokens, args.draws
+    exact = [exact_distribution(target, p, cap) for p in prompts]
+    log_z = torch.tensor([e.log_z for e in exact], dtype=torch.float64)
+
+    config = GFlowNetConfig(
+        max_new_tokens=cap,
+        parametrization=args.parametrization,
+        seed=args.seed,
+        adapter_name=f"bench_cost_{name}",
+    )
+    started = time.perf_counter()
+    gfn = GFlowNetSampler(target, world.shifted, config)
+    before = model_tokens(target, gfn.policy)
+    steps = gfn.config.steps if args.gfn_steps < 0 else args.gfn_steps
+    gfn.fit(world.train_prompts, steps, progress=False)
+    fit_tokens = model_tokens(target, gfn.policy) - before
+    fit_seconds = time.perf_counter() - started
+    print(
+        f"[{name}] GFlowNet fit ({gfn.parametrization}): {steps} steps, {fit_tokens:,} model "
+        f"tokens, {fit_seconds:.1f} s",
+        flush=True,
+    )
+
+    entries = [
+        (f"SIR q_loc K={k}", "local", ImportanceResampler(target, None, k, max_new_tokens=cap))
+        for k in _counts(args.sir)
+    ]
+    entries += [
+        (f"SMC q_loc N={n}", "local", SMCSampler(target, n, max_new_tokens=cap))
+        for n in _counts(args.smc)
+    ]
+    entries.append(("GFlowNet", "gflownet", gfn))
+    entries += [
+        (
+            f"SIR GFN K={k}",
+            "gflownet",
+            ImportanceResampler(target, gfn.policy, k, max_new_tokens=cap),
+        )
+        for k in _counts(args.gfn_sir)
+    ]
+    entries += [
+        (
+            f"twisted SMC N={n}",
+            "gflownet",
+            SMCSampler(target, n, proposal=gfn.policy, twist="flow", max_new_tokens=cap),
+        )
+        for n in _counts(args.twisted_smc)
+    ]
+
+    rows = []
+    for label, family, sampler in entries:
+        before = model_tokens(target, gfn.policy)
+        start = time.perf_counter()
+        samples = sampler.sample(prompts, draws, generator=args.seed)
+        seconds = time.perf_counter() - start
+        ess = torch.as_tensor(samples.stats["ess"], dtype=torch.float64)
+        if sampler is gfn:
+            tokens = samples.stats["tokens"]  # its sampling passes, not the evaluation scoring
+            ess = ess * draws  # ESS/N over the prompt's draws -> ESS of those draws
+            tv = _mean_tv(exact, gfn.policy, prompts, cap)
+        else:
+            tokens = model_tokens(target, gfn.policy) - before
+            ess = ess * draws  # mean population ESS per draw -> over the prompt's draws
+            tv = None
+        estimate = torch.as_tensor(samples.stats["log_z"], dtype=torch.float64)
+        rows.append(
+            Row(
+                name=label,
+                family=family,
+                tokens_per_draw=tokens / (len(prompts) * draws),
+                ess_per_draw=float(ess.sum()) / (len(prompts) * draws),
+                log_z_error=float((estimate - log_z).abs().mean()),
+                tv=tv,
+                seconds=seconds,
+            )
+        )
+    local_tv = _mean_tv(exact, target.local_product(), prompts, cap)
+    _print_world(name, world, rows, local_tv, args)
+    for row in rows:
+        emit(
+            "cost_per_sample",
+            world=name,
+            sampler=row.name,
+            alpha=args.alpha,
+            tokens_per_draw=row.tokens_per_draw,
+            tokens_per_ess=row.tokens_per_ess,
+            ess_per_draw=row.ess_per_draw,
+            log_z_error=row.log_z_error,
+            tv=row.tv,
+            seconds=row.seconds,
+        )
+    emit(
+        "cost_per_sample_gflownet_fit",
+        world=name,
+        parametrization=gfn.parametrization,
+        steps=steps,
+        tokens=fit_tokens,
+        seconds=fit_seconds,
+        local_product_tv=local_tv,
+    )
+    return rows
+
+
+def matched(rows: list[Row], cost: str) -> list[tuple[Row, Row, float, bool]]:
+    """Each weighted GFlowNet-based row with its matched baseline and cost ratio (module doc).
+
+    ``cost``: "tokens_per_ess" or "tokens_per_draw". Returns (row, baseline, row cost ÷
+    baseline cost, bound) sorted by ratio; ``bound`` is True when no baseline is as exact as the
+    row (the baseline is then the most exact one, and the row is also more exact than it).
+    """
+    local = [r for r in rows if r.family == "local"]
+    out = []
+    for row in rows:
+        if row.family != "gflownet" or row.tv is not None:
+            continue  # the GFlowNet's own draws: their error is TV, which SIR/SMC draws lack
+        as_exact = [b for b in local if b.log_z_error <= row.log_z_error]
+        if as_exact:
+            baseline, bound = min(as_exact, key=lambda b: getattr(b, cost)), False
+        else:
+            baseline, bound = min(local, key=lambda b: b.log_z_error), True
+        out.append((row, baseline, getattr(row, cost) / getattr(baseline, cost), bound))
+    return sorted(out, key=lambda item: item[2])
+
+
+def _print_world(
+    name: str, world: ToyWorld, rows: list[Row], local_tv: float, args: argparse.Namespace
+) -> None:
+    print(
+        f"\n[{name}] α = {args.alpha}, {args.prompts} held-out prompts x {args.draws} draws, "
+        f"L = {world.max_new_tokens}; local product exact TV {local_tv:.4f}"
+    )
+    print(
+        f"{'sampler':>18} {'tok/draw':>9} {'ESS/draw':>9} {'tok/ESS':>9} {'|Δlog Z|':>9} "
+        f"{'TV':>7} {'s':>6}"
+    )
+    for r in rows:
+        tv = f"{r.tv:7.4f}" if r.tv is not None else f"{'-':>7}"
+        print(
+            f"{r.name:>18} {r.tokens_per_draw:9.1f} {r.ess_per_draw:9.2f} "
+            f"{r.tokens_per_ess:9.1f} {r.log_z_error:9.4f} {tv} {r.seconds:6.1f}"
+        )
+    for cost, label in (
+        ("tokens_per_ess", "tokens per effective sample (population ESS)"),
+        ("tokens_per_draw", "tokens per output draw (each draw one sample)"),
+    ):
+        pairs = matched(rows, cost)
+        if not pairs:
+            continue
+        row, baseline, ratio, bound = pairs[0]
+        note = ", and more exact than every baseline" if bound else ""
+        print(
+            f"[{name}] {label}, best GFlowNet-based ÷ matched best from the local product: "
+            f"{row.name} {getattr(row, cost):.1f} ÷ {baseline.name} {getattr(baseline, cost):.1f}"
+            f" = {ratio:.3f} ({1 / ratio:.2f}x fewer; |Δlog Z| {row.log_z_error:.4f} vs "
+            f"{baseline.log_z_error:.4f}{note})"
+        )
+
+
+def main(argv: list[str] | None = None) -> dict[str, list[Row]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--alpha", type=float, default=0.5, help="target weight α (0.5)")
-    parser.add_argument("--prompts", type=int, default=8, help="held-out prompts (8)")
+    parser.add_argument(
+        "--worlds", default="stress,overlap", help=f"comma-separated, of {sorted(WORLDS)}"
+    )
+    parser.add_argument("--prompts", type=int, default=8, help="held-out prompts per world (8)")
     parser.add_argument("--draws", type=int, default=64, help="draws per prompt (64)")
-    parser.add_argument("--sir-candidates", type=int, default=16, help="SIR K (16)")
-    parser.add_argument("--smc-particles", type=int, default=16, help="SMC N (16)")
-    parser.add_argument("--gfn-steps", type=int, default=300, help="GFlowNet fit steps (300)")
+    parser.add_argument("--sir", default="4,16,64", help="SIR K from the local product")
+    parser.add_argument("--smc", default="4,16,64", help="SMC N from the local product")
+    parser.add_argument("--gfn-sir", default="4,16", help="SIR K with the GFlowNet proposal")
+    parser.add_argument("--twisted-smc", default="4,16", help="twisted SMC N (GFlowNet)")
+    parser.add_argument(
+        "--parametrization",
+        default="auto",
+        choices=PARAMETRIZATIONS,
+        help="GFlowNetConfig.parametrization (auto); every other setting is the config default",
+    )
+    parser.add_argument(
+        "--gfn-steps",
+        type=int,
+        default=500,
+        help="fit steps (500: keeps the two worlds within ~5 minutes on one thread); "
+        "-1 uses GFlowNetConfig.steps",
+    )
     parser.add_argument("--device", default="cpu", help="torch device (cpu)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: 1)")
     args = parser.parse_args(argv)
+    names = [w for w in args.worlds.split(",") if w]
+    unknown = sorted(set(names) - set(WORLDS))
+    if unknown:
+        parser.error(f"--worlds: unknown {unknown}; choose from {sorted(WORLDS)}")
     if args.device == "cpu" or args.threads is not None:
         torch.set_num_threads(args.threads or 1)  # tiny models: 1 thread is fastest here
 
-    world = build_world(device=args.device)
-    base, shifted = world.base, world.shifted
-    target = GeometricMixture([base, shifted], [1 - args.alpha, args.alpha])
-    prompts = world.eval_prompts[: args.prompts]
-    cap = world.max_new_tokens
-    exact = [exact_distribution(target, p, cap) for p in prompts]
-
     started = time.perf_counter()
-    gfn = GFlowNetSampler(
-        target,
-        shifted,
-        max_new_tokens=cap,
-        parametrization="lora",
-        seed=args.seed,
-        adapter_name="bench_cost",
-    )
-    tokens_before = model_tokens(target, gfn.policy)
-    gfn.fit(world.train_prompts, args.gfn_steps, progress=False)
-    fit_tokens = model_tokens(target, gfn.policy) - tokens_before
-    fit_seconds = time.perf_counter() - started
-
-    samplers = {
-        f"SIR K={args.sir_candidates}": ImportanceResampler(
-            target, None, args.sir_candidates, max_new_tokens=cap
-        ),
-        f"SMC N={args.smc_particles}": SMCSampler(target, args.smc_particles, max_new_tokens=cap),
-        "GFlowNet": gfn,
-    }
     results = {}
-    for name, sampler in samplers.items():
-        leaves = (target, getattr(sampler, "proposal", None) or getattr(sampler, "policy", target))
-        tokens_before = model_tokens(*leaves)
-        start = time.perf_counter()
-        samples = sampler.sample(prompts, args.draws, generator=args.seed)
-        seconds = time.perf_counter() - start
-        tokens = model_tokens(*leaves) - tokens_before
-        ess = torch.as_tensor(samples.stats["ess"], dtype=torch.float64)
-        if name == "GFlowNet":  # ESS/N per prompt over its N draws
-            total_ess = float((ess * args.draws).sum())
-        else:  # ESS of each draw's population, averaged per prompt
-            total_ess = float(ess.sum() * args.draws)
-        draws = len(prompts) * args.draws
-        results[name] = {
-            "tokens_per_draw": tokens / draws,
-            "tokens_per_ess": tokens / total_ess,
-            "ms_per_draw": seconds * 1e3 / draws,
-            "ms_per_ess": seconds * 1e3 / total_ess,
-            "ess_per_draw": total_ess / draws,
-            "tv": empirical_tv(samples, exact, args.draws),
-        }
-    floor = noise_floor_tv(prompts, exact, args.draws, args.seed)
-
-    print(
-        f"cost per effective sample, tiny world, α = {args.alpha}, {len(prompts)} prompts x "
-        f"{args.draws} draws, L = {cap}, device {args.device}"
-    )
-    print(
-        f"{'sampler':>10} {'tok/draw':>9} {'tok/ESS':>9} {'ms/draw':>8} {'ms/ESS':>8} "
-        f"{'ESS/draw':>9} {'TV':>6}"
-    )
-    for name, r in results.items():
-        print(
-            f"{name:>10} {r['tokens_per_draw']:9.1f} {r['tokens_per_ess']:9.1f} "
-            f"{r['ms_per_draw']:8.3f} {r['ms_per_ess']:8.3f} {r['ess_per_draw']:9.2f} "
-            f"{r['tv']:6.3f}"
-        )
-    print(f"TV of as many exact draws (noise floor): {floor:.3f}")
-    sir = results[f"SIR K={args.sir_candidates}"]
-    gfn_r = results["GFlowNet"]
-    saved = sir["tokens_per_ess"] - gfn_r["tokens_per_ess"]
-    payback = fit_tokens / saved if saved > 0 else float("inf")
-    print(
-        f"GFlowNet fit: {args.gfn_steps} steps, {fit_tokens:,} model tokens, {fit_seconds:.1f} s; "
-        f"paid back against SIR after ~{payback:,.0f} effective samples"
-    )
-    for name, r in results.items():
-        emit("cost_per_sample", sampler=name, alpha=args.alpha, device=args.device, **r)
-    emit(
-        "cost_per_sample_gflownet_fit",
-        alpha=args.alpha,
-        steps=args.gfn_steps,
-        tokens=fit_tokens,
-        seconds=fit_seconds,
-        payback_effective_samples_vs_sir=payback if payback != float("inf") else None,
-        tv_noise_floor=floor,
-    )
+    for name in names:
+        world_start = time.perf_counter()
+        world = build_world(WORLDS[name], device=args.device)
+        print(f"[{name}] world ready in {time.perf_counter() - world_start:.1f} s", flush=True)
+        results[name] = run_world(name, world, args)
+    print(f"\ntotal {time.perf_counter() - started:.0f} s")
     return results
 
 
