@@ -254,15 +254,22 @@ def output_set(output_dir: str | os.PathLike) -> Iterator[Path]:
     For a study that writes several outputs (results, plots, adapters, ``run.log``) into a
     folder prepared by :func:`prepare_output_dir`: write every output into the yielded staging
     folder. On success the outputs the previous run published (recorded in the folder's
-    marker) are removed, the staged ones moved in, and the marker lists the new set, so an
-    older run's files never sit beside new results. A name in the folder that no earlier run
-    recorded is never replaced: FileExistsError before anything moves. On failure the
-    staging folder stays (for its ``run.log``) and the previous outputs stay as they were;
-    the next call removes such leftovers.
+    marker) are moved out, the staged ones moved in (renames only), and the marker lists the
+    new set, so an older run's files never sit beside new results and ``run.log`` holds this
+    run only. A name in the folder that no earlier run recorded is never replaced:
+    FileExistsError before anything moves. On failure the previous outputs stay as they were
+    and the staging folder stays (with its ``run.log``) until the next run in this folder.
+
+    A study's ``main`` uses it as::
+
+        root = prepare_output_dir(config.output_dir)
+        with output_set(root) as output_dir:
+            logger = setup_logging(output_dir, __name__, append=False)
+            ...  # every output written under output_dir
     """
     root = Path(output_dir)
     for entry in root.iterdir():
-        if is_temporary_of(entry.name, STAGING):
+        if is_temporary_of(entry.name, STAGING):  # also matches the ".old" trash folders
             shutil.rmtree(entry, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=STAGING + ".", suffix=TMP_SUFFIX, dir=root))
     yield staging
@@ -272,15 +279,14 @@ def output_set(output_dir: str | os.PathLike) -> Iterator[Path]:
     if foreign:
         raise FileExistsError(
             f"output_dir={str(root)!r} already holds {foreign}, which no earlier run recorded "
-            f"as its output; the new outputs stay in {str(staging)!r}: move those files away "
-            "and publish again, or choose a new output_dir"
+            f"as its output, so they are not replaced; this run's outputs stay in "
+            f"{str(staging)!r} until the next run in this folder: move those files away and "
+            "rerun, or choose a new output_dir"
         )
+    trash = Path(tempfile.mkdtemp(prefix=STAGING + ".old.", suffix=TMP_SUFFIX, dir=root))
     for name in sorted(previous):
-        old = root / name
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old)
-        elif old.exists() or old.is_symlink():
-            old.unlink()
+        if (root / name).exists() or (root / name).is_symlink():
+            os.replace(root / name, trash / name)
     for name in produced:
         os.replace(staging / name, root / name)
     marker = {}
@@ -290,7 +296,49 @@ def output_set(output_dir: str | os.PathLike) -> Iterator[Path]:
         pass
     marker = marker if isinstance(marker, dict) else {}
     write_json_atomic({**marker, "outputs": produced}, root / RUN_MARKER)
+    shutil.rmtree(trash, ignore_errors=True)
     shutil.rmtree(staging, ignore_errors=True)
+
+
+def read_prompts_file(path: str | os.PathLike, argument: str = "prompts_file") -> list[str]:
+    """The prompts of a text file, one per non-blank line, for a study's ``--prompts-file``.
+
+    Raises:
+        FileNotFoundError: ``path`` is not a file.
+        ValueError: the file is not UTF-8 text, or holds fewer than two prompts (a study
+            needs at least one train and one held-out prompt; see :func:`split_train_eval`).
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{argument}={str(path)!r} is not a file")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{argument}={str(path)!r} is not UTF-8 text ({error}); save it as UTF-8, one "
+            "prompt per line"
+        ) from None
+    prompts = [line for line in lines if line.strip()]
+    split_train_eval(prompts, argument)  # refuse a file too small to split, before any work
+    return prompts
+
+
+def split_train_eval(
+    prompts: list[str], argument: str = "prompts_file"
+) -> tuple[list[str], list[str]]:
+    """(train, held-out) prompts: the last quarter (at least one) is held out, never trained on.
+
+    Raises:
+        ValueError: fewer than two prompts, which leaves nothing to train on that is not
+            also evaluated.
+    """
+    if len(prompts) < 2:
+        raise ValueError(
+            f"{argument} holds {len(prompts)} prompt(s); give at least two (one per line): the "
+            "last quarter is held out for evaluation and never trained on"
+        )
+    held = max(1, len(prompts) // 4)
+    return list(prompts[:-held]), list(prompts[-held:])
 
 
 def setup_logging(

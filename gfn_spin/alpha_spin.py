@@ -77,6 +77,8 @@ FINETUNING = ("lora", "full")
 #: Config fields that may differ when a run is resumed (they do not change its results).
 RESUMABLE_FIELDS = ("output_dir", "iterations", "progress")
 MANIFEST = "manifest.json"
+#: Identity key of the SHA-256 of the run's (prompt, response) pairs.
+DATA_HASH = "data_sha256"
 
 
 @dataclass
@@ -618,7 +620,8 @@ def train_iterate(
             f"{len(prompt_ids)} examples are fewer than one optimizer step of batch_size × "
             f"gradient_accumulation_steps = {rows_per_step}; lower batch_size"
         )
-    optimizer, scheduler = make_optimizer(config, parameters, steps_per_epoch * config.epochs)
+    total_steps = steps_per_epoch * config.epochs
+    optimizer, scheduler = make_optimizer(config, parameters, total_steps)
     totals = torch.zeros(5, dtype=torch.float64)  # loss, real reward, generated reward, wins, rows
     policy.model.train()
     bar = tqdm(
@@ -659,9 +662,10 @@ def train_iterate(
                 )
                 if not bool(torch.isfinite(losses).all()):
                     raise FloatingPointError(
-                        f"the SPIN loss of π_{iteration + 1} is not finite at epoch {epoch}, "
-                        f"step {step} (iteration {iteration + 1}); nothing of this iteration is "
-                        "saved. Lower learning_rate or beta, or set max_grad_norm"
+                        f"the SPIN loss of π_{iteration + 1} is not finite at optimizer step "
+                        f"{epoch * steps_per_epoch + step + 1} of {total_steps} (epoch "
+                        f"{epoch + 1}); nothing of this iteration is saved. Lower "
+                        "learning_rate or beta, or set max_grad_norm"
                     )
                 (losses.sum() / rows_per_step).backward()
                 with torch.no_grad():
@@ -685,9 +689,10 @@ def train_iterate(
                 finite = all(bool(torch.isfinite(p).all()) for p in parameters)
             if not finite:
                 raise FloatingPointError(
-                    f"the weights of π_{iteration + 1} became non-finite after epoch {epoch}, "
-                    f"step {step} (iteration {iteration + 1}); nothing of this iteration is "
-                    "saved. Lower learning_rate, or set max_grad_norm"
+                    f"the weights of π_{iteration + 1} became non-finite at optimizer step "
+                    f"{epoch * steps_per_epoch + step + 1} of {total_steps} (epoch {epoch + 1}); "
+                    "nothing of this iteration is saved. Lower learning_rate, or set "
+                    "max_grad_norm"
                 )
             bar.update(1)
     bar.close()
@@ -727,8 +732,16 @@ def identity_differences(recorded: dict[str, Any], current: dict[str, Any]) -> l
     elif old_config != new_config:
         differences.append("config")
     for key in sorted((set(recorded) | set(current)) - {"config"}):
-        if recorded.get(key) != current.get(key):
-            differences.append(f"{key} (run has {recorded.get(key)!r}, now {current.get(key)!r})")
+        old, new = recorded.get(key), current.get(key)
+        if old == new:
+            continue
+        if key == DATA_HASH:
+            differences.append(
+                f"the dataset's content differs from the run's (sha256 {str(old)[:12]}…, now "
+                f"{str(new)[:12]}…: rows were edited, added or removed since the run started)"
+            )
+        else:
+            differences.append(f"{key} (run has {old!r}, now {new!r})")
     return differences
 
 
@@ -764,6 +777,9 @@ class RunDirectory:
             )
         try:
             manifest = self._read_manifest()
+            if manifest is not None and DATA_HASH not in manifest["identity"]:
+                # A run recorded without the data's hash: trust the data once, record it now.
+                manifest["identity"][DATA_HASH] = identity.get(DATA_HASH)
             if manifest is not None and manifest["identity"] != identity:
                 detail = "; ".join(identity_differences(manifest["identity"], identity))
                 raise ValueError(
@@ -774,6 +790,10 @@ class RunDirectory:
             self.manifest = manifest or {"identity": identity, "done": [], "records": []}
             if dist.is_main:
                 self._clean()
+                if manifest is not None:
+                    # metrics.json mirrors the manifest's records: rewrite it, whatever it holds.
+                    write_json_atomic(self.manifest, self.path)
+                    write_json_atomic(self.manifest["records"], self.root / "metrics.json")
         except BaseException:
             self.close()
             raise
@@ -1007,7 +1027,7 @@ class AlphaSpinTrainer:
         if evaluate is None and self.world is not None and policy.allowed_token_ids is not None:
             evaluate = ToyWorldEvaluator(self.world)
         self.evaluate = evaluate
-        identity = {"config": comparable_config(config), "data_sha256": pairs_fingerprint(pairs)}
+        identity = {"config": comparable_config(config), DATA_HASH: pairs_fingerprint(pairs)}
         if self.world is not None:
             identity["world"] = self.world.config.key()
         self.identity = identity

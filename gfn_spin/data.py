@@ -199,29 +199,44 @@ def pairs_fingerprint(pairs: Dataset) -> str:
     return digest.hexdigest()
 
 
-def special_token_strings(tokenizer: Any) -> list[str]:
-    """The text forms of the tokenizer's special tokens (BOS, EOS, PAD, chat markers, ...)."""
-    found = set(getattr(tokenizer, "all_special_tokens", []) or [])
-    for token in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).values():
+def special_token_ids(tokenizer: Any) -> set[int]:
+    """Ids of the tokenizer's control tokens (BOS, EOS, PAD, chat markers, ...), without UNK.
+
+    UNK stands for text the vocabulary cannot spell; it is not a control token.
+    """
+    found = {int(i) for i in (getattr(tokenizer, "all_special_ids", None) or [])}
+    for index, token in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
         if getattr(token, "special", False):
-            found.add(str(token.content))
-    return sorted((t for t in found if t), key=len, reverse=True)
+            found.add(int(index))
+    found.discard(getattr(tokenizer, "unk_token_id", None))
+    return found
 
 
 def check_no_special_tokens(
-    tokenizer: Any, texts: Sequence[str], argument: str = "the dataset"
+    tokenizer: Any,
+    texts: Sequence[str],
+    argument: str = "the dataset",
+    labels: Sequence[str] | None = None,
 ) -> None:
-    """Refuse texts holding a special token's text (it would tokenize to that control token).
+    """Refuse texts that tokenize to a control token (a literal ``</s>`` would end a response).
 
-    Data is text: a literal ``</s>`` in a response must not end it. Raises a ValueError
-    naming the rows (counted from 0) and the tokens found.
+    Data is text: each text is tokenized as it will be (without the special tokens that the
+    tokenizer adds itself), and a text yielding a special token's id is refused with a
+    ValueError naming ``argument``, the rows (``labels``, else "row i" counted from 0) and
+    the tokens found.
     """
-    specials = special_token_strings(tokenizer)
+    texts = list(texts)
+    labels = list(labels) if labels is not None else [f"row {i}" for i in range(len(texts))]
+    specials = special_token_ids(tokenizer)
+    if not texts or not specials:
+        return
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
     bad = []
-    for row, text in enumerate(texts):
-        hits = [t for t in specials if t in text]
+    for row, ids in enumerate(encoded):
+        hits = sorted(specials.intersection(ids))
         if hits:
-            bad.append(f"row {row} ({', '.join(repr(h) for h in hits[:3])})")
+            names = tokenizer.convert_ids_to_tokens(hits[:3])
+            bad.append(f"{labels[row]} ({', '.join(repr(n) for n in names)})")
     if bad:
         shown = ", ".join(bad[:5]) + (f", ... ({len(bad)} rows in all)" if len(bad) > 5 else "")
         raise ValueError(

@@ -70,8 +70,9 @@ def check_saved_adapter(path: str | os.PathLike, argument: str = "adapter") -> N
 def _adapter_error(argument: str, path: str | os.PathLike, error: BaseException) -> ValueError:
     return ValueError(
         f"{argument}={str(path)!r} could not be loaded as a LoRA adapter of this model "
-        f"({type(error).__name__}: {str(error)[:300]}); it was saved for another model (tensor "
-        "shapes differ) or is damaged: give the adapter saved for this base model"
+        f"({type(error).__name__}: {' '.join(str(error).split())[:300]}); it was saved for "
+        "another model (tensor shapes differ) or is damaged: give the adapter saved for this "
+        "base model"
     )
 
 
@@ -318,11 +319,18 @@ class Policy(Density):
     def encode_prompts(self, prompts: Sequence[PromptLike]) -> list[list[int]]:
         if isinstance(prompts, str):
             raise TypeError("prompts must be a list of strings or of token-id lists, not a str")
+        texts = [(i, p) for i, p in enumerate(prompts) if isinstance(p, str)]
+        if texts:
+            check_no_special_tokens(
+                self._tokenizer,
+                [p for _, p in texts],
+                "prompts",
+                labels=[f"prompts[{i}]" for i, _ in texts],
+            )
         encoded = []
         vocab = None
         for index, prompt in enumerate(prompts):
             if isinstance(prompt, str):
-                check_no_special_tokens(self._tokenizer, [prompt], f"prompts[{index}]")
                 if self.chat_template:
                     text = self._tokenizer.apply_chat_template(
                         [{"role": "user", "content": prompt}],

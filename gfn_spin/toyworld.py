@@ -48,6 +48,10 @@ from gfn_spin.samples import pad_responses
 
 SYMBOLS = ("a", "b", "c", "d")
 SHIFT_RULES = ("symbol", "style")
+#: Context (``max_position_embeddings``) of the tiny world's models.
+CONTEXT = 32
+#: Longest prompt of the tiny world, in symbols.
+MAX_PROMPT_SYMBOLS = 8
 SPECIALS = ("[PAD]", "[BOS]", "[EOS]", "[UNK]", "=>")
 CHAT_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'user' %}[BOS] {{ m['content'] }} =>"
@@ -122,6 +126,17 @@ class ToyWorldConfig:
             or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in lengths)
         ):
             raise ValueError(f"prompt_lengths={lengths!r} must be positive integers")
+        if max(lengths) > MAX_PROMPT_SYMBOLS:
+            raise ValueError(
+                f"prompt_lengths={tuple(lengths)!r}: the world lists every prompt (4^n of length "
+                f"n), so lengths stop at {MAX_PROMPT_SYMBOLS}"
+            )
+        if max(lengths) + 2 + self.max_new_tokens > CONTEXT:
+            raise ValueError(
+                f"prompt_lengths up to {max(lengths)} (plus [BOS] and =>) and "
+                f"max_new_tokens={self.max_new_tokens} exceed the models' context of {CONTEXT} "
+                "tokens; lower max_new_tokens or the prompt lengths"
+            )
         total = sum(4**n for n in set(lengths))
         if self.num_eval_prompts >= total:
             raise ValueError(
@@ -412,7 +427,7 @@ def _train_models(
             num_hidden_layers=config.num_layers,
             num_attention_heads=config.num_heads,
             num_key_value_heads=config.num_heads,
-            max_position_embeddings=32,
+            max_position_embeddings=CONTEXT,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
