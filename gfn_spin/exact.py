@@ -331,17 +331,35 @@ def sir_output_laws(
     km1s = torch.tensor([k - 1 for k in multi], dtype=torch.float64)
 
     def log_sums(u: torch.Tensor) -> torch.Tensor:
-        """``[M, len(multi)]``: log Σ_nodes e^u·e^{−e^u·w}·φ(e^u)^{K−1} for each K."""
-        parts = []
+        """``[M, len(multi)]``: log Σ_nodes e^u·e^{−e^u·w}·φ(e^u)^{K−1} for each K.
+
+        Summed in linear space after a shift by ``log w + 1`` (``u − e^u·w ≤ −log w − 1`` and
+        ``φ ≤ 1``, so no term exceeds 1); rows whose sum falls below 1e-250 are summed again in
+        log space.
+        """
+        shift = lw[:, None] + 1.0
+        sums = torch.zeros(len(lw), len(multi), dtype=torch.float64)
         for lo in range(0, len(u), per):
             uu = u[lo : lo + per]
             tw = torch.exp(uu[None, :] + lw[:, None])  # [M, N]
             lphi = torch.logsumexp(lq[:, None] - tw, 0)
             if log_q0 > -math.inf:
                 lphi = torch.logaddexp(lphi, torch.full_like(lphi, log_q0))
-            base = uu[None, :] - tw  # [M, N]
-            parts.append(torch.stack([torch.logsumexp(base + c * lphi, 1) for c in km1s], 1))
-        return torch.logsumexp(torch.stack(parts, 0), 0)
+            base = uu[None, :] - tw + shift
+            for j, c in enumerate(km1s):
+                sums[:, j] += torch.exp(base + c * lphi).sum(1)
+        out = sums.log() - shift
+        small = (sums < 1e-250).any(1)
+        if bool(small.any()):
+            rows = small.nonzero().squeeze(1)
+            parts = []
+            for lo in range(0, len(u), per):
+                uu = u[lo : lo + per]
+                lphi = log_phi(uu)
+                base = uu[None, :] - torch.exp(uu[None, :] + lw[rows, None])
+                parts.append(torch.stack([torch.logsumexp(base + c * lphi, 1) for c in km1s], 1))
+            out[rows] = torch.logsumexp(torch.stack(parts, 0), 0)
+        return out
 
     rules = None
     quad_error = torch.zeros(len(multi), dtype=torch.float64)
