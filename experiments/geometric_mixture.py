@@ -29,9 +29,10 @@ commit, per-prompt values, the SIR laws' precision, the SMC standard errors),
 The world (``--world-preset``): by default ``overlap``, where π_t relates to π_base the way a
 self-play iterate relates to its base: the shifted task writes the *same* symbols with other
 keep/double/noise probabilities (``shift_rule=style``), and both policies learn from 8,192 SFT
-examples, so the base is close to p_data and the two policies share their support (the target
-is still far from both: TV 0.39 from π_t and 0.31 from π_base at α = 0.5). It builds in about
-10 s on one core, like the stress world. ``stress`` is the symbol-shift world (the shifted task
+examples (the stress world's 384 leave the base weak), so the two policies share their support
+and the base is a well-trained SFT model; the target is still far from π_t (TV 0.39 at
+α = 0.5). It builds in about 10 s on one core, like the stress world (8,192 examples cost no
+more than 384: SFT runs the same 150 steps of 64 examples). ``stress`` is the symbol-shift world (the shifted task
 writes the next symbol): the policies barely overlap and the mixture lives in their tails, a
 hard case for every sampler. ``--world field=value ...`` adds ToyWorldConfig settings on top of
 the preset (e.g. ``seed=1``).
@@ -398,10 +399,11 @@ def evaluate_exact(
                 entry.num_candidates
             )
     for key, (proposal, ks) in wanted.items():
+        proposal_laws = law_of(proposal)
         t0 = time.perf_counter()
         per_prompt = [
             sir_output_laws(q_lp, g, ks, rtol=config.sir_rtol)
-            for q_lp, g in zip(law_of(proposal), unnormalized, strict=True)
+            for q_lp, g in zip(proposal_laws, unnormalized, strict=True)
         ]
         for j, k in enumerate(ks):
             sir_laws[(key, k)] = [laws[j] for laws in per_prompt]
@@ -505,9 +507,12 @@ EXACT_MEASURES = ("exact", "exact SIR law")
 
 
 def _num(value: Any, width: int, digits: int, style: str = "f") -> str:
+    """``value`` right-aligned; style "f" (``digits`` decimals) or "g" (``digits`` significant)."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return f"{'-':>{width}}"
-    return f"{value:>{width}.{digits}{style}}"
+    if style == "g":
+        return f"{value:>#{width}.{digits}g}"
+    return f"{value:>{width}.{digits}f}"
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -516,7 +521,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     exact = [r for r in rows if r["measure"] in EXACT_MEASURES]
     if exact:
         header = (
-            f"{'α':>5} {'sampler':<20} {'law':<13} {'TV':>8} {'KL(p‖q)':>9} {'ESS/N':>6} "
+            f"{'α':>5} {'sampler':<20} {'law':<13} {'TV':>9} {'KL(p‖q)':>9} {'ESS/N':>6} "
             f"{'tok/draw':>9} {'draws/s':>8}"
         )
         lines = ["Exact laws (TV and KL(target‖sampler) from the enumerated law; ESS/N as N → ∞)"]
@@ -524,7 +529,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         for row in exact:
             lines.append(
                 f"{row['alpha']:>5g} {row['name']:<20} {row['measure']:<13} "
-                f"{_num(row['tv'], 8, 4)} {_num(row['kl'], 9, 5)} {_num(row['ess_fraction'], 6, 3)} "
+                f"{_num(row['tv'], 9, 3, 'g')} {_num(row['kl'], 9, 3, 'g')} "
+                f"{_num(row['ess_fraction'], 6, 3)} "
                 f"{_num(row['tokens_per_draw'], 9, 1)} {_num(row['draws_per_second'], 8, 0)}"
             )
         sir = [r["law_precision"] for r in exact if r["measure"] == "exact SIR law"]
@@ -548,7 +554,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         for row in smc:
             line = (
                 f"{row['alpha']:>5g} {row['name']:<20} {row['runs_per_prompt']:>5d} "
-                f"{_num(row['log_z_error'], 9, 5)} {_num(row['log_z_error_se'], 8, 5)} "
+                f"{_num(row['log_z_error'], 9, 3, 'g')} {_num(row['log_z_error_se'], 8, 2, 'g')} "
                 f"{_num(row['ess_fraction'], 6, 3)} {_num(row['ess_fraction_se'], 6, 3)} "
                 f"{_num(row['z_ratio_mean'], 6, 3)} {_num(row['z_ratio_se'], 6, 3)} "
                 f"{_num(row['tokens_per_draw'], 9, 1)} {_num(row['draws_per_second'], 8, 0)}"
