@@ -17,24 +17,33 @@ Columns, per sampler (means over prompts):
   policy; the GFlowNet's own draws: its sampling passes only);
 - ``ESS/draw`` and ``tok/ESS``. ESS is each sampler's own and they are not the same quantity:
   for SIR/SMC it is the ESS of the weighted population behind each draw (K candidates, N
-  particles; an SMC population's final ESS ignores the diversity lost to resampling); for the
-  GFlowNet it is ESS/N of the weights G̃/q over its draws of a prompt (its draws are used
-  unweighted; the weights are scored outside the token count, only to measure q);
+  particles; an SMC population's final ESS ignores the diversity lost to resampling), though
+  only one draw comes out of it; for the GFlowNet it is ESS/N of the weights G̃/q over its draws
+  of a prompt (its draws are used unweighted; the weights are scored outside the token count,
+  only to measure q);
+- ``TV``: the exact total variation between the law of one output draw and the target, where
+  that law is known: the GFlowNet's density, and SIR's output law ``p_K`` (computed from the
+  enumerated proposal and target by :func:`gfn_spin.exact.sir_output_laws`); SMC has none;
 - ``|Δlog Z|``: ``|log Ẑ − log Z|`` against the enumerated normalizer, Ẑ from all of the
-  run's draws of the prompt (for the GFlowNet itself, the importance estimate from its draws);
-- ``TV``: the exact total variation to the target, for samplers with a density (the GFlowNet;
-  the local product is printed as its starting point).
+  run's draws of the prompt (for the GFlowNet itself, the importance estimate from its draws,
+  which measures q, not its unweighted draws). Its noise is of the order of the spread of
+  ``log Ẑ`` between settings that should agree (a few 1e-3 on these worlds).
 
-Matching rule of the printed ratio ("best GFlowNet-based ÷ best of SIR and SMC from the local
-product", at equal or lower error): the error both sides have is ``|Δlog Z|``, so the weighted
-GFlowNet-based samplers (SIR with its proposal, twisted SMC) take part; the GFlowNet's own
-draws, whose error is their exact TV, are in the table only. Each one is matched with the
-cheapest local-product setting that is at least as exact (``|Δlog Z|`` ≤ its own): what a user
-pays for that accuracy without a GFlowNet. When no setting is as exact, it is matched with the
-most exact one (it is then more exact too, said on the line). The printed ratio is the lowest
-over the GFlowNet-based samplers, once in tokens per effective sample (population ESS) and once
-in tokens per output draw (every draw an independent sample: SIR/SMC's population ESS counts
-K or N candidates behind a single output draw).
+Matching rules of the printed ratios ("best GFlowNet-based ÷ best of SIR and SMC from the local
+product", at equal or lower error). Each GFlowNet-based sampler is matched with the cheapest
+local-product setting that is at least as exact on the same error (what a user pays for that
+accuracy without a GFlowNet); when no setting is as exact, with the most exact one (the
+GFlowNet-based sampler is then more exact too, said on the line). The printed ratio is the
+lowest over the GFlowNet-based samplers:
+
+1. exact TV of a draw, cost per output draw: the GFlowNet's own draws and SIR with it as
+   proposal against SIR from the local product (each draw an independent draw of a known law,
+   so a draw is one sample at that TV). SIR from the local product is matched on a dense K grid
+   (``CURVE_KS``: exact laws need no sampling; cost K × the measured tokens per candidate), so
+   the ratio does not profit from the gaps between the sampled K;
+2. ``|Δlog Z|``, cost per effective sample (population ESS): SIR with the GFlowNet's proposal
+   and twisted SMC against SIR and SMC from the local product;
+3. the same with cost per output draw.
 
     python -m bench.cost_per_sample                  # CPU, α = 0.5, both worlds, ~5 minutes
     python -m bench.cost_per_sample --parametrization lora --gfn-steps 300 --worlds stress
@@ -50,13 +59,15 @@ from dataclasses import dataclass
 import torch
 
 from bench._timing import emit
-from gfn_spin.exact import divergences, exact_distribution
+from gfn_spin.exact import divergences, exact_distribution, sir_output_laws
 from gfn_spin.mixtures import GeometricMixture
 from gfn_spin.toyworld import ToyWorld, ToyWorldConfig, build_world
 from samplers import ImportanceResampler, SMCSampler
 from samplers.gflownet import PARAMETRIZATIONS, GFlowNetConfig, GFlowNetSampler
 from samplers.weighting import model_tokens
 
+#: K of SIR from the local product whose exact law is computed for the TV matching rule.
+CURVE_KS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 WORLDS = {
     "stress": ToyWorldConfig(),
     "overlap": ToyWorldConfig(shift_rule="style", sft_examples=8192),
@@ -73,6 +84,7 @@ class Row:
     ess_per_draw: float
     log_z_error: float
     tv: float | None
+    weighted: bool  # its draws come out of weighted populations (SIR, SMC): it has a Ẑ
     seconds: float
 
     @property
@@ -84,14 +96,14 @@ def _counts(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v]
 
 
-def _mean_tv(target_exact, density, prompts, cap: int) -> float:
-    """Mean over prompts of the exact TV between the target and an autoregressive density."""
-    total = 0.0
-    for exact, prompt in zip(target_exact, prompts, strict=True):
-        other = exact_distribution(density, prompt, cap)
-        assert other.responses == exact.responses
-        total += divergences(exact.logprobs, other.logprobs)["tv"]
-    return total / len(prompts)
+def _tv(target_law, law: torch.Tensor) -> float:
+    return divergences(target_law.logprobs, law)["tv"]
+
+
+def _mean_tv(target_laws, laws) -> float:
+    """Mean over prompts of the exact TV between the target's and another enumerated law."""
+    pairs = list(zip(target_laws, laws, strict=True))
+    return sum(_tv(e, q.logprobs) for e, q in pairs) / len(pairs)
 
 
 def run_world(name: str, world: ToyWorld, args: argparse.Namespace) -> list[Row]:
@@ -101,6 +113,8 @@ def run_world(name: str, world: ToyWorld, args: argparse.Namespace) -> list[Row]
     cap, draws = world.max_new_tokens, args.draws
     exact = [exact_distribution(target, p, cap) for p in prompts]
     log_z = torch.tensor([e.log_z for e in exact], dtype=torch.float64)
+    local_laws = [exact_distribution(target.local_product(), p, cap) for p in prompts]
+    assert all(q.responses == e.responses for q, e in zip(local_laws, exact, strict=True))
 
     config = GFlowNetConfig(
         max_new_tokens=cap,
@@ -120,6 +134,24 @@ def run_world(name: str, world: ToyWorld, args: argparse.Namespace) -> list[Row]
         f"tokens, {fit_seconds:.1f} s",
         flush=True,
     )
+    with torch.no_grad():
+        gfn_laws = [exact_distribution(gfn.policy, p, cap) for p in prompts]
+    assert all(q.responses == e.responses for q, e in zip(gfn_laws, exact, strict=True))
+    # Exact TV of one output draw: the GFlowNet's own law, and SIR's p_K from each proposal.
+    tv = {"GFlowNet": _mean_tv(exact, gfn_laws)}
+    # SIR from the local product also on a dense K grid (exact laws cost no model tokens): the
+    # TV rule matches against the smallest K that is as exact, not the next K sampled.
+    sir_ks = sorted(set(_counts(args.sir)) | set(CURVE_KS))
+    for prefix, proposals, ks in (
+        ("SIR q_loc", local_laws, sir_ks),
+        ("SIR GFN", gfn_laws, _counts(args.gfn_sir)),
+    ):
+        total = dict.fromkeys(ks, 0.0)
+        for e, q in zip(exact, proposals, strict=True):
+            laws = sir_output_laws(q.logprobs, e.logprobs, ks, rtol=1e-6)
+            for k, law in zip(ks, laws, strict=True):
+                total[k] += _tv(e, law.logprobs) / len(prompts)
+        tv.update({f"{prefix} K={k}": value for k, value in total.items()})
 
     entries = [
         (f"SIR q_loc K={k}", "local", ImportanceResampler(target, None, k, max_new_tokens=cap))
@@ -156,12 +188,10 @@ def run_world(name: str, world: ToyWorld, args: argparse.Namespace) -> list[Row]
         ess = torch.as_tensor(samples.stats["ess"], dtype=torch.float64)
         if sampler is gfn:
             tokens = samples.stats["tokens"]  # its sampling passes, not the evaluation scoring
-            ess = ess * draws  # ESS/N over the prompt's draws -> ESS of those draws
-            tv = _mean_tv(exact, gfn.policy, prompts, cap)
         else:
             tokens = model_tokens(target, gfn.policy) - before
-            ess = ess * draws  # mean population ESS per draw -> over the prompt's draws
-            tv = None
+        # GFlowNet: ESS/N over the prompt's draws; SIR/SMC: mean population ESS per draw.
+        ess = ess * draws
         estimate = torch.as_tensor(samples.stats["log_z"], dtype=torch.float64)
         rows.append(
             Row(
@@ -170,12 +200,29 @@ def run_world(name: str, world: ToyWorld, args: argparse.Namespace) -> list[Row]
                 tokens_per_draw=tokens / (len(prompts) * draws),
                 ess_per_draw=float(ess.sum()) / (len(prompts) * draws),
                 log_z_error=float((estimate - log_z).abs().mean()),
-                tv=tv,
+                tv=tv.get(label),
+                weighted=sampler is not gfn,
                 seconds=seconds,
             )
         )
-    local_tv = _mean_tv(exact, target.local_product(), prompts, cap)
-    _print_world(name, world, rows, local_tv, args)
+    local_tv = _mean_tv(exact, local_laws)
+    # Tokens per SIR candidate from the local product (linear in K: measured on the sampled K).
+    sampled = [(r, k) for k in _counts(args.sir) for r in rows if r.name == f"SIR q_loc K={k}"]
+    per_candidate = sum(r.tokens_per_draw / k for r, k in sampled) / max(1, len(sampled))
+    curve = [
+        Row(
+            name=f"SIR q_loc K={k} (exact law)",
+            family="local",
+            tokens_per_draw=k * per_candidate,
+            ess_per_draw=math.nan,
+            log_z_error=math.nan,
+            tv=tv[f"SIR q_loc K={k}"],
+            weighted=False,
+            seconds=math.nan,
+        )
+        for k in CURVE_KS
+    ]
+    _print_world(name, world, rows, curve, local_tv, args)
     for row in rows:
         emit(
             "cost_per_sample",
@@ -201,29 +248,39 @@ def run_world(name: str, world: ToyWorld, args: argparse.Namespace) -> list[Row]
     return rows
 
 
-def matched(rows: list[Row], cost: str) -> list[tuple[Row, Row, float, bool]]:
-    """Each weighted GFlowNet-based row with its matched baseline and cost ratio (module doc).
+def matched(rows: list[Row], error: str, cost: str) -> list[tuple[Row, Row, float, bool]]:
+    """GFlowNet-based rows with their matched baselines and cost ratios (module docstring).
 
-    ``cost``: "tokens_per_ess" or "tokens_per_draw". Returns (row, baseline, row cost ÷
-    baseline cost, bound) sorted by ratio; ``bound`` is True when no baseline is as exact as the
-    row (the baseline is then the most exact one, and the row is also more exact than it).
+    ``error``: "tv" (rows with an exact law) or "log_z_error" (weighted rows); ``cost``:
+    "tokens_per_ess" or "tokens_per_draw". Returns (row, baseline, row cost ÷ baseline cost,
+    bound) sorted by ratio; ``bound`` is True when no baseline is as exact as the row (the
+    baseline is then the most exact one, and the row is also more exact than it).
     """
-    local = [r for r in rows if r.family == "local"]
+
+    def has(row: Row) -> bool:
+        return getattr(row, error) is not None and (error == "tv" or row.weighted)
+
+    local = [r for r in rows if r.family == "local" and has(r)]
     out = []
     for row in rows:
-        if row.family != "gflownet" or row.tv is not None:
-            continue  # the GFlowNet's own draws: their error is TV, which SIR/SMC draws lack
-        as_exact = [b for b in local if b.log_z_error <= row.log_z_error]
+        if row.family != "gflownet" or not has(row) or not local:
+            continue
+        as_exact = [b for b in local if getattr(b, error) <= getattr(row, error)]
         if as_exact:
             baseline, bound = min(as_exact, key=lambda b: getattr(b, cost)), False
         else:
-            baseline, bound = min(local, key=lambda b: b.log_z_error), True
+            baseline, bound = min(local, key=lambda b: getattr(b, error)), True
         out.append((row, baseline, getattr(row, cost) / getattr(baseline, cost), bound))
     return sorted(out, key=lambda item: item[2])
 
 
 def _print_world(
-    name: str, world: ToyWorld, rows: list[Row], local_tv: float, args: argparse.Namespace
+    name: str,
+    world: ToyWorld,
+    rows: list[Row],
+    curve: list[Row],
+    local_tv: float,
+    args: argparse.Namespace,
 ) -> None:
     print(
         f"\n[{name}] α = {args.alpha}, {args.prompts} held-out prompts x {args.draws} draws, "
@@ -239,20 +296,31 @@ def _print_world(
             f"{r.name:>18} {r.tokens_per_draw:9.1f} {r.ess_per_draw:9.2f} "
             f"{r.tokens_per_ess:9.1f} {r.log_z_error:9.4f} {tv} {r.seconds:6.1f}"
         )
-    for cost, label in (
-        ("tokens_per_ess", "tokens per effective sample (population ESS)"),
-        ("tokens_per_draw", "tokens per output draw (each draw one sample)"),
+    for error, cost, label in (
+        ("tv", "tokens_per_draw", "exact TV, tokens per draw"),
+        ("log_z_error", "tokens_per_ess", "|Δlog Z|, tokens per effective sample (population)"),
+        ("log_z_error", "tokens_per_draw", "|Δlog Z|, tokens per draw"),
     ):
-        pairs = matched(rows, cost)
+        pairs = matched(rows + curve if error == "tv" else rows, error, cost)
         if not pairs:
             continue
         row, baseline, ratio, bound = pairs[0]
-        note = ", and more exact than every baseline" if bound else ""
+        note = ", more exact than every baseline" if bound else ""
         print(
-            f"[{name}] {label}, best GFlowNet-based ÷ matched best from the local product: "
-            f"{row.name} {getattr(row, cost):.1f} ÷ {baseline.name} {getattr(baseline, cost):.1f}"
-            f" = {ratio:.3f} ({1 / ratio:.2f}x fewer; |Δlog Z| {row.log_z_error:.4f} vs "
-            f"{baseline.log_z_error:.4f}{note})"
+            f"[{name}] {label}: best GFlowNet-based ÷ matched local-product = {row.name} "
+            f"{getattr(row, cost):.1f} ÷ {baseline.name} {getattr(baseline, cost):.1f} = "
+            f"{ratio:.3f} ({1 / ratio:.2f}x fewer; {error} {getattr(row, error):.4f} vs "
+            f"{getattr(baseline, error):.4f}{note})"
+        )
+        emit(
+            "cost_per_sample_ratio",
+            world=name,
+            error=error,
+            cost=cost,
+            sampler=row.name,
+            baseline=baseline.name,
+            ratio=ratio,
+            more_exact_than_every_baseline=bound,
         )
 
 
@@ -264,7 +332,9 @@ def main(argv: list[str] | None = None) -> dict[str, list[Row]]:
     )
     parser.add_argument("--prompts", type=int, default=8, help="held-out prompts per world (8)")
     parser.add_argument("--draws", type=int, default=64, help="draws per prompt (64)")
-    parser.add_argument("--sir", default="4,16,64", help="SIR K from the local product")
+    parser.add_argument(
+        "--sir", default="1,4,16,64", help="SIR K from the local product (K = 1: q_loc itself)"
+    )
     parser.add_argument("--smc", default="4,16,64", help="SMC N from the local product")
     parser.add_argument("--gfn-sir", default="4,16", help="SIR K with the GFlowNet proposal")
     parser.add_argument("--twisted-smc", default="4,16", help="twisted SMC N (GFlowNet)")
