@@ -88,16 +88,9 @@ class StudyConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
-        if self.device != "auto":
-            import torch
+        from gfn_spin.devices import resolve_device
 
-            try:
-                torch.device(self.device)
-            except RuntimeError as error:
-                raise ValueError(
-                    f"device={self.device!r} is not a torch device ({error}); use cpu, cuda, "
-                    "cuda:1, ... or auto"
-                ) from error
+        resolve_device(self.device, "device")  # "auto", or a device this machine has
 
     def resolved(self) -> StudyConfig:
         if not self.quick:

@@ -15,6 +15,7 @@ import importlib.metadata
 import inspect
 import json
 import logging
+import math
 import os
 import platform
 import shutil
@@ -24,7 +25,7 @@ import tempfile
 import textwrap
 import types
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -298,6 +299,37 @@ def output_set(output_dir: str | os.PathLike) -> Iterator[Path]:
     write_json_atomic({**marker, "outputs": produced}, root / RUN_MARKER)
     shutil.rmtree(trash, ignore_errors=True)
     shutil.rmtree(staging, ignore_errors=True)
+
+
+def check_alphas(alphas: Sequence[float], argument: str = "alphas") -> tuple[float, ...]:
+    """A study's α values (``π_base^(1-α)·π_t^α``), each a finite number in [0, 1], each once.
+
+    Raises:
+        ValueError: an empty list, a value outside [0, 1] (or NaN, inf), or a repeated value
+            (each α trains and writes its own GFlowNet), naming ``argument``.
+    """
+    values = list(alphas)
+    if not values:
+        raise ValueError(f"{argument} is empty: give at least one α in [0, 1]")
+    bad = [
+        a
+        for a in values
+        if isinstance(a, bool)
+        or not isinstance(a, int | float)
+        or not (math.isfinite(a) and 0 <= a <= 1)
+    ]
+    if bad:
+        raise ValueError(
+            f"{argument}={values} has values outside [0, 1]: {bad}; α weighs π_t against the "
+            "base in π_base^(1-α)·π_t^α"
+        )
+    repeated = sorted({a for a in values if values.count(a) > 1})
+    if repeated:
+        raise ValueError(
+            f"{argument}={values} repeats {repeated}: give each α once (each trains and writes "
+            "its own GFlowNet)"
+        )
+    return tuple(float(a) for a in values)
 
 
 def read_prompts_file(path: str | os.PathLike, argument: str = "prompts_file") -> list[str]:

@@ -20,15 +20,32 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def check_device(device: str | torch.device, argument: str = "device") -> torch.device:
-    """``device`` as a ``torch.device``, or a ValueError naming ``argument`` (e.g. ``gpu0``)."""
-    if isinstance(device, torch.device):
-        return device
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError, ValueError) as error:
-        raise ValueError(
-            f"{argument}={device!r} is not a torch device ({error}); use cpu, cuda, cuda:1, mps, ..."
-        ) from None
+    """``device`` as a ``torch.device``, or a ValueError naming ``argument``: a name torch
+    does not know (``gpu0``), or a CUDA device this machine does not have."""
+    if not isinstance(device, torch.device):
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError, ValueError) as error:
+            raise ValueError(
+                f"{argument}={device!r} is not a torch device ({error}); use cpu, cuda, cuda:1, "
+                "mps, ..."
+            ) from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index is not None and device.index >= count):
+            raise ValueError(
+                f"{argument}={str(device)!r} is not available here ({count} CUDA devices); use "
+                "cpu" + (f" or cuda:0..cuda:{count - 1}" if count else "")
+            )
+    return device
+
+
+def resolve_device(device: str | torch.device | None, argument: str = "device") -> torch.device:
+    """The device of a ``--device`` flag: ``"auto"`` or None is CUDA when present, else CPU;
+    anything else is checked by :func:`check_device` (a clear ValueError naming ``argument``)."""
+    if device is None or device == "auto":
+        return default_device()
+    return check_device(device, argument)
 
 
 def resolve_generator(

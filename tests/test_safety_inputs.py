@@ -15,11 +15,13 @@ from datasets import Dataset, DatasetDict
 from safetensors.torch import load_file, save_file
 
 import gfn_spin.alpha_spin as alpha_spin_module
+from experiments import alpha_spin as alpha_spin_study
 from experiments import train_alpha_spin
-from experiments.common import world_config
+from experiments.common import check_alphas, world_config
 from gfn_spin import AlphaSpinConfig, AlphaSpinTrainer, GeometricMixture, Policy
 from gfn_spin.alpha_spin import MANIFEST, RunDirectory
 from gfn_spin.data import load_pairs, load_parquet, write_parquet
+from gfn_spin.devices import default_device, resolve_device
 from gfn_spin.distributed import Distributed
 from gfn_spin.samples import ancestral_sample
 from samplers import (
@@ -337,3 +339,30 @@ def test_token_ids_generators_temperatures_and_devices_are_checked(world, prompt
     assert world.base.tokens_evaluated == before
     with pytest.raises(ValueError, match="device='gpu0' is not a torch device"):
         AlphaSpinConfig(device="gpu0")
+
+
+def test_device_flags_refuse_devices_this_machine_lacks(tmp_path):
+    missing = f"cuda:{torch.cuda.device_count()}"  # one past the last CUDA device (none here)
+    with pytest.raises(ValueError, match=rf"device='{missing}' is not available here"):
+        AlphaSpinConfig(device=missing)
+    with pytest.raises(ValueError, match=rf"device='{missing}' is not available here"):
+        alpha_spin_study.main(["--output-dir", str(tmp_path / "study"), "--device", missing])
+    assert resolve_device("auto") == resolve_device(None) == default_device()
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert not (tmp_path / "study").exists()
+
+
+@pytest.mark.parametrize(
+    ("alphas", "message"),
+    [
+        ([1.5], r"alphas=\[1.5\] has values outside \[0, 1\]: \[1.5\]"),
+        ([-0.1, 0.5], r"values outside \[0, 1\]: \[-0.1\]"),
+        ([math.nan], r"values outside \[0, 1\]: \[nan\]"),
+        ([0.5, 0.95, 0.5], r"repeats \[0.5\]: give each α once"),
+        ([], "alphas is empty"),
+    ],
+)
+def test_study_alphas_are_in_the_unit_interval_and_distinct(alphas, message):
+    with pytest.raises(ValueError, match=message):
+        check_alphas(alphas)
+    assert check_alphas([0, 0.5, 1]) == (0.0, 0.5, 1.0)
