@@ -108,9 +108,10 @@ class GeometricMixtureConfig:
     """Real models only: the length cap L (the tiny world's cap is 7)."""
     num_eval_prompts: int = 16
     """Held-out prompts evaluated (at most the world's 16)."""
-    draws: int = 24
+    draws: int = 8
     """Draws per eval prompt for every sampler except SMC: they measure model tokens per draw
-    and draws per second (errors come from exact laws, not from these draws)."""
+    and draws per second (errors come from exact laws, not from these draws; SIR's K·draws
+    candidates per prompt make its mean cost precise)."""
     sir_candidates: tuple[int, ...] = (4, 16, 64)
     """K values of SIR from the local product."""
     smc_particles: tuple[int, ...] = (16, 64)
