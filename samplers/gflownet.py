@@ -1,41 +1,39 @@
-"""The GFlowNet sampler: a LoRA policy trained with modified SubTB toward any target density.
+"""The GFlowNet sampler: a policy trained with modified SubTB (or TB, or VarGrad) toward any target.
 
 For users who need samples from an intractable product of LM densities (the geometric
 mixture ``π_0^{1-α} π_t^α`` of α-SPIN, a KL-regularized target) with an exact ``log_q``:
 once fitted, sampling is plain ancestral sampling and the sampler's error to the target can be
-measured exactly on small problems, or estimated (ESS, ELBO gap) on large ones. One adapter is
-fitted over many prompts (amortized) and generalizes to unseen ones.
+measured exactly on small problems, or estimated (ESS, ELBO gap) on large ones. One fit is
+amortized over many prompts and generalizes to unseen ones. The math, the parametrizations and
+the objectives are in docs/gflownet.md.
 
-The training step (DESIGN §4), top to bottom in :meth:`GFlowNetSampler.train_step`:
+The training step, top to bottom in :meth:`GFlowNetSampler.train_step`:
 
 1. responses for a batch of prompts, under ``no_grad`` with the KV cache: from the policy
    itself, tempered (exploration), or from a per-prompt replay buffer of high-reward responses;
-2. the target's prefix-terminal log-densities ``log R(s_k⊤)`` (one no-grad teacher-forced pass
-   per target component);
-3. the policy's token scores (one teacher-forced pass with gradients through the LoRA);
-4. the vectorized modified SubTB loss (flows derived from the rewards);
-5. an optimizer step with gradient clipping.
+2. the target's prefix-terminal log-densities ``log R(s_k⊤)`` (no-grad teacher-forced passes);
+3. the policy's token scores (one teacher-forced pass with gradients through the trainable
+   part; the twist form reuses the components' passes of step 2);
+4. the configured loss (``GFlowNetConfig.loss``), flows derived from the rewards;
+5. an optimizer step with gradient clipping (the twist form adds ``twist_updates − 1`` head
+   updates on stored batches).
 
-Gradients never flow through sampling: SubTB is off-policy, so the no-grad rollout followed by
-one teacher-forced pass is the same objective as the published token-by-token rollout, and far
-cheaper.
+Gradients never flow through sampling: the objectives are off-policy, so the no-grad rollout
+followed by one teacher-forced pass is the same objective as the published token-by-token
+rollout, and far cheaper. :meth:`GFlowNetSampler.fit` with ``teacher=`` distills another
+density instead (how the one-pass ``lora`` form learns from the twisted form).
 
 Parametrizations (``GFlowNetConfig.parametrization``):
 
-- ``"lora"``: a LoRA adapter on the init policy's weights (the published recipe); sampling costs
-  one model pass per token.
-- ``"residual"``: :class:`gfn_spin.residual.ResidualLocalProduct`, the local product of the
-  target's components times a LoRA correction that starts at zero; sampling costs one pass per
-  component plus one per token. Needs a geometric-mixture target.
-- ``"auto"`` (default): residual for a geometric-mixture target, else lora.
-
-Measured on the tiny world (α = 0.5, 16 held-out prompts, batch 64, exact TV to the target):
-residual 0.34 (start, = q_loc) → 0.18 after 600 steps; lora 0.83 (start, = π_t) → 0.25 after
-600 steps and 0.21 after 1,200. Both plateau well above 0.02 within minutes of CPU, and fitting
-by maximum likelihood on exact target draws does no better: the limit is what one adapter on
-these 0.1M-parameter models amortizes over 320 prompts. Where the two policies overlap (the
-world of ``--world shift_rule=style sft_examples=8192``), residual reaches TV 0.021-0.025 and KL
-0.0015-0.0025 in 500 steps. See the main job's results for the current figures.
+- ``"twist"``: :class:`gfn_spin.twist.TwistedLocalProduct`, the local product times a learned
+  twist read from the components' hidden states; one pass per component per token.
+- ``"residual"``: :class:`gfn_spin.residual.ResidualLocalProduct`, the local product times a
+  LoRA correction; one pass per component plus one per token.
+- ``"lora"``: a LoRA adapter on the init policy's weights; **one** model pass per token, and
+  :meth:`GFlowNetSampler.save` writes a standard peft adapter (``Policy.from_pretrained(base,
+  adapter=dir)`` and HF ``generate`` load it).
+- ``"auto"`` (default): twist for a geometric mixture of policies, residual for a geometric
+  mixture over other densities, else lora.
 """
 
 from __future__ import annotations
@@ -64,13 +62,23 @@ from gfn_spin.policy import Policy
 from gfn_spin.residual import ResidualLocalProduct
 from gfn_spin.samples import Samples, ancestral_sample, check_count
 from gfn_spin.scores import TokenScores, weighted_logsum
-from objectives.subtb import WEIGHTINGS, modified_subtb_loss
+from gfn_spin.twist import TwistedLocalProduct, TwistHead
+from objectives.distill import distillation_loss
+from objectives.subtb import (
+    TERMINATION_GRADIENTS,
+    WEIGHTINGS,
+    log_variance_loss,
+    modified_subtb_loss,
+    trajectory_balance_loss,
+)
 from samplers.base import Sampler, check_prompts
-from samplers.replay import ReplayBuffer
+from samplers.replay import FeatureBuffer, ReplayBuffer
 
-PARAMETRIZATIONS = ("auto", "lora", "residual")
+PARAMETRIZATIONS = ("auto", "lora", "residual", "twist")
+LOSSES = ("subtb", "tb", "log_variance")
 CONFIG_FILE = "gflownet_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+TWIST_WEIGHTS = "twist_head.safetensors"
 TRAINER_STATE = "trainer_state.pt"
 METRICS_FILE = "metrics.json"
 #: Config fields a resumed fit may change (they do not change the trajectory of the steps done).
@@ -84,9 +92,14 @@ class GFlowNetConfig:
     max_new_tokens: int = 7
     """Length cap L of responses (the stop at L is forced)."""
     parametrization: str = "auto"
-    """"lora": LoRA on the init policy's weights; "residual": local product + LoRA correction
-    (needs a GeometricMixture target; more accurate at equal steps on the tiny world, ~3x the
-    sampling cost for two components); "auto": residual for a GeometricMixture, else lora."""
+    """"twist": local product × a twist head on the components' hidden states (needs a
+    GeometricMixture of policies); "residual": local product × a LoRA correction (needs a
+    GeometricMixture); "lora": LoRA on the init policy's weights, one model pass per token;
+    "auto": twist, else residual, else lora, whichever the target allows (docs/gflownet.md)."""
+    twist_width: int = 256
+    """"twist": hidden width of the twist head (an MLP over the components' hidden states)."""
+    twist_depth: int = 2
+    """"twist": hidden layers of the twist head."""
     lora_rank: int = 32
     """LoRA rank r (the published LM recipe uses 64)."""
     lora_alpha: float = 32.0
@@ -107,8 +120,20 @@ class GFlowNetConfig:
     """Prompts in one training batch (drawn uniformly from the fit prompts)."""
     samples_per_prompt: int = 4
     """Responses per prompt in one training batch."""
+    loss: str = "subtb"
+    """Training objective: "subtb" (modified sub-trajectory balance over every window), "tb"
+    (trajectory balance, log Z the derived flow at s_0) or "log_variance" (VarGrad: the
+    variance of log R − log q among one prompt's responses, a per-prompt batch log Z)."""
     subtb_lambda: float = 1.0
     """SubTB λ: weight λ^(j-i-1) of the sub-trajectory from s_i to s_j."""
+    termination_gradient: str = "all"
+    """"all", or "anchor": stop log-probs get gradient from the full-trajectory window only
+    (guards against shifting the stop logits to shrink many windows at once; same loss value)."""
+    twist_updates: int = 1
+    """"twist": head updates per rollout; the first uses the fresh batch, the others stored
+    batches (the components are frozen, so stored features stay exact)."""
+    twist_buffer: int = 64
+    """"twist": training batches kept for the extra head updates."""
     weighting: str = "batch"
     """SubTB normalization: "batch" (published LM recipe) or "geometric_within"."""
     explore_prob: float = 0.667
@@ -131,8 +156,9 @@ class GFlowNetConfig:
     """Prompts (the first of the fit prompts) used for the periodic ESS."""
     eval_samples: int = 64
     """Fresh samples per prompt for the periodic ESS."""
-    checkpoint_every: int = 0
-    """Every this many steps, write a checkpoint when `fit` has a checkpoint_dir (0: only at the end)."""
+    checkpoint_every: int = 100
+    """Every this many steps, write a checkpoint when `fit` has a checkpoint_dir (0: only at
+    the end), so an interrupted fit resumes close to where it stopped."""
     adapter_name: str = "gflownet"
     """Name of the peft adapter holding the GFlowNet weights."""
     seed: int = 0
@@ -146,12 +172,23 @@ class GFlowNetConfig:
         """Raise a clear error on a bad setting (before any model work)."""
         check_count("max_new_tokens", self.max_new_tokens)
         check_count("lora_rank", self.lora_rank)
+        check_count("twist_width", self.twist_width)
+        check_count("twist_depth", self.twist_depth)
         check_count("prompts_per_step", self.prompts_per_step)
         check_count("samples_per_prompt", self.samples_per_prompt)
         check_count("replay_capacity", self.replay_capacity)
         if self.parametrization not in PARAMETRIZATIONS:
             raise ValueError(
                 f"parametrization={self.parametrization!r} must be one of {PARAMETRIZATIONS}"
+            )
+        check_count("twist_updates", self.twist_updates)
+        check_count("twist_buffer", self.twist_buffer)
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss={self.loss!r} must be one of {LOSSES}")
+        if self.termination_gradient not in TERMINATION_GRADIENTS:
+            raise ValueError(
+                f"termination_gradient={self.termination_gradient!r} must be one of "
+                f"{TERMINATION_GRADIENTS}"
             )
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"weighting={self.weighting!r} must be one of {WEIGHTINGS}")
@@ -220,46 +257,63 @@ class GFlowNetSampler(Sampler):
             raise ValueError("target and init must share the vocabulary and EOS token")
         self.parametrization = config.parametrization
         if self.parametrization == "auto":
-            residual = isinstance(target, GeometricMixture)
-            self.parametrization = "residual" if residual else "lora"
-        if self.parametrization == "residual" and not isinstance(target, GeometricMixture):
+            self.parametrization = _auto_parametrization(target)
+        if self.parametrization in ("residual", "twist") and not isinstance(
+            target, GeometricMixture
+        ):
             raise ValueError(
-                "parametrization='residual' needs a GeometricMixture target (its local product "
-                "is the starting point); use parametrization='lora' for other targets"
+                f"parametrization={self.parametrization!r} needs a GeometricMixture target (its "
+                "local product is the starting point); use parametrization='lora' for other "
+                "targets"
             )
         self.target = target
         self.init = init
         self.config = config
         self.max_new_tokens = config.max_new_tokens
-        lora = LoraConfig(
-            r=config.lora_rank,
-            lora_alpha=config.lora_alpha,
-            lora_dropout=0.0,
-            target_modules=adapters.lora_target_modules(init.model, config.lora_output_layer),
-            bias="none",
-            task_type="CAUSAL_LM",
-        )
-        # LoRA's A matrices are drawn at random: seed them, so a run is reproducible from its
+        # Initial weights are drawn at random: seed them, so a run is reproducible from its
         # config (and a resumed run continues the same trajectory), without touching global RNG.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
-            self.adapter_policy = init.add_adapter(config.adapter_name, lora)
-        if self.parametrization == "residual":
-            self.policy: Density = ResidualLocalProduct(
-                target.local_product(), self.adapter_policy, init
-            )
-        else:
-            self.policy = self.adapter_policy
-        self.trainable_parameters = self._adapter_parameters()
+            if self.parametrization == "twist":
+                local = target.local_product()
+                self.head: TwistHead | None = TwistHead(
+                    TwistedLocalProduct.in_features(local),
+                    target.vocab_size,
+                    width=config.twist_width,
+                    depth=config.twist_depth,
+                ).to(init.device)
+                self.policy: Density = TwistedLocalProduct(local, self.head)
+                self.trainable_parameters = list(self.head.parameters())
+            else:
+                self.head = None
+                self.adapter_policy = init.add_adapter(config.adapter_name, self._lora_config())
+                self.policy = self.adapter_policy
+                if self.parametrization == "residual":
+                    self.policy = ResidualLocalProduct(
+                        target.local_product(), self.adapter_policy, init
+                    )
+                self.trainable_parameters = self._adapter_parameters()
         self.optimizer = torch.optim.AdamW(
             self.trainable_parameters, lr=config.learning_rate, weight_decay=config.weight_decay
         )
         self.replay = ReplayBuffer(config.replay_capacity)
+        self.features = FeatureBuffer(config.twist_buffer)
         self.state = _TrainState()
         self._rng = random.Random(config.seed)
         self._torch_rng = torch.Generator(device=init.device).manual_seed(config.seed)
 
     # -- weights -----------------------------------------------------------------------------
+
+    def _lora_config(self) -> LoraConfig:
+        cfg = self.config
+        return LoraConfig(
+            r=cfg.lora_rank,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=0.0,
+            target_modules=adapters.lora_target_modules(self.init.model, cfg.lora_output_layer),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
 
     def _adapter_parameters(self) -> list[torch.nn.Parameter]:
         marker = f".{self.config.adapter_name}."
@@ -330,17 +384,21 @@ class GFlowNetSampler(Sampler):
             # target's: one no-grad pass per component serves both.
             with torch.no_grad():
                 steps = [c.step_logprobs(rows, ids, lengths) for c in self.target.components]
-                combined = weighted_logsum(steps, self.target.weights)
-                log_reward = scores_from_steps(
-                    combined,
-                    ids.to(combined.device),
-                    lengths.to(combined.device),
-                    self.target.eos_token_id,
-                ).prefix_terminal_logprobs()
+            log_reward = self._log_reward(steps, ids, lengths)
             return log_reward, self.policy.score(rows, ids, lengths, component_steps=steps)
         with torch.no_grad():
             log_reward = self.target.score(rows, ids, lengths).prefix_terminal_logprobs()
         return log_reward, self.policy.score(rows, ids, lengths)
+
+    def _log_reward(
+        self, steps: list[torch.Tensor], ids: torch.Tensor, lengths: torch.Tensor
+    ) -> torch.Tensor:
+        """The target's prefix-terminal log-densities ``[B, L+1]`` from its components' steps."""
+        combined = weighted_logsum([s.detach() for s in steps], self.target.weights)
+        device = combined.device
+        return scores_from_steps(
+            combined, ids.to(device), lengths.to(device), self.target.eos_token_id
+        ).prefix_terminal_logprobs()
 
     def optimizer_step(self, loss: torch.Tensor) -> None:
         """Backpropagate ``loss`` into the adapter and take one clipped optimizer step (also for
@@ -351,21 +409,81 @@ class GFlowNetSampler(Sampler):
             torch.nn.utils.clip_grad_norm_(self.trainable_parameters, self.config.max_grad_norm)
         self.optimizer.step()
 
+    def distill_step(self, prompt_ids: list[list[int]], teacher: Density) -> dict:
+        """One step of token-level distillation from ``teacher`` on responses it draws."""
+        cfg = self.config
+        chosen = [self._rng.choice(prompt_ids) for _ in range(cfg.prompts_per_step)]
+        rows = [p for p in chosen for _ in range(cfg.samples_per_prompt)]
+        with torch.no_grad():
+            samples = ancestral_sample(
+                teacher,
+                chosen,
+                cfg.samples_per_prompt,
+                max_new_tokens=cfg.max_new_tokens,
+                generator=self._torch_rng,
+            )
+            ids, lengths = samples.response_ids, samples.lengths
+            teacher_steps = teacher.step_logprobs(rows, ids, lengths)
+        student_steps = self.policy.step_logprobs(rows, ids, lengths)
+        loss = distillation_loss(teacher_steps, student_steps, lengths)
+        self.optimizer_step(loss)
+        return {
+            "loss": float(loss.detach()),
+            "empty_fraction": float((lengths == 0).double().mean()),
+            "source": "teacher",
+        }
+
+    def _loss(
+        self,
+        scores: TokenScores,
+        log_reward: torch.Tensor,
+        group: torch.Tensor,
+        reward_temperature: float,
+    ) -> torch.Tensor:
+        """The configured objective on one scored batch (``group [B]``: prompt of each row)."""
+        cfg = self.config
+        device = scores.token_logprobs.device
+        args = (scores.token_logprobs, scores.eos_logprobs, log_reward.to(device), scores.lengths)
+        if cfg.loss == "log_variance":
+            return log_variance_loss(*args, group.to(device), reward_temperature=reward_temperature)
+        if cfg.loss == "tb":
+            # log Z is the flow derived at s_0: log R(s_0⊤)/T − log q(⊤|s_0).
+            log_z = log_reward[:, 0].to(device) / reward_temperature - scores.eos_logprobs[:, 0]
+            return trajectory_balance_loss(*args, log_z, reward_temperature=reward_temperature)
+        return modified_subtb_loss(
+            *args,
+            subtb_lambda=cfg.subtb_lambda,
+            weighting=cfg.weighting,
+            reward_temperature=reward_temperature,
+            termination_gradient=cfg.termination_gradient,
+        )
+
     def train_step(self, prompt_ids: list[list[int]], reward_temperature: float = 1.0) -> dict:
-        """One SubTB step on a batch drawn for ``prompt_ids``; returns its metrics."""
+        """One rollout and its update(s) toward the target on a batch drawn for ``prompt_ids``;
+        returns its metrics."""
         rows, samples, source = self._batch(prompt_ids)
         ids, lengths = samples.response_ids, samples.lengths
-        log_reward, scores = self._scores(rows, ids, lengths)
-        loss = modified_subtb_loss(
-            scores.token_logprobs,
-            scores.eos_logprobs,
-            log_reward.to(scores.token_logprobs.device),
-            scores.lengths,
-            subtb_lambda=self.config.subtb_lambda,
-            weighting=self.config.weighting,
-            reward_temperature=reward_temperature,
-        )
-        self.optimizer_step(loss)
+        keys: dict[tuple[int, ...], int] = {}
+        group = torch.tensor([keys.setdefault(tuple(r), len(keys)) for r in rows])
+        if isinstance(self.policy, TwistedLocalProduct):
+            steps, features = self.policy.component_outputs(rows, ids, lengths)
+            log_reward = self._log_reward(steps, ids, lengths)
+            batch = {
+                **{f"steps_{i}": v for i, v in enumerate(steps)},
+                **{f"features_{i}": v for i, v in enumerate(features)},
+                "response_ids": ids,
+                "lengths": lengths,
+                "log_reward": log_reward,
+                "group": group,
+            }
+            self.features.add(batch)
+            loss = self._twist_update(batch, reward_temperature)
+            for _ in range(self.config.twist_updates - 1):
+                self._twist_update(self.features.sample(self._rng), reward_temperature)
+        else:
+            log_reward, scores = self._scores(rows, ids, lengths)
+            loss = self._loss(scores, log_reward, group, reward_temperature)
+            self.optimizer_step(loss)
         final = log_reward.gather(1, lengths.to(log_reward.device)[:, None]).squeeze(1)
         if source != "replay" and self.config.replay_prob > 0:
             self.replay.add(rows, samples.responses(), final.tolist())
@@ -373,8 +491,23 @@ class GFlowNetSampler(Sampler):
         return {
             "loss": float(loss.detach()),
             "log_reward": float(finite.mean()) if len(finite) else float("-inf"),
+            "empty_fraction": float((lengths == 0).double().mean()),
             "source": source,
         }
+
+    def _twist_update(
+        self, batch: dict[str, torch.Tensor], reward_temperature: float
+    ) -> torch.Tensor:
+        """One head update on a stored (or fresh) batch of component outputs."""
+        count = len([k for k in batch if k.startswith("steps_")])
+        outputs = (
+            [batch[f"steps_{i}"] for i in range(count)],
+            [batch[f"features_{i}"] for i in range(count)],
+        )
+        scores = self.policy.scores_from_outputs(outputs, batch["response_ids"], batch["lengths"])
+        loss = self._loss(scores, batch["log_reward"], batch["group"], reward_temperature)
+        self.optimizer_step(loss)
+        return loss
 
     def fit(
         self,
@@ -385,8 +518,14 @@ class GFlowNetSampler(Sampler):
         resume: bool = False,
         progress: bool = True,
         log_every: int = 10,
+        teacher: Density | None = None,
     ) -> list[dict[str, Any]]:
         """Train on ``prompts`` for ``steps`` optimizer steps (default ``config.steps``).
+
+        Without ``teacher`` each step is a SubTB step toward the target. With ``teacher`` (a
+        normalized density over the same vocabulary, typically a more exact but costlier
+        GFlowNet policy such as the twisted form), each step distills it instead: the
+        sequence-level KL(teacher ‖ policy) on the teacher's draws, token by token.
 
         With ``checkpoint_dir``, checkpoints (adapter, optimizer, RNG, replay buffer, metrics)
         are written atomically every ``config.checkpoint_every`` steps and at the end; with
@@ -402,11 +541,26 @@ class GFlowNetSampler(Sampler):
             raise ValueError("resume=True needs checkpoint_dir (where checkpoints were written)")
         if checkpoint_dir is not None:
             make_directory(checkpoint_dir, "checkpoint_dir")  # fail now, not after training
-        if resume:
-            latest = latest_checkpoint(checkpoint_dir)
-            if latest is not None:
-                self._check_resumable(latest)
-                self._load_checkpoint(latest)
+        latest = None if checkpoint_dir is None else latest_checkpoint(checkpoint_dir)
+        if latest is not None and not resume and self.state.step == 0:
+            # Starting afresh would replace that fit's checkpoints: never without being asked.
+            raise ValueError(
+                f"checkpoint_dir={str(checkpoint_dir)!r} already holds a GFlowNet fit "
+                f"({latest.name}); pass resume=True (--resume) to continue it, or give an empty "
+                "or new checkpoint_dir to start afresh"
+            )
+        if resume and latest is not None:
+            self._check_resumable(latest)
+            self._load_checkpoint(latest)
+        if teacher is not None and (
+            not teacher.normalized
+            or teacher.vocab_size != self.target.vocab_size
+            or teacher.eos_token_id != self.target.eos_token_id
+        ):
+            raise ValueError(
+                "teacher must be a normalized density (e.g. another GFlowNetSampler's .policy) "
+                "over the target's vocabulary and EOS token"
+            )
         eval_prompts = prompt_ids[: self.config.eval_prompts]
         bar = tqdm(
             total=total, initial=self.state.step, disable=not progress, desc="gflownet", leave=False
@@ -418,7 +572,10 @@ class GFlowNetSampler(Sampler):
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             temp = self.reward_temperature(step, total)
-            record = self.train_step(prompt_ids, temp)
+            if teacher is None:
+                record = self.train_step(prompt_ids, temp)
+            else:
+                record = self.distill_step(prompt_ids, teacher)
             self.state.step += 1
             done = self.state.step
             cfg = self.config
@@ -432,7 +589,7 @@ class GFlowNetSampler(Sampler):
                     seconds=time.perf_counter() - started,
                 )
                 self.state.metrics.append(record)
-                bar.set_postfix(loss=f"{record['loss']:.3g}", logR=f"{record['log_reward']:.2f}")
+                bar.set_postfix(loss=f"{record['loss']:.3g}")
             bar.update(1)
             if (
                 checkpoint_dir is not None
@@ -496,17 +653,21 @@ class GFlowNetSampler(Sampler):
         return Path(directory)
 
     def _write_adapter(self, directory: Path) -> None:
+        from safetensors.torch import save_file
+
+        (directory / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2))
+        if self.head is not None:
+            state = {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
+            save_file(state, str(directory / TWIST_WEIGHTS))
+            return
         model = self.init.model
         name = self.config.adapter_name
         state = get_peft_model_state_dict(model, adapter_name=name, save_embedding_layers=False)
-        from safetensors.torch import save_file
-
         save_file(
             {k: v.detach().cpu().contiguous() for k, v in state.items()},
             str(directory / ADAPTER_WEIGHTS),
         )
         model.peft_config[name].save_pretrained(str(directory))
-        (directory / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2))
 
     def _check_resumable(self, checkpoint: Path) -> None:
         """Refuse to resume a checkpoint written with different settings (before loading it)."""
@@ -531,22 +692,51 @@ class GFlowNetSampler(Sampler):
     def load(
         cls, directory: str | os.PathLike, target: Density, init: Policy, **overrides: Any
     ) -> GFlowNetSampler:
-        """A sampler with the config and adapter saved by :meth:`save` (or a checkpoint)."""
+        """A sampler with the config and weights saved by :meth:`save` (or a checkpoint)."""
         directory = Path(directory)
-        _check_files(directory, (CONFIG_FILE, ADAPTER_WEIGHTS))
+        _check_files(directory, (CONFIG_FILE,))
         config = GFlowNetConfig.from_dict({**_read_config(directory), **overrides})
         sampler = cls(target, init, config)
         sampler._read_adapter(directory)
         return sampler
 
-    def _read_adapter(self, directory: Path) -> None:
+    @property
+    def _weights_file(self) -> str:
+        return TWIST_WEIGHTS if self.head is not None else ADAPTER_WEIGHTS
+
+    def _read_weights(self, directory: Path) -> dict[str, torch.Tensor]:
+        """The saved trainable tensors, refused when unreadable or not finite."""
         from safetensors.torch import load_file
 
-        _check_files(directory, (ADAPTER_WEIGHTS,))
+        path = directory / self._weights_file
+        _check_files(directory, (self._weights_file,))
         try:
-            state = load_file(str(directory / ADAPTER_WEIGHTS))
+            state = load_file(str(path))
         except Exception as error:  # safetensors raises its own SafetensorError on bad headers
-            raise _corrupted(directory / ADAPTER_WEIGHTS, error) from error
+            raise _corrupted(path, error) from error
+        bad = [name for name, value in state.items() if not bool(torch.isfinite(value).all())]
+        if bad:
+            raise ValueError(
+                f"{str(path)!r} holds non-finite values (NaN or inf) in {bad[:3]}: the fit that "
+                "wrote it diverged; retrain (e.g. with a lower learning_rate) instead of loading it"
+            )
+        return state
+
+    def _read_adapter(self, directory: Path) -> None:
+        state = self._read_weights(directory)
+        if self.head is not None:
+            mine = self.head.state_dict()
+            wrong = sorted(
+                k
+                for k in set(mine) | set(state)
+                if k not in state or k not in mine or state[k].shape != mine[k].shape
+            )
+            if wrong:
+                raise ValueError(
+                    f"twist head weights in {directory} do not match this config: {wrong[:3]}"
+                )
+            self.head.load_state_dict(state)
+            return
         result = set_peft_model_state_dict(
             self.init.model, state, adapter_name=self.config.adapter_name
         )
@@ -568,6 +758,7 @@ class GFlowNetSampler(Sampler):
                     "torch_rng": self._torch_rng.get_state(),
                     "python_rng": self._rng.getstate(),
                     "replay": self.replay.state_dict(),
+                    "features": self.features.state_dict(),
                 },
                 directory / TRAINER_STATE,
             )
@@ -583,10 +774,11 @@ class GFlowNetSampler(Sampler):
         return final
 
     def _load_checkpoint(self, directory: Path) -> None:
-        _check_files(directory, (CONFIG_FILE, ADAPTER_WEIGHTS, TRAINER_STATE, METRICS_FILE))
+        _check_files(directory, (CONFIG_FILE, self._weights_file, TRAINER_STATE, METRICS_FILE))
         # Read every file before changing anything, so a bad checkpoint leaves the sampler as is.
+        # weights_only: a checkpoint is a file a user can hand us, and unpickling runs code.
         try:
-            state = torch.load(directory / TRAINER_STATE, weights_only=False)
+            state = torch.load(directory / TRAINER_STATE, weights_only=True)
         except Exception as error:
             raise _corrupted(directory / TRAINER_STATE, error) from error
         try:
@@ -598,7 +790,18 @@ class GFlowNetSampler(Sampler):
         self._torch_rng.set_state(state["torch_rng"])
         self._rng.setstate(state["python_rng"])
         self.replay.load_state_dict(state["replay"])
+        self.features.load_state_dict(state["features"])
         self.state = _TrainState(step=int(log["step"]), metrics=list(log["metrics"]))
+
+
+def _auto_parametrization(target: Density) -> str:
+    """twist for a geometric mixture of policies (it reads their hidden states), residual for
+    one over other densities, lora for any other target."""
+    if not isinstance(target, GeometricMixture):
+        return "lora"
+    if all(isinstance(c, Policy) for c in target.components):
+        return "twist"
+    return "residual"
 
 
 def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:

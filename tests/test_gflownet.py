@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from gfn_spin import GeometricMixture, LocalProduct
+from gfn_spin import ArithmeticMixture, GeometricMixture, LocalProduct
 from gfn_spin.exact import divergences, exact_distribution
 from samplers import GFlowNetSampler, ImportanceResampler, SMCSampler
 from samplers.gflownet import GFlowNetConfig, latest_checkpoint
@@ -258,10 +258,18 @@ def test_save_and_load_round_trip(world, tmp_path, parametrization):
             )
 
 
-def test_interrupted_fit_resumes_to_the_same_result(world, tmp_path, monkeypatch):
-    """Checkpoints are atomic; an interrupted fit resumed from one equals an uninterrupted fit."""
+@pytest.mark.parametrize("parametrization", ["residual", "twist"])
+def test_interrupted_fit_resumes_to_the_same_result(world, tmp_path, monkeypatch, parametrization):
+    """Checkpoints are atomic; an interrupted fit resumed from one equals an uninterrupted fit
+    (for the twist form, its buffer of stored batches is part of the checkpoint)."""
     config = GFlowNetConfig(
-        max_new_tokens=L, checkpoint_every=2, replay_prob=0.5, learning_rate=1e-2, **FAST
+        max_new_tokens=L,
+        checkpoint_every=2,
+        replay_prob=0.5,
+        learning_rate=1e-2,
+        parametrization=parametrization,
+        twist_updates=3,
+        **FAST,
     )
     prompts = world.train_prompts[:6]
     shifted, target = _setup(world)
@@ -308,7 +316,14 @@ def test_bad_settings_fail_before_any_work(world):
         GFlowNetSampler(target, shifted, max_new_tokens=L, parametrization="mlp")
     with pytest.raises(ValueError, match="residual"):
         GFlowNetSampler(world.base, shifted, max_new_tokens=L, parametrization="residual")
-    assert GFlowNetSampler(target, shifted, max_new_tokens=L).parametrization == "residual"
+    assert GFlowNetSampler(target, shifted, max_new_tokens=L).parametrization == "twist"
+    history = GeometricMixture(
+        [world.base, ArithmeticMixture([world.base, shifted], [0.5, 0.5])], [0.5, 0.5]
+    )
+    assert (
+        GFlowNetSampler(history, shifted, max_new_tokens=L, adapter_name="h").parametrization
+        == "residual"
+    )
     auto = GFlowNetSampler(world.base, shifted, max_new_tokens=L, adapter_name="other")
     assert auto.parametrization == "lora"  # a policy target has no local product
     with pytest.raises(ValueError, match="explore_temperature"):
@@ -333,3 +348,19 @@ def test_replay_buffer_keeps_the_best_distinct_responses():
     restored = ReplayBuffer(1)
     restored.load_state_dict(buffer.state_dict())
     assert restored.state_dict() == buffer.state_dict()
+
+
+def test_a_fresh_fit_refuses_a_checkpoint_dir_holding_another_fit(world, tmp_path):
+    """Starting afresh into a folder with a fit's checkpoints would replace them: refused,
+    naming the folder and the two ways on; the earlier checkpoint is left as it was."""
+    shifted, target = _setup(world)
+    config = GFlowNetConfig(max_new_tokens=L, **FAST)
+    GFlowNetSampler(target, shifted, config).fit(
+        world.train_prompts[:4], steps=1, checkpoint_dir=tmp_path, progress=False
+    )
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "step_0000001").iterdir()}
+    other = GFlowNetSampler(target, shifted, config, learning_rate=1e-2, adapter_name="other")
+    with pytest.raises(ValueError, match="already holds a GFlowNet fit.*resume=True.*new"):
+        other.fit(world.train_prompts[:4], steps=2, checkpoint_dir=tmp_path, progress=False)
+    after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "step_0000001").iterdir()}
+    assert after == before
