@@ -131,10 +131,22 @@ class TwistedLocalProduct(Density):
     # -- the density -----------------------------------------------------------------------
 
     def _combine(
-        self, steps: Sequence[torch.Tensor], hidden: Sequence[torch.Tensor]
+        self,
+        steps: Sequence[torch.Tensor],
+        hidden: Sequence[torch.Tensor],
+        valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Twisted step log-probs; with ``valid`` (a mask over the leading dims) the head runs
+        on those states only and the others keep the local product (padding: half the states
+        of a batch of short responses)."""
         local = weighted_logsum(steps, self.local.weights)
-        twist = self.head(head_inputs(steps, hidden).to(next(self.head.parameters()).device))
+        inputs = head_inputs(steps, hidden).to(next(self.head.parameters()).device)
+        if valid is None:
+            twist = self.head(inputs)
+        else:
+            valid = valid.to(inputs.device)
+            twist = inputs.new_zeros((*valid.shape, local.shape[-1]))
+            twist = twist.index_put((valid,), self.head(inputs[valid]))
         # Tokens the local product forbids stay forbidden (-inf + finite).
         return torch.log_softmax(local + twist.to(local.device), dim=-1)
 
@@ -179,7 +191,9 @@ class TwistedLocalProduct(Density):
         self, outputs: ComponentOutputs, response_ids: torch.Tensor, lengths: torch.Tensor
     ) -> TokenScores:
         """Token scores from the components' stored outputs (no model pass)."""
-        steps = self._combine(*outputs)
+        width = response_ids.shape[1]
+        positions = torch.arange(width + 1, device=lengths.device)
+        steps = self._combine(*outputs, valid=positions[None, :] <= lengths[:, None])
         return scores_from_steps(
             steps, response_ids.to(steps.device), lengths.to(steps.device), self.eos_token_id
         )

@@ -69,6 +69,13 @@ def test_teacher_forced_scores_match_decoding_and_a_per_state_recomputation(worl
         decoded = torch.stack(decoded, dim=1)
         # Per state from the components' own teacher-forced outputs, one row and state at a time.
         outputs = [c.step_logprobs_and_features(rows, ids, lengths) for c in local.components]
+        # Scores from stored outputs (the head runs on valid states only) equal the full pass.
+        stored = twisted.scores_from_outputs(
+            ([o[0] for o in outputs], [o[1] for o in outputs]), ids, lengths
+        )
+        full = twisted.score(rows, ids, lengths)
+        assert torch.allclose(stored.token_logprobs, full.token_logprobs, atol=1e-5)
+        assert torch.allclose(stored.eos_logprobs, full.eos_logprobs, atol=1e-5)
         for b in range(len(rows)):
             for k in range(int(lengths[b]) + 1):
                 steps = [o[0][b, k] for o in outputs]
