@@ -14,7 +14,7 @@ from typing import Any
 
 from experiments.common import parse_config, prepare_output_dir, setup_logging, write_results
 from gfn_spin import AlphaSpinConfig, AlphaSpinTrainer
-from gfn_spin.alpha_spin import MANIFEST
+from gfn_spin.run_folder import MANIFEST
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:

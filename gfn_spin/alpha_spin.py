@@ -27,11 +27,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import math
-import os
-import re
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -54,17 +50,11 @@ from gfn_spin.data import (
 from gfn_spin.density import Density
 from gfn_spin.devices import check_device
 from gfn_spin.distributed import Distributed
-from gfn_spin.io import (
-    RUN_MARKER,
-    atomic_directory,
-    claim_run_directory,
-    dataclass_from_dict,
-    is_temporary_of,
-    make_directory,
-    write_json_atomic,
-)
+from gfn_spin.io import atomic_directory, dataclass_from_dict
 from gfn_spin.mixtures import ArithmeticMixture, GeometricMixture
 from gfn_spin.policy import Policy
+from gfn_spin.run_folder import DATA_HASH, RunDirectory, iterate_name
+from gfn_spin.run_folder import MANIFEST as MANIFEST  # the run folder's names, re-exported
 from gfn_spin.samples import pad_responses
 from gfn_spin.toyworld import ToyWorldEvaluator
 from objectives.spin import LOSS_TYPES, spin_loss
@@ -76,9 +66,6 @@ LR_SCHEDULERS = ("constant", "linear", "cosine")
 FINETUNING = ("lora", "full")
 #: Config fields that may differ when a run is resumed (they do not change its results).
 RESUMABLE_FIELDS = ("output_dir", "iterations", "progress")
-MANIFEST = "manifest.json"
-#: Identity key of the SHA-256 of the run's (prompt, response) pairs.
-DATA_HASH = "data_sha256"
 
 
 @dataclass
@@ -525,10 +512,6 @@ def make_iteration_data(
 # -- 3. the new iterate and its training -----------------------------------------------------
 
 
-def iterate_name(t: int) -> str:
-    return f"iter_{t}"
-
-
 def lora_config(config: AlphaSpinConfig) -> Any:
     return adapters.default_lora_config(rank=config.lora_rank, alpha=config.lora_alpha)
 
@@ -716,189 +699,6 @@ def comparable_config(config: AlphaSpinConfig) -> dict[str, Any]:
     return {k: v for k, v in asdict(config).items() if k not in RESUMABLE_FIELDS}
 
 
-def identity_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """``name (run has X, now Y)`` for each setting that differs between two run identities.
-
-    Config fields are compared one by one, so a refusal names only the fields that differ.
-    """
-    differences = []
-    old_config, new_config = recorded.get("config", {}), current.get("config", {})
-    if isinstance(old_config, dict) and isinstance(new_config, dict):
-        for key in sorted(set(old_config) | set(new_config)):
-            if old_config.get(key) != new_config.get(key):
-                differences.append(
-                    f"{key} (run has {old_config.get(key)!r}, now {new_config.get(key)!r})"
-                )
-    elif old_config != new_config:
-        differences.append("config")
-    for key in sorted((set(recorded) | set(current)) - {"config"}):
-        old, new = recorded.get(key), current.get(key)
-        if old == new:
-            continue
-        if key == DATA_HASH:
-            differences.append(
-                f"the dataset's content differs from the run's (sha256 {str(old)[:12]}…, now "
-                f"{str(new)[:12]}…: rows were edited, added or removed since the run started)"
-            )
-        else:
-            differences.append(f"{key} (run has {old!r}, now {new!r})")
-    return differences
-
-
-#: Files the run writes at the top of its folder (their temporaries are its leftovers).
-_ROOT_FILES = (MANIFEST, "metrics.json", "results.json", RUN_MARKER)
-_DATA_FILE = re.compile(r"iteration_\d+\.parquet")
-_ITERATE = re.compile(r"iter_\d+")
-
-
-class RunDirectory:
-    """``output_dir``: manifest.json (the source of truth), data/, iterates/, metrics.json.
-
-    A step counts as done only once the manifest lists it; anything else the run finds of
-    its own (a temporary file of its own writers, an iterate written just before a kill) is
-    ignored and rewritten. The folder is locked while the run holds it (see :meth:`close`);
-    a non-empty folder that is not a run of this package is refused, and nothing the run
-    did not write is ever deleted.
-    """
-
-    def __init__(self, root: str | os.PathLike, identity: dict[str, Any], dist: Distributed):
-        self.root = Path(root)
-        self.dist = dist
-        self.path = self.root / MANIFEST
-        self._lock = None
-        if dist.is_main:
-            make_directory(self.root, "output_dir")  # an unwritable output_dir fails before work
-            self._read_manifest()  # a damaged manifest is refused before anything is written
-            _, self._lock = claim_run_directory(
-                self.root,
-                "output_dir",
-                tool="gfn_spin.AlphaSpinTrainer",
-                is_earlier_run=lambda root: (root / MANIFEST).is_file(),
-            )
-        try:
-            manifest = self._read_manifest()
-            if manifest is not None and DATA_HASH not in manifest["identity"]:
-                # A run recorded without the data's hash: trust the data once, record it now.
-                manifest["identity"][DATA_HASH] = identity.get(DATA_HASH)
-            if manifest is not None and manifest["identity"] != identity:
-                detail = "; ".join(identity_differences(manifest["identity"], identity))
-                raise ValueError(
-                    f"output_dir={str(self.root)!r} holds a run with a different configuration: "
-                    f"{detail}. A resume may change only {', '.join(RESUMABLE_FIELDS)}; resume "
-                    "with the run's values of the settings above, or choose a new output_dir"
-                )
-            self.manifest = manifest or {"identity": identity, "done": [], "records": []}
-            if dist.is_main:
-                self._clean()
-                if manifest is not None:
-                    # metrics.json mirrors the manifest's records: rewrite it, whatever it holds.
-                    write_json_atomic(self.manifest, self.path)
-                    write_json_atomic(self.manifest["records"], self.root / "metrics.json")
-        except BaseException:
-            self.close()
-            raise
-        dist.barrier()
-
-    def close(self) -> None:
-        """Release the folder's lock (the main process holds it from construction on)."""
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
-
-    def _read_manifest(self) -> dict[str, Any] | None:
-        if not self.path.exists():
-            return None
-        try:
-            manifest = json.loads(self.path.read_text(encoding="utf-8"))
-            if not isinstance(manifest, dict) or not {"identity", "done", "records"} <= set(
-                manifest
-            ):
-                found = sorted(manifest) if isinstance(manifest, dict) else type(manifest).__name__
-                raise ValueError(f"expected keys identity, done, records; found {found}")
-            if not isinstance(manifest["identity"], dict):
-                raise ValueError("identity is not an object")
-            if not (
-                isinstance(manifest["done"], list)
-                and all(isinstance(step, str) for step in manifest["done"])
-            ):
-                raise ValueError("done is not a list of step names")
-            if not (
-                isinstance(manifest["records"], list)
-                and all(
-                    isinstance(r, dict) and isinstance(r.get("iteration"), int)
-                    for r in manifest["records"]
-                )
-            ):
-                raise ValueError("records is not a list of records with an integer iteration")
-        except (ValueError, TypeError, UnicodeDecodeError) as error:
-            # Written atomically, so this is outside damage: refuse rather than guess.
-            raise ValueError(
-                f"output_dir={str(self.root)!r} has a corrupted {MANIFEST} ({error}); delete "
-                "the run directory to start over, or choose a new output_dir"
-            ) from error
-        return manifest
-
-    def _clean(self) -> None:
-        """Remove leftovers of this run's own interrupted writes, and only those.
-
-        Temporaries are recognized by the exact names the atomic writers give them
-        (:func:`gfn_spin.io.is_temporary_of`) next to the files the run writes, in the run's
-        own subfolders; an unlisted iterate is an ``iter_N`` folder inside ``iterates/``.
-        """
-
-        def remove(entry: Path) -> None:
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
-
-        for entry in self.root.iterdir():
-            if any(is_temporary_of(entry.name, name) for name in _ROOT_FILES):
-                remove(entry)
-        data = self.root / "data"
-        if data.is_dir() and not data.is_symlink():
-            for entry in data.iterdir():
-                final, _, _ = entry.name.partition(".parquet.")
-                if _DATA_FILE.fullmatch(final + ".parquet") and is_temporary_of(
-                    entry.name, final + ".parquet"
-                ):
-                    remove(entry)
-        iterates = self.root / "iterates"
-        if iterates.is_dir() and not iterates.is_symlink():
-            for entry in iterates.iterdir():
-                final = entry.name.split(".", 1)[0]
-                if not _ITERATE.fullmatch(final):
-                    continue  # not a name this run writes: leave it alone
-                if entry.name == final:
-                    if f"train_{final}" not in self.manifest["done"]:
-                        remove(entry)
-                elif is_temporary_of(entry.name, final):
-                    remove(entry)
-
-    def done(self, step: str) -> bool:
-        return step in self.manifest["done"]
-
-    def complete(self, step: str, record: dict[str, Any] | None = None) -> None:
-        """Mark ``step`` done (and append its record) with one atomic manifest write."""
-        if record is not None:
-            self.manifest["records"].append(record)
-        self.manifest["done"].append(step)
-        if self.dist.is_main:
-            write_json_atomic(self.manifest, self.path)
-            write_json_atomic(self.manifest["records"], self.root / "metrics.json")
-        self.dist.barrier()
-
-    def data_path(self, t: int) -> Path:
-        return self.root / "data" / f"iteration_{t}.parquet"
-
-    def iterate_path(self, t: int) -> Path:
-        return self.root / "iterates" / iterate_name(t)
-
-    @property
-    def records(self) -> list[dict[str, Any]]:
-        return list(self.manifest["records"])
-
-
 def save_iterate(policy: Policy, target: Path) -> None:
     """Write the iterate into a temporary folder, then rename it into place."""
     with atomic_directory(target) as tmp:
@@ -1045,7 +845,7 @@ class AlphaSpinTrainer:
         The run folder is locked for the whole call: a second run on the same ``output_dir``
         is refused with :class:`gfn_spin.io.DirectoryInUseError`.
         """
-        run = RunDirectory(self.config.output_dir, self.identity, self.dist)
+        run = RunDirectory(self.config.output_dir, self.identity, self.dist, RESUMABLE_FIELDS)
         try:
             return self._train(run)
         finally:

@@ -181,8 +181,13 @@ def test_unknown_names_in_configs():
 # -- checkpoints and run directories ----------------------------------------------------------
 
 
+def _weights_file(checkpoint: Path) -> str:
+    """The trainable weights a saved GFlowNet holds (its parametrization names the file)."""
+    return next(path.name for path in checkpoint.glob("*.safetensors"))
+
+
 def test_gflownet_load_from_a_directory_missing_files(world, saved_checkpoint, tmp_path):
-    for missing in ("adapter_model.safetensors", "gflownet_config.json"):
+    for missing in (_weights_file(saved_checkpoint), "gflownet_config.json"):
         broken = tmp_path / missing
         shutil.copytree(saved_checkpoint, broken)
         (broken / missing).unlink()
@@ -194,8 +199,9 @@ def test_gflownet_load_from_a_directory_missing_files(world, saved_checkpoint, t
             GFlowNetSampler.load(broken, target, shifted)
 
 
-@pytest.mark.parametrize("name", ["adapter_model.safetensors", "gflownet_config.json"])
+@pytest.mark.parametrize("name", ["weights", "gflownet_config.json"])
 def test_gflownet_load_from_truncated_files(world, saved_checkpoint, tmp_path, name):
+    name = _weights_file(saved_checkpoint) if name == "weights" else name
     broken = tmp_path / "broken"
     shutil.copytree(saved_checkpoint, broken)
     data = (broken / name).read_bytes()

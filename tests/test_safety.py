@@ -26,9 +26,9 @@ from experiments.common import (
     split_train_eval,
 )
 from gfn_spin import AlphaSpinConfig, AlphaSpinTrainer, GeometricMixture, Policy
-from gfn_spin.alpha_spin import MANIFEST, RunDirectory
 from gfn_spin.distributed import Distributed
 from gfn_spin.io import LOCK_FILE, RUN_MARKER, DirectoryInUseError
+from gfn_spin.run_folder import MANIFEST, RunDirectory
 from samplers import GFlowNetSampler
 from samplers.gflownet import TRAINER_STATE
 

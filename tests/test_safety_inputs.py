@@ -19,10 +19,10 @@ from experiments import alpha_spin as alpha_spin_study
 from experiments import train_alpha_spin
 from experiments.common import check_alphas, world_config
 from gfn_spin import AlphaSpinConfig, AlphaSpinTrainer, GeometricMixture, Policy
-from gfn_spin.alpha_spin import MANIFEST, RunDirectory
 from gfn_spin.data import load_pairs, load_parquet, write_parquet
 from gfn_spin.devices import default_device, resolve_device
 from gfn_spin.distributed import Distributed
+from gfn_spin.run_folder import MANIFEST, RunDirectory
 from gfn_spin.samples import ancestral_sample
 from samplers import (
     AncestralSampler,
