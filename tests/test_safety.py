@@ -7,6 +7,7 @@ Every test here fails without the guard it names (see docs/errors.md for the row
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset
+from safetensors.torch import load_file, save_file
 
 from experiments import train_alpha_spin
 from experiments.common import (
@@ -117,6 +119,30 @@ def test_malicious_pickled_model_and_adapter_weights_do_not_run(world, tmp_path)
     with pytest.raises(ValueError, match="could not be loaded as a LoRA adapter"):
         fresh.load_adapter(folder, "x")
     assert not marker.exists()
+
+
+def test_a_gflownet_checkpoint_with_non_finite_weights_is_refused(world, tmp_path):
+    checkpoint = _gflownet(world).save_checkpoint(tmp_path / "ck")
+    weights = next(checkpoint.glob("*.safetensors"))
+    save_file({k: torch.full_like(v, math.nan) for k, v in load_file(weights).items()}, weights)
+    resumed = _gflownet(world)
+    with pytest.raises(ValueError, match="holds non-finite values .* retrain"):
+        resumed.fit(world.train_prompts[:4], steps=2, checkpoint_dir=tmp_path / "ck", resume=True)
+    with pytest.raises(ValueError, match="holds non-finite values"):
+        GFlowNetSampler.load(checkpoint, resumed.target, resumed.init)
+    assert resumed.state.step == 0
+
+
+def test_a_checkpoint_dir_of_another_fit_is_never_replaced(world, tmp_path):
+    _gflownet(world).fit(world.train_prompts[:4], steps=1, checkpoint_dir=tmp_path, progress=False)
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    other = _gflownet(world)
+    with pytest.raises(
+        ValueError, match=r"already holds a GFlowNet fit .*resume=True \(--resume\)"
+    ):
+        other.fit(world.train_prompts[:4], steps=1, checkpoint_dir=tmp_path, progress=False)
+    after = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert after == before and other.state.step == 0
 
 
 def test_no_other_path_unpickles_user_files():
