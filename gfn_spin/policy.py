@@ -171,16 +171,16 @@ class Policy(Density):
             model = AutoModelForCausalLM.from_pretrained(
                 name_or_path, dtype=dtype, trust_remote_code=False, weights_only=True
             )
-        except OSError as error:
-            raise OSError(
-                f"could not load name_or_path={name_or_path!r}: {error}. Check the name or "
-                "path; without network access only local directories load"
-            ) from error
         except Exception as error:  # truncated weights, garbage tokenizer.json, bad config
+            if isinstance(error, OSError) and not looks_local:
+                raise OSError(
+                    f"could not load name_or_path={name_or_path!r}: {error}. Check the name or "
+                    "path; without network access only local directories load"
+                ) from error
             raise ValueError(
                 f"could not load name_or_path={name_or_path!r}: it is corrupted, truncated or "
-                f"not a causal LM ({type(error).__name__}: {str(error)[:300]}); save the model "
-                "again with save_pretrained, or give another path"
+                f"not a causal LM ({type(error).__name__}: {' '.join(str(error).split())[:300]}); "
+                "save the model again with save_pretrained, or give another path"
             ) from error
         model.to(device).eval()
         adapter_name = None

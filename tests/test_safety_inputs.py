@@ -284,13 +284,15 @@ def test_truncated_parquet_and_manifest_with_wrong_types(world, tmp_path):
             trainer.train()
 
 
-@pytest.mark.parametrize("damage", ["truncated weights", "garbage tokenizer.json"])
+@pytest.mark.parametrize("damage", ["truncated weights", "garbage tokenizer.json", "config.json"])
 def test_a_damaged_model_folder_gets_a_clear_error(world, tmp_path, damage):
     world.base.save_pretrained(tmp_path / "model")
     world.tokenizer.save_pretrained(tmp_path / "model")
     if damage == "truncated weights":
         weights = tmp_path / "model" / "model.safetensors"
         weights.write_bytes(weights.read_bytes()[:200])
+    elif damage == "config.json":
+        (tmp_path / "model" / "config.json").write_text('{"model_type": "llama", "hidden')
     else:
         (tmp_path / "model" / "tokenizer.json").write_text("{garbage")
     with pytest.raises(ValueError, match="could not load name_or_path=.* corrupted, truncated"):
