@@ -29,13 +29,13 @@ commit, per-prompt values, the SIR laws' precision, the SMC standard errors),
 The world (``--world-preset``): by default ``overlap``, where π_t relates to π_base the way a
 self-play iterate relates to its base: the shifted task writes the *same* symbols with other
 keep/double/noise probabilities (``shift_rule=style``), and both policies learn from 8,192 SFT
-examples (the stress world's 384 leave the base weak), so the two policies share their support
-and the base is a well-trained SFT model; the target is still far from π_t (TV 0.39 at
-α = 0.5). It builds in about 10 s on one core, like the stress world (8,192 examples cost no
-more than 384: SFT runs the same 150 steps of 64 examples). ``stress`` is the symbol-shift world (the shifted task
-writes the next symbol): the policies barely overlap and the mixture lives in their tails, a
-hard case for every sampler. ``--world field=value ...`` adds ToyWorldConfig settings on top of
-the preset (e.g. ``seed=1``).
+examples instead of the stress world's 384, so the two policies share their support and the
+base is closer to p_data (KL(p_data‖π_base) 1.23 against 1.79 on the eval prompts); the target
+is still far from π_t (TV 0.39 at α = 0.5). It builds in about 9 s on one thread, like the
+stress world: SFT runs the same 150 steps of 64 examples whatever the sample size. ``stress``
+is the symbol-shift world (the shifted task writes the next symbol): the policies barely
+overlap and the mixture lives in their tails, a hard case for every sampler.
+``--world field=value ...`` adds ToyWorldConfig settings on top of the preset (``seed=1``).
 
 With ``--model``/``--base`` (HF names or local paths) nothing is enumerated; ESS, log Ẑ and the
 ELBO gap KL(q‖target) ≈ log Ẑ − E_q[log G̃ − log q] are reported instead.
