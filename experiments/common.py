@@ -207,6 +207,17 @@ def world_config(specs: tuple[str, ...] | list[str]) -> Any:
     return ToyWorldConfig(**parse_overrides(ToyWorldConfig, specs))
 
 
+def _calling_module() -> str:
+    """The module name of the caller's caller (``python -m x.y`` runs as ``x.y``, not
+    ``__main__``), which names the tool in a run folder's marker."""
+    frame = inspect.currentframe()
+    caller = frame.f_back.f_back if frame is not None and frame.f_back is not None else None
+    if caller is None:
+        return "experiments"
+    spec = caller.f_globals.get("__spec__")
+    return getattr(spec, "name", None) or caller.f_globals.get("__name__", "experiments")
+
+
 def prepare_output_dir(
     path: str | os.PathLike,
     *,
@@ -216,20 +227,20 @@ def prepare_output_dir(
     """Create or reuse the run folder ``path`` before any work, and hold its lock.
 
     A writable directory is created if missing; a non-empty folder that is not a run folder of
-    gfn-spin (no ``.gfn-spin-run.json`` marker, and ``is_earlier_run`` does not recognize it)
-    is refused with FileExistsError, so ``--output-dir .`` never writes over a project; a
+    this tool (no ``.gfn-spin-run.json`` marker naming it, and ``is_earlier_run`` does not
+    recognize it) is refused with FileExistsError, so ``--output-dir .`` never writes over a
+    project and two studies never share a folder; a
     folder another process is writing into is refused with
     :class:`gfn_spin.io.DirectoryInUseError`. The lock is held until the process ends.
 
     Args:
         path: the ``--output-dir`` of a study.
-        tool: the name recorded in the folder's marker (default: the calling module).
+        tool: the name recorded in the folder's marker (default: the calling module); a
+            run folder of another tool is refused.
         is_earlier_run: recognizes a run folder written before markers existed.
     """
     if tool is None:
-        caller = inspect.currentframe()
-        caller = caller.f_back if caller is not None else None
-        tool = caller.f_globals.get("__name__", "experiments") if caller else "experiments"
+        tool = _calling_module()
     root, _ = claim_run_directory(path, "output_dir", tool=tool, is_earlier_run=is_earlier_run)
     return root
 

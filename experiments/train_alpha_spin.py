@@ -14,7 +14,7 @@ from typing import Any
 
 from experiments.common import parse_config, prepare_output_dir, setup_logging, write_results
 from gfn_spin import AlphaSpinConfig, AlphaSpinTrainer
-from gfn_spin.run_folder import MANIFEST
+from gfn_spin.run_folder import MANIFEST, RUN_TOOL
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if trainer.dist.is_main:
         output_dir = prepare_output_dir(
             config.output_dir,
-            tool="experiments.train_alpha_spin",
+            tool=RUN_TOOL,  # the trainer claims the same folder for the same run
             is_earlier_run=lambda root: (root / MANIFEST).is_file(),
         )
         log = setup_logging(output_dir, "experiments.train_alpha_spin")

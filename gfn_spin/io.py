@@ -82,18 +82,28 @@ def claim_run_directory(
     is not empty and carries no :data:`RUN_MARKER` (nor passes ``is_earlier_run``) holds
     files this package did not write: it is refused, before anything is written into it, so
     that no user file is ever overwritten or deleted (``--output-dir .`` in a project folder,
-    say). The lock is held until :meth:`FileLock.release` (or the end of the process).
+    say). A run folder of another tool (its marker names it) is refused too. The lock is
+    held until :meth:`FileLock.release` (or the end of the process).
 
     Raises:
         NotADirectoryError, PermissionError: ``path`` cannot be a writable directory.
-        FileExistsError: a non-empty folder that is not a run folder of this package.
+        FileExistsError: a non-empty folder that is not a run folder of ``tool``.
         DirectoryInUseError: another run holds the folder's lock.
     """
     root = make_directory(path, argument)
     marker = root / RUN_MARKER
 
     def check() -> None:
-        if marker.exists() or (is_earlier_run is not None and is_earlier_run(root)):
+        if marker.exists():
+            owner = _marker_tool(marker)
+            if owner != tool:
+                raise FileExistsError(
+                    f"{argument}={str(path)!r} is a run folder of {owner or 'an unknown tool'} "
+                    f"(its {RUN_MARKER}), not of {tool}; runs of different tools never share a "
+                    f"folder: choose another {argument}"
+                )
+            return
+        if is_earlier_run is not None and is_earlier_run(root):
             return
         others = sorted(e.name for e in root.iterdir() if e.name != LOCK_FILE)
         if others:
@@ -114,6 +124,16 @@ def claim_run_directory(
         lock.release()
         raise
     return root, lock
+
+
+def _marker_tool(marker: Path) -> str | None:
+    """The tool named in a run folder's marker (None when the marker is unreadable)."""
+    try:
+        value = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    tool = value.get("tool") if isinstance(value, dict) else None
+    return tool if isinstance(tool, str) else None
 
 
 def make_directory(path: str | os.PathLike, argument: str = "path") -> Path:

@@ -31,6 +31,8 @@ from gfn_spin.io import (
 MANIFEST = "manifest.json"
 #: Identity key of the SHA-256 of the run's (prompt, response) pairs.
 DATA_HASH = "data_sha256"
+#: The tool named in an α-SPIN run folder's marker (:data:`gfn_spin.io.RUN_MARKER`).
+RUN_TOOL = "gfn_spin.AlphaSpinTrainer"
 
 
 def iterate_name(t: int) -> str:
@@ -104,7 +106,7 @@ class RunDirectory:
             _, self._lock = claim_run_directory(
                 self.root,
                 "output_dir",
-                tool="gfn_spin.AlphaSpinTrainer",
+                tool=RUN_TOOL,
                 is_earlier_run=lambda root: (root / MANIFEST).is_file(),
             )
         try:

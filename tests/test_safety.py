@@ -30,7 +30,7 @@ from experiments.common import (
 from gfn_spin import AlphaSpinConfig, AlphaSpinTrainer, GeometricMixture, Policy
 from gfn_spin.distributed import Distributed
 from gfn_spin.io import LOCK_FILE, RUN_MARKER, DirectoryInUseError
-from gfn_spin.run_folder import MANIFEST, RunDirectory
+from gfn_spin.run_folder import MANIFEST, RUN_TOOL, RunDirectory
 from samplers import GFlowNetSampler
 from samplers.gflownet import TRAINER_STATE
 
@@ -179,6 +179,23 @@ def test_a_foreign_non_empty_folder_is_refused_and_left_alone(world, tmp_path):
                                                          "paper.tex"]  # fmt: skip
 
 
+def test_a_run_folder_of_another_tool_is_refused(world, tmp_path):
+    out = prepare_output_dir(tmp_path / "study", tool="experiments.geometric_mixture")
+    (out / "results.json").write_text("{}")
+    trainer = AlphaSpinTrainer(
+        AlphaSpinConfig(output_dir=str(out), **RUN), world=world, evaluate=lambda p: {}
+    )
+    with pytest.raises(FileExistsError, match="is a run folder of experiments.geometric_mixture"):
+        trainer.train()
+    with pytest.raises(FileExistsError, match="not of experiments.sampler_ablation"):
+        prepare_output_dir(out, tool="experiments.sampler_ablation")
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".gfn-spin-run.json",
+        LOCK_FILE,
+        "results.json",
+    ]
+
+
 def test_output_dir_dot_in_a_project_is_refused(tmp_path, monkeypatch):
     files = _user_files(tmp_path)
     monkeypatch.chdir(tmp_path)
@@ -236,7 +253,7 @@ def held_lock(tmp_path):
     folder.mkdir()
     script = (
         "import sys, time; from gfn_spin.io import claim_run_directory; "
-        "claim_run_directory(sys.argv[1], tool='test'); print('locked', flush=True); "
+        f"claim_run_directory(sys.argv[1], tool={RUN_TOOL!r}); print('locked', flush=True); "
         "time.sleep(120)"
     )
     other = subprocess.Popen(
@@ -253,7 +270,7 @@ def held_lock(tmp_path):
 def test_a_second_run_on_a_locked_folder_is_refused(world, held_lock):
     before = sorted(os.listdir(held_lock))
     with pytest.raises(DirectoryInUseError, match="output_dir=.* is in use by another run"):
-        prepare_output_dir(held_lock)
+        prepare_output_dir(held_lock, tool=RUN_TOOL)
     config = AlphaSpinConfig(output_dir=str(held_lock), **RUN)
     trainer = AlphaSpinTrainer(config, world=world, evaluate=lambda policy: {})
     with pytest.raises(DirectoryInUseError, match="wait for that run to finish"):
@@ -265,7 +282,7 @@ def test_the_lock_is_released_when_the_other_run_ends(tmp_path):
     folder = tmp_path / "run"
     script = "import sys; from gfn_spin.io import claim_run_directory; claim_run_directory(sys.argv[1], tool='t')"
     subprocess.run([sys.executable, "-c", script, str(folder)], check=True, cwd=ROOT)
-    assert prepare_output_dir(folder) == folder  # the first process ended: free again
+    assert prepare_output_dir(folder, tool="t") == folder  # the first process ended: free again
 
 
 # -- 9. a run's outputs are one set ----------------------------------------------------------
