@@ -139,6 +139,32 @@ def run_world(name: str, world: ToyWorld, args: argparse.Namespace) -> list[Row]
     assert all(q.responses == e.responses for q, e in zip(gfn_laws, exact, strict=True))
     # Exact TV of one output draw: the GFlowNet's own law, and SIR's p_K from each proposal.
     tv = {"GFlowNet": _mean_tv(exact, gfn_laws)}
+    onepass = None
+    if args.onepass_steps > 0:
+        # The one-pass form (LoRA on π_t, one model pass per token), distilled from the fit.
+        onepass = GFlowNetSampler(
+            target,
+            world.shifted,
+            max_new_tokens=cap,
+            parametrization="lora",
+            lora_rank=64,
+            lora_alpha=64.0,
+            learning_rate=1e-2,
+            prompts_per_step=32,
+            seed=args.seed,
+            adapter_name=f"bench_cost_onepass_{name}",
+        )
+        started = time.perf_counter()
+        onepass.fit(world.train_prompts, args.onepass_steps, progress=False, teacher=gfn.policy)
+        print(
+            f"[{name}] one-pass form distilled: {args.onepass_steps} steps, "
+            f"{time.perf_counter() - started:.1f} s",
+            flush=True,
+        )
+        with torch.no_grad():
+            tv["GFlowNet one-pass"] = _mean_tv(
+                exact, [exact_distribution(onepass.policy, p, cap) for p in prompts]
+            )
     # SIR from the local product also on a dense K grid (exact laws cost no model tokens): the
     # TV rule matches against the smallest K that is as exact, not the next K sampled.
     sir_ks = sorted(set(_counts(args.sir)) | set(CURVE_KS))
@@ -162,6 +188,8 @@ def run_world(name: str, world: ToyWorld, args: argparse.Namespace) -> list[Row]
         for n in _counts(args.smc)
     ]
     entries.append(("GFlowNet", "gflownet", gfn))
+    if onepass is not None:
+        entries.append(("GFlowNet one-pass", "gflownet", onepass))
     entries += [
         (
             f"SIR GFN K={k}",
@@ -186,7 +214,7 @@ def run_world(name: str, world: ToyWorld, args: argparse.Namespace) -> list[Row]
         samples = sampler.sample(prompts, draws, generator=args.seed)
         seconds = time.perf_counter() - start
         ess = torch.as_tensor(samples.stats["ess"], dtype=torch.float64)
-        if sampler is gfn:
+        if sampler is gfn or sampler is onepass:
             tokens = samples.stats["tokens"]  # its sampling passes, not the evaluation scoring
         else:
             tokens = model_tokens(target, gfn.policy) - before
@@ -350,6 +378,12 @@ def main(argv: list[str] | None = None) -> dict[str, list[Row]]:
         default=500,
         help="fit steps (500: keeps the two worlds within ~5 minutes on one thread); "
         "-1 uses GFlowNetConfig.steps",
+    )
+    parser.add_argument(
+        "--onepass-steps",
+        type=int,
+        default=300,
+        help="steps distilling the GFlowNet into its one-pass LoRA form (300; 0: skip it)",
     )
     parser.add_argument("--device", default="cpu", help="torch device (cpu)")
     parser.add_argument("--seed", type=int, default=0)

@@ -65,6 +65,7 @@ from gfn_spin.policy import Policy
 from samplers import AncestralSampler, ImportanceResampler, SMCSampler
 from samplers.base import Sampler
 from samplers.gflownet import GFlowNetConfig, GFlowNetSampler, ess_fraction
+from samplers.weighting import model_tokens
 
 DEFAULT_PROMPTS = ("a b", "c d a", "b b c d", "d a")
 WORLD_PRESETS: dict[str, tuple[str, ...]] = {
@@ -125,15 +126,21 @@ class GeometricMixtureConfig:
     """Relative precision required of SIR's exact output law (per response)."""
     gfn_sir_candidates: int = 4
     """K of SIR with the trained GFlowNet as proposal."""
-    gfn_parametrization: str = "residual"
-    """GFlowNet policy: "residual" (local product + LoRA correction) or "lora" (LoRA on π_t)."""
-    gfn_steps: int = 500
-    """GFlowNet training steps per α."""
-    gfn_learning_rate: float = 1e-3
+    gfn_parametrization: str = "auto"
+    """GFlowNet policy (docs/gflownet.md): "auto" (the twist form here), "twist" (local product
+    × a head on both policies' hidden states), "residual" (local product × a LoRA correction)
+    or "lora" (LoRA on π_t, one model pass per token)."""
+    gfn_loss: str = "subtb"
+    """GFlowNet objective: "subtb", "tb" or "log_variance"."""
+    gfn_steps: int = 200
+    """GFlowNet training rollouts per α."""
+    gfn_twist_updates: int = 8
+    """Twist form: head updates per rollout (the extra ones on stored batches)."""
+    gfn_learning_rate: float = 3e-3
     """GFlowNet peak learning rate (cosine decay)."""
     gfn_lora_rank: int = 32
-    """GFlowNet LoRA rank."""
-    gfn_prompts_per_step: int = 16
+    """GFlowNet LoRA rank (residual and lora forms)."""
+    gfn_prompts_per_step: int = 32
     """Prompts per GFlowNet training batch."""
     gfn_samples_per_prompt: int = 4
     """Responses per prompt per GFlowNet training batch."""
@@ -143,6 +150,13 @@ class GeometricMixtureConfig:
     """Fraction of training batches sampled at a random temperature in [0.5, 2]."""
     gfn_replay_prob: float = 0.0
     """Fraction of training batches replayed from the buffer of high-reward responses."""
+    onepass_steps: int = 300
+    """Steps distilling the GFlowNet into the one-pass form (a LoRA adapter on π_t that HF
+    generate can serve, one model pass per token); 0 skips it."""
+    onepass_learning_rate: float = 1e-2
+    """Peak learning rate of the one-pass distillation."""
+    onepass_rank: int = 64
+    """LoRA rank of the one-pass form."""
     checkpoint_dir: str | None = None
     """Where GFlowNet checkpoints go (one subdirectory per α); None: no checkpoints."""
     resume: bool = False
@@ -184,7 +198,10 @@ class GeometricMixtureConfig:
             raise ValueError("--resume needs --checkpoint-dir")
         if self.threads < 0:
             raise ValueError(f"threads={self.threads} must be >= 0")
+        if self.onepass_steps < 0:
+            raise ValueError(f"onepass_steps={self.onepass_steps} must be >= 0")
         self.gfn_config(0.5, 7)  # validates the GFlowNet fields
+        self.onepass_config(0.5, 7)
 
     def world_specs(self) -> tuple[str, ...]:
         """The tiny world's ToyWorldConfig settings: the preset's, then ``world``'s."""
@@ -201,9 +218,26 @@ class GeometricMixtureConfig:
             prompts_per_step=self.gfn_prompts_per_step,
             samples_per_prompt=self.gfn_samples_per_prompt,
             subtb_lambda=self.gfn_subtb_lambda,
+            loss=self.gfn_loss,
+            twist_updates=self.gfn_twist_updates,
             explore_prob=self.gfn_explore_prob,
             replay_prob=self.gfn_replay_prob,
             adapter_name=f"gflownet_alpha_{alpha:g}".replace(".", "_"),
+            seed=self.seed,
+        )
+
+    def onepass_config(self, alpha: float, max_new_tokens: int) -> GFlowNetConfig:
+        """The one-pass form distilled from the GFlowNet: LoRA on π_t."""
+        return GFlowNetConfig(
+            max_new_tokens=max_new_tokens,
+            parametrization="lora",
+            steps=self.onepass_steps,
+            learning_rate=self.onepass_learning_rate,
+            lora_rank=self.onepass_rank,
+            lora_alpha=float(self.onepass_rank),
+            prompts_per_step=self.gfn_prompts_per_step,
+            samples_per_prompt=self.gfn_samples_per_prompt,
+            adapter_name=f"onepass_alpha_{alpha:g}".replace(".", "_"),
             seed=self.seed,
         )
 
@@ -241,6 +275,7 @@ def build_samplers(
     init: Policy,
     gflownet: GFlowNetSampler,
     max_new_tokens: int,
+    onepass: GFlowNetSampler | None = None,
 ) -> list[Entry]:
     """The compared samplers, in table order."""
     local = target.local_product()
@@ -257,6 +292,9 @@ def build_samplers(
     entries.append(
         Entry("GFlowNet", gflownet, gflownet.policy, f"{gflownet.config.steps} train steps")
     )
+    if onepass is not None:
+        budget = f"{onepass.config.steps} distillation steps"
+        entries.append(Entry("GFlowNet one-pass", onepass, onepass.policy, budget))
     k = config.gfn_sir_candidates
     sampler = ImportanceResampler(target, gflownet.policy, k, **cap)
     entries.append(Entry(f"SIR(GFlowNet) K={k}", sampler, None, f"K={k}", gflownet.policy, k))
@@ -705,6 +743,72 @@ def _load_models(config: GeometricMixtureConfig, device: torch.device, logger: A
     return None, base, model, train, evaluation[: config.num_eval_prompts], config.max_new_tokens
 
 
+def _fit(
+    sampler: GFlowNetSampler,
+    prompts: list,
+    config: GeometricMixtureConfig,
+    output_dir: Path,
+    teacher: Density | None = None,
+) -> dict[str, Any]:
+    """Fit (or resume) one sampler, save it beside the results; its training record."""
+    name = sampler.config.adapter_name
+    checkpoint = None if config.checkpoint_dir is None else Path(config.checkpoint_dir) / name
+    t0 = time.perf_counter()
+    tokens0 = model_tokens(sampler.target, sampler.policy)
+    sampler.fit(
+        prompts,
+        checkpoint_dir=checkpoint,
+        resume=config.resume,
+        progress=config.progress,
+        teacher=teacher,
+    )
+    sampler.save(output_dir / name)
+    metrics = sampler.metrics
+    return {
+        "parametrization": sampler.parametrization,
+        "steps": sampler.config.steps,
+        "seconds": time.perf_counter() - t0,
+        "model_tokens": model_tokens(sampler.target, sampler.policy) - tokens0,
+        "final_loss": metrics[-1]["loss"] if metrics else None,
+        "empty_fraction": metrics[-1].get("empty_fraction") if metrics else None,
+        "metrics": metrics,
+    }
+
+
+def fit_gflownets(
+    config: GeometricMixtureConfig,
+    target: GeometricMixture,
+    model: Policy,
+    train_prompts: list,
+    alpha: float,
+    cap: int,
+    output_dir: Path,
+    logger: Any,
+) -> tuple[GFlowNetSampler, GFlowNetSampler | None, dict[str, Any]]:
+    """The GFlowNet for one α, and its one-pass form distilled from it (when asked for)."""
+    gflownet = GFlowNetSampler(target, model, config.gfn_config(alpha, cap))
+    record = {"alpha": alpha, **_fit(gflownet, train_prompts, config, output_dir)}
+    logger.info(
+        "α=%g: GFlowNet (%s) trained %d steps in %.1f s, final loss %.4g",
+        alpha,
+        gflownet.parametrization,
+        gflownet.config.steps,
+        record["seconds"],
+        record["final_loss"] if record["final_loss"] is not None else float("nan"),
+    )
+    onepass = None
+    if config.onepass_steps > 0:
+        onepass = GFlowNetSampler(target, model, config.onepass_config(alpha, cap))
+        record["onepass"] = _fit(onepass, train_prompts, config, output_dir, gflownet.policy)
+        logger.info(
+            "α=%g: one-pass form distilled %d steps in %.1f s",
+            alpha,
+            onepass.config.steps,
+            record["onepass"]["seconds"],
+        )
+    return gflownet, onepass, record
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the study; returns the results dict (also written to ``output_dir/results.json``)."""
     config = parse_config(GeometricMixtureConfig, argv, description=__doc__.split("\n")[0])
@@ -747,38 +851,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     training: list[dict[str, Any]] = []
     for alpha in config.alphas:
         target = GeometricMixture([base, model], [1 - alpha, alpha])
-        gfn_config = config.gfn_config(alpha, cap)
-        gflownet = GFlowNetSampler(target, model, gfn_config)
-        t0 = time.perf_counter()
-        tokens0 = gflownet.policy.tokens_evaluated + target.tokens_evaluated
-        checkpoint = None
-        if config.checkpoint_dir is not None:
-            checkpoint = Path(config.checkpoint_dir) / gfn_config.adapter_name
-        gflownet.fit(
-            train_prompts, checkpoint_dir=checkpoint, resume=config.resume, progress=config.progress
+        gflownet, onepass, record = fit_gflownets(
+            config, target, model, train_prompts, alpha, cap, output_dir, logger
         )
-        train_seconds = time.perf_counter() - t0
-        train_tokens = gflownet.policy.tokens_evaluated + target.tokens_evaluated - tokens0
-        last = gflownet.metrics[-1] if gflownet.metrics else {}
-        logger.info(
-            "α=%g: GFlowNet (%s) trained %d steps in %.1f s, final loss %.4g",
-            alpha,
-            gfn_config.parametrization,
-            gfn_config.steps,
-            train_seconds,
-            last.get("loss", float("nan")),
-        )
-        training.append(
-            {
-                "alpha": alpha,
-                "seconds": train_seconds,
-                "model_tokens": train_tokens,
-                "steps": gfn_config.steps,
-                "metrics": gflownet.metrics,
-            }
-        )
-        gflownet.save(output_dir / gfn_config.adapter_name)
-        entries = build_samplers(config, target, model, gflownet, cap)
+        training.append(record)
+        entries = build_samplers(config, target, model, gflownet, cap, onepass)
         t0 = time.perf_counter()
         if world is not None:
             block = evaluate_exact(

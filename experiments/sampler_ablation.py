@@ -111,26 +111,28 @@ class SamplerAblationConfig:
     smc_particles: tuple[int, ...] = (4, 16, 64)
     """N values of SMC from the local product."""
     gfn_base: tuple[str, ...] = (
-        "parametrization=residual",
-        "steps=300",
-        "learning_rate=1e-3",
+        "parametrization=twist",
+        "steps=200",
+        "learning_rate=3e-3",
+        "prompts_per_step=32",
+        "twist_updates=8",
         "explore_prob=0",
-        "lora_rank=32",
     )
     """GFlowNetConfig overrides of the base setting, as field=value (tuples as low:high)."""
     gfn_variants: tuple[str, ...] = (
-        "steps=100",
-        "steps=1000",
-        "subtb_lambda=0.9",
+        "steps=600",
+        "twist_updates=1",
+        "loss=log_variance",
+        "loss=tb",
+        "termination_gradient=anchor",
         "subtb_lambda=0.5",
         "weighting=geometric_within",
         "explore_prob=0.667",
-        "explore_prob=0.667,explore_temperature=1:2",
         "replay_prob=0.3",
-        "lora_rank=4",
-        "lora_rank=64",
-        "learning_rate=3e-3",
-        "parametrization=lora",
+        "reward_temperature_start=2",
+        "twist_width=64",
+        "parametrization=residual,learning_rate=1e-3,prompts_per_step=16",
+        "parametrization=lora,learning_rate=1e-3,prompts_per_step=16",
     )
     """Settings measured besides the base: each changes the base by comma-joined field=value."""
     torchgfn: bool = True
@@ -179,8 +181,8 @@ class SamplerAblationConfig:
             "draws": 32,
             "sir_candidates": (1, 4, 16),
             "smc_particles": (4, 16),
-            "gfn_base": (*self.gfn_base, "steps=60"),
-            "gfn_variants": ("steps=150", "subtb_lambda=0.9", "weighting=geometric_within"),
+            "gfn_base": (*self.gfn_base, "steps=40"),
+            "gfn_variants": ("twist_updates=1", "loss=log_variance", "parametrization=residual"),
             "torchgfn_steps": 60,
             "large_gfn_steps": 30,
             "large_reference_particles": 128,

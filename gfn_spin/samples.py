@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,8 +135,14 @@ def ancestral_sample(
     temperature: float = 1.0,
     top_p: float = 1.0,
     generator: torch.Generator | int | None = None,
+    on_state: Callable[[int, torch.Tensor, Any], None] | None = None,
 ) -> Samples:
     """Draw ``num_samples`` responses per prompt from an autoregressive ``density``.
+
+    ``on_state(k, rows, state)``, when given, sees every decoding state s_k before its token
+    is drawn (``rows``: the output rows the state's rows belong to), so a caller can keep what
+    the models computed there (a teacher's log-probs, the components' features) instead of
+    running them again.
 
     One batched decoding loop over all draws with the KV cache; rows that stopped are dropped
     from the batch as they accumulate. ``log_q`` is the log-density of the distribution sampled
@@ -168,6 +174,8 @@ def ancestral_sample(
     active = torch.arange(count, device=device)  # global row of each state row
     state = density.start(rows)
     for step in range(max_new_tokens):
+        if on_state is not None:
+            on_state(step, active, state)
         logprobs = _sampling_logprobs(state.next_logprobs, temperature, top_p)
         token = torch.multinomial(logprobs.exp(), 1, generator=generator).squeeze(1)
         log_q[active] += logprobs.gather(1, token[:, None]).squeeze(1)

@@ -44,7 +44,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,7 +129,7 @@ class GFlowNetConfig:
     termination_gradient: str = "all"
     """"all", or "anchor": stop log-probs get gradient from the full-trajectory window only
     (guards against shifting the stop logits to shrink many windows at once; same loss value)."""
-    twist_updates: int = 1
+    twist_updates: int = 8
     """"twist": head updates per rollout; the first uses the fresh batch, the others stored
     batches (the components are frozen, so stored features stay exact)."""
     twist_buffer: int = 64
@@ -349,8 +349,11 @@ class GFlowNetSampler(Sampler):
         floor = 0.05
         return cfg.learning_rate * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * frac)))
 
-    def _batch(self, prompt_ids: list[list[int]]) -> tuple[list[list[int]], Samples, str]:
-        """Responses for one training batch (no gradients): policy, tempered policy, or replay."""
+    def _batch(
+        self, prompt_ids: list[list[int]], recorder: StateRecorder | None = None
+    ) -> tuple[list[list[int]], Samples, str]:
+        """Responses for one training batch (no gradients): policy, tempered policy, or replay
+        (``recorder`` sees the rollout's decoding states; a replayed batch has none)."""
         cfg = self.config
         k = cfg.samples_per_prompt
         if cfg.replay_prob > 0 and self._rng.random() < cfg.replay_prob:
@@ -371,6 +374,7 @@ class GFlowNetSampler(Sampler):
             max_new_tokens=cfg.max_new_tokens,
             temperature=temperature,
             generator=self._torch_rng,
+            on_state=recorder,
         )
         rows = [p for p in chosen for _ in range(k)]
         return rows, samples, source
@@ -414,6 +418,8 @@ class GFlowNetSampler(Sampler):
         cfg = self.config
         chosen = [self._rng.choice(prompt_ids) for _ in range(cfg.prompts_per_step)]
         rows = [p for p in chosen for _ in range(cfg.samples_per_prompt)]
+        # The teacher's log-probs at the states it visits come from its own rollout.
+        recorder = StateRecorder(lambda state: [state.next_logprobs], cfg.max_new_tokens)
         with torch.no_grad():
             samples = ancestral_sample(
                 teacher,
@@ -421,9 +427,10 @@ class GFlowNetSampler(Sampler):
                 cfg.samples_per_prompt,
                 max_new_tokens=cfg.max_new_tokens,
                 generator=self._torch_rng,
+                on_state=recorder,
             )
             ids, lengths = samples.response_ids, samples.lengths
-            teacher_steps = teacher.step_logprobs(rows, ids, lengths)
+            (teacher_steps,) = recorder.values
         student_steps = self.policy.step_logprobs(rows, ids, lengths)
         loss = distillation_loss(teacher_steps, student_steps, lengths)
         self.optimizer_step(loss)
@@ -461,12 +468,20 @@ class GFlowNetSampler(Sampler):
     def train_step(self, prompt_ids: list[list[int]], reward_temperature: float = 1.0) -> dict:
         """One rollout and its update(s) toward the target on a batch drawn for ``prompt_ids``;
         returns its metrics."""
-        rows, samples, source = self._batch(prompt_ids)
+        twist = isinstance(self.policy, TwistedLocalProduct)
+        # The twist form keeps what the rollout computed (every component's step scores and
+        # features at each state) instead of running the components again.
+        recorder = StateRecorder(_component_outputs, self.config.max_new_tokens) if twist else None
+        rows, samples, source = self._batch(prompt_ids, recorder)
         ids, lengths = samples.response_ids, samples.lengths
         keys: dict[tuple[int, ...], int] = {}
         group = torch.tensor([keys.setdefault(tuple(r), len(keys)) for r in rows])
-        if isinstance(self.policy, TwistedLocalProduct):
-            steps, features = self.policy.component_outputs(rows, ids, lengths)
+        if twist:
+            if recorder.values is None:  # a replayed batch: no rollout to read from
+                steps, features = self.policy.component_outputs(rows, ids, lengths)
+            else:
+                count = len(self.target.components)
+                steps, features = recorder.values[:count], recorder.values[count:]
             log_reward = self._log_reward(steps, ids, lengths)
             batch = {
                 **{f"steps_{i}": v for i, v in enumerate(steps)},
@@ -792,6 +807,31 @@ class GFlowNetSampler(Sampler):
         self.replay.load_state_dict(state["replay"])
         self.features.load_state_dict(state["features"])
         self.state = _TrainState(step=int(log["step"]), metrics=list(log["metrics"]))
+
+
+class StateRecorder:
+    """An ``on_state`` callback of :func:`gfn_spin.samples.ancestral_sample` that keeps, for
+    every output row and state s_k, the tensors ``read(state)`` returns (``[rows, ...]`` each),
+    as ``values``: one ``[N, L+1, ...]`` tensor per read tensor, zero at states never visited
+    (past a response's end, and s_L, whose stop is forced)."""
+
+    def __init__(self, read: Callable[[Any], Sequence[torch.Tensor]], max_new_tokens: int) -> None:
+        self.read = read
+        self.width = max_new_tokens
+        self.values: list[torch.Tensor] | None = None
+
+    def __call__(self, step: int, rows: torch.Tensor, state: Any) -> None:
+        parts = self.read(state)
+        if self.values is None:
+            # The first state holds every row; its width is the number of output rows.
+            self.values = [p.new_zeros((len(rows), self.width + 1, *p.shape[1:])) for p in parts]
+        for buffer, part in zip(self.values, parts, strict=True):
+            buffer[rows, step] = part
+
+
+def _component_outputs(state: Any) -> list[torch.Tensor]:
+    """Every component's next-token log-probs, then every component's features (TwistState)."""
+    return [s.next_logprobs for s in state.components] + [s.next_features for s in state.components]
 
 
 def _auto_parametrization(target: Density) -> str:

@@ -21,6 +21,7 @@ def test_main_job_smoke(world, tmp_path, capsys):
             "--world-preset", "stress",
             "--alphas", "0.5",
             "--gfn-steps", "4",
+            "--onepass-steps", "2",
             "--num-eval-prompts", "2",
             "--draws", "8",
             "--sir-candidates", "4",
@@ -38,6 +39,7 @@ def test_main_job_smoke(world, tmp_path, capsys):
         "SIR K=4",
         "SMC N=4",
         "GFlowNet",
+        "GFlowNet one-pass",
         "SIR(GFlowNet) K=2",
     ]
     rows = {row["name"]: row for row in results["rows"]}
@@ -48,6 +50,7 @@ def test_main_job_smoke(world, tmp_path, capsys):
         "SIR K=4": "exact SIR law",
         "SMC N=4": "smc",
         "GFlowNet": "exact",
+        "GFlowNet one-pass": "exact",
         "SIR(GFlowNet) K=2": "exact SIR law",
     }
     for row in results["rows"]:
@@ -80,7 +83,10 @@ def test_main_job_smoke(world, tmp_path, capsys):
     assert "commit" in saved["environment"]["git"]
     assert (out / "error_vs_cost.png").stat().st_size > 0
     assert "GFlowNet" in (out / "run.log").read_text()
-    assert (out / "gflownet_alpha_0_5" / "adapter_model.safetensors").is_file()
+    assert (out / "gflownet_alpha_0_5" / "twist_head.safetensors").is_file()
+    # The one-pass form is saved as a standard peft adapter (what HF generate serves).
+    assert (out / "onepass_alpha_0_5" / "adapter_model.safetensors").is_file()
+    assert (out / "onepass_alpha_0_5" / "adapter_config.json").is_file()
     printed = capsys.readouterr().out
     assert "SIR(GFlowNet) K=2" in printed and "SMC (no computable law)" in printed
     assert "relative precision" in printed
@@ -144,6 +150,7 @@ def test_real_model_path_reports_ess_and_elbo_gap(world, tmp_path):
             "--max-new-tokens", "5",
             "--alphas", "0.9",
             "--gfn-steps", "2",
+            "--onepass-steps", "2",
             "--draws", "4",
             "--sir-candidates", "2",
             "--smc-particles", "4",

@@ -120,10 +120,43 @@ def test_adapter_stacks_on_an_init_that_reads_an_adapter(world, tmp_path, parame
     assert not (tmp_path / "stacked").exists()
 
 
+def test_twist_training_step_runs_the_models_only_to_decode(world):
+    """The twist form learns from what the rollout computed: every model call is a no-grad
+    decoding call (one prefill per distinct prompt, then one token at a time)."""
+    shifted, target = _setup(world)
+    sampler = GFlowNetSampler(
+        target, shifted, max_new_tokens=L, parametrization="twist", twist_updates=2, **FAST
+    )
+    calls: list[tuple[bool, int]] = []
+
+    def record(module, args, kwargs, output):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        calls.append((torch.is_grad_enabled(), ids.shape[1]))
+
+    handles = [
+        m.register_forward_hook(record, with_kwargs=True) for m in (shifted.model, world.base.model)
+    ]
+    before = [p.detach().clone() for p in sampler.head.parameters()]
+    try:
+        sampler.train_step(world.train_prompts[:4])
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert not any(grad for grad, _ in calls), calls
+    # Two prefills (one per component), then single tokens only: no teacher-forced pass.
+    assert len(calls) > 2 and all(width > 1 for _, width in calls[:2]), calls
+    assert all(width == 1 for _, width in calls[2:]), calls
+    assert any(
+        not torch.equal(a, b) for a, b in zip(before, sampler.head.parameters(), strict=True)
+    )
+
+
 def test_training_step_carries_no_gradient_through_sampling(world):
     """Only the teacher-forced pass runs with gradients; decoding never does."""
     shifted, target = _setup(world)
-    sampler = GFlowNetSampler(target, shifted, max_new_tokens=L, explore_prob=1.0, **FAST)
+    sampler = GFlowNetSampler(
+        target, shifted, max_new_tokens=L, parametrization="residual", explore_prob=1.0, **FAST
+    )
     calls: list[tuple[bool, int]] = []
 
     def record(module, args, kwargs, output):
@@ -248,13 +281,29 @@ def test_save_and_load_round_trip(world, tmp_path, parametrization):
         assert torch.allclose(
             loaded.policy.log_prob(rows, ids, lengths), sampler.policy.log_prob(rows, ids, lengths)
         )
-    # The peft-format adapter also loads as a plain policy adapter (LoRA parametrization).
+    # The peft-format adapter also loads as a plain policy adapter (LoRA parametrization),
+    # through from_pretrained(adapter=...), and HF generate serves it (one pass per token).
     if parametrization == "lora":
         plain = world.load_policy("shifted", device="cpu", dtype=torch.float32)
         reader = plain.load_adapter(path, "gfn")
+        served = world.load_policy("shifted", device="cpu", dtype=torch.float32, adapter=path)
         with torch.no_grad():
+            for policy in (reader, served):
+                assert torch.allclose(
+                    policy.log_prob(rows, ids, lengths),
+                    sampler.policy.log_prob(rows, ids, lengths),
+                    atol=1e-5,
+                )
+            prompt = torch.tensor([world.eval_prompts[2]])
+            greedy = served.model.generate(
+                prompt, max_new_tokens=1, do_sample=False, attention_mask=torch.ones_like(prompt)
+            )[0, -1]
+            first = sampler.policy.start([world.eval_prompts[2]]).next_logprobs[0]
+            # generate reads the full vocabulary; the policy masks non-symbols to -inf.
+            logits = served.model(prompt).logits[0, -1]
+            assert int(greedy) == int(logits.argmax())
             assert torch.allclose(
-                reader.log_prob(rows, ids, lengths), sampler.policy.log_prob(rows, ids, lengths)
+                torch.log_softmax(served._masked(logits[None]), -1)[0], first, atol=1e-5
             )
 
 

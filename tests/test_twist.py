@@ -170,3 +170,31 @@ def test_twist_sampler_saves_and_loads_its_head(world, prompt, tmp_path):
     loaded.save(tmp_path / "broken")
     with pytest.raises(ValueError, match="non-finite"):
         GFlowNetSampler.load(tmp_path / "broken", target, world.shifted)
+
+
+def test_recorded_rollout_states_equal_teacher_forced_passes(world, prompt):
+    """What the training steps keep from a rollout (component scores and features, a teacher's
+    log-probs) equals a teacher-forced pass over the drawn responses at every visited state."""
+    from samplers.gflownet import StateRecorder, _component_outputs
+
+    _, local, twisted = _twisted(world)
+    recorder = StateRecorder(_component_outputs, L)
+    teacher = StateRecorder(lambda state: [state.next_logprobs], L)
+
+    def both(step, rows, state):
+        recorder(step, rows, state)
+        teacher(step, rows, state)
+
+    with torch.no_grad():
+        samples = ancestral_sample(
+            twisted, [prompt], 12, max_new_tokens=L, generator=3, on_state=both
+        )
+        rows, ids, lengths = [prompt] * 12, samples.response_ids, samples.lengths
+        steps, features = twisted.component_outputs(rows, ids, lengths)
+        forced = twisted.step_logprobs(rows, ids, lengths)
+    visited = torch.arange(L + 1)[None, :] <= torch.minimum(lengths, torch.tensor(L - 1))[:, None]
+    assert bool((lengths > 0).any()) and bool((lengths < L).any())
+    for got, want in zip(recorder.values, [*steps, *features], strict=True):
+        assert torch.allclose(got[visited], want[visited], atol=1e-4)
+        assert bool((got[~visited] == 0).all())
+    assert torch.allclose(teacher.values[0][visited], forced[visited], atol=1e-4)
