@@ -314,6 +314,8 @@ def _draw(entry: Entry, prompts: list[list[int]], draws: int, seed: int) -> tupl
     return samples, {
         "ess_fraction": ess,
         "tokens_per_draw": stats["tokens"] / len(samples),
+        # Model passes per response token (prompt prefills included): 1 for a one-pass policy.
+        "tokens_per_response_token": stats["tokens"] / max(int(samples.lengths.sum()), 1),
         "draws_per_second": len(samples) / max(stats["seconds"], 1e-9),
         "seconds": stats["seconds"],
     }

@@ -65,17 +65,17 @@ def test_tiny_ablation_writes_outputs(world, tmp_path):
     assert set(large) == {
         "SIR K=2",
         "SMC N=2",
-        "GFlowNet residual 0 steps",
-        "GFlowNet residual 2 steps λ=1",
-        "GFlowNet residual 2 steps λ=0.5",
+        "GFlowNet twist 0 steps",
+        "GFlowNet twist 2 steps λ=1",
+        "GFlowNet twist 2 steps λ=0.5",
     }
     assert all(float(r["ess_per_token"]) > 0 for r in large.values())
-    for name in ("GFlowNet residual 0 steps", "GFlowNet residual 2 steps λ=0.5"):
+    for name in ("GFlowNet twist 0 steps", "GFlowNet twist 2 steps λ=0.5"):
         row = large[name]
         # KL = log Z − ELBO, with the two reference runs' gap beside it
         assert float(row["kl_q_target"]) == pytest.approx(
-            float(large["GFlowNet residual 0 steps"]["kl_q_target"])
-            + float(large["GFlowNet residual 0 steps"]["elbo"])
+            float(large["GFlowNet twist 0 steps"]["kl_q_target"])
+            + float(large["GFlowNet twist 0 steps"]["elbo"])
             - float(row["elbo"])
         )
         assert float(row["log_z_spread"]) > 0
