@@ -88,19 +88,25 @@ class TwistedLocalProduct(Density):
     normalized = True
 
     def __init__(self, local: LocalProduct, head: TwistHead) -> None:
+        self.check_components(local)
+        self.local = local
+        self.head = head
+        self.components: list[Policy] = list(local.components)
+
+    @staticmethod
+    def check_components(local: LocalProduct) -> None:
+        """Refuse components without hidden states (anything but a :class:`Policy`)."""
         if not all(isinstance(c, Policy) for c in local.components):
             raise TypeError(
                 "a twisted local product reads each component's hidden states: every "
                 "component must be a gfn_spin.Policy (use parametrization='residual' or 'lora' "
                 "for targets over mixtures)"
             )
-        self.local = local
-        self.head = head
-        self.components: list[Policy] = list(local.components)
 
     @staticmethod
     def in_features(local: LocalProduct) -> int:
         """Feature width a head for ``local`` takes."""
+        TwistedLocalProduct.check_components(local)
         return sum(c.hidden_size for c in local.components)
 
     # -- plumbing ------------------------------------------------------------------------

@@ -377,6 +377,16 @@ def test_bad_settings_fail_before_any_work(world):
     assert auto.parametrization == "lora"  # a policy target has no local product
     with pytest.raises(ValueError, match="explore_temperature"):
         GFlowNetConfig(explore_temperature=(2.0, 0.5))
+    with pytest.raises(ValueError, match="loss='db' must be one of"):
+        GFlowNetConfig(loss="db")
+    with pytest.raises(ValueError, match="termination_gradient='none' must be one of"):
+        GFlowNetConfig(termination_gradient="none")
+    with pytest.raises(ValueError, match="twist_updates=0 must be"):
+        GFlowNetConfig(twist_updates=0)
+    with pytest.raises(TypeError, match="every component must be a gfn_spin.Policy"):
+        GFlowNetSampler(history, shifted, max_new_tokens=L, parametrization="twist")
+    with pytest.raises(ValueError, match="teacher must be a normalized density"):
+        auto.fit(world.train_prompts[:2], steps=1, teacher=target, progress=False)
     with pytest.raises(ValueError, match="resume"):
         auto.fit(world.train_prompts, resume=True)
     with pytest.raises(FileNotFoundError):
