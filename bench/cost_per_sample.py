@@ -59,6 +59,7 @@ from dataclasses import dataclass
 import torch
 
 from bench._timing import emit
+from experiments.geometric_mixture import GeometricMixtureConfig
 from gfn_spin.exact import divergences, exact_distribution, sir_output_laws
 from gfn_spin.mixtures import GeometricMixture
 from gfn_spin.toyworld import ToyWorld, ToyWorldConfig, build_world
@@ -142,17 +143,10 @@ def run_world(name: str, world: ToyWorld, args: argparse.Namespace) -> list[Row]
     onepass = None
     if args.onepass_steps > 0:
         # The one-pass form (LoRA on π_t, one model pass per token), distilled from the fit.
+        # The main job's recipe for the one-pass form.
+        recipe = GeometricMixtureConfig(seed=args.seed).onepass_config(args.alpha, cap)
         onepass = GFlowNetSampler(
-            target,
-            world.shifted,
-            max_new_tokens=cap,
-            parametrization="lora",
-            lora_rank=64,
-            lora_alpha=64.0,
-            learning_rate=1e-2,
-            prompts_per_step=32,
-            seed=args.seed,
-            adapter_name=f"bench_cost_onepass_{name}",
+            target, world.shifted, recipe, adapter_name=f"bench_cost_onepass_{name}"
         )
         started = time.perf_counter()
         onepass.fit(world.train_prompts, args.onepass_steps, progress=False, teacher=gfn.policy)

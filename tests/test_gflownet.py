@@ -120,6 +120,23 @@ def test_adapter_stacks_on_an_init_that_reads_an_adapter(world, tmp_path, parame
     assert not (tmp_path / "stacked").exists()
 
 
+def _model_calls(sampler, models, prompts) -> list[tuple[bool, int]]:
+    """(gradients enabled, input width) of every forward of ``models`` in one training step."""
+    calls: list[tuple[bool, int]] = []
+
+    def record(module, args, kwargs, output):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        calls.append((torch.is_grad_enabled(), ids.shape[1]))
+
+    handles = [m.register_forward_hook(record, with_kwargs=True) for m in models]
+    try:
+        sampler.train_step(prompts)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
 def test_twist_training_step_runs_the_models_only_to_decode(world):
     """The twist form learns from what the rollout computed: every model call is a no-grad
     decoding call (one prefill per distinct prompt, then one token at a time)."""
@@ -127,21 +144,8 @@ def test_twist_training_step_runs_the_models_only_to_decode(world):
     sampler = GFlowNetSampler(
         target, shifted, max_new_tokens=L, parametrization="twist", twist_updates=2, **FAST
     )
-    calls: list[tuple[bool, int]] = []
-
-    def record(module, args, kwargs, output):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        calls.append((torch.is_grad_enabled(), ids.shape[1]))
-
-    handles = [
-        m.register_forward_hook(record, with_kwargs=True) for m in (shifted.model, world.base.model)
-    ]
     before = [p.detach().clone() for p in sampler.head.parameters()]
-    try:
-        sampler.train_step(world.train_prompts[:4])
-    finally:
-        for handle in handles:
-            handle.remove()
+    calls = _model_calls(sampler, (shifted.model, world.base.model), world.train_prompts[:4])
     assert not any(grad for grad, _ in calls), calls
     # Two prefills (one per component), then single tokens only: no teacher-forced pass.
     assert len(calls) > 2 and all(width > 1 for _, width in calls[:2]), calls
@@ -157,20 +161,7 @@ def test_training_step_carries_no_gradient_through_sampling(world):
     sampler = GFlowNetSampler(
         target, shifted, max_new_tokens=L, parametrization="residual", explore_prob=1.0, **FAST
     )
-    calls: list[tuple[bool, int]] = []
-
-    def record(module, args, kwargs, output):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        calls.append((torch.is_grad_enabled(), ids.shape[1]))
-
-    handles = [
-        m.register_forward_hook(record, with_kwargs=True) for m in (shifted.model, world.base.model)
-    ]
-    try:
-        sampler.train_step(world.train_prompts[:4])
-    finally:
-        for handle in handles:
-            handle.remove()
+    calls = _model_calls(sampler, (shifted.model, world.base.model), world.train_prompts[:4])
     with_grad = [width for grad, width in calls if grad]
     # The teacher-forced pass: the batch's distinct prompts (the 4 samples of a prompt share
     # one prefill), then every response at once; never one token at a time.
