@@ -52,13 +52,18 @@ from typing import Any
 import torch
 
 from experiments.common import (
+    check_alphas,
+    output_set,
     parse_config,
     prepare_output_dir,
+    read_prompts_file,
     setup_logging,
+    split_train_eval,
     world_config,
     write_results,
 )
 from gfn_spin.density import Density
+from gfn_spin.devices import resolve_device
 from gfn_spin.exact import divergences, exact_distribution, sir_output_laws
 from gfn_spin.mixtures import GeometricMixture
 from gfn_spin.policy import Policy
@@ -171,8 +176,8 @@ class GeometricMixtureConfig:
                 f"world_preset={self.world_preset!r} must be one of {sorted(WORLD_PRESETS)}"
             )
         world_config(self.world_specs())  # a bad --world setting fails here, not after loading
-        if not self.alphas:
-            raise ValueError("alphas is empty: give at least one α")
+        check_alphas(self.alphas)
+        resolve_device(self.device)
         for name in (
             "draws",
             "num_eval_prompts",
@@ -736,12 +741,10 @@ def _load_models(config: GeometricMixtureConfig, device: torch.device, logger: A
     base = Policy.from_pretrained(config.base, device=device)
     model = Policy.from_pretrained(config.model, device=device)
     if config.prompts_file is not None:
-        lines = Path(config.prompts_file).read_text(encoding="utf-8").splitlines()
-        prompts = [line for line in lines if line.strip()]
+        prompts = read_prompts_file(config.prompts_file)
     else:
         prompts = list(DEFAULT_PROMPTS)
-    held = max(1, len(prompts) // 4)
-    train, evaluation = prompts[:-held] or prompts, prompts[-held:]
+    train, evaluation = split_train_eval(prompts)
     return None, base, model, train, evaluation[: config.num_eval_prompts], config.max_new_tokens
 
 
@@ -815,17 +818,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the study; returns the results dict (also written to ``output_dir/results.json``)."""
     config = parse_config(GeometricMixtureConfig, argv, description=__doc__.split("\n")[0])
     config.validate()
-    output_dir = prepare_output_dir(config.output_dir)
-    if config.prompts_file is not None and not Path(config.prompts_file).is_file():
-        raise FileNotFoundError(f"prompts_file={config.prompts_file!r} is not a file")
-    logger = setup_logging(output_dir, "experiments.geometric_mixture")
+    device = resolve_device(config.device)
+    if config.prompts_file is not None:
+        read_prompts_file(config.prompts_file)  # a missing or too-short file fails before work
+    root = prepare_output_dir(config.output_dir)
+    # Every output of this run is published together; an older run's never sits beside them.
+    with output_set(root) as output_dir:
+        logger = setup_logging(output_dir, "experiments.geometric_mixture", append=False)
+        results = _run(config, device, output_dir, logger)
+        logger.info("results in %s", root)
+    return results
+
+
+def _run(
+    config: GeometricMixtureConfig, device: torch.device, output_dir: Path, logger: Any
+) -> dict[str, Any]:
+    """Load, fit, evaluate and write every output under ``output_dir`` (the staged set)."""
     if config.threads > 0:
         torch.set_num_threads(config.threads)
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu")
-        if config.device == "auto"
-        else config.device
-    )
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     world, base, model, train_prompts, eval_prompts, cap = _load_models(config, device, logger)
@@ -872,7 +882,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     total = time.perf_counter() - started
     print(table)
     logger.debug("\n%s", table)
-    logger.info("total %.1f s; results in %s", total, output_dir)
+    logger.info("total %.1f s", total)
     results = {
         "rows": rows,
         "training": training,

@@ -151,8 +151,9 @@ class TwistedLocalProduct(Density):
             twist = self.head(inputs)
         else:
             valid = valid.to(inputs.device)
-            twist = inputs.new_zeros((*valid.shape, local.shape[-1]))
-            twist = twist.index_put((valid,), self.head(inputs[valid]))
+            picked = self.head(inputs[valid])  # bf16 under autocast
+            twist = picked.new_zeros((*valid.shape, local.shape[-1]))
+            twist = twist.index_put((valid,), picked)
         # Tokens the local product forbids stay forbidden (-inf + finite).
         return torch.log_softmax(local + twist.to(local.device), dim=-1)
 

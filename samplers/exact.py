@@ -82,7 +82,7 @@ class ExactSampler(Sampler):
         generator: torch.Generator | int | None = None,
     ) -> Samples:
         check_count("num_samples", num_samples)
-        prompt_ids = encode_checked(self.target, prompts)
+        prompt_ids = encode_checked(self.target, prompts, self.max_new_tokens)
         started, tokens_before = time.perf_counter(), model_tokens(self.target)
         generator = resolve_generator(generator, torch.device("cpu"))
         pad = self.target.pad_token_id

@@ -47,6 +47,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from pickle import UnpicklingError  # the error class only: nothing is unpickled here
 from typing import Any
 
 import torch
@@ -794,6 +795,12 @@ class GFlowNetSampler(Sampler):
         # weights_only: a checkpoint is a file a user can hand us, and unpickling runs code.
         try:
             state = torch.load(directory / TRAINER_STATE, weights_only=True)
+        except UnpicklingError as error:
+            raise ValueError(
+                f"{str(directory / TRAINER_STATE)!r} holds objects other than tensors and plain "
+                "values; they were not loaded, because loading them could run code. Delete that "
+                "checkpoint folder (the fit then resumes from an earlier one or from scratch)"
+            ) from error
         except Exception as error:
             raise _corrupted(directory / TRAINER_STATE, error) from error
         try:

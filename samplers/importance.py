@@ -111,7 +111,7 @@ class ImportanceResampler(Sampler):
             samples = self._unscored.sample(prompts, num_samples, generator=generator)
             stats = {key: samples.stats[key] for key in ("ess", "log_z", "tokens", "seconds")}
             return replace(samples, stats={**stats, "num_candidates": self.num_candidates})
-        prompt_ids = encode_checked(self.target, prompts)
+        prompt_ids = encode_checked(self.target, prompts, self.max_new_tokens)
         started, tokens_before = time.perf_counter(), model_tokens(self.target, self.proposal)
         device = self.proposal.device
         generator = resolve_generator(generator, device)

@@ -203,7 +203,7 @@ class SMCSampler(Sampler):
         generator: torch.Generator | int | None = None,
     ) -> Samples:
         check_count("num_samples", num_samples)
-        prompt_ids = encode_checked(self.target, prompts)
+        prompt_ids = encode_checked(self.target, prompts, self.max_new_tokens)
         started, tokens_before = time.perf_counter(), model_tokens(self.target, self.proposal)
         device = self.proposal.device
         generator = resolve_generator(generator, device)
@@ -258,7 +258,7 @@ class SMCSampler(Sampler):
             log incremental weight of the step from ``s_k`` (token ``y_{k+1}``, or ⊤ at k = n
             when n < L), 0 past the path's end. Each row sums to ``log G̃(y) − log q(y)``.
         """
-        prompt_ids = encode_checked(self.target, prompts)
+        prompt_ids = encode_checked(self.target, prompts, self.max_new_tokens)
         width = self.max_new_tokens
         device = self.proposal.device
         response_ids, lengths = response_ids.to(device), lengths.to(device)

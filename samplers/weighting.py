@@ -13,7 +13,7 @@ import torch
 
 from gfn_spin.density import Density, PromptLike, check_compatible, unique_policies
 from gfn_spin.mixtures import LocalProduct
-from samplers.base import check_prompts
+from samplers.base import encode_within_context
 
 
 def model_tokens(*densities: Density) -> int:
@@ -45,10 +45,12 @@ def check_proposal(target: Density, proposal: Density) -> Density:
     return proposal
 
 
-def encode_checked(density: Density, prompts: Sequence[PromptLike]) -> list[list[int]]:
-    """Prompt token ids; raises before any model work on an empty list or an empty prompt."""
-    check_prompts(prompts)
-    prompt_ids = density.encode_prompts(prompts)
+def encode_checked(
+    density: Density, prompts: Sequence[PromptLike], max_new_tokens: int
+) -> list[list[int]]:
+    """Prompt token ids; raises before any model work on an empty list, an empty prompt, or a
+    prompt that leaves no room in the model's context for ``max_new_tokens``."""
+    prompt_ids = encode_within_context(density, prompts, max_new_tokens)
     for i, ids in enumerate(prompt_ids):
         if len(ids) == 0:
             raise ValueError(f"prompts[{i}] is empty: every prompt needs at least one token")

@@ -128,7 +128,8 @@ def test_partial_and_truncated_checkpoints_are_never_loaded(world, tmp_path):
     (partial / "metrics.json").write_text(json.dumps({"step": 9, "metrics": []}))
     incomplete = tmp_path / "step_0000008"  # no trainer state: not a finished checkpoint
     incomplete.mkdir()
-    shutil.copy(good / "adapter_model.safetensors", incomplete)
+    weights = first._weights_file  # the trainable tensors' file of this parametrization
+    shutil.copy(good / weights, incomplete)
     assert latest_checkpoint(tmp_path) == good
 
     resumed = sampler()
@@ -137,10 +138,10 @@ def test_partial_and_truncated_checkpoints_are_never_loaded(world, tmp_path):
     assert latest_checkpoint(tmp_path).name == "step_0000003"
     assert partial.is_dir()  # never deleted as if it were a finished checkpoint
 
-    truncated = latest_checkpoint(tmp_path) / "adapter_model.safetensors"
+    truncated = latest_checkpoint(tmp_path) / weights
     truncated.write_bytes(truncated.read_bytes()[:100])
     refused = sampler()
-    with pytest.raises(ValueError, match="adapter_model.safetensors' is corrupted or truncated"):
+    with pytest.raises(ValueError, match=f"{weights}' is corrupted or truncated"):
         refused.fit(prompts, steps=5, checkpoint_dir=tmp_path, resume=True, progress=False)
     assert refused.state.step == 0
     (tmp_path / "step_0000003" / "trainer_state.pt").write_bytes(b"")

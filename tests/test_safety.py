@@ -89,7 +89,9 @@ def test_malicious_gflownet_trainer_state_does_not_run(world, tmp_path):
     marker = tmp_path / "pwned"
     _malicious_pickle(checkpoint / TRAINER_STATE, marker)
     resumed = _gflownet(world)
-    with pytest.raises(ValueError, match=rf"{TRAINER_STATE}' is corrupted or truncated"):
+    with pytest.raises(
+        ValueError, match=rf"{TRAINER_STATE}' holds objects other than tensors.*could run code"
+    ):
         resumed.fit(world.train_prompts[:4], steps=2, checkpoint_dir=tmp_path / "ck", resume=True)
     assert not marker.exists()
     assert resumed.state.step == 0

@@ -203,7 +203,6 @@ def test_every_sampler_refuses_prompt_plus_cap_beyond_the_context(world, prompt)
     assert world.base.tokens_evaluated + shifted.tokens_evaluated == before
 
 
-@pytest.mark.xfail(strict=True, reason="SMCSampler.sample does not check the context yet")
 def test_smc_refuses_prompt_plus_cap_beyond_the_context(world, prompt):
     target = GeometricMixture([world.base, world.shifted], [0.5, 0.5])
     cap = world.base.max_context - len(prompt) + 1
