@@ -155,7 +155,7 @@ class GeometricMixtureConfig:
     """Fraction of training batches sampled at a random temperature in [0.5, 2]."""
     gfn_replay_prob: float = 0.0
     """Fraction of training batches replayed from the buffer of high-reward responses."""
-    onepass_steps: int = 300
+    onepass_steps: int = 200
     """Steps distilling the GFlowNet into the one-pass form (a LoRA adapter on π_t that HF
     generate can serve, one model pass per token); 0 skips it."""
     onepass_learning_rate: float = 1e-2
