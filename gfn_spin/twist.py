@@ -59,10 +59,9 @@ class TwistHead(nn.Module):
         return self.out(self.body(features))
 
 
-def head_inputs(steps: Sequence[torch.Tensor], hidden: Sequence[torch.Tensor]) -> torch.Tensor:
+def head_inputs(hidden: Sequence[torch.Tensor]) -> torch.Tensor:
     """The head's input at each state: the components' last hidden states, concatenated (their
     next-token log-probs are a function of these, so they add nothing)."""
-    del steps
     return torch.cat([h.float() for h in hidden], dim=-1)
 
 
@@ -75,6 +74,13 @@ class TwistState:
 
     def select(self, index: torch.Tensor) -> TwistState:
         return TwistState([s.select(index) for s in self.components], self.next_logprobs[index])
+
+    def component_outputs(self) -> list[torch.Tensor]:
+        """What the components computed here: every component's next-token log-probs, then
+        every component's features (what a training step keeps from a rollout)."""
+        return [s.next_logprobs for s in self.components] + [
+            s.next_features for s in self.components
+        ]
 
 
 class TwistedLocalProduct(Density):
@@ -94,9 +100,14 @@ class TwistedLocalProduct(Density):
         self.components: list[Policy] = list(local.components)
 
     @staticmethod
+    def supports(components: Sequence[Density]) -> bool:
+        """Whether every component has hidden states to read (is a :class:`Policy`)."""
+        return all(isinstance(c, Policy) for c in components)
+
+    @staticmethod
     def check_components(local: LocalProduct) -> None:
         """Refuse components without hidden states (anything but a :class:`Policy`)."""
-        if not all(isinstance(c, Policy) for c in local.components):
+        if not TwistedLocalProduct.supports(local.components):
             raise TypeError(
                 "a twisted local product reads each component's hidden states: every "
                 "component must be a gfn_spin.Policy (use parametrization='residual' or 'lora' "
@@ -146,7 +157,7 @@ class TwistedLocalProduct(Density):
         on those states only and the others keep the local product (padding: half the states
         of a batch of short responses)."""
         local = weighted_logsum(steps, self.local.weights)
-        inputs = head_inputs(steps, hidden).to(next(self.head.parameters()).device)
+        inputs = head_inputs(hidden).to(next(self.head.parameters()).device)
         if valid is None:
             twist = self.head(inputs)
         else:
@@ -160,8 +171,8 @@ class TwistedLocalProduct(Density):
     def component_outputs(
         self, prompts: Sequence[PromptLike], response_ids: torch.Tensor, lengths: torch.Tensor
     ) -> ComponentOutputs:
-        """Every component's step scores and features (no gradients): the target's scores come
-        from the same passes, so a training step runs each component once."""
+        """Every component's step scores and features by teacher forcing (no gradients), for
+        responses no rollout of this density produced (replayed ones)."""
         with torch.no_grad():
             pairs = [
                 c.step_logprobs_and_features(prompts, response_ids, lengths)
@@ -170,29 +181,16 @@ class TwistedLocalProduct(Density):
         return [p[0] for p in pairs], [p[1] for p in pairs]
 
     def step_logprobs(
-        self,
-        prompts: Sequence[PromptLike],
-        response_ids: torch.Tensor,
-        lengths: torch.Tensor,
-        *,
-        component_outputs: ComponentOutputs | None = None,
+        self, prompts: Sequence[PromptLike], response_ids: torch.Tensor, lengths: torch.Tensor
     ) -> torch.Tensor:
         """Step scores ``[B, L+1, V]``; gradients flow through the head only."""
-        if component_outputs is None:
-            component_outputs = self.component_outputs(prompts, response_ids, lengths)
-        return self._combine(*component_outputs)
+        return self._combine(*self.component_outputs(prompts, response_ids, lengths))
 
     def score(
-        self,
-        prompts: Sequence[PromptLike],
-        response_ids: torch.Tensor,
-        lengths: torch.Tensor,
-        *,
-        component_outputs: ComponentOutputs | None = None,
+        self, prompts: Sequence[PromptLike], response_ids: torch.Tensor, lengths: torch.Tensor
     ) -> TokenScores:
-        if component_outputs is None:
-            component_outputs = self.component_outputs(prompts, response_ids, lengths)
-        return self.scores_from_outputs(component_outputs, response_ids, lengths)
+        outputs = self.component_outputs(prompts, response_ids, lengths)
+        return self.scores_from_outputs(outputs, response_ids, lengths)
 
     def scores_from_outputs(
         self, outputs: ComponentOutputs, response_ids: torch.Tensor, lengths: torch.Tensor

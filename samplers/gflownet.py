@@ -11,9 +11,10 @@ The training step, top to bottom in :meth:`GFlowNetSampler.train_step`:
 
 1. responses for a batch of prompts, under ``no_grad`` with the KV cache: from the policy
    itself, tempered (exploration), or from a per-prompt replay buffer of high-reward responses;
-2. the target's prefix-terminal log-densities ``log R(s_k⊤)`` (no-grad teacher-forced passes);
+2. the target's prefix-terminal log-densities ``log R(s_k⊤)`` (no-grad teacher-forced passes;
+   the twist form keeps the components' scores from the rollout instead);
 3. the policy's token scores (one teacher-forced pass with gradients through the trainable
-   part; the twist form reuses the components' passes of step 2);
+   part; the twist form runs only its head, on the components' features from the rollout);
 4. the configured loss (``GFlowNetConfig.loss``), flows derived from the rewards;
 5. an optimizer step with gradient clipping (the twist form adds ``twist_updates − 1`` head
    updates on stored batches).
@@ -469,10 +470,13 @@ class GFlowNetSampler(Sampler):
     def train_step(self, prompt_ids: list[list[int]], reward_temperature: float = 1.0) -> dict:
         """One rollout and its update(s) toward the target on a batch drawn for ``prompt_ids``;
         returns its metrics."""
+        cfg = self.config
         twist = isinstance(self.policy, TwistedLocalProduct)
         # The twist form keeps what the rollout computed (every component's step scores and
         # features at each state) instead of running the components again.
-        recorder = StateRecorder(_component_outputs, self.config.max_new_tokens) if twist else None
+        recorder = None
+        if twist:
+            recorder = StateRecorder(lambda state: state.component_outputs(), cfg.max_new_tokens)
         rows, samples, source = self._batch(prompt_ids, recorder)
         ids, lengths = samples.response_ids, samples.lengths
         keys: dict[tuple[int, ...], int] = {}
@@ -485,8 +489,8 @@ class GFlowNetSampler(Sampler):
                 steps, features = recorder.values[:count], recorder.values[count:]
             log_reward = self._log_reward(steps, ids, lengths)
             batch = {
-                **{f"steps_{i}": v for i, v in enumerate(steps)},
-                **{f"features_{i}": v for i, v in enumerate(features)},
+                "steps": list(steps),
+                "features": list(features),
                 "response_ids": ids,
                 "lengths": lengths,
                 "log_reward": log_reward,
@@ -494,14 +498,14 @@ class GFlowNetSampler(Sampler):
             }
             self.features.add(batch)
             loss = self._twist_update(batch, reward_temperature)
-            for _ in range(self.config.twist_updates - 1):
+            for _ in range(cfg.twist_updates - 1):
                 self._twist_update(self.features.sample(self._rng), reward_temperature)
         else:
             log_reward, scores = self._scores(rows, ids, lengths)
             loss = self._loss(scores, log_reward, group, reward_temperature)
             self.optimizer_step(loss)
         final = log_reward.gather(1, lengths.to(log_reward.device)[:, None]).squeeze(1)
-        if source != "replay" and self.config.replay_prob > 0:
+        if source != "replay" and cfg.replay_prob > 0:
             self.replay.add(rows, samples.responses(), final.tolist())
         finite = final[torch.isfinite(final)]
         return {
@@ -515,11 +519,7 @@ class GFlowNetSampler(Sampler):
         self, batch: dict[str, torch.Tensor], reward_temperature: float
     ) -> torch.Tensor:
         """One head update on a stored (or fresh) batch of component outputs."""
-        count = len([k for k in batch if k.startswith("steps_")])
-        outputs = (
-            [batch[f"steps_{i}"] for i in range(count)],
-            [batch[f"features_{i}"] for i in range(count)],
-        )
+        outputs = (batch["steps"], batch["features"])
         scores = self.policy.scores_from_outputs(outputs, batch["response_ids"], batch["lengths"])
         loss = self._loss(scores, batch["log_reward"], batch["group"], reward_temperature)
         self.optimizer_step(loss)
@@ -555,6 +555,15 @@ class GFlowNetSampler(Sampler):
             raise ValueError(f"steps={total} must be >= 0")
         if resume and checkpoint_dir is None:
             raise ValueError("resume=True needs checkpoint_dir (where checkpoints were written)")
+        if teacher is not None and (
+            not teacher.normalized
+            or teacher.vocab_size != self.target.vocab_size
+            or teacher.eos_token_id != self.target.eos_token_id
+        ):
+            raise ValueError(
+                "teacher must be a normalized density (e.g. another GFlowNetSampler's .policy) "
+                "over the target's vocabulary and EOS token"
+            )
         if checkpoint_dir is not None:
             make_directory(checkpoint_dir, "checkpoint_dir")  # fail now, not after training
         latest = None if checkpoint_dir is None else latest_checkpoint(checkpoint_dir)
@@ -568,15 +577,6 @@ class GFlowNetSampler(Sampler):
         if resume and latest is not None:
             self._check_resumable(latest)
             self._load_checkpoint(latest)
-        if teacher is not None and (
-            not teacher.normalized
-            or teacher.vocab_size != self.target.vocab_size
-            or teacher.eos_token_id != self.target.eos_token_id
-        ):
-            raise ValueError(
-                "teacher must be a normalized density (e.g. another GFlowNetSampler's .policy) "
-                "over the target's vocabulary and EOS token"
-            )
         eval_prompts = prompt_ids[: self.config.eval_prompts]
         bar = tqdm(
             total=total, initial=self.state.step, disable=not progress, desc="gflownet", leave=False
@@ -836,17 +836,12 @@ class StateRecorder:
             buffer[rows, step] = part
 
 
-def _component_outputs(state: Any) -> list[torch.Tensor]:
-    """Every component's next-token log-probs, then every component's features (TwistState)."""
-    return [s.next_logprobs for s in state.components] + [s.next_features for s in state.components]
-
-
 def _auto_parametrization(target: Density) -> str:
     """twist for a geometric mixture of policies (it reads their hidden states), residual for
     one over other densities, lora for any other target."""
     if not isinstance(target, GeometricMixture):
         return "lora"
-    if all(isinstance(c, Policy) for c in target.components):
+    if TwistedLocalProduct.supports(target.components):
         return "twist"
     return "residual"
 

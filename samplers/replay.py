@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-
-import torch
+from typing import Any
 
 
 class ReplayBuffer:
@@ -84,29 +83,33 @@ class FeatureBuffer:
     The components never change, so a stored batch's step scores and features stay exact, and
     each rollout can feed several head updates (SubTB is off-policy). A batch is kept whole, so
     the rows of one prompt stay together (what a per-prompt batch log Z needs). Each batch is a
-    dict of tensors: ``steps_i [B, L+1, V]`` and ``features_i [B, L+1, H_i]`` per component i,
-    ``response_ids [B, L]``, ``lengths [B]``, ``log_reward [B, L+1]``, ``group [B]``.
+    dict: ``steps`` and ``features``, one ``[B, L+1, V]`` and one ``[B, L+1, H_c]`` tensor per
+    component, and the tensors ``response_ids [B, L]``, ``lengths [B]``,
+    ``log_reward [B, L+1]`` and ``group [B]``.
     """
 
     def __init__(self, capacity: int) -> None:
         if capacity < 1:
             raise ValueError(f"capacity={capacity} must be >= 1")
         self.capacity = capacity
-        self._batches: list[dict[str, torch.Tensor]] = []
+        self._batches: list[dict[str, Any]] = []
         self._next = 0
 
     def __len__(self) -> int:
         return len(self._batches)
 
-    def add(self, batch: dict[str, torch.Tensor]) -> None:
-        batch = {k: v.detach() for k, v in batch.items()}
+    def add(self, batch: dict[str, Any]) -> None:
+        batch = {
+            k: [t.detach() for t in v] if isinstance(v, list) else v.detach()
+            for k, v in batch.items()
+        }
         if len(self._batches) < self.capacity:
             self._batches.append(batch)
         else:
             self._batches[self._next] = batch
         self._next = (self._next + 1) % self.capacity
 
-    def sample(self, rng: random.Random) -> dict[str, torch.Tensor]:
+    def sample(self, rng: random.Random) -> dict[str, Any]:
         """One stored batch, uniformly."""
         if not self._batches:
             raise RuntimeError("the feature buffer is empty: add a batch first")

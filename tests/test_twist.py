@@ -80,9 +80,7 @@ def test_teacher_forced_scores_match_decoding_and_a_per_state_recomputation(worl
             for k in range(int(lengths[b]) + 1):
                 steps = [o[0][b, k] for o in outputs]
                 hidden = [o[1][b, k] for o in outputs]
-                logits = weighted_logsum(steps, local.weights) + twisted.head(
-                    head_inputs(steps, hidden)
-                )
+                logits = weighted_logsum(steps, local.weights) + twisted.head(head_inputs(hidden))
                 expected = torch.log_softmax(logits, dim=-1)
                 assert torch.allclose(forced[b, k], expected, atol=1e-4)
                 assert torch.allclose(decoded[b, k], expected, atol=1e-4)
@@ -175,10 +173,10 @@ def test_twist_sampler_saves_and_loads_its_head(world, prompt, tmp_path):
 def test_recorded_rollout_states_equal_teacher_forced_passes(world, prompt):
     """What the training steps keep from a rollout (component scores and features, a teacher's
     log-probs) equals a teacher-forced pass over the drawn responses at every visited state."""
-    from samplers.gflownet import StateRecorder, _component_outputs
+    from samplers.gflownet import StateRecorder
 
     _, local, twisted = _twisted(world)
-    recorder = StateRecorder(_component_outputs, L)
+    recorder = StateRecorder(lambda state: state.component_outputs(), L)
     teacher = StateRecorder(lambda state: [state.next_logprobs], L)
 
     def both(step, rows, state):
