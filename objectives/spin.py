@@ -14,7 +14,7 @@ margin (the difference of the two log-ratios):
     "ipo_mean": (m̄ − 1/(2β))²                 (TRL's IPO: per-token mean log-ratios)
 
 with m̄ = (log p_θ(y) − log π̃_ref(y)) / n_y − (log p_θ(y') − log π̃_ref(y')) / n_y', where n
-counts the scored tokens of each response (passed as ``real_lengths`` and ``generated_lengths``).
+counts the scored tokens of each response (``real_lengths`` and ``generated_lengths``).
 
 π̃_ref may be unnormalized: its log-normalizer log Z(x) appears in both log-ratios and cancels
 in m, since y and y' share the prompt x. In m̄ it cancels only when n_y = n_y', so "ipo_mean"
