@@ -1,7 +1,7 @@
-"""Every bench of issue 6 on a lent CUDA device, in about 5 minutes, one JSON line per figure.
+"""Every bench on a lent CUDA device within a time budget, one JSON line per figure.
 
 Runs each bench script as its own subprocess (a crash or a timeout in one does not lose the
-others' figures) with the sizes of DESIGN §7 (a 124M-parameter, GPT-2-sized model, batch 64,
+others' figures) at GPU sizes (a 124M-parameter, GPT-2-sized model, batch 64,
 prompt 16, 64 new tokens, LoRA r = 16, bf16 weights; sampling at batch 256), and prints the
 JSON lines they emit, each tagged with the bench's name, then one summary line. Every figure is
 a ratio measured within one process (baseline and candidate interleaved on the same card).
@@ -9,10 +9,9 @@ a ratio measured within one process (baseline and candidate interleaved on the s
     python -m bench.gpu                        # on the lent machine (CUDA)
     python -m bench.gpu --device cpu --quick   # smoke test of every code path, tiny sizes, CPU
 
-Budget (CUDA): SubTB ~10 s, training step ~90 s (two memory subprocesses included), sampling
-~60 s (the static cache's first call compiles, ~20 s), cost per sample ~30 s, enumeration
-~20 s, α-SPIN iteration ~20 s; each has its own timeout and the whole run stops starting new
-benches after ``--budget`` seconds.
+Budget: each bench has its own timeout (in :func:`plan`; the sampling
+bench's includes the static cache's compilation on its first call), and the whole run stops
+starting new benches after ``--budget`` seconds.
 """
 
 from __future__ import annotations

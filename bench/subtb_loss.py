@@ -1,12 +1,12 @@
-"""Time the modified SubTB loss: the library's, the pair-tensor form it replaced, a Python loop.
+"""Time the modified SubTB loss: the library's, the direct pair-tensor form, a Python loop.
 
-Three implementations of the same number (DESIGN §4), on the same random batch:
+Three implementations of the same number (docs/gflownet.md), on the same random batch:
 
 - ``loop``: the published form, one Python iteration per sub-trajectory length d = j - i
   (all start positions at once), written here from the formula;
-- ``pair``: the previous library version (until this script's commit), which built the
-  ``[B, L+1, L+1]`` tensor of residuals r_ij = A_i - A_j; kept here as the "before";
-- ``vectorized``: ``objectives.subtb.modified_subtb_loss`` as it is now: the pair sum
+- ``pair``: the direct vectorized form, which builds the ``[B, L+1, L+1]`` tensor of
+  residuals r_ij = A_i - A_j: the baseline the library's expansion is measured against;
+- ``vectorized``: ``objectives.subtb.modified_subtb_loss``: the pair sum
   expanded into three ``[B, L+1] x [L+1, L+1]`` products on per-trajectory centred potentials,
   O(B·L) memory.
 
@@ -68,7 +68,7 @@ def pair_tensor_subtb(
     subtb_lambda: float = 1.0,
     weighting: str = "batch",
 ) -> torch.Tensor:
-    """The library's previous form ("before"): the [B, L+1, L+1] residual tensor."""
+    """The direct form: the [B, L+1, L+1] residual tensor."""
     potentials, _ = balance_potentials(log_pf, log_pterm, log_reward, lengths)
     residuals = potentials.unsqueeze(2) - potentials.unsqueeze(1)  # [B, i, j]
     pair_weights, end_weights = subtb_pair_weights(
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
         default=None,
         help="torch intra-op threads (default: 1 on CPU, torch's elsewhere). On the shared "
         "2-core machine a 2-thread parallel region stalls whenever another process holds the "
-        "other core, which adds 10-40 ms to whichever contender comes next; 1 thread measures "
+        "other core, which delays whichever contender comes next; 1 thread measures "
         "the code, not the neighbours",
     )
     args = parser.parse_args(argv)

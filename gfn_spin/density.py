@@ -81,7 +81,7 @@ class Density(ABC):
     def score(
         self, prompts: Sequence[PromptLike], response_ids: torch.Tensor, lengths: torch.Tensor
     ) -> TokenScores:
-        """Token scores (DESIGN §1) of ``response_ids [B, L]`` (L = the length cap)."""
+        """Token scores (docs/conventions.md) of ``response_ids [B, L]`` (L = the length cap)."""
 
     @abstractmethod
     def start(self, prompt_ids: Sequence[Sequence[int]]) -> DecodeState: ...
@@ -109,7 +109,7 @@ def scores_from_steps(
     *,
     log_normalizer: torch.Tensor | None = None,
 ) -> TokenScores:
-    """Token scores from full teacher-forced step scores ``[B, L+1, V]`` (DESIGN §1 masking).
+    """Token scores from full teacher-forced step scores ``[B, L+1, V]``, masked as docs/conventions.md says.
 
     ``log_normalizer`` ``[B, L+1]``, when given, is subtracted from the picked entries: pass
     unnormalized logits and their logsumexp to normalize only the entries that are used.

@@ -72,7 +72,7 @@ def exact_distribution(
     Args:
         density: any density (a policy, a mixture; a geometric mixture is normalized here).
         prompt_ids: one prompt's token ids (used as given).
-        max_new_tokens: the length cap L (the stop at L is forced, DESIGN §1).
+        max_new_tokens: the length cap L (the stop at L is forced, docs/conventions.md).
         allowed_token_ids: the tokens a response may contain (EOS is added). Defaults to the
             policy's ``allowed_token_ids`` when it has one, else the whole vocabulary. Mass on
             other tokens is dropped, which is exact when the density forbids them.

@@ -1,4 +1,6 @@
-"""Arithmetic and geometric mixtures of densities, and the local (token-level) product (DESIGN §2).
+"""Arithmetic and geometric mixtures of densities, and the local (token-level) product.
+
+The math, and what is exact and what is not: docs/mixtures.md.
 
 - :class:`ArithmeticMixture` ``M = Σ_c w_c π_c``: normalized and autoregressive, with the exact
   next-token conditional ``M(v|s_k) = Σ_c ω_c(s_k) π_c(v|s_k)``, ``ω_c ∝ w_c π_c(y_{1:k}|x)``.

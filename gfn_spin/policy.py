@@ -1,6 +1,6 @@
 """A policy: any Hugging Face causal LM with its tokenizer, optionally read through a LoRA adapter.
 
-For alignment code that needs exact token scores (DESIGN §1) in one teacher-forced pass, and
+For alignment code that needs exact token scores (docs/conventions.md) in one teacher-forced pass, and
 ancestral sampling with the KV cache. Several policies can share one set of weights: each
 names the peft adapter it reads (``adapter=None`` reads the bare base weights), so self-play
 iterates and a GFlowNet adapter cost one model in memory.

@@ -1,4 +1,6 @@
-"""Token scores: the one tensor convention for per-token log-densities (DESIGN §1).
+"""Token scores: the one tensor convention for per-token log-densities.
+
+The convention, its padding and its -inf rules: docs/conventions.md.
 
 For a batch of B responses with length cap L:
 

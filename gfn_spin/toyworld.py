@@ -1,11 +1,11 @@
 """The tiny world: a task whose response distribution is known exactly, and tiny HF models on it.
 
-For first runs (seconds, not hours) and for measuring samplers and self-play exactly (DESIGN §6).
+For first runs (seconds, not hours) and for measuring samplers and self-play exactly (docs/toyworld.md).
 
 The task ("noisy echo"): a prompt is 2-4 symbols over {a, b, c, d}; the response goes through
 the prompt symbols in order and, for each, writes it (p=0.7), skips it (p=0.15) or writes it
 twice (p=0.15); then, with p=0.25, one uniformly random symbol is appended. Responses are cut
-at the length cap L (forced stop, DESIGN §1), so ``p_data(y|x)`` is an exact finite table.
+at the length cap L (forced stop, docs/conventions.md), so ``p_data(y|x)`` is an exact finite table.
 The shifted task, which a second policy is fine-tuned toward, follows one of two rules
 (``ToyWorldConfig.shift_rule``):
 
@@ -98,9 +98,8 @@ class ToyWorldConfig:
     shifted_noise_prob: float = 0.45
     """"style" rule: probability that one uniform symbol is appended."""
     version: int = 2
-    """Bumped when the construction changes, so old caches are not reused (2: the SFT's token
-    scores are computed with shared prompt prefills and logit − logsumexp, which moves the
-    trained weights by float rounding)."""
+    """Version of the world's construction; part of the cache key, so a build made by another
+    construction is never loaded."""
 
     def __post_init__(self) -> None:
         def integer(name: str, low: int) -> int:
@@ -468,9 +467,9 @@ class ToyWorldEvaluator:
     Both are exact and cheap: ``KL(p_data ‖ π)`` needs π only on p_data's (small) support,
     one teacher-forced pass; the drift is ``KL`` between π's and π_0's enumerated response
     distributions (:func:`gfn_spin.exact.exact_distribution`, one decoding step per distinct
-    prefix with the KV cache; π_0's enumeration is kept). That is about 4x faster than reading
-    the chain rule off a teacher-forced pass over all |A|^(L-1) full-length strings, which
-    evaluates each prefix of length k |A|^(L-1-k) times.
+    prefix with the KV cache; π_0's enumeration is kept). Enumeration runs each prefix once,
+    where reading the chain rule off a teacher-forced pass over all |A|^(L-1) full-length
+    strings would run each prefix of length k |A|^(L-1-k) times.
 
     The drift costs one enumeration per prompt (21,845 responses on the default world), so it
     is taken on ``drift_prompts`` evenly spaced eval prompts only (None: all).

@@ -3,11 +3,11 @@
 For whom: the GFlowNet sampler's training step (and anyone training an
 autoregressive policy q toward an unnormalized target R over responses).
 Every state can terminate, the generation graph is a tree (P_B = 1) and state
-flows are derived, not learned (DESIGN §4):
+flows are derived, not learned (docs/gflownet.md):
 
     log F̂(s_k) = log R(s_k⊤) / T − log q(⊤ | s_k)
 
-Shapes (DESIGN §1), B trajectories, length cap L:
+Shapes (docs/conventions.md), B trajectories, length cap L:
 
     log_pf     [B, L]    log q(y_{k+1} | s_k), 0 past n_b
     log_pterm  [B, L+1]  log q(⊤ | s_k), 0 past n_b and at k = L (forced stop)
@@ -231,7 +231,7 @@ def modified_subtb_loss(
     termination_gradient: str = "all",
     tb_anchor_weight: float = 0.0,
 ) -> torch.Tensor:
-    """Modified sub-trajectory balance loss (DESIGN §4), vectorized over pairs in O(B·L) memory.
+    """Modified sub-trajectory balance loss (docs/gflownet.md), vectorized over pairs in O(B·L) memory.
 
     Loss = Σ_b Σ_{i<j≤n_b} λ^(j-i-1) r_ij² / normalizer, where
     "batch" normalizes by Σ_b Σ_{i<j≤n_b} λ^(j-i-1) (the published LM recipe)

@@ -203,3 +203,31 @@ def test_divergences_closed_forms_and_zero_mass():
     assert same == {"tv": 0.0, "kl_pq": 0.0, "kl_qp": 0.0, "js": 0.0}
     with pytest.raises(ValueError, match="aligned"):
         divergences(p.log(), q[:2].log())
+
+
+def test_geometric_over_local_product_is_the_product_of_local_normalizers(world, prompt):
+    # G̃(y) / q_loc(y) = Π_{k ≤ n} Z_loc(s_k), with Z_loc = 1 at the forced stop (k = L): the
+    # left side from teacher-forced scores, the right side from incremental decoding states.
+    weights = [0.3, 0.7]
+    geometric = GeometricMixture([world.base, world.shifted], weights)
+    local = geometric.local_product()
+    a, b = world.symbol_ids[:2]
+    cap = world.max_new_tokens
+    responses = [(), (a,), (a, b, b), (b,) * cap]
+    ids = torch.full((len(responses), cap), world.tokenizer.pad_token_id, dtype=torch.long)
+    for row, response in enumerate(responses):
+        ids[row, : len(response)] = torch.tensor(response, dtype=torch.long)
+    lengths = torch.tensor([len(r) for r in responses])
+    rows = [prompt] * len(responses)
+    with torch.no_grad():
+        ratio = geometric.log_prob(rows, ids, lengths) - local.log_prob(rows, ids, lengths)
+        for row, response in enumerate(responses):
+            state = local.start([prompt])
+            total = 0.0
+            for k in range(len(response) + 1):
+                if k < cap:
+                    total += float(state.log_z_local[0])
+                if k < len(response):
+                    state = local.advance(state, torch.tensor([response[k]]))
+            # float32 scores: sums of at most L + 1 terms of a few nats, rounding far below 1e-4.
+            assert float(ratio[row]) == pytest.approx(total, abs=1e-4), response

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -95,8 +96,13 @@ def test_masked_tokens_and_zero_probability_responses(world, prompt):
             weighting=weighting,
         )
         assert torch.isfinite(loss)
+    # Pairs 0 and 1 hold -inf (the masked policy forbids those responses): loss 0. Pairs 2 and 3
+    # are possible: -log σ(β m) with m = 2 (shifted − base) and β = 0.1, computed with math.
     loss = spin_loss(shifted_lp, base_lp, base_lp, shifted_lp)
-    assert torch.isfinite(loss).all()
+    assert loss[:2].tolist() == [0.0, 0.0]
+    for b in (2, 3):
+        margin = 0.1 * 2.0 * (float(shifted_lp[b]) - float(base_lp[b]))
+        assert float(loss[b]) == pytest.approx(math.log1p(math.exp(-margin)), rel=1e-5)
 
 
 def _random_llama(tokenizer, seed: int) -> Policy:
@@ -211,7 +217,12 @@ def test_property_effective_sample_size_never_nan(values):
     if torch.isneginf(log_w).all():
         assert ess == 0.0 and fraction == 0.0
     else:
+        # Closed form (Σw)²/Σw² on weights scaled by the largest, in Python floats.
+        top = max(values)
+        weights = [math.exp(v - top) for v in values]
+        expected = sum(weights) ** 2 / sum(w * w for w in weights)
+        assert ess == pytest.approx(expected, rel=1e-9)
+        assert fraction == pytest.approx(expected / count, rel=1e-9)
         assert 1 - 1e-9 <= ess <= count + 1e-9
-        assert abs(fraction - ess / count) < 1e-9
     # Invariant to a common shift of the log-weights (only ratios matter).
     assert abs(float(effective_sample_size(log_w + 300.0)) - ess) < 1e-6 * max(ess, 1)

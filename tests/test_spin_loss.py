@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from objectives.spin import DEFAULT_LOGP_FLOOR, spin_loss, spin_metrics
+from objectives.spin import LOSS_TYPES, spin_loss, spin_metrics
 
 # Three pairs, β = 0.5 (IPO target 1/(2β) = 1). Per pair, by hand:
 #   real log-ratio      = policy_real - ref_real:  0.5, -1.0, 3.5
@@ -29,7 +29,21 @@ EXPECTED = {
     ],
     "hinge": [0.25, 2.25, 0.0],
     "ipo": [(1.5 - 1.0) ** 2, (-2.5 - 1.0) ** 2, (4.5 - 1.0) ** 2],
+    # Per-token mean log-ratios with the lengths below:
+    #   real 0.5/2 = 0.25, -1.0/4 = -0.25, 3.5/7 = 0.5
+    #   generated -1.0/1 = -1.0, 1.5/3 = 0.5, -1.0/5 = -0.2
+    #   m̄ = 1.25, -0.75, 0.7; target 1/(2β) = 1.
+    "ipo_mean": [(1.25 - 1.0) ** 2, (-0.75 - 1.0) ** 2, (0.7 - 1.0) ** 2],
 }
+REAL_LENGTHS = [2, 4, 7]
+GENERATED_LENGTHS = [1, 3, 5]
+
+
+def _lengths(loss_type, real=REAL_LENGTHS, generated=GENERATED_LENGTHS):
+    """The token counts "ipo_mean" requires (the other loss types ignore them)."""
+    if loss_type != "ipo_mean":
+        return {}
+    return {"real_lengths": torch.tensor(real), "generated_lengths": torch.tensor(generated)}
 
 
 def _inputs(*rows, requires_grad=False):
@@ -42,9 +56,9 @@ def _hand_inputs(requires_grad=False):
     )
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo"])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_hand_computed_values(loss_type):
-    loss = spin_loss(*_hand_inputs(), beta=BETA, loss_type=loss_type)
+    loss = spin_loss(*_hand_inputs(), beta=BETA, loss_type=loss_type, **_lengths(loss_type))
     assert loss.shape == (3,)
     torch.testing.assert_close(
         loss, torch.tensor(EXPECTED[loss_type], dtype=torch.float64), rtol=0, atol=1e-6
@@ -162,52 +176,140 @@ def test_shape_mismatch():
         spin_metrics(policy_real, policy_generated, [0.0, 0.0, 0.0], ref_real)
 
 
-def test_bad_floor():
-    with pytest.raises(ValueError, match="logp_floor"):
-        spin_loss(*_hand_inputs(), logp_floor=float("-inf"))
-
-
 INF = float("inf")
 NON_FINITE_CASES = {
     # (policy_real, policy_generated, ref_real, ref_generated)
     "ref_generated_impossible": ([-1.0], [-2.0], [-1.5], [-INF]),
     "ref_real_impossible": ([-1.0], [-2.0], [-INF], [-1.0]),
     "ref_both_impossible": ([-1.0], [-2.0], [-INF], [-INF]),
+    "policy_real_impossible": ([-INF], [-2.0], [-1.5], [-1.0]),
     "policy_both_impossible": ([-INF], [-INF], [-1.5], [-1.0]),
     "all_impossible": ([-INF], [-INF], [-INF], [-INF]),
 }
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo"])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
 @pytest.mark.parametrize("case", sorted(NON_FINITE_CASES))
-def test_negative_infinity_gives_finite_loss_and_grads(loss_type, case):
-    rows = NON_FINITE_CASES[case]
+def test_an_impossible_pair_gives_zero_loss_and_no_gradient(loss_type, case):
+    # The impossible pair sits between two hand pairs, whose losses and gradients must be
+    # exactly those they get without it.
+    impossible = NON_FINITE_CASES[case]
+    rows = [[hand[0], bad[0], hand[1]] for hand, bad in zip(BELOW_TARGET, impossible, strict=True)]
     policy_real, policy_generated = _inputs(*rows[:2], requires_grad=True)
     ref_real, ref_generated = _inputs(*rows[2:])
+    lengths = _lengths(loss_type, real=[2, 3, 4], generated=[5, 6, 7])
     loss = spin_loss(
-        policy_real, policy_generated, ref_real, ref_generated, beta=0.1, loss_type=loss_type
+        policy_real,
+        policy_generated,
+        ref_real,
+        ref_generated,
+        beta=0.1,
+        loss_type=loss_type,
+        **lengths,
     )
     loss.sum().backward()
-    assert torch.isfinite(loss).all()
-    assert torch.isfinite(policy_real.grad).all()
-    assert torch.isfinite(policy_generated.grad).all()
+    assert loss[1].item() == 0.0
+    assert policy_real.grad[1].item() == 0.0 and policy_generated.grad[1].item() == 0.0
+
+    kept = [0, 2]
+    alone_real, alone_generated = _inputs(
+        *[[r[i] for i in kept] for r in rows[:2]], requires_grad=True
+    )
+    alone_ref_real, alone_ref_generated = _inputs(*[[r[i] for i in kept] for r in rows[2:]])
+    alone = spin_loss(
+        alone_real,
+        alone_generated,
+        alone_ref_real,
+        alone_ref_generated,
+        beta=0.1,
+        loss_type=loss_type,
+        **_lengths(loss_type, real=[2, 4], generated=[5, 7]),
+    )
+    alone.sum().backward()
+    torch.testing.assert_close(loss[kept], alone, rtol=0, atol=0)
+    torch.testing.assert_close(policy_real.grad[kept], alone_real.grad, rtol=0, atol=0)
+    torch.testing.assert_close(policy_generated.grad[kept], alone_generated.grad, rtol=0, atol=0)
+
     metrics = spin_metrics(policy_real, policy_generated, ref_real, ref_generated, beta=0.1)
-    assert all(math.isfinite(value) for value in metrics.values())
+    alone_metrics = spin_metrics(
+        alone_real, alone_generated, alone_ref_real, alone_ref_generated, beta=0.1
+    )
+    assert metrics["pairs/impossible"] == pytest.approx(1 / 3)
+    assert alone_metrics.pop("pairs/impossible") == 0.0
+    for key, value in alone_metrics.items():
+        assert metrics[key] == pytest.approx(value, rel=1e-12, abs=1e-12), key
 
 
-def test_negative_infinity_is_the_floor():
-    rows = NON_FINITE_CASES["ref_generated_impossible"]
-    at_floor = (*rows[:3], [DEFAULT_LOGP_FLOOR])
-    for loss_type in ["sigmoid", "hinge", "ipo"]:
-        torch.testing.assert_close(
-            spin_loss(*_inputs(*rows), loss_type=loss_type),
-            spin_loss(*_inputs(*at_floor), loss_type=loss_type),
+# Log-probs of long responses: 4,000 tokens at -2.5 to -40 nats per token, far below -1e4.
+LONG = (
+    [-1.0e4 - 3.0, -4.0e4],
+    [-1.2e4, -1.6e5 + 7.0],
+    [-1.0e4 - 1.0, -4.0e4 + 2.0],
+    [-1.2e4 + 1.5, -1.6e5],
+)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_finite_log_probs_far_below_ten_thousand_get_the_analytic_gradient(loss_type):
+    beta = 0.1
+    real_lengths, generated_lengths = [4000.0, 4000.0], [3000.0, 4000.0]
+    policy_real, policy_generated = _inputs(*LONG[:2], requires_grad=True)
+    ref_real, ref_generated = _inputs(*LONG[2:])
+    lengths = _lengths(loss_type, real=real_lengths, generated=generated_lengths)
+    loss = spin_loss(
+        policy_real,
+        policy_generated,
+        ref_real,
+        ref_generated,
+        beta=beta,
+        loss_type=loss_type,
+        **lengths,
+    )
+    loss.sum().backward()
+    # Closed forms in the scalar margin, computed here with math on Python floats.
+    scale_real = [1.0 / n if loss_type == "ipo_mean" else 1.0 for n in real_lengths]
+    scale_gen = [1.0 / n if loss_type == "ipo_mean" else 1.0 for n in generated_lengths]
+    for i in range(2):
+        m = (LONG[0][i] - LONG[2][i]) * scale_real[i] - (LONG[1][i] - LONG[3][i]) * scale_gen[i]
+        if loss_type == "sigmoid":
+            value, slope = math.log1p(math.exp(-beta * m)), -beta / (1.0 + math.exp(beta * m))
+        elif loss_type == "hinge":
+            value, slope = max(0.0, 1.0 - beta * m), (-beta if beta * m < 1.0 else 0.0)
+        else:
+            value, slope = (m - 1.0 / (2.0 * beta)) ** 2, 2.0 * (m - 1.0 / (2.0 * beta))
+        assert loss[i].item() == pytest.approx(value, rel=1e-12)
+        assert policy_real.grad[i].item() == pytest.approx(slope * scale_real[i], rel=1e-12)
+        assert policy_generated.grad[i].item() == pytest.approx(-slope * scale_gen[i], rel=1e-12)
+        assert slope != 0.0 or loss_type == "hinge"
+
+
+def test_ipo_mean_requires_both_lengths():
+    inputs = _hand_inputs()
+    with pytest.raises(ValueError, match=r"ipo_mean.*real_lengths and generated_lengths"):
+        spin_loss(*inputs, loss_type="ipo_mean")
+    with pytest.raises(ValueError, match=r"pass generated_lengths"):
+        spin_loss(*inputs, loss_type="ipo_mean", real_lengths=torch.tensor(REAL_LENGTHS))
+    with pytest.raises(ValueError, match="real_lengths"):
+        spin_loss(
+            *inputs,
+            loss_type="ipo_mean",
+            real_lengths=torch.tensor([1, 2]),
+            generated_lengths=torch.tensor(GENERATED_LENGTHS),
         )
-    # y' impossible under the reference: large loss, and the policy is pushed off y'.
-    policy_real, policy_generated = _inputs(*rows[:2], requires_grad=True)
-    ref_real, ref_generated = _inputs(*rows[2:])
-    spin_loss(policy_real, policy_generated, ref_real, ref_generated).sum().backward()
-    assert policy_generated.grad.item() > 0
+
+
+def test_summed_loss_types_ignore_lengths():
+    lengths = {
+        "real_lengths": torch.tensor(REAL_LENGTHS),
+        "generated_lengths": torch.tensor(GENERATED_LENGTHS),
+    }
+    for loss_type in ("sigmoid", "hinge", "ipo"):
+        torch.testing.assert_close(
+            spin_loss(*_hand_inputs(), beta=BETA, loss_type=loss_type, **lengths),
+            torch.tensor(EXPECTED[loss_type], dtype=torch.float64),
+            rtol=0,
+            atol=1e-12,
+        )
 
 
 def test_low_precision_inputs_computed_in_float32():
@@ -245,7 +347,7 @@ def test_metrics_do_not_track_gradients():
     assert policy_real.grad is None
 
 
-finite_logps = st.floats(min_value=-1e3, max_value=1e2, allow_nan=False, allow_infinity=False)
+finite_logps = st.floats(min_value=-1e6, max_value=1e2, allow_nan=False, allow_infinity=False)
 
 
 @st.composite
@@ -272,7 +374,26 @@ def test_losses_nonnegative_and_finite(batch):
         assert torch.isfinite(grad_real).all() and torch.isfinite(grad_generated).all()
         # Every loss depends on the pair only through the margin, so the grads are opposite.
         torch.testing.assert_close(grad_generated, -grad_real)
-    # Independent scalar check of the sigmoid loss (math.log1p/exp, overflow-safe form).
+    # Independent scalar checks: the sigmoid loss (math.log1p/exp, overflow-safe form), and the
+    # length-normalized IPO loss with token counts 1..9.
+    real_lengths = [1 + (3 * i) % 9 for i in range(len(rows[0]))]
+    generated_lengths = [1 + (5 * i + 2) % 9 for i in range(len(rows[0]))]
+    ipo_mean = spin_loss(
+        policy_real,
+        policy_generated,
+        ref_real,
+        ref_generated,
+        beta=beta,
+        loss_type="ipo_mean",
+        real_lengths=torch.tensor(real_lengths),
+        generated_lengths=torch.tensor(generated_lengths),
+    ).detach()
+    for i in range(len(rows[0])):
+        m = (rows[0][i] - rows[2][i]) / real_lengths[i] - (
+            rows[1][i] - rows[3][i]
+        ) / generated_lengths[i]
+        expected = (m - 1.0 / (2.0 * beta)) ** 2
+        assert ipo_mean[i].item() == pytest.approx(expected, rel=1e-9, abs=1e-9)
     sigmoid = spin_loss(policy_real, policy_generated, ref_real, ref_generated, beta=beta).detach()
     for i in range(len(rows[0])):
         u = beta * ((rows[0][i] - rows[2][i]) - (rows[1][i] - rows[3][i]))

@@ -1,7 +1,7 @@
 """Tests of objectives.subtb against independent computations.
 
 References used: a plain Python double loop over (i, j) written from the
-formula in DESIGN §4, an exactly balanced enumerable policy/target pair
+formula in docs/gflownet.md, an exactly balanced enumerable policy/target pair
 (loss must be 0), and torchgfn's own SubTBGFlowNet pairing and weighting code.
 """
 
@@ -36,7 +36,7 @@ def random_batch(
     dtype: torch.dtype = torch.float64,
     garbage_past_end: bool = True,
 ):
-    """A batch in the DESIGN §1 conventions, with garbage rewards past n_b."""
+    """A batch in the conventions of docs/conventions.md, with garbage rewards past n_b."""
     gen = torch.Generator().manual_seed(seed)
     if lengths is None:
         lengths = torch.randint(0, cap + 1, (batch,), generator=gen).tolist()
@@ -58,7 +58,7 @@ def random_batch(
 
 
 def loop_subtb(log_pf, log_pterm, log_reward, lengths, lam, weighting, temperature=1.0):
-    """Reference: the DESIGN §4 formula, one pair at a time (finite inputs only)."""
+    """Reference: the formula of docs/gflownet.md, one pair at a time (finite inputs only)."""
     per_trajectory, total_num, total_den = [], 0.0, 0.0
     for b in range(log_pf.shape[0]):
         n = int(lengths[b])

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from gfn_spin.exact import divergences, exact_distribution
+from gfn_spin.samples import pad_responses
 from gfn_spin.toyworld import ToyWorldConfig, build_world, shifted_echo_task
 
 
@@ -24,6 +25,21 @@ def test_task_table_is_a_distribution_with_entropy_and_varied_lengths(world):
 
 def pytest_approx(value: float):
     return pytest.approx(value, abs=1e-12)
+
+
+def test_task_table_matches_hand_computed_probabilities(world):
+    # Prompt "a b" (two distinct symbols), defaults keep 0.7, skip 0.15, double 0.15, noise 0.25
+    # (a uniform symbol of 4). By hand:
+    #   ()      only by skipping both, no noise:               0.15² · 0.75
+    #   (a, b)  keep both, no noise, or keep a, skip b, noise b: 0.7² · 0.75 + 0.7 · 0.15 · 0.25/4
+    #   (b, a)  skip a, keep b, noise a:                       0.15 · 0.7 · 0.25/4
+    a, b = world.tokenizer.convert_tokens_to_ids(["a", "b"])
+    table = world.task.table(world.tokenizer("a b")["input_ids"])
+    assert table[()] == pytest.approx(0.15**2 * 0.75, rel=1e-12)
+    assert table[(a, b)] == pytest.approx(0.7**2 * 0.75 + 0.7 * 0.15 * 0.25 / 4, rel=1e-12)
+    assert table[(b, a)] == pytest.approx(0.15 * 0.7 * 0.25 / 4, rel=1e-12)
+    #   (b, b, a) skip a, double b, noise a:                   0.15 · 0.15 · 0.25/4
+    assert table[(b, b, a)] == pytest.approx(0.15 * 0.15 * 0.25 / 4, rel=1e-12)
 
 
 def test_task_requires_reading_the_prompt(world):
@@ -45,15 +61,37 @@ def test_base_is_weak_but_better_than_uniform(world):
     )
     kl_base = world.kl_from_data(world.base)
     kl_uniform = world.kl_from_data(uniform)
-    # "Clearly" better than uniform and clearly worse than p_data (whose KL is 0).
-    assert kl_base < 0.5 * kl_uniform, (kl_base, kl_uniform)
-    assert kl_base > 0.5, kl_base
+    # Better than the uniform policy (what SFT must achieve) ...
+    assert kl_base < kl_uniform, (kl_base, kl_uniform)
+    # ... and worse than p_data: it leaks mass off the task's support, and the evaluator's exact
+    # KL(p_data ‖ π) is at least −log π(support) (data processing onto {support, rest}).
+    bounds = []
+    for prompt in world.eval_prompts:
+        support = list(world.task.table(prompt))
+        ids, lengths = pad_responses(support, world.max_new_tokens, world.tokenizer.pad_token_id)
+        with torch.no_grad():
+            logp = world.base.log_prob([prompt] * len(support), ids, lengths).double()
+        bounds.append(-float(torch.logsumexp(logp, 0)))
+    bound = sum(bounds) / len(bounds)
+    assert kl_base >= bound - 1e-6, (kl_base, bound)
 
 
 def test_shifted_policy_is_far_from_the_base(world, prompt):
     base = exact_distribution(world.base, prompt, world.max_new_tokens)
     shifted = exact_distribution(world.shifted, prompt, world.max_new_tokens)
-    assert divergences(base.logprobs, shifted.logprobs)["tv"] > 0.5
+    # Fine-tuning moved the shifted policy toward the shifted task and away from the task: each
+    # policy is closer (exact KL from the task's table) to the task it was trained on last.
+    support = base.responses
+    data = world.task.log_prob_on(prompt, base)
+    shifted_data = world.shifted_task.log_prob_on(prompt, base)
+    assert shifted.responses == support
+    kl = {
+        (task, name): divergences(table, dist.logprobs)["kl_pq"]
+        for task, table in (("task", data), ("shifted task", shifted_data))
+        for name, dist in (("base", base), ("shifted", shifted))
+    }
+    assert kl["task", "base"] < kl["task", "shifted"], kl
+    assert kl["shifted task", "shifted"] < kl["shifted task", "base"], kl
 
 
 def test_build_is_deterministic_and_cached(world, tmp_path):
@@ -76,8 +114,10 @@ def test_shift_rules_rotate_symbols_or_reweight_the_same_responses(world):
     rotate = dict(zip(ids, ids[1:] + ids[:1], strict=True))
     assert symbol == {tuple(rotate[t] for t in r): pytest.approx(p) for r, p in base.items()}
     assert set(style) == set(base) and sum(style.values()) == pytest.approx(1.0)
-    tv = 0.5 * sum(abs(style[r] - base[r]) for r in base)
-    assert tv > 0.2, tv
+    # The empty response has one path (skip every symbol, no noise): skip^m · (1 − noise).
+    m = sum(1 for t in prompt if t in ids)
+    assert base[()] == pytest.approx(0.15**m * 0.75, rel=1e-12)
+    assert style[()] == pytest.approx((1 - 0.45 - 0.4) ** m * (1 - 0.45), rel=1e-12)
 
 
 def test_style_world_fine_tunes_toward_the_style_task(tmp_path):
