@@ -162,10 +162,10 @@ def large_setting(config: LargeConfig, setup: Setup, logger: Any) -> list[dict[s
     log_z, log_z_spread = estimates.mean(0), float((estimates[0] - estimates[1]).abs().mean())
     rows = []
 
-    def record(name, setting, samples, size, per_draw, extra=None):
-        # ``ess``: the absolute ESS of one population of ``size`` weighted proposals, which
+    def record(name, setting, samples, size, per_draw, ess, extra=None):
+        # ``ess``: the absolute ESS of each population of ``size`` weighted proposals, which
         # cost ``per_draw`` draws' tokens (K candidates or N particles: one; GFlowNet: all).
-        ess = torch.as_tensor(samples.stats["ess"], dtype=torch.float64).mean()
+        ess = torch.as_tensor(ess, dtype=torch.float64).mean()
         tokens_per_draw = samples.stats["tokens"] / len(samples)
         row = {
             "section": "large",
@@ -182,22 +182,12 @@ def large_setting(config: LargeConfig, setup: Setup, logger: Any) -> list[dict[s
 
     for k in config.large_sir_candidates:
         sampler = ImportanceResampler(target, None, k, max_new_tokens=cap)
-        record(
-            f"SIR K={k}",
-            "local product proposal",
-            sampler.sample(evaluation, draws, generator=1),
-            k,
-            1,
-        )
+        samples = sampler.sample(evaluation, draws, generator=1)
+        record(f"SIR K={k}", "local product proposal", samples, k, 1, samples.stats["ess"])
     for n in config.large_smc_particles:
         sampler = SMCSampler(target, n, max_new_tokens=cap)
-        record(
-            f"SMC N={n}",
-            "local product proposal",
-            sampler.sample(evaluation, draws, generator=1),
-            n,
-            1,
-        )
+        samples = sampler.sample(evaluation, draws, generator=1)
+        record(f"SMC N={n}", "local product proposal", samples, n, 1, samples.stats["ess"])
     for index, subtb_lambda in enumerate(config.large_subtb_lambdas):
         gfn = gfn_config(config, f"steps={config.large_gfn_steps}", alpha, cap)
         gfn = dataclasses.replace(
@@ -217,8 +207,8 @@ def large_setting(config: LargeConfig, setup: Setup, logger: Any) -> list[dict[s
             seconds += time.perf_counter() - started
             samples = gflownet.sample(evaluation, draws, generator=1)
             elbo = torch.as_tensor(samples.stats["elbo"], dtype=torch.float64)
-            # The GFlowNet's stats give ESS as a fraction of the draws; record() takes it absolute.
-            samples.stats["ess"] = [e * draws for e in samples.stats["ess"]]
+            # The GFlowNet's stats give ESS as a fraction of the draws: absolute here.
+            ess = [fraction * draws for fraction in samples.stats["ess"]]
             record(
                 f"GFlowNet {gflownet.parametrization} {steps} steps"
                 + (f" λ={subtb_lambda:g}" if steps else ""),
@@ -226,6 +216,7 @@ def large_setting(config: LargeConfig, setup: Setup, logger: Any) -> list[dict[s
                 samples,
                 draws,
                 draws,
+                ess,
                 {
                     "kl_q_target": float((log_z - elbo).mean()),
                     "elbo": float(elbo.mean()),
