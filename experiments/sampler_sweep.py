@@ -127,8 +127,9 @@ def sweep_alpha(
     for entry, row in zip(entries, rows, strict=True):
         row.update(section="sweep", setting=row.pop("budget"))
         if entry.kind == "sir":  # SMC's rows carry their measured |Δlog Z| already
-            stats = entry.sampler.sample(eval_prompts, config.draws, generator=config.seed + 1)
-            error = torch.as_tensor(stats.stats["log_z"], dtype=torch.float64) - torch.stack(log_z)
+            samples = entry.sampler.sample(eval_prompts, config.draws, generator=config.seed + 1)
+            estimate = torch.as_tensor(samples.stats["log_z"], dtype=torch.float64)
+            error = estimate - torch.stack(log_z)
             row["log_z_error"] = float(error.abs().mean())
     bar.update(1)
     for variant in ("", *config.gfn_variants):
