@@ -1,30 +1,30 @@
 """SPIN vs α-SPIN vs fictitious play on the tiny world, measured by exact KL.
 
-    python -m experiments.alpha_spin --quick            # <= 2 minutes on 2 CPU cores
-    python -m experiments.alpha_spin                    # the full study, <= 15 minutes
+    python -m experiments.alpha_spin --quick            # a smaller study for a first look
+    python -m experiments.alpha_spin                    # the full study
     python -m experiments.alpha_spin --sampler smc      # α < 1 opponents from SMC instead of SIR
 
-Runs SPIN (α=1, h=1), α-SPIN (α ∈ {0.5, 0.8, 0.95} × h ∈ {1, 2}) and fictitious play (α=1,
-h=all), each over several seeds and iterations, with :class:`gfn_spin.AlphaSpinTrainer`. After
-every iteration it records the exact KL(p_data ‖ π_t) on held-out prompts and the drift
-KL(π_t ‖ π_0); it writes a table (results.md), a plot (kl.png), a log (run.log) and
-everything (results.json: study config, per-run records, summary, package versions, git
-commit, via experiments.common) to ``--output-dir``.
-Each run lives in its own folder and resumes if the study is interrupted and restarted.
+For whoever compares self-play variants: runs SPIN (α=1, h=1), α-SPIN (α ∈ {0.5, 0.8, 0.95} ×
+h ∈ {1, 2}) and fictitious play (α=1, h=all), each over several seeds and iterations, with the
+α-SPIN trainer (docs/alpha_spin.md). After every iteration it records the exact
+KL(p_data ‖ π_t) on held-out prompts and the drift KL(π_t ‖ π_0); it writes a table
+(results.md), a plot (kl.png), a log (run.log) and everything (results.json: study config,
+per-run records, summary, package versions, git commit, via experiments.common) to
+``--output-dir``. Each run lives in its own folder and resumes if the study is interrupted and
+restarted.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import multiprocessing
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
+from experiments.cli import parse_config
 from experiments.common import (
-    parse_config,
     prepare_output_dir,
     setup_logging,
     write_results,
@@ -44,43 +44,79 @@ VARIANTS_FULL = [
 VARIANTS_QUICK = [("SPIN", 1.0, 1), ("α-SPIN", 0.5, 1), ("α-SPIN", 0.95, 2), ("FP", 1.0, "all")]
 
 
+def _help(text: str) -> dict[str, str]:
+    return {"help": " ".join(text.split())}
+
+
 @dataclass
 class StudyConfig:
     """Settings of the study (trainer settings not listed here keep AlphaSpinConfig's defaults)."""
 
-    output_dir: str = "runs/alpha_spin_study"
-    """Where results.json, results.md, kl.png and one folder per run go."""
-    quick: bool = False
-    """A smaller study (4 variants, 2 seeds, 2 iterations, 192 examples) for a first look."""
-    seeds: int = 3
-    """Seeds per variant (seed, seed+1, ..., seed+seeds-1)."""
-    seed: int = 0
-    """First seed of every variant's runs (adapter init, generation, batch order)."""
-    device: str = "cpu"
-    """Device of every run: "cpu", "cuda", "cuda:1", ... or "auto" (CUDA when present)."""
-    iterations: int = 3
-    """Self-play iterations per run."""
-    sampler: str = "auto"
-    """Opponent sampler when α < 1: "importance" (auto), "smc", "gflownet" or "ancestral"
-    (α = 1 is always sampled exactly)."""
-    num_candidates: int = 16
-    """K of the importance sampler."""
-    num_particles: int = 16
-    """N of the SMC sampler."""
-    beta: float = 2.0
-    """β of the SPIN loss."""
-    learning_rate: float = 1e-3
-    """AdamW learning rate of the iterates' LoRA adapters."""
-    epochs: int = 2
-    """Epochs per iteration."""
-    max_examples: int | None = None
-    """Real examples per iteration (None: the world's 384 SFT examples)."""
-    drift_prompts: int = 4
-    """Eval prompts on which the exact drift KL(π_t ‖ π_0) is computed (the costly one)."""
-    workers: int = 2
-    """Runs executed in parallel (one CPU thread each)."""
-    progress: bool = True
-    """Show a progress bar over the runs."""
+    QUICK: ClassVar[dict[str, Any]] = {
+        "seeds": 2,
+        "iterations": 2,
+        "max_examples": 192,
+        "num_candidates": 8,
+        "num_particles": 8,
+        "drift_prompts": 2,
+    }
+    """Settings of ``--quick`` (each one still at its default takes this value); the variants
+    shrink to VARIANTS_QUICK."""
+
+    output_dir: str = field(
+        default="runs/alpha_spin_study",
+        metadata=_help("Where results.json, results.md, kl.png and one folder per run go."),
+    )
+    quick: bool = field(
+        default=False,
+        metadata=_help(
+            "A smaller study (4 variants, 2 seeds, 2 iterations, 192 examples) for a first look."
+        ),
+    )
+    seeds: int = field(
+        default=3, metadata=_help("Seeds per variant (seed, seed+1, ..., seed+seeds-1).")
+    )
+    seed: int = field(
+        default=0,
+        metadata=_help(
+            "First seed of every variant's runs (adapter init, generation, batch order)."
+        ),
+    )
+    device: str = field(
+        default="cpu",
+        metadata=_help(
+            'Device of every run: "cpu", "cuda", "cuda:1", ... or "auto" (CUDA when present).'
+        ),
+    )
+    iterations: int = field(default=3, metadata=_help("Self-play iterations per run."))
+    sampler: Literal["auto", "importance", "smc", "gflownet", "ancestral"] = field(
+        default="auto",
+        metadata=_help(
+            """Opponent sampler when α < 1: "importance" (auto), "smc", "gflownet" or
+            "ancestral" (α = 1 is always sampled exactly)."""
+        ),
+    )
+    num_candidates: int = field(default=16, metadata=_help("K of the importance sampler."))
+    num_particles: int = field(default=16, metadata=_help("N of the SMC sampler."))
+    beta: float = field(default=2.0, metadata=_help("β of the SPIN loss."))
+    learning_rate: float = field(
+        default=1e-3, metadata=_help("AdamW learning rate of the iterates' LoRA adapters.")
+    )
+    epochs: int = field(default=2, metadata=_help("Epochs per iteration."))
+    max_examples: int | None = field(
+        default=None,
+        metadata=_help("Real examples per iteration (None: all the world's SFT examples)."),
+    )
+    drift_prompts: int = field(
+        default=4,
+        metadata=_help(
+            "Eval prompts on which the exact drift KL(π_t ‖ π_0) is computed (the costly one)."
+        ),
+    )
+    workers: int = field(
+        default=2, metadata=_help("Runs executed in parallel (one CPU thread each).")
+    )
+    progress: bool = field(default=True, metadata=_help("Show a progress bar over the runs."))
 
     def validate(self) -> None:
         """Raise on bad values before any model work (trainer settings: AlphaSpinConfig's checks)."""
@@ -91,19 +127,6 @@ class StudyConfig:
         from gfn_spin.devices import resolve_device
 
         resolve_device(self.device, "device")  # "auto", or a device this machine has
-
-    def resolved(self) -> StudyConfig:
-        if not self.quick:
-            return self
-        return dataclasses.replace(
-            self,
-            seeds=min(self.seeds, 2),
-            iterations=min(self.iterations, 2),
-            max_examples=self.max_examples or 192,
-            num_candidates=min(self.num_candidates, 8),
-            num_particles=min(self.num_particles, 8),
-            drift_prompts=min(self.drift_prompts, 2),
-        )
 
 
 def variants(study: StudyConfig) -> list[tuple[str, float, int | str]]:
@@ -234,7 +257,6 @@ def plot(table: dict[str, Any], path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     study = parse_config(StudyConfig, argv, description=(__doc__ or "").split("\n\n")[0])
     study.validate()
-    study = study.resolved()
     from gfn_spin.alpha_spin import AlphaSpinConfig
 
     todo = jobs(study, Path(study.output_dir).expanduser())

@@ -1,18 +1,16 @@
-"""Shared plumbing of runnable studies: CLI from a config dataclass, output dir, log, results.
+"""Shared plumbing of runnable studies: settings given as ``field=value``, prompts, output
+dir, log and results.
 
-Every study in ``experiments/`` declares one dataclass whose fields carry their documentation
-(a string literal right under the field, or ``field(metadata={"help": ...})``); the CLI is
-generated from it, so ``--help`` and the code never drift apart. Results are written
-atomically as JSON together with the config, package versions and the git commit.
+For whoever writes a study in ``experiments/`` (its command line: :mod:`experiments.cli`).
+Results are written atomically as JSON together with the config, package versions and the git
+commit.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import importlib.metadata
-import inspect
 import json
 import logging
 import math
@@ -20,18 +18,15 @@ import os
 import platform
 import subprocess
 import sys
-import textwrap
-import types
-import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
+
+from transformers.hf_argparser import string_to_bool
 
 from experiments.run_outputs import output_set as output_set  # re-exported for studies
 from experiments.run_outputs import prepare_output_dir as prepare_output_dir
 from gfn_spin.io import write_text_atomic
-
-ConfigT = TypeVar("ConfigT")
 
 DEFAULT_PACKAGES = (
     "gfn-spin",
@@ -43,117 +38,6 @@ DEFAULT_PACKAGES = (
     "numpy",
     "matplotlib",
 )
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """Docstrings of a dataclass's fields: the string literal under each field (or metadata)."""
-    docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        if not dataclasses.is_dataclass(klass):
-            continue
-        try:
-            source = textwrap.dedent(inspect.getsource(klass))
-        except (OSError, TypeError):
-            continue
-        body = ast.parse(source).body[0].body
-        for node, following in zip(body, body[1:], strict=False):
-            if (
-                isinstance(node, ast.AnnAssign)
-                and isinstance(node.target, ast.Name)
-                and isinstance(following, ast.Expr)
-                and isinstance(following.value, ast.Constant)
-                and isinstance(following.value.value, str)
-            ):
-                docs[node.target.id] = " ".join(following.value.value.split())
-    for field in dataclasses.fields(cls):
-        if "help" in field.metadata:
-            docs[field.name] = field.metadata["help"]
-    return docs
-
-
-def _resolved_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _unwrap_optional(annotation: Any) -> tuple[Any, bool]:
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if len(args) == 1 and len(typing.get_args(annotation)) == 2:
-            return args[0], True
-    return annotation, False
-
-
-def _bool(text: str) -> bool:
-    lowered = text.lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
-
-
-def _none_or(convert):
-    def parse(text: str):
-        return None if text.lower() in ("none", "null", "") else convert(text)
-
-    parse.__name__ = getattr(convert, "__name__", "value")
-    return parse
-
-
-def build_parser(cls: type, description: str | None = None) -> argparse.ArgumentParser:
-    """An argparse parser with one ``--flag`` per field of the dataclass ``cls``.
-
-    Types: int, float, str, bool (``--flag``, ``--flag true/false``), ``X | None`` (``none`` gives None),
-    and tuples/lists of int/float/str (space-separated values).
-    """
-    parser = argparse.ArgumentParser(
-        description=description or (inspect.getdoc(cls) or "").split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    docs = field_docs(cls)
-    hints = _resolved_types(cls)
-    for field in dataclasses.fields(cls):
-        if not field.init:
-            continue
-        annotation, optional = _unwrap_optional(hints[field.name])
-        default = (
-            field.default
-            if field.default is not dataclasses.MISSING
-            else field.default_factory()  # type: ignore[misc]
-            if field.default_factory is not dataclasses.MISSING
-            else None
-        )
-        kwargs: dict[str, Any] = {"default": default, "help": docs.get(field.name, " ")}
-        origin = typing.get_origin(annotation)
-        if origin in (tuple, list):
-            inner = [a for a in typing.get_args(annotation) if a is not Ellipsis]
-            kwargs.update(nargs="+", type=inner[0] if inner else str)
-        elif annotation is bool:
-            # A bare ``--flag`` means true (``--quick``); ``--flag false`` still works.
-            kwargs.update(type=_bool, nargs="?", const=True, metavar="{true,false}")
-        elif annotation in (int, float, str):
-            kwargs.update(type=_none_or(annotation) if optional else annotation)
-        else:
-            kwargs.update(type=str)
-        if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
-            kwargs["required"] = True
-        parser.add_argument("--" + field.name.replace("_", "-"), dest=field.name, **kwargs)
-    return parser
-
-
-def parse_config(
-    cls: type[ConfigT], argv: list[str] | None = None, description: str | None = None
-) -> ConfigT:
-    """Parse ``argv`` (default ``sys.argv[1:]``) into an instance of the dataclass ``cls``."""
-    namespace = build_parser(cls, description).parse_args(argv)
-    values = vars(namespace)
-    hints = _resolved_types(cls)
-    for name, value in values.items():
-        annotation, _ = _unwrap_optional(hints[name])
-        if typing.get_origin(annotation) is tuple and isinstance(value, list):
-            values[name] = tuple(value)
-    return cls(**values)
 
 
 def parse_overrides(cls: type, specs: tuple[str, ...] | list[str]) -> dict[str, Any]:
@@ -179,7 +63,7 @@ def parse_overrides(cls: type, specs: tuple[str, ...] | list[str]) -> dict[str, 
                     kind = type(default[0]) if default else str
                     values[name] = tuple(kind(t) for t in text.split(":"))
                 elif isinstance(default, bool):
-                    values[name] = _bool(text)
+                    values[name] = string_to_bool(text)
                 elif isinstance(default, int):  # "1e3" is fine, "2.5" is not
                     number = float(text)
                     if not number.is_integer():

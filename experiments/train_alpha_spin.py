@@ -1,7 +1,8 @@
 """One α-SPIN run on your own model and data: ``python -m experiments.train_alpha_spin``.
 
-Every flag is a field of :class:`gfn_spin.AlphaSpinConfig`. With no ``--model`` it runs on the
-tiny world (its base policy and SFT data). Restarting the same command resumes the run from its
+For whoever fine-tunes a model by self-play (docs/alpha_spin.md). Every flag is a field of
+``AlphaSpinConfig`` (:mod:`experiments.cli` builds the command line). With no ``--model`` it runs
+on the tiny world (its base policy and SFT data). Restarting the same command resumes the run from its
 last completed step. Data-parallel on several GPUs (or CPU processes)::
 
     accelerate launch --multi_gpu --num_processes 2 -m experiments.train_alpha_spin \\
@@ -12,7 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from experiments.common import parse_config, prepare_output_dir, setup_logging, write_results
+from experiments.cli import parse_config
+from experiments.common import prepare_output_dir, setup_logging, write_results
 from gfn_spin import AlphaSpinConfig, AlphaSpinTrainer
 from gfn_spin.run_folder import MANIFEST, RUN_TOOL
 

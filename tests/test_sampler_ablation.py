@@ -1,4 +1,5 @@
-"""experiments.sampler_ablation: a tiny run writes its CSV, JSON, plot and log; the oracle fit."""
+"""The sampler studies: a tiny run of all of them writes its CSV, JSON, plot and log; each study
+runs alone; --quick; the oracle fit."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import json
 import pytest
 import torch
 
-from experiments import sampler_ablation
+from experiments import amortization, large_models, sampler_ablation
+from experiments.cli import parse_config
 from gfn_spin.exact import divergences, exact_distribution
 from gfn_spin.mixtures import GeometricMixture
 from samplers import GFlowNetSampler
@@ -24,7 +26,8 @@ def test_tiny_ablation_writes_outputs(world, tmp_path):
             "--draws", "8",
             "--sir-candidates", "2",
             "--smc-particles", "2",
-            "--gfn-base", "steps=3", "prompts_per_step=2", "samples_per_prompt=2",
+            "--gflownet.steps", "3", "--gflownet.prompts-per-step", "2",
+            "--gflownet.samples-per-prompt", "2",
             "--gfn-variants", "subtb_lambda=0.9",
             "--torchgfn-steps", "2",
             "--large-sir-candidates", "2",
@@ -86,10 +89,16 @@ def test_tiny_ablation_writes_outputs(world, tmp_path):
 
 
 def test_quick_keeps_sizes_given_on_the_command_line():
-    config = sampler_ablation.parse_config(
-        sampler_ablation.SamplerAblationConfig, ["--quick", "--draws", "5"]
-    )
+    config = parse_config(sampler_ablation.SamplerAblationConfig, ["--quick", "--draws", "5"])
     assert config.draws == 5 and config.num_eval_prompts == 2
+    # every study's quick sizes apply to the umbrella, nested GFlowNet settings included
+    assert config.gflownet.steps == 40 and config.torchgfn_steps == 60
+    assert config.amortization_steps == (100, 300) and config.large_gfn_steps == 30
+    given = parse_config(
+        sampler_ablation.SamplerAblationConfig, ["--quick", "--gflownet.steps", "7"]
+    )
+    assert given.gflownet.steps == 7
+    assert parse_config(sampler_ablation.SamplerAblationConfig, []).gflownet.steps == 200
 
 
 @pytest.mark.parametrize(
@@ -132,9 +141,22 @@ def test_likelihood_oracle_moves_the_policy_toward_the_target(world, prompt):
         return divergences(reference.logprobs, q.logprobs)["kl_pq"]
 
     before = kl()
-    sampler_ablation.likelihood_fit(sampler, [prompt], 60, torch.Generator().manual_seed(0), exact)
+    amortization.likelihood_fit(sampler, [prompt], 60, torch.Generator().manual_seed(0), exact)
     # 60 steps of 16 exact draws: a clear drop (a wrong sign or a detached policy raises KL or
     # leaves it unchanged), and the enumerated target was cached once for the one prompt
     assert sampler.state.step == 60 and list(exact) == [tuple(prompt)]
     after = kl()
     assert after < 0.6 * before, (before, after)
+
+
+def test_one_study_runs_alone(tmp_path):
+    """A study is its own command: the large study alone builds no tiny world."""
+    out = tmp_path / "large"
+    argv = [
+        "--output-dir", str(out), "--large-sir-candidates", "2", "--large-smc-particles", "2",
+        "--large-draws", "2", "--large-gfn-steps", "1", "--large-subtb-lambdas", "1",
+        "--large-reference-particles", "4", "--progress", "false",
+    ]  # fmt: skip
+    results = large_models.main(argv)
+    assert {row["section"] for row in results["rows"]} == {"large"}
+    assert json.loads((out / "results.json").read_text())["config"]["large_draws"] == 2

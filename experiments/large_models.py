@@ -1,0 +1,255 @@
+"""Samplers where nothing can be enumerated: two random Llama models.
+``python -m experiments.large_models``.
+
+For whoever wants sampler costs beyond the tiny world: two random-init Llama models
+(vocabulary ≥ 256, cap ≥ 32, the second a perturbed copy of the first), whose geometric mixture
+cannot be enumerated: ESS per model token of SIR, SMC and a briefly trained GFlowNet, and the
+GFlowNet's KL(q‖target) = E_q[log q − log G̃] + log Z with log Z from a large SMC run.
+Outputs: :mod:`experiments.ablation`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from experiments.ablation import AblationConfig, Setup, gfn_config, run_studies
+from gfn_spin.mixtures import GeometricMixture
+from gfn_spin.policy import Policy
+from samplers import ImportanceResampler, SMCSampler
+from samplers.gflownet import GFlowNetSampler
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": " ".join(text.split())}
+
+
+@dataclass
+class LargeConfig(AblationConfig):
+    """ESS per model token and the GFlowNet's KL(q‖target) on two random Llama models."""
+
+    QUICK: ClassVar[dict[str, Any]] = {"large_gfn_steps": 30, "large_reference_particles": 128}
+    """Settings of ``--quick`` (each one still at its default takes this value)."""
+
+    output_dir: str = field(
+        default="outputs/large_models",
+        metadata=_help("Directory for ablation.csv, results.json, ablation.png and run.log."),
+    )
+    large_vocab: int = field(
+        default=256, metadata=_help("Vocabulary of the random Llama models (≥ 256).")
+    )
+    large_cap: int = field(default=32, metadata=_help("Length cap L of the large study (≥ 32)."))
+    large_perturbation: float = field(
+        default=0.3,
+        metadata=_help(
+            "The second model's weights: w + perturbation · std(w) · noise (so the mixture is "
+            "not trivial)."
+        ),
+    )
+    large_sharpness: float = field(
+        default=20.0,
+        metadata=_help(
+            "Scale of the random LM heads (a random Llama is near-uniform; this makes it peaked)."
+        ),
+    )
+    large_sir_candidates: tuple[int, ...] = field(
+        default=(4, 16), metadata=_help("K values of SIR in the large study.")
+    )
+    large_smc_particles: tuple[int, ...] = field(
+        default=(16, 64), metadata=_help("N values of SMC in the large study.")
+    )
+    large_draws: int = field(
+        default=16, metadata=_help("Draws per held-out prompt of every sampler in the large study.")
+    )
+    large_gfn_steps: int = field(
+        default=150, metadata=_help("GFlowNet training steps in the large study.")
+    )
+    large_learning_rate: float = field(
+        default=1e-4,
+        metadata=_help(
+            "GFlowNet peak learning rate in the large study (the sharp random heads need a "
+            "small one)."
+        ),
+    )
+    large_subtb_lambdas: tuple[float, ...] = field(
+        default=(1.0, 0.5),
+        metadata=_help(
+            "SubTB λ of the large study's GFlowNets, one trained per value (1: the published one)."
+        ),
+    )
+    large_reference_particles: int = field(
+        default=512,
+        metadata=_help(
+            """N of the two SMC runs (two seeds) whose mean log Ẑ serves as log Z in
+            KL(q‖target); their difference is reported as log_z_spread, the uncertainty of that
+            KL."""
+        ),
+    )
+
+    def validate(self) -> None:
+        """Raise on bad values before any model work."""
+        super().validate()
+        for name in ("large_gfn_steps", "large_draws"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if any(k < 1 for k in (*self.large_sir_candidates, *self.large_smc_particles)):
+            raise ValueError("SIR candidates and SMC particles must be >= 1")
+        if not self.large_subtb_lambdas or min(self.large_subtb_lambdas) < 0:
+            raise ValueError(f"large_subtb_lambdas={self.large_subtb_lambdas} must be >= 0")
+        if self.large_vocab < 256 or self.large_cap < 32:
+            raise ValueError("large_vocab must be >= 256 and large_cap >= 32 (not enumerable)")
+
+
+def random_llama_pair(config: LargeConfig) -> tuple[Policy, Policy]:
+    """Two random Llama policies: the second is the first with perturbed weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from gfn_spin.toyworld import numbered_tokenizer
+
+    tokenizer = numbered_tokenizer(config.large_vocab)
+    llama = LlamaConfig(
+        vocab_size=config.large_vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=config.large_cap + 32,
+        eos_token_id=1,
+        pad_token_id=0,
+        bos_token_id=None,
+    )
+    torch.manual_seed(config.seed)
+    first = LlamaForCausalLM(llama).eval()
+    with torch.no_grad():
+        first.lm_head.weight.mul_(config.large_sharpness)
+        first.lm_head.weight[1].mul_(0.1)  # EOS rarer than a typical token: long responses
+    second = copy.deepcopy(first)
+    with torch.no_grad():
+        for param in second.parameters():
+            param.add_(config.large_perturbation * param.std() * torch.randn_like(param))
+    return Policy(first, tokenizer), Policy(second, tokenizer)
+
+
+def large_setting(config: LargeConfig, setup: Setup, logger: Any) -> list[dict[str, Any]]:
+    """ESS per model token of SIR, SMC and a GFlowNet; the GFlowNet's KL(q‖target).
+
+    ``setup`` is unused: nothing here is enumerable, so no tiny world is built.
+    """
+    cap, alpha = config.large_cap, 0.5
+    base, model = random_llama_pair(config)
+    target = GeometricMixture([base, model], [1 - alpha, alpha])
+    generator = torch.Generator().manual_seed(config.seed)
+    prompts = torch.randint(2, config.large_vocab, (10, 6), generator=generator).tolist()
+    train, evaluation = prompts[:8], prompts[8:]
+    draws = config.large_draws
+    # Two independent SMC estimates: their mean is the reference log Z, and their gap says how
+    # far to trust KL = log Z − ELBO (the ELBO itself needs no reference: compare it across rows).
+    references = [
+        SMCSampler(target, config.large_reference_particles, max_new_tokens=cap).sample(
+            evaluation, 1, generator=config.seed + offset
+        )
+        for offset in (0, 1)
+    ]
+    estimates = torch.tensor(
+        [[float(z) for z in r.stats["log_z"]] for r in references], dtype=torch.float64
+    )
+    log_z, log_z_spread = estimates.mean(0), float((estimates[0] - estimates[1]).abs().mean())
+    rows = []
+
+    def record(name, setting, samples, size, per_draw, ess, extra=None):
+        # ``ess``: the absolute ESS of each population of ``size`` weighted proposals, which
+        # cost ``per_draw`` draws' tokens (K candidates or N particles: one; GFlowNet: all).
+        ess = torch.as_tensor(ess, dtype=torch.float64).mean()
+        tokens_per_draw = samples.stats["tokens"] / len(samples)
+        row = {
+            "section": "large",
+            "alpha": alpha,
+            "name": name,
+            "setting": setting,
+            "measure": "estimated",
+            "ess_fraction": float(ess / size),
+            "tokens_per_draw": tokens_per_draw,
+            "ess_per_token": float(ess / (tokens_per_draw * per_draw)),
+            **(extra or {}),
+        }
+        rows.append(row)
+
+    for k in config.large_sir_candidates:
+        sampler = ImportanceResampler(target, None, k, max_new_tokens=cap)
+        samples = sampler.sample(evaluation, draws, generator=1)
+        record(f"SIR K={k}", "local product proposal", samples, k, 1, samples.stats["ess"])
+    for n in config.large_smc_particles:
+        sampler = SMCSampler(target, n, max_new_tokens=cap)
+        samples = sampler.sample(evaluation, draws, generator=1)
+        record(f"SMC N={n}", "local product proposal", samples, n, 1, samples.stats["ess"])
+    for index, subtb_lambda in enumerate(config.large_subtb_lambdas):
+        gfn = gfn_config(config, f"steps={config.large_gfn_steps}", alpha, cap)
+        gfn = dataclasses.replace(
+            gfn,
+            prompts_per_step=8,
+            samples_per_prompt=4,
+            learning_rate=config.large_learning_rate,
+            subtb_lambda=subtb_lambda,
+            adapter_name=f"large_{index}",
+        )
+        gflownet = GFlowNetSampler(target, model, gfn)
+        seconds = 0.0
+        # untrained (the local product for residual) once, then trained with each λ
+        for steps in (0, gfn.steps) if index == 0 else (gfn.steps,):
+            started = time.perf_counter()
+            gflownet.fit(train, steps, progress=config.progress)
+            seconds += time.perf_counter() - started
+            samples = gflownet.sample(evaluation, draws, generator=1)
+            elbo = torch.as_tensor(samples.stats["elbo"], dtype=torch.float64)
+            # The GFlowNet's stats give ESS as a fraction of the draws: absolute here.
+            ess = [fraction * draws for fraction in samples.stats["ess"]]
+            record(
+                f"GFlowNet {gflownet.parametrization} {steps} steps"
+                + (f" λ={subtb_lambda:g}" if steps else ""),
+                f"lr {gfn.learning_rate:g}, {gfn.prompts_per_step}x{gfn.samples_per_prompt} per step",
+                samples,
+                draws,
+                draws,
+                ess,
+                {
+                    "kl_q_target": float((log_z - elbo).mean()),
+                    "elbo": float(elbo.mean()),
+                    "log_z_spread": log_z_spread,
+                    "train_steps": steps,
+                    "train_seconds": seconds,
+                },
+            )
+    for row in rows:
+        kl = (
+            ""
+            if row.get("kl_q_target") is None
+            else f"  KL(q‖p) {row['kl_q_target']:.3f} (ELBO {row['elbo']:.3f}, log Ẑ spread "
+            f"{row['log_z_spread']:.3f})"
+        )
+        logger.info(
+            "large: %-28s ESS/N %.3f  ESS per model token %.2e  tokens/draw %.0f%s",
+            row["name"], row["ess_fraction"], row["ess_per_token"], row["tokens_per_draw"], kl,
+        )  # fmt: skip
+    logger.info("large: log Z from SMC N=%d: %s", config.large_reference_particles, log_z.tolist())
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the study; returns the results dict (also written to ``output_dir``)."""
+    return run_studies(
+        LargeConfig,
+        argv,
+        lambda config: [large_setting],
+        "experiments.large_models",
+        __doc__.split("\n\n")[0],
+    )
+
+
+if __name__ == "__main__":
+    main()
