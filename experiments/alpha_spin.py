@@ -119,8 +119,8 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
-    from gfn_spin.alpha_spin import AlphaSpinConfig, AlphaSpinTrainer
     from gfn_spin.toyworld import ToyWorldEvaluator, build_world
+    from selfplay import AlphaSpinConfig, AlphaSpinTrainer
 
     world = build_world()
     evaluator = ToyWorldEvaluator(world, drift_prompts=job.pop("drift_prompts"))
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     study = parse_config(StudyConfig, argv, description=(__doc__ or "").split("\n\n")[0])
     study.validate()
     study = study.resolved()
-    from gfn_spin.alpha_spin import AlphaSpinConfig
+    from selfplay import AlphaSpinConfig
 
     todo = jobs(study, Path(study.output_dir).expanduser())
     for job in todo:
