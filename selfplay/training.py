@@ -11,6 +11,7 @@ weights.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -30,8 +31,8 @@ METRICS = {
     "rewards/margins": "train/margin",
     "rewards/accuracies": "train/accuracy",
 }
-#: Loss types whose loss reads the response lengths.
-LENGTH_NORMALIZED = ("ipo_norm",)
+#: Whether ``spin_loss`` takes the response lengths (its length-normalized loss reads them).
+_LOSS_TAKES_LENGTHS = "real_lengths" in inspect.signature(spin_loss).parameters
 
 
 class PairScorer(torch.nn.Module):
@@ -80,7 +81,7 @@ def batch_loss(
     ref_real = data.ref_real_logps[rows].to(logps.device)
     ref_generated = data.ref_generated_logps[rows].to(logps.device)
     lengths = {}
-    if config.loss_type in LENGTH_NORMALIZED:
+    if _LOSS_TAKES_LENGTHS:
         lengths = {
             "real_lengths": data.real_lengths[rows].to(logps.device),
             "generated_lengths": data.generated_lengths[rows].to(logps.device),
