@@ -32,9 +32,9 @@ def opponent_gflownet_config() -> GFlowNetConfig:
 class AlphaSpinConfig:
     """Every setting of an α-SPIN run (saved in the run's manifest).
 
-    The defaults are chosen for the tiny world (a 0.1M-parameter model, L = 7): SPIN's own
-    defaults (β = 0.1, RMSProp, lr 5e-7 then 1e-7, batch 64) are for 7B models and would not
-    move a tiny model within a CPU minute. Here: AdamW, lr 1e-3, LoRA r = 16, batch 32,
+    The defaults are chosen for the tiny world (a small model, L = 7): SPIN's own defaults
+    (β = 0.1, RMSProp, lr 5e-7 then 1e-7, batch 64) are for 7B models, whose steps are far too
+    small for a tiny one. Here: AdamW, lr 1e-3, LoRA r = 16, batch 32,
     2 epochs per iteration, and β = 2. Why β ≥ 1: with unlimited data the sigmoid loss is
     minimized by π ∝ π_ref^(1-1/β) · p_data^(1/β), so β = 1 jumps to p_data in one iteration
     whatever the reference (α and h would not matter), β < 1 overshoots past p_data, and

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from gfn_spin.data import check_no_special_tokens
 from gfn_spin.density import Density
+from gfn_spin.devices import check_device, resolve_device
 from gfn_spin.policy import Policy
 from gfn_spin.toyworld import ToyWorld, ToyWorldEvaluator, build_world
 from selfplay.config import RESUMABLE_FIELDS, AlphaSpinConfig, derive_seed
@@ -59,11 +60,8 @@ def make_accelerator(config: AlphaSpinConfig) -> Accelerator:
     """The run's ``Accelerator``: gloo when the launcher started several CPU processes (or
     ``config.device`` is the CPU), the config's accumulation steps, and the policy left on
     the device it was loaded on."""
-    cpu = (config.device is not None and torch.device(config.device).type == "cpu") or not (
-        torch.cuda.is_available()
-    )
     return Accelerator(
-        cpu=cpu,
+        cpu=resolve_device(config.device).type == "cpu",
         device_placement=False,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
     )
@@ -106,7 +104,7 @@ class AlphaSpinTrainer:
         if uses_world and world is None:
             world = build_world(device="cpu")
         self.world = world if uses_world else None
-        device = torch.device(config.device) if config.device else self.accelerator.device
+        device = check_device(config.device) if config.device else self.accelerator.device
         if policy is None:
             if config.model is None:
                 policy = world.load_policy("base", device=device, dtype=torch.float32)
