@@ -23,4 +23,7 @@ trainer = AlphaSpinTrainer(
 )
 records = trainer.train()
 weights = {n: p.detach().clone() for n, p in trainer.base.model.named_parameters() if "lora" in n}
-torch.save({"weights": weights, "records": records}, Path(out) / f"rank{trainer.accelerator.process_index}.pt")
+torch.save(
+    {"weights": weights, "records": records},
+    Path(out) / f"rank{trainer.accelerator.process_index}.pt",
+)
