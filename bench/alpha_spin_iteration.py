@@ -1,8 +1,8 @@
 """One α-SPIN iteration on the tiny world, broken down: sampler setup, generation, reference
 scoring, training, evaluation.
 
-The trainer is not changed: its module-level functions are wrapped with timers for the run
-(``opponent_sampler``: building the sampler, and fitting it for "gflownet"; the sampler's
+The trainer is not changed: the functions it calls are wrapped with timers for the run, where
+its modules look them up (``opponent_sampler``: building the sampler, and fitting it for "gflownet"; the sampler's
 ``sample``: generating y'; ``reference_logps``: log π̃_ref of y and y'; ``train_iterate``:
 the SPIN loss epochs; the evaluator: exact KLs). Iteration 1 is the one timed (π_ref is then a
 geometric mixture of π_0 and π_1, sampled by ``--sampler``); iteration 0 (π_ref = π_0, sampled
@@ -23,9 +23,11 @@ from typing import Any
 
 import torch
 
-import gfn_spin.alpha_spin as alpha_spin
+import selfplay.generation
+import selfplay.trainer
 from bench._timing import emit
-from gfn_spin import AlphaSpinConfig, AlphaSpinTrainer
+from samplers.gflownet import GFlowNetConfig
+from selfplay import AlphaSpinConfig, AlphaSpinTrainer
 
 PHASES = ("sampler_setup", "generation", "reference_scoring", "training", "evaluation")
 
@@ -57,27 +59,31 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     seconds: dict[str, float] = defaultdict(float)
     evaluator_calls = []
+    # (module, name): the function the trainer's modules call, by the name they call it.
     originals = {
-        "opponent_sampler": alpha_spin.opponent_sampler,
-        "reference_logps": alpha_spin.reference_logps,
-        "train_iterate": alpha_spin.train_iterate,
+        (selfplay.trainer, "opponent_sampler"): selfplay.trainer.opponent_sampler,
+        (selfplay.generation, "reference_logps"): selfplay.generation.reference_logps,
+        (selfplay.trainer, "train_iterate"): selfplay.trainer.train_iterate,
     }
+    build_sampler = selfplay.trainer.opponent_sampler
 
     def opponent_sampler(*a: Any, **k: Any) -> Any:
-        sampler = timed(seconds, "sampler_setup", originals["opponent_sampler"])(*a, **k)
+        sampler = timed(seconds, "sampler_setup", build_sampler)(*a, **k)
         sampler.sample = timed(seconds, "generation", sampler.sample)
         return sampler
 
-    alpha_spin.opponent_sampler = opponent_sampler
-    alpha_spin.reference_logps = timed(seconds, "reference_scoring", originals["reference_logps"])
-    alpha_spin.train_iterate = timed(seconds, "training", originals["train_iterate"])
+    selfplay.trainer.opponent_sampler = opponent_sampler
+    selfplay.generation.reference_logps = timed(
+        seconds, "reference_scoring", selfplay.generation.reference_logps
+    )
+    selfplay.trainer.train_iterate = timed(seconds, "training", selfplay.trainer.train_iterate)
     try:
         with tempfile.TemporaryDirectory() as output_dir:
             config = AlphaSpinConfig(
                 output_dir=output_dir,
                 alpha=args.alpha,
                 sampler=args.sampler,
-                gflownet_steps=args.gflownet_steps,
+                gflownet=GFlowNetConfig(steps=args.gflownet_steps),
                 max_examples=args.max_examples,
                 iterations=1,
                 device=args.device,
@@ -94,8 +100,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             trainer.train()  # iteration 1: π_ref ∝ π_0^(1-α) · M_h^α
             total = time.perf_counter() - started
     finally:
-        for name, fn in originals.items():
-            setattr(alpha_spin, name, fn)
+        for (module, name), fn in originals.items():
+            setattr(module, name, fn)
 
     other = total - sum(seconds[p] for p in PHASES)
     print(

@@ -23,6 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+import torch
+from tqdm.auto import tqdm
+
 from experiments.cli import parse_config
 from experiments.common import (
     prepare_output_dir,
@@ -30,6 +33,9 @@ from experiments.common import (
     write_results,
     write_text_atomic,
 )
+from gfn_spin.devices import resolve_device
+from gfn_spin.toyworld import ToyWorldEvaluator, build_world
+from selfplay import AlphaSpinConfig, AlphaSpinTrainer
 
 VARIANTS_FULL = [
     ("SPIN", 1.0, 1),
@@ -124,8 +130,6 @@ class StudyConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
-        from gfn_spin.devices import resolve_device
-
         resolve_device(self.device, "device")  # "auto", or a device this machine has
 
 
@@ -139,12 +143,7 @@ def label(name: str, alpha: float, history: int | str) -> str:
 
 def run_one(job: dict[str, Any]) -> dict[str, Any]:
     """One (variant, seed) run in a worker: train, evaluate exactly, return its records."""
-    import torch
-
     torch.set_num_threads(1)
-    from gfn_spin.alpha_spin import AlphaSpinConfig, AlphaSpinTrainer
-    from gfn_spin.toyworld import ToyWorldEvaluator, build_world
-
     world = build_world()
     evaluator = ToyWorldEvaluator(world, drift_prompts=job.pop("drift_prompts"))
     config = AlphaSpinConfig(progress=False, **job["config"])
@@ -257,20 +256,15 @@ def plot(table: dict[str, Any], path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     study = parse_config(StudyConfig, argv, description=(__doc__ or "").split("\n\n")[0])
     study.validate()
-    from gfn_spin.alpha_spin import AlphaSpinConfig
 
     todo = jobs(study, Path(study.output_dir).expanduser())
     for job in todo:
         AlphaSpinConfig(**job["config"])  # every run's settings checked before any work
     root = prepare_output_dir(study.output_dir)
     log = setup_logging(root, "experiments.alpha_spin")
-    from gfn_spin.toyworld import build_world
-
     build_world()  # once here, so that workers load it from the cache
     started = time.perf_counter()
     log.info(f"{len(todo)} runs on {study.workers} workers -> {root}")
-    from tqdm.auto import tqdm
-
     results = []
     if study.workers > 1:
         context = multiprocessing.get_context("spawn")

@@ -15,15 +15,15 @@ from typing import Any
 
 from experiments.cli import parse_config
 from experiments.common import prepare_output_dir, setup_logging, write_results
-from gfn_spin import AlphaSpinConfig, AlphaSpinTrainer
-from gfn_spin.run_folder import MANIFEST, RUN_TOOL
+from selfplay import AlphaSpinConfig, AlphaSpinTrainer
+from selfplay.run_directory import MANIFEST, RUN_TOOL
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     config = parse_config(AlphaSpinConfig, argv, description=(__doc__ or "").split("\n\n")[0])
     trainer = AlphaSpinTrainer(config)
     log = None
-    if trainer.dist.is_main:
+    if trainer.accelerator.is_main_process:
         output_dir = prepare_output_dir(
             config.output_dir,
             tool=RUN_TOOL,  # the trainer claims the same folder for the same run

@@ -1,17 +1,15 @@
-"""gfn-spin: samplers for mixtures of language models and α-SPIN self-play fine-tuning.
+"""gfn-spin's density core: policies, token scores, mixtures of language models.
 
-The public names other code relies on (DESIGN §8) are importable from here.
+The public names other code relies on (docs/layering.md) are importable from here; the
+samplers live in :mod:`samplers` and α-SPIN self-play in :mod:`selfplay`.
 """
 
-from gfn_spin.alpha_spin import AlphaSpinConfig, AlphaSpinTrainer
 from gfn_spin.density import Density
 from gfn_spin.mixtures import ArithmeticMixture, GeometricMixture, LocalProduct
 from gfn_spin.policy import Policy
 from gfn_spin.scores import TokenScores
 
 __all__ = [
-    "AlphaSpinConfig",
-    "AlphaSpinTrainer",
     "ArithmeticMixture",
     "Density",
     "GeometricMixture",

@@ -36,10 +36,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from gfn_spin.data import chat_messages
 from gfn_spin.density import Density
 from gfn_spin.exact import ExactDistribution, divergences, exact_distribution
 from gfn_spin.io import atomic_directory, write_json_atomic
@@ -259,7 +259,7 @@ class ToyWorld:
     shifted: Policy
     train_prompts: list[list[int]]
     eval_prompts: list[list[int]]
-    sft_dataset: Dataset
+    sft_data: dict[str, list[Any]]
     directory: Path
     symbol_ids: list[int] = field(default_factory=list)
 
@@ -400,7 +400,7 @@ def build_world(
         shifted=load("shifted"),
         train_prompts=train_prompts,
         eval_prompts=eval_prompts,
-        sft_dataset=_sft_dataset(tokenizer, sft_prompts, sft_responses),
+        sft_data=_sft_data(tokenizer, sft_prompts, sft_responses),
         directory=directory,
         symbol_ids=symbol_ids,
     )
@@ -442,23 +442,19 @@ def _train_models(
     _atomic_save(policy, directory / "shifted")
 
 
-def _sft_dataset(
+def _sft_data(
     tokenizer: Any, prompts: list[list[int]], responses: list[tuple[int, ...]]
-) -> Dataset:
-    """SFT pairs as text plus chat columns (``real``: user and assistant turns, as in SPIN data)."""
+) -> dict[str, list[Any]]:
+    """SFT pairs as text columns plus a chat column (``real``: user and assistant turns, as in
+    SPIN data), ready for ``datasets.Dataset.from_dict``."""
     prompt_texts = tokenizer.batch_decode(prompts, skip_special_tokens=True)
     prompt_texts = [t.replace("=>", "").strip() for t in prompt_texts]
     response_texts = tokenizer.batch_decode([list(r) for r in responses], skip_special_tokens=True)
-    return Dataset.from_dict(
-        {
-            "prompt": prompt_texts,
-            "response": response_texts,
-            "real": [
-                [{"role": "user", "content": p}, {"role": "assistant", "content": r}]
-                for p, r in zip(prompt_texts, response_texts, strict=True)
-            ],
-        }
-    )
+    return {
+        "prompt": prompt_texts,
+        "response": response_texts,
+        "real": [chat_messages(p, r) for p, r in zip(prompt_texts, response_texts, strict=True)],
+    }
 
 
 class ToyWorldEvaluator:

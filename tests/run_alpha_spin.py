@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from gfn_spin.alpha_spin import AlphaSpinConfig, AlphaSpinTrainer
 from gfn_spin.toyworld import ToyWorldEvaluator, build_world
+from selfplay import AlphaSpinConfig, AlphaSpinTrainer
 
 torch.set_num_threads(1)
 cache, out, extra = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
@@ -23,4 +23,7 @@ trainer = AlphaSpinTrainer(
 )
 records = trainer.train()
 weights = {n: p.detach().clone() for n, p in trainer.base.model.named_parameters() if "lora" in n}
-torch.save({"weights": weights, "records": records}, Path(out) / f"rank{trainer.dist.rank}.pt")
+torch.save(
+    {"weights": weights, "records": records},
+    Path(out) / f"rank{trainer.accelerator.process_index}.pt",
+)

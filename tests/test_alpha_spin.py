@@ -10,18 +10,18 @@ import pytest
 import torch
 from datasets import Dataset, load_dataset
 
-from gfn_spin import AlphaSpinConfig, AlphaSpinTrainer, ArithmeticMixture, GeometricMixture
-from gfn_spin.alpha_spin import (
-    build_reference,
-    derive_seed,
-    history_indices,
-    load_iterate,
-)
-from gfn_spin.data import encode_example, load_pairs, load_parquet, write_parquet
+from gfn_spin import ArithmeticMixture, GeometricMixture
+from gfn_spin.data import encode_example
 from gfn_spin.exact import divergences
 from gfn_spin.samples import pad_responses
 from gfn_spin.toyworld import ToyWorldEvaluator
 from samplers.ancestral import AncestralSampler
+from selfplay import AlphaSpinConfig, AlphaSpinTrainer
+from selfplay.config import derive_seed
+from selfplay.data import load_pairs, load_parquet, write_parquet
+from selfplay.iterates import load_iterate
+from selfplay.iteration_data import read_iteration_data
+from selfplay.reference import build_reference, history_indices
 
 SMALL = dict(
     max_examples=64, batch_size=16, epochs=1, generation_chunk=16, progress=False, iterations=2
@@ -122,29 +122,32 @@ def test_alpha1_h1_is_plain_spin(world, kl_only, tmp_path):
     base = trainer.base
     out = tmp_path / "run"
     pi_1 = load_iterate([base], out / "iterates" / "iter_1", 1, trainer.config)
-    data = load_parquet(out / "data" / "iteration_1.parquet")
-    prompts = [list(p) for p in data["prompt_ids"]]
+    data = read_iteration_data(
+        out / "data" / "iteration_1.parquet",
+        max_new_tokens=world.max_new_tokens,
+        pad_token_id=base.pad_token_id,
+    )
+    prompts = data.prompt_ids
     # y' ~ π_1: the stored draws are those of an ancestral sampler of π_1 with the chunk seeds.
     sampler = AncestralSampler(pi_1, max_new_tokens=world.max_new_tokens)
     seed = derive_seed(trainer.config.seed, "generate", 1)
     expected = []
     for start in range(0, len(prompts), trainer.config.generation_chunk):
         chunk = prompts[start : start + trainer.config.generation_chunk]
-        expected += [
-            list(r) for r in sampler.sample(chunk, generator=derive_seed(seed, start)).responses()
-        ]
-    assert [list(g) for g in data["generated_ids"]] == expected
+        expected += sampler.sample(chunk, generator=derive_seed(seed, start)).responses()
+    stored = [
+        tuple(g[:n].tolist())
+        for g, n in zip(data.generated_ids, data.generated_lengths, strict=True)
+    ]
+    assert stored == expected
     # π_ref = π_1: the stored reference log-probs are π_1's.
-    for column, ids_column in (
-        ("ref_real_logps", "real_ids"),
-        ("ref_generated_logps", "generated_ids"),
+    for stored_logps, ids, lengths in (
+        (data.ref_real_logps, data.real_ids, data.real_lengths),
+        (data.ref_generated_logps, data.generated_ids, data.generated_lengths),
     ):
-        ids, lengths = pad_responses(data[ids_column], world.max_new_tokens, base.pad_token_id)
         with torch.no_grad():
             logps = pi_1.log_prob(prompts, ids, lengths).double()
-        torch.testing.assert_close(
-            torch.tensor(data[column], dtype=torch.float64), logps, atol=1e-5, rtol=0
-        )
+        torch.testing.assert_close(stored_logps, logps, atol=1e-5, rtol=0)
     assert [r["iteration"] for r in records] == [0, 1, 2]
 
 
@@ -155,18 +158,17 @@ def test_geometric_reference_data(world, kl_only, tmp_path):
     )
     out, cfg = tmp_path / "run", trainer.config
     pi_1 = load_iterate([trainer.base], out / "iterates" / "iter_1", 1, cfg)
-    data = load_parquet(out / "data" / "iteration_1.parquet")
-    prompts = [list(p) for p in data["prompt_ids"]]
-    ids, lengths = pad_responses(
-        data["generated_ids"], world.max_new_tokens, trainer.base.pad_token_id
+    data = read_iteration_data(
+        out / "data" / "iteration_1.parquet",
+        max_new_tokens=world.max_new_tokens,
+        pad_token_id=trainer.base.pad_token_id,
     )
     hand = GeometricMixture(
         [trainer.base, ArithmeticMixture([pi_1, trainer.base], [0.5, 0.5])], [0.2, 0.8]
     )
     with torch.no_grad():
-        expected = hand.log_prob(prompts, ids, lengths).double()
-    got = torch.tensor(data["ref_generated_logps"], dtype=torch.float64)
-    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+        expected = hand.log_prob(data.prompt_ids, data.generated_ids, data.generated_lengths)
+    torch.testing.assert_close(data.ref_generated_logps, expected.double(), atol=1e-4, rtol=0)
 
 
 # -- resume --------------------------------------------------------------------------------
@@ -244,7 +246,7 @@ def test_load_pairs_from_local_files(tmp_path):
 
 
 def test_encoding_is_the_chat_template(world):
-    text = world.sft_dataset[0]["prompt"]
+    text = world.sft_data["prompt"][0]
     prompt_ids, response_ids = encode_example(
         world.tokenizer, text, "a b c d a b c d", max_new_tokens=7
     )

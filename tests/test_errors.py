@@ -20,14 +20,11 @@ from experiments import alpha_spin as alpha_spin_study
 from experiments import geometric_mixture
 from experiments.common import prepare_output_dir
 from gfn_spin import (
-    AlphaSpinConfig,
-    AlphaSpinTrainer,
     ArithmeticMixture,
     GeometricMixture,
     LocalProduct,
     Policy,
 )
-from gfn_spin.data import load_pairs
 from gfn_spin.io import write_json_atomic
 from gfn_spin.samples import ancestral_sample
 from samplers import (
@@ -38,6 +35,8 @@ from samplers import (
     SMCSampler,
 )
 from samplers.gflownet import GFlowNetConfig
+from selfplay import AlphaSpinConfig, AlphaSpinTrainer
+from selfplay.data import load_pairs
 
 L = 7
 TINY = {"prompts_per_step": 2, "samples_per_prompt": 2, "warmup_steps": 1}

@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from gfn_spin import ArithmeticMixture, GeometricMixture, LocalProduct, Policy
-from gfn_spin.alpha_spin import build_reference
 from gfn_spin.exact import divergences, exact_distribution
 from gfn_spin.samples import pad_responses
 from objectives.spin import spin_loss
@@ -20,6 +19,7 @@ from objectives.subtb import WEIGHTINGS, modified_subtb_loss
 from samplers import GFlowNetSampler, ImportanceResampler, SMCSampler
 from samplers.gflownet import ess_fraction
 from samplers.weighting import effective_sample_size
+from selfplay.reference import build_reference
 
 
 def _no_nan(*tensors: torch.Tensor) -> bool:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate import PartialState
 from datasets import Dataset
 from safetensors.torch import load_file, save_file
 
@@ -27,12 +28,12 @@ from experiments.common import (
     setup_logging,
     split_train_eval,
 )
-from gfn_spin import AlphaSpinConfig, AlphaSpinTrainer, GeometricMixture, Policy
-from gfn_spin.distributed import Distributed
+from gfn_spin import GeometricMixture, Policy
 from gfn_spin.io import LOCK_FILE, RUN_MARKER, DirectoryInUseError
-from gfn_spin.run_folder import MANIFEST, RUN_TOOL, RunDirectory
 from samplers import GFlowNetSampler
 from samplers.gflownet import TRAINER_STATE
+from selfplay import AlphaSpinConfig, AlphaSpinTrainer
+from selfplay.run_directory import MANIFEST, RUN_TOOL, RunDirectory
 
 ROOT = Path(__file__).resolve().parent.parent
 L = 7
@@ -225,7 +226,7 @@ def test_a_resumed_run_removes_only_its_own_leftovers(world, tmp_path):
     for name in own:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("partial")
-    run = RunDirectory(tmp_path, trainer.identity, Distributed("cpu"))
+    run = RunDirectory(tmp_path, trainer.identity, PartialState(cpu=True))
     run.close()
     assert _unchanged(tmp_path, files)
     assert not any((tmp_path / name).exists() for name in own)
@@ -358,7 +359,7 @@ def test_a_changed_dataset_is_refused_on_resume(world, tmp_path):
     rows = {"prompt": ["a b", "c d"] * 16, "response": ["a b", "c d"] * 16}
     config = AlphaSpinConfig(output_dir=str(tmp_path / "run"), **RUN)
     first = AlphaSpinTrainer(config, world=world, dataset=Dataset.from_dict(rows))
-    run = RunDirectory(tmp_path / "run", first.identity, Distributed("cpu"))
+    run = RunDirectory(tmp_path / "run", first.identity, PartialState(cpu=True))
     run.complete("eval_0", {"iteration": 0, "metrics": {}})
     run.close()
     rows["response"][3] = "d c"  # one response edited between the runs
@@ -372,12 +373,12 @@ def test_nonsense_metrics_json_is_rewritten_from_the_manifest(world, tmp_path):
     trainer = AlphaSpinTrainer(
         AlphaSpinConfig(output_dir=str(tmp_path), **RUN), world=world, evaluate=lambda p: {}
     )
-    run = RunDirectory(tmp_path, trainer.identity, Distributed("cpu"))
+    run = RunDirectory(tmp_path, trainer.identity, PartialState(cpu=True))
     run.complete("eval_0", {"iteration": 0, "metrics": {"kl": 1.0}})
     run.close()
     for nonsense in ("{not json", '"a string"', "[1, 2]"):
         (tmp_path / "metrics.json").write_text(nonsense)
-        RunDirectory(tmp_path, trainer.identity, Distributed("cpu")).close()
+        RunDirectory(tmp_path, trainer.identity, PartialState(cpu=True)).close()
         assert json.loads((tmp_path / "metrics.json").read_text()) == [
             {"iteration": 0, "metrics": {"kl": 1.0}}
         ]

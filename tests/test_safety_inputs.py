@@ -11,18 +11,16 @@ import math
 
 import pytest
 import torch
+from accelerate import PartialState
 from datasets import Dataset, DatasetDict
 from safetensors.torch import load_file, save_file
 
-import gfn_spin.alpha_spin as alpha_spin_module
+import selfplay.training as training_module
 from experiments import alpha_spin as alpha_spin_study
 from experiments import train_alpha_spin
 from experiments.common import check_alphas, world_config
-from gfn_spin import AlphaSpinConfig, AlphaSpinTrainer, GeometricMixture, Policy
-from gfn_spin.data import load_pairs, load_parquet, write_parquet
+from gfn_spin import GeometricMixture, Policy
 from gfn_spin.devices import default_device, resolve_device
-from gfn_spin.distributed import Distributed
-from gfn_spin.run_folder import MANIFEST, RunDirectory
 from gfn_spin.samples import ancestral_sample
 from samplers import (
     AncestralSampler,
@@ -31,6 +29,9 @@ from samplers import (
     ImportanceResampler,
     SMCSampler,
 )
+from selfplay import AlphaSpinConfig, AlphaSpinTrainer
+from selfplay.data import load_pairs, load_parquet, write_parquet
+from selfplay.run_directory import MANIFEST, RunDirectory
 
 RUN = {"max_examples": 32, "batch_size": 16, "progress": False}
 
@@ -53,8 +54,6 @@ def _pairs(count: int = 32, prompt: str = "a b", response: str = "a b") -> dict[
         ("learning_rate", math.inf),
         ("learning_rate", math.nan),
         ("learning_rate", 0.0),
-        ("gflownet_lr", -1.0),
-        ("gflownet_lr", math.inf),
         ("weight_decay", -5.0),
         ("weight_decay", math.nan),
         ("beta", math.inf),
@@ -70,7 +69,7 @@ def test_float_settings_must_be_finite_and_in_range(field, value):
 
 
 def test_non_finite_learning_rate_on_the_command_line_is_refused_before_work(tmp_path):
-    for flag, value in (("--learning-rate", "inf"), ("--gflownet-lr", "-1"), ("--beta", "nan")):
+    for flag, value in (("--learning-rate", "inf"), ("--beta", "nan")):
         with pytest.raises(ValueError, match=rf"{flag[2:].replace('-', '_')}=.* must be"):
             train_alpha_spin.main(["--output-dir", str(tmp_path / "run"), flag, value])
     assert not (tmp_path / "run").exists()
@@ -89,7 +88,7 @@ def test_a_run_whose_loss_diverges_stops_and_names_the_step(world, tmp_path):
 
 
 def test_a_run_whose_weights_become_non_finite_stops(world, tmp_path, monkeypatch):
-    make_optimizer = alpha_spin_module.make_optimizer
+    make_optimizer = training_module.make_optimizer
 
     def poisoned(config, parameters, total_steps):
         optimizer, scheduler = make_optimizer(config, parameters, total_steps)
@@ -103,7 +102,7 @@ def test_a_run_whose_weights_become_non_finite_stops(world, tmp_path, monkeypatc
         optimizer.step = step_then_nan
         return optimizer, scheduler
 
-    monkeypatch.setattr(alpha_spin_module, "make_optimizer", poisoned)
+    monkeypatch.setattr(training_module, "make_optimizer", poisoned)
     trainer = _trainer(world, tmp_path, alpha=1.0, iterations=1, epochs=1)
     with pytest.raises(FloatingPointError, match=r"weights of π_1 became non-finite at .* step 1"):
         trainer.train()
@@ -224,7 +223,7 @@ def test_alpha_spin_context_errors_name_the_setting_to_change(world, tmp_path):
 
 def test_a_refused_resume_names_only_the_differing_fields(world, tmp_path):
     first = _trainer(world, tmp_path, beta=2.0)
-    run = RunDirectory(tmp_path / "run", first.identity, Distributed("cpu"))
+    run = RunDirectory(tmp_path / "run", first.identity, PartialState(cpu=True))
     run.complete("eval_0", {"iteration": 0, "metrics": {}})
     run.close()
     second = _trainer(world, tmp_path, beta=0.3, iterations=5)

@@ -51,8 +51,8 @@ def test_task_requires_reading_the_prompt(world):
 def test_prompt_split_is_disjoint_and_sized(world):
     assert len(world.eval_prompts) == 16
     assert not {tuple(p) for p in world.eval_prompts} & {tuple(p) for p in world.train_prompts}
-    assert len(world.sft_dataset) == world.config.sft_examples
-    assert set(world.sft_dataset.column_names) >= {"prompt", "response", "real"}
+    assert all(len(column) == world.config.sft_examples for column in world.sft_data.values())
+    assert set(world.sft_data) >= {"prompt", "response", "real"}
 
 
 def test_base_is_weak_but_better_than_uniform(world):

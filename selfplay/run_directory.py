@@ -1,7 +1,7 @@
 """An α-SPIN run folder: the manifest that lists completed steps, and the rules that keep a
 user's files safe in it.
 
-For :class:`gfn_spin.AlphaSpinTrainer`, which resumes a killed run from its folder. The folder
+For :class:`selfplay.AlphaSpinTrainer`, which resumes a killed run from its folder. The folder
 is claimed for the run (a marker file, a lock held while the run writes), a resume must match
 the run's identity (config, data hash, world) and is refused naming only what differs, and
 the run removes only leftovers it can prove it wrote: temporaries named as its own atomic
@@ -18,7 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gfn_spin.distributed import Distributed
+from accelerate import PartialState
+
 from gfn_spin.io import (
     RUN_MARKER,
     claim_run_directory,
@@ -26,18 +27,14 @@ from gfn_spin.io import (
     make_directory,
     write_json_atomic,
 )
+from selfplay.iterates import iterate_name
 
 #: The run's manifest: identity, completed steps and per-iterate records.
 MANIFEST = "manifest.json"
 #: Identity key of the SHA-256 of the run's (prompt, response) pairs.
 DATA_HASH = "data_sha256"
 #: The tool named in an α-SPIN run folder's marker (:data:`gfn_spin.io.RUN_MARKER`).
-RUN_TOOL = "gfn_spin.AlphaSpinTrainer"
-
-
-def iterate_name(t: int) -> str:
-    """The adapter name and folder name of π_t."""
-    return f"iter_{t}"
+RUN_TOOL = "selfplay.AlphaSpinTrainer"
 
 
 def identity_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -80,7 +77,8 @@ class RunDirectory:
 
     ``identity`` is what a resume must match (the config without ``resumable`` fields, the
     data's hash under :data:`DATA_HASH`, the world); ``resumable`` names the config fields a
-    resume may change, for the refusal's message.
+    resume may change, for the refusal's message. ``state`` (an ``accelerate`` state or
+    ``Accelerator``) says which process writes (the main one) and where they all wait.
 
     A step counts as done only once the manifest lists it; anything else the run finds of
     its own (a temporary file of its own writers, an iterate written just before a kill) is
@@ -93,14 +91,14 @@ class RunDirectory:
         self,
         root: str | os.PathLike,
         identity: dict[str, Any],
-        dist: Distributed,
+        state: PartialState,
         resumable: Sequence[str] = (),
     ):
         self.root = Path(root)
-        self.dist = dist
+        self.state = state
         self.path = self.root / MANIFEST
         self._lock = None
-        if dist.is_main:
+        if state.is_main_process:
             make_directory(self.root, "output_dir")  # an unwritable output_dir fails before work
             self._read_manifest()  # a damaged manifest is refused before anything is written
             _, self._lock = claim_run_directory(
@@ -122,7 +120,7 @@ class RunDirectory:
                     "with the run's values of the settings above, or choose a new output_dir"
                 )
             self.manifest = manifest or {"identity": identity, "done": [], "records": []}
-            if dist.is_main:
+            if state.is_main_process:
                 self._clean()
                 if manifest is not None:
                     # metrics.json mirrors the manifest's records: rewrite it, whatever it holds.
@@ -131,7 +129,7 @@ class RunDirectory:
         except BaseException:
             self.close()
             raise
-        dist.barrier()
+        state.wait_for_everyone()
 
     def close(self) -> None:
         """Release the folder's lock (the main process holds it from construction on)."""
@@ -217,10 +215,10 @@ class RunDirectory:
         if record is not None:
             self.manifest["records"].append(record)
         self.manifest["done"].append(step)
-        if self.dist.is_main:
+        if self.state.is_main_process:
             write_json_atomic(self.manifest, self.path)
             write_json_atomic(self.manifest["records"], self.root / "metrics.json")
-        self.dist.barrier()
+        self.state.wait_for_everyone()
 
     def data_path(self, t: int) -> Path:
         return self.root / "data" / f"iteration_{t}.parquet"

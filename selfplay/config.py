@@ -1,0 +1,308 @@
+"""The settings of an α-SPIN run (:class:`AlphaSpinConfig`) and the seeds derived from them.
+
+For users configuring :class:`selfplay.AlphaSpinTrainer`, from Python or from the command line
+(``python -m experiments.train_alpha_spin --help`` is built from the fields' ``help``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, get_args, get_type_hints
+
+from gfn_spin.devices import check_device
+from gfn_spin.io import dataclass_from_dict
+from gfn_spin.samples import check_count
+from objectives.spin import LOSS_TYPES
+from samplers.gflownet import GFlowNetConfig
+
+#: Config fields that may differ when a run is resumed (they do not change its results).
+RESUMABLE_FIELDS = ("output_dir", "iterations", "progress")
+
+
+def opponent_gflownet_config() -> GFlowNetConfig:
+    """The GFlowNet opponent's settings: the sampler's defaults, fitted for 200 steps an
+    iteration (a fresh fit on every iteration's reference)."""
+    return GFlowNetConfig(steps=200)
+
+
+@dataclass
+class AlphaSpinConfig:
+    """Every setting of an α-SPIN run (saved in the run's manifest).
+
+    The defaults are chosen for the tiny world (a small model, L = 7): SPIN's own defaults
+    (β = 0.1, RMSProp, lr 5e-7 then 1e-7, batch 64) are for 7B models, whose steps are far too
+    small for a tiny one. Here: AdamW, lr 1e-3, LoRA r = 16, batch 32,
+    2 epochs per iteration, and β = 2. Why β ≥ 1: with unlimited data the sigmoid loss is
+    minimized by π ∝ π_ref^(1-1/β) · p_data^(1/β), so β = 1 jumps to p_data in one iteration
+    whatever the reference (α and h would not matter), β < 1 overshoots past p_data, and
+    β = 2 moves halfway (geometrically) from π_ref toward p_data, which is where the
+    reference's regularization shows (docs/alpha_spin.md).
+    """
+
+    # -- model and data ---------------------------------------------------------------------
+    model: str | None = field(
+        default=None,
+        metadata={"help": "HF model name or local directory of the base π_0; None: the tiny "
+                  "world's SFT base."},
+    )  # fmt: skip
+    dataset: str | None = field(
+        default=None,
+        metadata={"help": "`datasets` source of (prompt, real response) pairs: a hub name or a "
+                  "local json/jsonl/parquet/csv file or folder; None: the tiny world's SFT data."},
+    )  # fmt: skip
+    dataset_split: str = field(default="train", metadata={"help": "Split of `dataset` to read."})
+    prompt_column: str = field(
+        default="prompt", metadata={"help": "Column of `dataset` holding the prompts."}
+    )
+    response_column: str = field(
+        default="response", metadata={"help": "Column of `dataset` holding the real responses."}
+    )
+    messages_column: str | None = field(
+        default=None,
+        metadata={"help": 'Read a chat column instead (e.g. "real" of the SPIN data): first '
+                  "user turn = prompt, last assistant turn = response."},
+    )  # fmt: skip
+    max_examples: int | None = field(
+        default=None, metadata={"help": "Use only the first this many examples (None: all)."}
+    )
+    max_prompt_length: int = field(
+        default=64, metadata={"help": "Prompts longer than this keep their last tokens."}
+    )
+    max_new_tokens: int | None = field(
+        default=None,
+        metadata={"help": "Length cap L of responses (generation and training); None: the tiny "
+                  "world's L, else 256."},
+    )  # fmt: skip
+
+    # -- self-play -------------------------------------------------------------------------
+    alpha: float = field(
+        default=0.95,
+        metadata={"help": "α in π_ref ∝ π_0^(1-α)·M_h^α; 1 = no regularization toward the base "
+                  "(SPIN, fictitious play)."},
+    )  # fmt: skip
+    history: int | str = field(
+        default=2,
+        metadata={"help": 'h, the number of latest iterates averaged in M_h (capped by those '
+                  'that exist), or "all" for fictitious play over π_0..π_t.'},
+    )  # fmt: skip
+    sampler: Literal["auto", "exact", "ancestral", "importance", "smc", "gflownet"] = field(
+        default="auto",
+        metadata={"help": 'Opponent sampler: "exact" (α = 1: the arithmetic mixture sampled '
+                  'exactly), "ancestral" (y\' ~ π_t, the cheap baseline for α < 1), '
+                  '"importance" (SIR), "smc", "gflownet"; "auto" = "exact" when α = 1, else '
+                  '"importance". A normalized π_ref (α = 1, or t = 0 where π_ref = π_0) is '
+                  "always sampled exactly."},
+    )  # fmt: skip
+    proposal: Literal["history", "local", "current"] = field(
+        default="history",
+        metadata={"help": 'Proposal of the importance sampler: "history" (M_h), "local" (the '
+                  'local product q_loc(v|s) ∝ π_0^(1-α)·M_h^α per token), "current" (π_t).'},
+    )  # fmt: skip
+    num_candidates: int = field(
+        default=16, metadata={"help": "K, proposals per draw of the importance sampler."}
+    )
+    num_particles: int = field(
+        default=16,
+        metadata={"help": "N, particles per draw of the SMC sampler (proposal: the local "
+                  "product)."},
+    )  # fmt: skip
+    gflownet: GFlowNetConfig = field(
+        default_factory=opponent_gflownet_config,
+        metadata={"help": "Settings of the GFlowNet opponent, fitted on the prompts at every "
+                  "iteration (its max_new_tokens, adapter_name and seed are set by the run)."},
+    )  # fmt: skip
+    generation_chunk: int = field(
+        default=64,
+        metadata={"help": "Prompts per generation call; each chunk is seeded by its index (the "
+                  "unit of data parallelism, so results do not depend on the number of "
+                  "processes)."},
+    )  # fmt: skip
+
+    # -- loss and optimization -------------------------------------------------------------
+    beta: float = field(
+        default=2.0, metadata={"help": "β, the reward scale of the SPIN loss (SPIN: 0.1 for 7B)."}
+    )
+    loss_type: Literal[LOSS_TYPES] = field(  # type: ignore[valid-type]
+        default="sigmoid",
+        metadata={"help": f"SPIN loss, one of {', '.join(LOSS_TYPES)} (objectives.spin)."},
+    )
+    iterations: int = field(
+        default=3,
+        metadata={"help": "Self-play iterations (iterates π_1..π_iterations); may be raised "
+                  "when resuming."},
+    )  # fmt: skip
+    epochs: int = field(
+        default=2,
+        metadata={"help": "Passes over the iteration's data when training π_(t+1) (SPIN: 2)."},
+    )
+    optimizer: Literal["adamw", "rmsprop", "sgd"] = field(
+        default="adamw",
+        metadata={"help": '"adamw", "rmsprop" (SPIN\'s) or "sgd"; a fresh optimizer every '
+                  "iteration."},
+    )  # fmt: skip
+    learning_rate: float = field(
+        default=1e-3, metadata={"help": "Peak learning rate (SPIN: 5e-7 for 7B models)."}
+    )
+    lr_scheduler: Literal["constant", "linear", "cosine"] = field(
+        default="constant",
+        metadata={"help": "Decay over each iteration's steps, after warmup."},
+    )
+    warmup_ratio: float = field(
+        default=0.0,
+        metadata={"help": "Fraction of each iteration's steps with linear warmup (SPIN: 0.1)."},
+    )
+    weight_decay: float = field(default=0.0, metadata={"help": "Weight decay of the optimizer."})
+    max_grad_norm: float | None = field(
+        default=1.0, metadata={"help": "Gradient clipping norm (None: no clipping)."}
+    )
+    batch_size: int = field(
+        default=32,
+        metadata={"help": "Examples per micro-batch, over all processes together (each takes "
+                  "an equal share)."},
+    )  # fmt: skip
+    gradient_accumulation_steps: int = field(
+        default=1,
+        metadata={"help": "Micro-batches per optimizer step (effective batch = batch_size × "
+                  "this)."},
+    )  # fmt: skip
+    finetuning: Literal["lora", "full"] = field(
+        default="lora",
+        metadata={"help": '"lora": iterates are LoRA adapters on one base; "full": full copies '
+                  "of the model."},
+    )  # fmt: skip
+    lora_rank: int = field(default=16, metadata={"help": "LoRA rank r of the iterates."})
+    lora_alpha: int = field(
+        default=16,
+        metadata={"help": "LoRA scaling numerator of the iterates (not the α of α-SPIN)."},
+    )
+
+    # -- run -------------------------------------------------------------------------------
+    seed: int = field(
+        default=0,
+        metadata={"help": "Seed of everything stochastic (adapter init, generation chunks, "
+                  "batch order)."},
+    )  # fmt: skip
+    output_dir: str = field(
+        default="runs/alpha_spin",
+        metadata={"help": "Where the manifest, data, iterates and metrics go (a run resumes "
+                  "from here)."},
+    )  # fmt: skip
+    device: str | None = field(
+        default=None,
+        metadata={"help": '"cpu", "cuda", ...; None: the accelerate process\'s device (CUDA '
+                  "when present)."},
+    )  # fmt: skip
+    progress: bool = field(
+        default=True, metadata={"help": "Show progress bars (main process only)."}
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.history, str) and self.history.strip().isdigit():
+            self.history = int(self.history)
+        if isinstance(self.gflownet, dict):  # read back from JSON
+            self.gflownet = dataclass_from_dict(GFlowNetConfig, self.gflownet)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise a ValueError naming the bad setting and the fix (before any model work)."""
+        if not (isinstance(self.alpha, int | float) and 0.0 <= float(self.alpha) <= 1.0):
+            raise ValueError(f"alpha={self.alpha!r} must be a number in [0, 1]")
+        if self.history != "all" and (
+            isinstance(self.history, bool) or not isinstance(self.history, int) or self.history < 1
+        ):
+            raise ValueError(f"history={self.history!r} must be a positive integer or 'all'")
+        for name in ("sampler", "proposal", "loss_type", "optimizer", "lr_scheduler", "finetuning"):
+            allowed = _CHOICES[name]
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be one of {allowed}")
+        if self.sampler == "exact" and self.alpha not in (0.0, 1.0):
+            raise ValueError(
+                f"sampler='exact' needs alpha=1 (π_ref is then an arithmetic mixture); with "
+                f"alpha={self.alpha} π_ref is a geometric mixture: use sampler='importance', "
+                "'smc', 'gflownet' or the 'ancestral' baseline"
+            )
+        if not isinstance(self.gflownet, GFlowNetConfig):
+            raise ValueError(f"gflownet={self.gflownet!r} must be a GFlowNetConfig")
+        self.gflownet.validate()
+        _check_number(self, "beta", 0.0, low_open=True)
+        _check_number(self, "learning_rate", 0.0, low_open=True)
+        _check_number(self, "weight_decay", 0.0, low_open=False)
+        _check_number(self, "warmup_ratio", 0.0, low_open=False, high=1.0)
+        if self.warmup_ratio == 1.0:
+            raise ValueError(f"warmup_ratio={self.warmup_ratio!r} must be in [0, 1)")
+        if self.max_grad_norm is not None:
+            _check_number(self, "max_grad_norm", 0.0, low_open=True)
+        for name in (
+            "num_candidates",
+            "num_particles",
+            "generation_chunk",
+            "iterations",
+            "epochs",
+            "batch_size",
+            "gradient_accumulation_steps",
+            "lora_rank",
+            "lora_alpha",
+            "max_prompt_length",
+        ):
+            check_count(name, getattr(self, name))
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed={self.seed!r} must be an integer >= 0")
+        for name in ("max_new_tokens", "max_examples"):
+            if getattr(self, name) is not None:
+                check_count(name, getattr(self, name))
+        for name in ("model", "dataset", "messages_column"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ValueError(f"{name}={value!r} must be a non-empty string or None")
+        for name in ("dataset_split", "prompt_column", "response_column", "output_dir"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"{name}={value!r} must be a non-empty string")
+        if self.device is not None:
+            check_device(self.device, "device")
+
+    def resolved_sampler(self) -> str:
+        """The sampler actually used for a geometric-mixture reference."""
+        if self.sampler != "auto":
+            return self.sampler
+        return "exact" if self.alpha in (0.0, 1.0) else "importance"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as JSON values (the nested GFlowNet config as a dict, tuples as lists),
+        so that a config read back from a manifest compares equal to a fresh one."""
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> AlphaSpinConfig:
+        """The config saved by :meth:`to_dict`; unknown fields are refused by name."""
+        return dataclass_from_dict(cls, values)
+
+
+#: The values each ``Literal`` field of :class:`AlphaSpinConfig` allows.
+_CHOICES = {
+    name: get_args(hint)
+    for name, hint in get_type_hints(AlphaSpinConfig).items()
+    if getattr(hint, "__origin__", None) is Literal
+}
+
+
+def _check_number(
+    config: AlphaSpinConfig, name: str, low: float, *, low_open: bool, high: float = math.inf
+) -> None:
+    value = getattr(config, name)
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    ok = ok and math.isfinite(value) and value <= high
+    ok = ok and (value > low if low_open else value >= low)
+    if not ok:
+        bound = f"> {low:g}" if low_open else f">= {low:g}"
+        upper = f" and < {high:g}" if high != math.inf else ""
+        raise ValueError(f"{name}={value!r} must be a finite number {bound}{upper}")
+
+
+def derive_seed(seed: int, *parts: Any) -> int:
+    """A 63-bit seed for one stochastic step, from the run seed and the step's name."""
+    blob = "/".join(str(p) for p in (seed, *parts)).encode()
+    return int.from_bytes(hashlib.sha256(blob).digest()[:8], "little") >> 1

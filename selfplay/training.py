@@ -1,0 +1,187 @@
+"""Training one iterate π_(t+1) on its iteration's data with the SPIN loss, through
+``accelerate``.
+
+The policy is scored by :class:`PairScorer`, the module ``Accelerator.prepare`` wraps (DDP on
+several processes; the configuration from ``accelerate config`` applies). Each global
+micro-batch of ``batch_size`` rows is split across processes; one teacher-forced pass per
+micro-batch scores y and y' together. The loss is scaled so that the update is the mean over
+the global batch whatever the number of processes, and every process ends with the same
+weights.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from gfn_spin.policy import Policy
+from objectives.spin import spin_loss, spin_metrics
+from selfplay.config import AlphaSpinConfig, derive_seed
+from selfplay.iteration_data import IterationData
+
+#: spin_metrics keys averaged over an iteration's training rows, and the names they report.
+METRICS = {
+    "rewards/real": "train/rewards_real",
+    "rewards/generated": "train/rewards_generated",
+    "rewards/margins": "train/margin",
+    "rewards/accuracies": "train/accuracy",
+}
+#: Whether ``spin_loss`` takes the response lengths (its length-normalized loss reads them).
+_LOSS_TAKES_LENGTHS = "real_lengths" in inspect.signature(spin_loss).parameters
+
+
+class PairScorer(torch.nn.Module):
+    """``log p_θ`` of responses under a policy, as a module ``Accelerator.prepare`` can wrap."""
+
+    def __init__(self, policy: Policy) -> None:
+        super().__init__()
+        self.policy = policy
+        self.model = policy.model  # registered, so that the wrapper sees the trainable weights
+
+    def forward(
+        self, prompts: Sequence[Sequence[int]], response_ids: torch.Tensor, lengths: torch.Tensor
+    ) -> torch.Tensor:
+        return self.policy.log_prob(prompts, response_ids, lengths)
+
+
+def make_optimizer(
+    config: AlphaSpinConfig, parameters: Sequence[torch.nn.Parameter], total_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """A fresh optimizer for one iteration, and its learning-rate schedule over its steps."""
+    cls = {"adamw": torch.optim.AdamW, "rmsprop": torch.optim.RMSprop, "sgd": torch.optim.SGD}
+    optimizer = cls[config.optimizer](
+        parameters, lr=config.learning_rate, weight_decay=config.weight_decay
+    )
+    scheduler = get_scheduler(
+        config.lr_scheduler,
+        optimizer,
+        num_warmup_steps=int(config.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
+    return optimizer, scheduler
+
+
+def batch_loss(
+    scorer: torch.nn.Module, data: IterationData, rows: torch.Tensor, config: AlphaSpinConfig
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Per-row SPIN losses ``[B]`` of ``rows`` and their spin_metrics, from one teacher-forced
+    pass over the real and generated responses together."""
+    prompts = [data.prompt_ids[i] for i in rows.tolist()]
+    logps = scorer(
+        prompts + prompts,
+        torch.cat([data.real_ids[rows], data.generated_ids[rows]]),
+        torch.cat([data.real_lengths[rows], data.generated_lengths[rows]]),
+    )
+    policy_real, policy_generated = logps[: len(rows)], logps[len(rows) :]
+    ref_real = data.ref_real_logps[rows].to(logps.device)
+    ref_generated = data.ref_generated_logps[rows].to(logps.device)
+    lengths = {}
+    if _LOSS_TAKES_LENGTHS:
+        lengths = {
+            "real_lengths": data.real_lengths[rows].to(logps.device),
+            "generated_lengths": data.generated_lengths[rows].to(logps.device),
+        }
+    losses = spin_loss(
+        policy_real,
+        policy_generated,
+        ref_real,
+        ref_generated,
+        beta=config.beta,
+        loss_type=config.loss_type,
+        **lengths,
+    )
+    metrics = spin_metrics(policy_real, policy_generated, ref_real, ref_generated, beta=config.beta)
+    return losses, metrics
+
+
+def train_iterate(
+    policy: Policy,
+    parameters: Sequence[torch.nn.Parameter],
+    data: IterationData,
+    config: AlphaSpinConfig,
+    *,
+    iteration: int,
+    accelerator: Accelerator,
+) -> dict[str, float]:
+    """Minimize the SPIN loss of ``policy`` on an iteration's data; returns training metrics
+    (means over the iteration's rows, every process's included).
+
+    Raises:
+        ValueError: fewer examples than one optimizer step.
+        FloatingPointError: a non-finite loss or weights (nothing of the iteration is kept).
+    """
+    rows_per_step = config.batch_size * config.gradient_accumulation_steps
+    steps_per_epoch = len(data) // rows_per_step
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{len(data)} examples are fewer than one optimizer step of batch_size × "
+            f"gradient_accumulation_steps = {rows_per_step}; lower batch_size"
+        )
+    total_steps = steps_per_epoch * config.epochs
+    optimizer, scheduler = make_optimizer(config, parameters, total_steps)
+    # The schedule stays unprepared: it advances once per optimizer step on every process.
+    scorer, optimizer = accelerator.prepare(PairScorer(policy), optimizer)
+    rank, size = accelerator.process_index, accelerator.num_processes
+    # Each process's loss is its rows' sum over the global micro-batch size, times the process
+    # count (the wrapper averages gradients over processes; accelerate divides by the
+    # accumulation steps): the update is the global-batch mean.
+    scale = size / config.batch_size
+    totals = torch.zeros(2 + len(METRICS), dtype=torch.float64)  # loss, metrics, rows
+    policy.model.train()
+    bar = tqdm(
+        total=total_steps,
+        desc=f"train π_{iteration + 1}",
+        disable=not (config.progress and accelerator.is_main_process),
+        leave=False,
+    )
+    for epoch in range(config.epochs):
+        seed = derive_seed(config.seed, "order", iteration, epoch)
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+        for step in range(steps_per_epoch):
+            where = (
+                f"optimizer step {epoch * steps_per_epoch + step + 1} of {total_steps} (epoch "
+                f"{epoch + 1}); nothing of this iteration is saved"
+            )
+            for micro in range(config.gradient_accumulation_steps):
+                start = (step * config.gradient_accumulation_steps + micro) * config.batch_size
+                rows = order[start : start + config.batch_size][rank::size]
+                with accelerator.accumulate(scorer):
+                    losses, metrics = batch_loss(scorer, data, rows, config)
+                    if not bool(torch.isfinite(losses).all()):
+                        raise FloatingPointError(
+                            f"the SPIN loss of π_{iteration + 1} is not finite at {where}. Lower "
+                            "learning_rate or beta, or set max_grad_norm"
+                        )
+                    accelerator.backward(losses.sum() * scale)
+                    if accelerator.sync_gradients and config.max_grad_norm is not None:
+                        accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                totals += torch.tensor(
+                    [float(losses.detach().double().sum())]
+                    + [metrics[key] * len(rows) for key in METRICS]
+                    + [float(len(rows))],
+                    dtype=torch.float64,
+                )
+            scheduler.step()
+            with torch.no_grad():
+                finite = all(bool(torch.isfinite(p).all()) for p in parameters)
+            if not finite:
+                raise FloatingPointError(
+                    f"the weights of π_{iteration + 1} became non-finite at {where}. Lower "
+                    "learning_rate, or set max_grad_norm"
+                )
+            bar.update(1)
+    bar.close()
+    policy.model.eval()
+    totals = accelerator.reduce(totals.to(accelerator.device), "sum").cpu()
+    count = float(totals[-1])
+    result = {"train/loss": float(totals[0]) / count}
+    result.update({name: float(totals[1 + i]) / count for i, name in enumerate(METRICS.values())})
+    result["train/steps"] = total_steps
+    return result
