@@ -294,14 +294,16 @@ class BoundedContextTarget:
         """``[B]`` exact normalized ``log p(y|x)``."""
         return self.log_unnormalized(prompt_ids, response_ids, lengths) - self.log_z(prompt_ids)
 
-    def step_law(self, remaining: int) -> torch.Tensor:
-        """``[A^k, A+1]`` the normalized law of the next move with ``remaining`` ≥ 1 tokens left:
-        ``log g(v|c) + log F_{r-1}(c·v) − log F_r(c)`` (EOS last). Rows of contexts with no
-        mass (``F_r = 0``) are ``-inf``."""
+    def step_law(self, remaining: int, contexts: torch.Tensor | None = None) -> torch.Tensor:
+        """``[C, A+1]`` the normalized law of the next move with ``remaining`` ≥ 1 tokens left,
+        at ``contexts`` ``[C]`` (None: all ``A^k``): ``log g(v|c) + log F_{r-1}(c·v) −
+        log F_r(c)`` (EOS last). Rows of contexts with no mass (``F_r = 0``) are ``-inf``."""
+        if contexts is None:
+            contexts = torch.arange(self.tables.num_contexts)
         size = self.tables.num_symbols
-        before, now = self.log_future[remaining - 1], self.log_future[remaining]
-        law = self.tables.logprobs.clone()
-        law[:, :size] += before[self._successor]
+        before, now = self.log_future[remaining - 1], self.log_future[remaining][contexts]
+        law = self.tables.logprobs[contexts]  # advanced indexing: a copy
+        law[:, :size] += before[self._successor[contexts]]
         finite = torch.isfinite(now)
         return torch.where(finite[:, None], law - now[:, None], torch.full_like(law, -math.inf))
 
@@ -330,7 +332,7 @@ class BoundedContextTarget:
         lengths = torch.full((len(prompt_index),), width, dtype=torch.long)
         running = torch.ones(len(prompt_index), dtype=torch.bool)
         for t in range(width):
-            law = self.step_law(width - t)[context]
+            law = self.step_law(width - t, context)
             move = torch.multinomial(law.exp(), 1, generator=generator).squeeze(1)
             stops = running & (move == size)
             lengths[stops] = t
