@@ -206,24 +206,30 @@ def log_future(tables: ContextTables, max_new_tokens: int) -> torch.Tensor:
 
 
 def expected_sum(
-    step: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+    law: torch.Tensor | Callable[[int], torch.Tensor],
+    values: torch.Tensor,
     successor: torch.Tensor,
     max_new_tokens: int,
 ) -> torch.Tensor:
-    """``[A^k]``: ``E[Σ_t f_r(c_t, v_t)]`` over a chain of at most L steps, from each context.
+    """``[A^k]``: ``E[Σ_t f(c_t, v_t)]`` over a chain of at most L moves, from each context.
 
-    ``step(r)`` gives, with r tokens left, the chain's log-law ``[A^k, A+1]`` (normalized rows,
-    EOS last) and the values ``f_r`` ``[A^k, A+1]`` of each move; the stop at r = 0 is forced
-    and adds nothing. A move of probability 0 adds nothing whatever its value (0 · ∞ = 0).
+    ``law`` is the chain's log-law ``[A^k, A+1]`` (normalized rows, EOS last), or a callable
+    giving it with r tokens left (a law that depends on the remaining length); ``values``
+    ``[A^k, A+1]`` is f of each move. The stop at r = 0 is forced and adds nothing. A move of
+    probability 0 adds nothing whatever its value (0 · ∞ = 0).
     """
+
+    def weighted(probs: torch.Tensor, terms: torch.Tensor) -> torch.Tensor:
+        return torch.where(probs > 0, probs * terms, torch.zeros((), dtype=terms.dtype)).sum(1)
+
     size = successor.shape[1]
+    fixed = None if callable(law) else law.exp()
+    here = None if fixed is None else weighted(fixed, values)
     value = torch.zeros(successor.shape[0], dtype=torch.float64)
     for remaining in range(1, max_new_tokens + 1):
-        log_law, values = step(remaining)
-        total = values.clone()
-        total[:, :size] += value[successor]
-        law = log_law.exp()
-        value = torch.where(law > 0, law * total, torch.zeros_like(total)).sum(1)
+        probs = fixed if fixed is not None else law(remaining).exp()
+        now = here if here is not None else weighted(probs, values)
+        value = now + weighted(probs[:, :size], value[successor])
     return value
 
 
@@ -298,12 +304,17 @@ class BoundedContextTarget:
         """``[C, A+1]`` the normalized law of the next move with ``remaining`` ≥ 1 tokens left,
         at ``contexts`` ``[C]`` (None: all ``A^k``): ``log g(v|c) + log F_{r-1}(c·v) −
         log F_r(c)`` (EOS last). Rows of contexts with no mass (``F_r = 0``) are ``-inf``."""
-        if contexts is None:
-            contexts = torch.arange(self.tables.num_contexts)
         size = self.tables.num_symbols
-        before, now = self.log_future[remaining - 1], self.log_future[remaining][contexts]
-        law = self.tables.logprobs[contexts]  # advanced indexing: a copy
-        law[:, :size] += before[self._successor[contexts]]
+        before, now = self.log_future[remaining - 1], self.log_future[remaining]
+        if contexts is None:
+            law, successor = self.tables.logprobs.clone(), self._successor
+        else:
+            law, successor, now = (
+                self.tables.logprobs[contexts],
+                self._successor[contexts],
+                now[contexts],
+            )
+        law[:, :size] += before[successor]
         finite = torch.isfinite(now)
         return torch.where(finite[:, None], law - now[:, None], torch.full_like(law, -math.inf))
 
@@ -361,18 +372,14 @@ class BoundedContextTarget:
         """``[P]`` exact ``KL(q‖p)`` for a normalized bounded-context q (``proposal``)."""
         self._check_same_chain(proposal)
         values = proposal.logprobs - self.tables.logprobs
-        cross = expected_sum(
-            lambda _: (proposal.logprobs, values), self._successor, self.max_new_tokens
-        )
+        cross = expected_sum(proposal.logprobs, values, self._successor, self.max_new_tokens)
         return cross[self.tables.context_index(prompt_ids)] + self.log_z(prompt_ids)
 
     def kl_to(self, other: ContextTables, prompt_ids: Sequence[Sequence[int]]) -> torch.Tensor:
         """``[P]`` exact ``KL(p‖q)`` for a normalized bounded-context q (``other``)."""
         self._check_same_chain(other)
         values = self.tables.logprobs - other.logprobs
-        cross = expected_sum(
-            lambda r: (self.step_law(r), values), self._successor, self.max_new_tokens
-        )
+        cross = expected_sum(self.step_law, values, self._successor, self.max_new_tokens)
         return cross[self.tables.context_index(prompt_ids)] - self.log_z(prompt_ids)
 
     def proposal_ess(

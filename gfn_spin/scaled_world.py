@@ -42,7 +42,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
 
-from gfn_spin.exact_dp import BoundedContextTarget, ContextTables
+from gfn_spin.exact_dp import BoundedContextTarget, ContextTables, expected_sum
 from gfn_spin.io import atomic_directory, write_json_atomic
 from gfn_spin.mixtures import GeometricMixture
 from gfn_spin.policy import Policy
@@ -269,9 +269,13 @@ class ScaledWorld:
 
     def kl_from_data(self, name: str, prompts: Sequence[Sequence[int]] | None = None) -> float:
         """Mean exact ``KL(p_data ‖ policy)`` over ``prompts`` (default: the eval prompts)."""
-        data = BoundedContextTarget(self.task, self.max_new_tokens)
         prompts = self.eval_prompts if prompts is None else prompts
-        return float(data.kl_to(self.policy_tables(name), prompts).mean())
+        # E_data[Σ_t log p_data − log π] under the data's own (length-free) law.
+        values = self.task.logprobs - self.policy_tables(name).logprobs
+        per_context = expected_sum(
+            self.task.logprobs, values, self.task.successor(), self.max_new_tokens
+        )
+        return float(per_context[self.task.context_index(prompts)].mean())
 
 
 def _check_pair(pair: str) -> str:
