@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -325,11 +326,14 @@ class BoundedContextTarget:
         num_samples: int = 1,
         *,
         generator: torch.Generator | int | None = None,
+        tokenizer: Any | None = None,
     ) -> Samples:
         """``num_samples`` exact i.i.d. draws per prompt (prompt-major order, like the samplers).
 
         ``log_q`` is the exact normalized log-density and ``log_target`` the unnormalized one;
         ``stats["log_z"]`` is the exact ``log Z`` per prompt, ``stats["ess"]`` is ``num_samples``.
+        ``texts`` are decoded with ``tokenizer`` when one is given (the tables have none), else
+        empty.
         """
         check_count("num_samples", num_samples)
         generator = resolve_generator(generator, torch.device("cpu"))
@@ -362,7 +366,12 @@ class BoundedContextTarget:
             prompt_index=prompt_index,
             response_ids=response_ids,
             lengths=lengths,
-            texts=[],
+            texts=[]
+            if tokenizer is None
+            else tokenizer.batch_decode(
+                [ids[:n].tolist() for ids, n in zip(response_ids, lengths.tolist(), strict=True)],
+                skip_special_tokens=True,
+            ),
             log_q=log_target - log_z[prompt_index],
             log_target=log_target,
             stats={"log_z": log_z, "ess": torch.full_like(log_z, float(num_samples))},

@@ -167,6 +167,10 @@ def test_exact_sampling_follows_the_exact_law(small: ScaledWorld):
     rows = torch.tensor([position[r] for r in draws.responses()])
     assert torch.allclose(draws.log_q, exact.logprobs[rows], atol=1e-4)
     assert torch.allclose(draws.log_target - draws.stats["log_z"][0], draws.log_q)
+    named = target.sample([prompt], 3, generator=0, tokenizer=small.tokenizer)
+    assert named.texts == small.tokenizer.batch_decode(
+        [list(r) for r in named.responses()], skip_special_tokens=True
+    )
 
 
 def test_monte_carlo_kl_and_ess_bracket_the_exact_values(small: ScaledWorld):
