@@ -85,6 +85,18 @@ def test_policies_are_bounded_context_and_the_check_can_fail(small: ScaledWorld)
         )
         assert gap <= rounding_tolerance(small, small.policy_tables(name))
 
+    # A LoRA adapter (what a GFlowNet policy trains) keeps the window: exact KL applies to it.
+    torch.manual_seed(0)
+    adapted = small.load_policy("base").add_adapter("gfn")
+    with torch.no_grad():
+        for name, weight in adapted.model.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(0, 0.5)
+    adapted_tables = ContextTables.from_density(adapted, small.symbol_ids, CONTEXT)
+    assert not torch.allclose(adapted_tables.logprobs, small.policy_tables("base").logprobs)
+    gap = check_bounded_context(adapted, adapted_tables, rows, draws.response_ids, draws.lengths)
+    assert gap <= rounding_tolerance(small, adapted_tables)
+
     torch.manual_seed(0)
     deeper = MistralForCausalLM(
         MistralConfig(
