@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -57,8 +57,8 @@ class ContextTables:
         context: k, the number of trailing tokens the law depends on.
     """
 
-    logprobs: torch.Tensor
-    alphabet: list[int]
+    logprobs: torch.Tensor = field(repr=False)
+    alphabet: list[int] = field(repr=False)
     eos_token_id: int
     context: int
 

@@ -224,17 +224,17 @@ class ScaledWorld:
     """
 
     config: ScaledWorldConfig
-    tokenizer: Any
-    task: ContextTables
-    iterate_task: ContextTables
-    stress_task: ContextTables
+    tokenizer: Any = field(repr=False)
+    task: ContextTables = field(repr=False)
+    iterate_task: ContextTables = field(repr=False)
+    stress_task: ContextTables = field(repr=False)
     base: Policy
     iterate: Policy
     stress: Policy
-    train_prompts: list[list[int]]
-    eval_prompts: list[list[int]]
+    train_prompts: list[list[int]] = field(repr=False)
+    eval_prompts: list[list[int]] = field(repr=False)
     directory: Path
-    symbol_ids: list[int]
+    symbol_ids: list[int] = field(repr=False)
     build_seconds: float | None = None
     _tables: dict[str, ContextTables] = field(default_factory=dict, repr=False)
 
@@ -245,7 +245,7 @@ class ScaledWorld:
     def load_policy(self, name: str = "base", **kwargs: Any) -> Policy:
         """A fresh copy of a saved policy ("base", "iterate" or "stress")."""
         return Policy.from_pretrained(
-            self.directory / name, allowed_token_ids=self.symbol_ids, **kwargs
+            self.directory / _check_policy_name(name), allowed_token_ids=self.symbol_ids, **kwargs
         )
 
     def policy_tables(self, name: str) -> ContextTables:
