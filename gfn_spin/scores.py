@@ -58,17 +58,23 @@ class TokenScores:
 def weighted_logsum(
     logprobs: Sequence[torch.Tensor], weights: Sequence[float] | torch.Tensor
 ) -> torch.Tensor:
-    """``Σ_c w_c · logprobs[c]`` with ``0 · (-inf) = 0``.
+    """``Σ_c w_c · logprobs[c]`` with ``0 · (-inf) = 0``, and -inf wherever a weighted component
+    gives -inf.
 
     A component with weight 0 must not contribute, even where it gives -inf (a token it
-    forbids); plain multiplication would turn that into NaN.
+    forbids); plain multiplication would turn that into NaN. A token that a component with a
+    nonzero weight forbids stays forbidden whatever the weight's sign: the product's support is
+    the intersection of the weighted components' supports (with a negative weight, plain
+    arithmetic would give ``+inf + (-inf) = NaN``).
     """
     total = torch.zeros_like(logprobs[0])
+    forbidden = torch.zeros_like(total, dtype=torch.bool)
     for logp, weight in zip(logprobs, weights, strict=True):
         weight = float(weight)
         if weight != 0.0:
+            forbidden = forbidden | torch.isneginf(logp)
             total = total + weight * logp
-    return total
+    return total.masked_fill(forbidden, float("-inf"))
 
 
 def combine_scores(

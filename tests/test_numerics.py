@@ -226,3 +226,18 @@ def test_property_effective_sample_size_never_nan(values):
         assert 1 - 1e-9 <= ess <= count + 1e-9
     # Invariant to a common shift of the log-weights (only ratios matter).
     assert abs(float(effective_sample_size(log_w + 300.0)) - ess) < 1e-6 * max(ess, 1)
+
+
+def test_weighted_logsum_keeps_forbidden_tokens_forbidden_under_negative_weights():
+    """An extrapolated mixture (a negative weight) has the intersection of the supports."""
+    from gfn_spin.scores import weighted_logsum
+
+    inf = float("inf")
+    a = torch.tensor([-1.0, -inf, -2.0, -inf])
+    b = torch.tensor([-3.0, -0.5, -inf, -inf])
+    total = weighted_logsum([a, b], [1.5, -0.5])
+    expected = torch.tensor([1.5 * -1.0 - 0.5 * -3.0, -inf, -inf, -inf])
+    assert not torch.isnan(total).any()
+    assert torch.equal(total, expected)
+    # A zero weight still drops its component entirely, -inf included.
+    assert torch.equal(weighted_logsum([a, b], [1.0, 0.0]), a)
