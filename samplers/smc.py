@@ -29,28 +29,27 @@ SIR with K = N.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from gfn_spin.density import DecodeState, Density, PromptLike
-from gfn_spin.devices import resolve_generator
 from gfn_spin.mixtures import LocalProduct
-from gfn_spin.samples import Samples, check_count
+from gfn_spin.samples import check_count
 from gfn_spin.scores import weighted_logsum
-from samplers.base import Sampler
+from samplers.base import Draws, Sampler, encode_checked
 from samplers.weighting import (
     check_proposal,
     default_proposal,
     effective_sample_size,
-    encode_checked,
     is_local_product_of,
     logmeanexp,
-    model_tokens,
 )
+
+#: Where SMC reads the target's step scores g(·|s): see :class:`SMCSampler`'s ``weighting``.
+Weighting = Literal["auto", "exact", "local_product", "components", "general"]
 
 
 @dataclass(frozen=True)
@@ -143,10 +142,11 @@ class SMCSampler(Sampler):
     A population whose weights all become zero (the target forbids every particle) cannot
     produce a draw: ``sample`` raises a RuntimeError.
 
-    ``stats``: "log_z" ``[P]`` (``log`` of the mean over the prompt's populations of ``Ẑ``),
-    "log_z_populations" ``[P, num_samples]`` (each population's ``log Ẑ``), "ess" ``[P]``
-    (ESS of the final weights, mean over populations), "resamples" ``[P]`` (mean resampling
-    steps per population), "tokens", "seconds", "num_particles".
+    ``stats``: ``log_z`` ``[P]`` (``log`` of the mean over the prompt's populations of ``Ẑ``),
+    ``log_z_populations`` ``[P, num_samples]`` (each population's ``log Ẑ``), ``ess`` ``[P]``
+    (absolute ESS of the final weights, mean over populations; ``ess_fraction`` is it over N),
+    ``resamples`` ``[P]`` (mean resampling steps per population), ``tokens``, ``seconds``,
+    ``num_particles``.
 
     Args:
         target: the density to sample (a GeometricMixture typically; any density works).
@@ -161,6 +161,12 @@ class SMCSampler(Sampler):
             which is SIR; 1: at every step).
         max_new_tokens: the length cap L.
         batch_size: particles per batch (whole populations; at least one population).
+        weighting: where the target's step scores come from. "auto" picks the cheapest that
+            applies: "exact" (the proposal is the normalized target: w ≡ 1), "local_product"
+            (the proposal is the target's local product: w = Z_loc(s_k), no target states),
+            "components" (the proposal is a residual on it: scores from its component states),
+            else "general" (the target decoded beside the proposal). A named choice must apply;
+            "general" always does (for checking a fast path against it).
     """
 
     def __init__(
@@ -173,6 +179,7 @@ class SMCSampler(Sampler):
         ess_threshold: float = 0.5,
         max_new_tokens: int,
         batch_size: int = 65536,
+        weighting: Weighting = "auto",
     ) -> None:
         self.target = target
         self.proposal = check_proposal(
@@ -185,31 +192,32 @@ class SMCSampler(Sampler):
         self.ess_threshold = float(ess_threshold)
         self.max_new_tokens = check_count("max_new_tokens", max_new_tokens)
         self.batch_size = check_count("batch_size", batch_size)
-        if self.proposal is target:
-            self._weighting = "exact"  # the proposal is the (normalized) target: w ≡ 1
-        elif is_local_product_of(self.proposal, target):
-            self._weighting = "local_product"  # w = Z_loc(s_k), no target states needed
-        elif is_residual_on_local_product_of(self.proposal, target):
-            self._weighting = "components"  # target scores from the proposal's component states
-        else:
-            self._weighting = "general"
+        applicable = applicable_weightings(self.proposal, target)
+        if weighting == "auto":
+            weighting = applicable[0]
+        elif weighting not in applicable:
+            raise ValueError(
+                f"weighting={weighting!r} does not apply to this target and proposal; it may be "
+                f"one of {applicable} or 'auto'"
+            )
+        self.weighting: Weighting = weighting
 
-    @torch.no_grad()
-    def sample(
-        self,
-        prompts: Sequence[PromptLike],
-        num_samples: int = 1,
-        *,
-        generator: torch.Generator | int | None = None,
-    ) -> Samples:
-        check_count("num_samples", num_samples)
-        prompt_ids = encode_checked(self.target, prompts, self.max_new_tokens)
-        started, tokens_before = time.perf_counter(), model_tokens(self.target, self.proposal)
-        device = self.proposal.device
-        generator = resolve_generator(generator, device)
+    @property
+    def model(self) -> Density:
+        return self.target
+
+    @property
+    def generator_device(self) -> torch.device:
+        return self.proposal.device
+
+    def cost_densities(self) -> Sequence[Density]:
+        return [self.target, self.proposal]
+
+    def draw(
+        self, prompt_ids: list[list[int]], num_samples: int, generator: torch.Generator | None
+    ) -> Draws:
         populations = [i for i in range(len(prompt_ids)) for _ in range(num_samples)]
         per_batch = max(1, self.batch_size // self.num_particles)
-
         results = [
             self._run([prompt_ids[i] for i in populations[lo : lo + per_batch]], generator)
             for lo in range(0, len(populations), per_batch)
@@ -217,23 +225,17 @@ class SMCSampler(Sampler):
         merged = {key: torch.cat([r[key] for r in results]) for key in results[0]}
         per_prompt = (len(prompt_ids), num_samples)
         log_z_populations = merged["log_z"].view(per_prompt).cpu()
-        response_ids, lengths = merged["response_ids"], merged["lengths"]
-        return Samples(
-            prompt_index=torch.arange(len(prompt_ids), device=device).repeat_interleave(
-                num_samples
-            ),
-            response_ids=response_ids,
-            lengths=lengths,
-            texts=self.target.decode(response_ids, lengths),
-            log_q=None,
+        ess = merged["ess"].view(per_prompt).mean(1).cpu()
+        return Draws(
+            merged["response_ids"],
+            merged["lengths"],
             log_target=merged["log_target"],
             stats={
-                "ess": merged["ess"].view(per_prompt).mean(1).cpu(),
+                "ess": ess,
+                "ess_fraction": ess / self.num_particles,
                 "log_z": logmeanexp(log_z_populations),
                 "log_z_populations": log_z_populations,
                 "resamples": merged["resamples"].view(per_prompt).double().mean(1).cpu(),
-                "tokens": model_tokens(self.target, self.proposal) - tokens_before,
-                "seconds": time.perf_counter() - started,
                 "num_particles": self.num_particles,
             },
         )
@@ -303,7 +305,7 @@ class SMCSampler(Sampler):
         resamples = torch.zeros(groups, dtype=torch.long, device=device)
         alive = torch.arange(count, device=device)  # global row of each state row
         proposal_state = self.proposal.start(rows)
-        target_state = self.target.start(rows) if self._weighting == "general" else None
+        target_state = self.target.start(rows) if self.weighting == "general" else None
         increments = (
             torch.zeros(count, width + 1, dtype=torch.float64, device=device)
             if forced is not None
@@ -470,11 +472,11 @@ class SMCSampler(Sampler):
 
     def _target_logprobs(self, proposal_state: Any, target_state: Any) -> torch.Tensor:
         """The target's step log-scores ``log g(·|s_k)`` ``[B, V]`` at the state rows."""
-        if self._weighting == "exact":
+        if self.weighting == "exact":
             return proposal_state.next_logprobs
-        if self._weighting == "local_product":
+        if self.weighting == "local_product":
             return proposal_state.next_logprobs + proposal_state.log_z_local[:, None]
-        if self._weighting == "components":
+        if self.weighting == "components":
             return self._from_components(proposal_state)
         return target_state.next_logprobs
 
@@ -488,11 +490,11 @@ class SMCSampler(Sampler):
         self, proposal_state: Any, target_state: Any, token: torch.Tensor, step_q: torch.Tensor
     ) -> torch.Tensor:
         """The target's step score ``log g(v|s_k)`` of each sampled token (EOS included)."""
-        if self._weighting == "exact":
+        if self.weighting == "exact":
             return step_q
-        if self._weighting == "local_product":
+        if self.weighting == "local_product":
             return step_q + proposal_state.log_z_local.double()
-        if self._weighting == "components":
+        if self.weighting == "components":
             scores = self._from_components(proposal_state)
             return scores.gather(1, token[:, None]).squeeze(1).double()
         return target_state.next_logprobs.gather(1, token[:, None]).squeeze(1).double()
@@ -529,6 +531,17 @@ class SMCSampler(Sampler):
                 "zero density to every particle): use a proposal whose support covers the "
                 "target's, or more particles"
             )
+
+
+def applicable_weightings(proposal: Density, target: Density) -> list[str]:
+    """The weightings SMC can use for ``proposal`` and ``target``, cheapest first."""
+    if proposal is target:
+        return ["exact", "general"]
+    if is_local_product_of(proposal, target):
+        return ["local_product", "general"]
+    if is_residual_on_local_product_of(proposal, target):
+        return ["components", "general"]
+    return ["general"]
 
 
 def is_residual_on_local_product_of(proposal: Density, target: Density) -> bool:

@@ -219,7 +219,7 @@ def test_fit_moves_the_policy_toward_the_target(world):
     after = divergences(exact.logprobs, exact_distribution(sampler.policy, prompt, L).logprobs)
     assert after["tv"] < 0.75 * before["tv"]
     assert after["kl_pq"] < before["kl_pq"]
-    assert metrics[-1]["step"] == 60 and "ess" in metrics[-1] and "loss" in metrics[-1]
+    assert metrics[-1]["step"] == 60 and "ess_fraction" in metrics[-1] and "loss" in metrics[-1]
 
 
 def test_sample_has_exact_log_q_and_serves_as_proposal(world):

@@ -205,7 +205,7 @@ def test_smc_with_another_proposal_and_its_reduction_to_local_product(world, har
     exact = exact_distribution(target, hard_prompt, CAP)
     # Another autoregressive proposal (π_t): weights from the target's step scores.
     sampler = SMCSampler(target, 8, proposal=world.shifted, max_new_tokens=CAP)
-    assert sampler._weighting == "general"
+    assert sampler.weighting == "general"
     populations = 400
     samples = sampler.sample([hard_prompt], populations, generator=4)
     ratio = (samples.stats["log_z_populations"][0].double() - exact.log_z).exp()
@@ -216,9 +216,8 @@ def test_smc_with_another_proposal_and_its_reduction_to_local_product(world, har
 
     # The general rule log g(v|s) − log q(v|s) with q = q_loc is log Z_loc(s): same draws and Ẑ.
     fast = SMCSampler(target, 8, max_new_tokens=CAP)
-    general = SMCSampler(target, 8, max_new_tokens=CAP)
-    assert fast._weighting == "local_product"
-    general._weighting = "general"
+    general = SMCSampler(target, 8, max_new_tokens=CAP, weighting="general")
+    assert fast.weighting == "local_product"
     a = fast.sample([hard_prompt], 50, generator=5)
     b = general.sample([hard_prompt], 50, generator=5)
     assert a.responses() == b.responses()

@@ -1,0 +1,36 @@
+"""The GFlowNet sampler, in three parts: the parametrization (the trainable density and its
+weights), the trainer (pluggable loss and batch source), and the sampler that fits, samples and
+checkpoints them (docs/gflownet.md)."""
+
+from samplers.gflownet.config import LOSSES, PARAMETRIZATIONS, GFlowNetConfig
+from samplers.gflownet.parametrization import Parametrization, build_parametrization
+from samplers.gflownet.sampler import (
+    CONFIG_FILE,
+    TRAINER_STATE,
+    GFlowNetSampler,
+    latest_checkpoint,
+)
+from samplers.gflownet.trainer import (
+    GFlowNetTrainer,
+    LossFunction,
+    RolloutSource,
+    StateRecorder,
+    TeacherSource,
+)
+
+__all__ = [
+    "CONFIG_FILE",
+    "LOSSES",
+    "PARAMETRIZATIONS",
+    "TRAINER_STATE",
+    "GFlowNetConfig",
+    "GFlowNetSampler",
+    "GFlowNetTrainer",
+    "LossFunction",
+    "Parametrization",
+    "RolloutSource",
+    "StateRecorder",
+    "TeacherSource",
+    "build_parametrization",
+    "latest_checkpoint",
+]
