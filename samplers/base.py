@@ -22,7 +22,7 @@ import torch
 from gfn_spin.density import Density, PromptLike
 from gfn_spin.devices import resolve_generator
 from gfn_spin.samples import Samples, SampleStats, check_context, check_count, check_sampling
-from samplers.weighting import effective_sample_size, logmeanexp, model_tokens
+from samplers.weighting import effective_sample_size, ess_fraction, logmeanexp, model_tokens
 
 
 @dataclass
@@ -132,10 +132,9 @@ def importance_stats(
     w)``, a lower bound on ``log Z`` in expectation) and "elbo" (``mean(log w)``).
     """
     log_w = (log_target.double() - log_q.double()).view(-1, num_samples).cpu()
-    ess = effective_sample_size(log_w)
     return {
-        "ess": ess,
-        "ess_fraction": ess / num_samples,
+        "ess": effective_sample_size(log_w),
+        "ess_fraction": ess_fraction(log_w),
         "log_z": logmeanexp(log_w),
         "elbo": log_w.mean(1),
     }

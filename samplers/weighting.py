@@ -52,6 +52,11 @@ def effective_sample_size(log_weights: torch.Tensor, dim: int = -1) -> torch.Ten
     return torch.nan_to_num(ess, nan=0.0)
 
 
+def ess_fraction(log_weights: torch.Tensor) -> torch.Tensor:
+    """:func:`effective_sample_size` over the last axis divided by its length (float64)."""
+    return effective_sample_size(log_weights.double()) / log_weights.shape[-1]
+
+
 def logmeanexp(values: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """``log mean exp`` along ``dim`` (``-inf`` when every entry is ``-inf``)."""
     return torch.logsumexp(values, dim) - math.log(values.shape[dim])

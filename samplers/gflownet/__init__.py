@@ -17,6 +17,7 @@ from samplers.gflownet.trainer import (
     StateRecorder,
     TeacherSource,
 )
+from samplers.weighting import ess_fraction  # importable beside the sampler, for studies
 
 __all__ = [
     "CONFIG_FILE",
@@ -32,5 +33,6 @@ __all__ = [
     "StateRecorder",
     "TeacherSource",
     "build_parametrization",
+    "ess_fraction",
     "latest_checkpoint",
 ]
