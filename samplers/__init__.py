@@ -1,4 +1,4 @@
-"""Samplers for mixtures of language models behind one interface (DESIGN §5).
+"""Samplers for mixtures of language models behind one interface (docs/samplers.md).
 
 Every sampler has ``sample(prompts, num_samples=1, *, generator=None) -> Samples`` and counts
 the model tokens it spent in ``stats["tokens"]``. Which to use:

@@ -65,7 +65,7 @@ class AncestralSampler(Sampler):
 class ArithmeticMixtureSampler(AncestralSampler):
     """Exact samples from ``Σ_c w_c π_c`` with exact ``log_q`` (the mixture's own density).
 
-    Samples token by token from the posterior-weighted conditional (DESIGN §2), so one draw
+    Samples token by token from the posterior-weighted conditional (docs/mixtures.md), so one draw
     costs one model token per component per generated token.
     """
 

@@ -3,7 +3,7 @@
 Particles extend from an autoregressive proposal q; at every step each particle's weight is
 multiplied by the incremental weight ``g(v|s_k) / q(v|s_k)``, where g are the target's step
 scores and v the sampled token (⊤ included: a particle that emits EOS is finished). With the
-local product as proposal this is ``Z_loc(s_k)`` whatever v is (DESIGN §2), so weights are known
+local product as proposal this is ``Z_loc(s_k)`` whatever v is (docs/mixtures.md), so weights are known
 before the token is drawn. The stop at the cap L is forced, with no factor (``Z_loc(s_L) = 1``).
 When a population's ESS falls under ``ess_threshold · N`` it is resampled (multinomial);
 finished particles keep their weight, stop extending, and take part in resampling (a copy of a
@@ -16,7 +16,7 @@ potential is its target density ``G̃(y)`` (ψ = 1 at ⊤ and at the forced stop
 weight is ``γ_0(s_0) = ψ(s_0)`` and the incremental weight of ``s_k → s_k·v`` is
 ``γ_{k+1}(s_k v) / (γ_k(s_k) q(v|s_k))``, so the weights along any path multiply to
 ``G̃(y) / q(y)`` whatever ψ is: only the variance depends on ψ. With ``twist="flow"``, ``γ_k`` is
-the prefix flow of modified SubTB (DESIGN §4), ``F(s_k) = R(s_k⊤) / q(⊤|s_k)`` with
+the prefix flow of modified SubTB (docs/gflownet.md), ``F(s_k) = R(s_k⊤) / q(⊤|s_k)`` with
 ``R(s_k⊤) = G̃(y_{1:k}⊤)``: then ``ψ(s) = g(⊤|s) / q(⊤|s)``, stopping has incremental weight 1, and
 a proposal that samples the target exactly makes every incremental weight 1 and ``Ẑ = Z``.
 
