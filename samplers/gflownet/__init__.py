@@ -1,8 +1,9 @@
-"""The GFlowNet sampler, in three parts: the parametrization (the trainable density and its
-weights), the trainer (pluggable loss and batch source), and the sampler that fits, samples and
-checkpoints them (docs/gflownet.md)."""
+"""The GFlowNet sampler, in parts: its config, the parametrization (the trainable density and
+its weights), the objectives, the trainer (pluggable loss and batch source), and the sampler
+that fits, samples and checkpoints them (docs/gflownet.md)."""
 
 from samplers.gflownet.config import LOSSES, PARAMETRIZATIONS, GFlowNetConfig
+from samplers.gflownet.losses import OBJECTIVES, LossFunction
 from samplers.gflownet.parametrization import Parametrization, build_parametrization
 from samplers.gflownet.sampler import (
     CONFIG_FILE,
@@ -12,7 +13,6 @@ from samplers.gflownet.sampler import (
 )
 from samplers.gflownet.trainer import (
     GFlowNetTrainer,
-    LossFunction,
     RolloutSource,
     StateRecorder,
     TeacherSource,
@@ -22,6 +22,7 @@ from samplers.weighting import ess_fraction  # importable beside the sampler, fo
 __all__ = [
     "CONFIG_FILE",
     "LOSSES",
+    "OBJECTIVES",
     "PARAMETRIZATIONS",
     "TRAINER_STATE",
     "GFlowNetConfig",

@@ -10,7 +10,8 @@ step, top to bottom in :meth:`GFlowNetTrainer.train_step`:
    the twist form keeps the components' scores from the rollout instead);
 3. the policy's token scores (one teacher-forced pass with gradients through the trainable
    part; the twist form runs only its head, on the components' features from the rollout);
-4. the loss, one of :data:`LOSSES` (flows derived from the rewards);
+4. the loss, one of :data:`samplers.gflownet.losses.OBJECTIVES` or any
+   :data:`~samplers.gflownet.losses.LossFunction` (flows derived from the rewards);
 5. an optimizer step with gradient clipping (the twist form adds ``twist_updates − 1`` head
    updates on stored batches).
 
@@ -35,81 +36,10 @@ from gfn_spin.samples import Samples, ancestral_sample, pad_responses
 from gfn_spin.scores import TokenScores, weighted_logsum
 from gfn_spin.twist import TwistedLocalProduct
 from objectives.distill import distillation_loss
-from objectives.subtb import log_variance_loss, modified_subtb_loss, trajectory_balance_loss
 from samplers.gflownet.config import GFlowNetConfig
+from samplers.gflownet.losses import OBJECTIVES, LossFunction
 from samplers.gflownet.parametrization import Parametrization
 from samplers.replay import FeatureBuffer, ReplayBuffer
-
-#: A GFlowNet objective on one scored batch: (config, policy scores, ``log R [B, L+1]``,
-#: ``group [B]`` the prompt of each row, reward temperature) -> scalar loss.
-LossFunction = Callable[
-    [GFlowNetConfig, TokenScores, torch.Tensor, torch.Tensor, float], torch.Tensor
-]
-
-
-def subtb_objective(
-    config: GFlowNetConfig,
-    scores: TokenScores,
-    log_reward: torch.Tensor,
-    group: torch.Tensor,
-    reward_temperature: float,
-) -> torch.Tensor:
-    """Modified sub-trajectory balance over every window."""
-    return modified_subtb_loss(
-        scores.token_logprobs,
-        scores.eos_logprobs,
-        log_reward,
-        scores.lengths,
-        subtb_lambda=config.subtb_lambda,
-        weighting=config.weighting,
-        reward_temperature=reward_temperature,
-        termination_gradient=config.termination_gradient,
-    )
-
-
-def tb_objective(
-    config: GFlowNetConfig,
-    scores: TokenScores,
-    log_reward: torch.Tensor,
-    group: torch.Tensor,
-    reward_temperature: float,
-) -> torch.Tensor:
-    """Trajectory balance with log Z the flow derived at s_0: log R(s_0⊤)/T − log q(⊤|s_0)."""
-    log_z = log_reward[:, 0] / reward_temperature - scores.eos_logprobs[:, 0]
-    return trajectory_balance_loss(
-        scores.token_logprobs,
-        scores.eos_logprobs,
-        log_reward,
-        scores.lengths,
-        log_z,
-        reward_temperature=reward_temperature,
-    )
-
-
-def log_variance_objective(
-    config: GFlowNetConfig,
-    scores: TokenScores,
-    log_reward: torch.Tensor,
-    group: torch.Tensor,
-    reward_temperature: float,
-) -> torch.Tensor:
-    """VarGrad: the variance of log R − log q among one prompt's responses."""
-    return log_variance_loss(
-        scores.token_logprobs,
-        scores.eos_logprobs,
-        log_reward,
-        scores.lengths,
-        group,
-        reward_temperature=reward_temperature,
-    )
-
-
-#: The objectives ``GFlowNetConfig.loss`` names.
-LOSSES: dict[str, LossFunction] = {
-    "subtb": subtb_objective,
-    "tb": tb_objective,
-    "log_variance": log_variance_objective,
-}
 
 
 class StateRecorder:
@@ -240,7 +170,7 @@ class GFlowNetTrainer:
         target: the density to sample.
         parametrization: the trainable policy.
         config: the training settings.
-        loss: the objective (default: ``LOSSES[config.loss]``).
+        loss: the objective (default: ``OBJECTIVES[config.loss]``).
         source: the batch source of :meth:`train_step` (default: a :class:`RolloutSource`).
     """
 
@@ -257,7 +187,7 @@ class GFlowNetTrainer:
         self.parametrization = parametrization
         self.policy = parametrization.policy
         self.config = config
-        self.loss = LOSSES[config.loss] if loss is None else loss
+        self.loss = OBJECTIVES[config.loss] if loss is None else loss
         self.source = RolloutSource(config) if source is None else source
         self.optimizer = torch.optim.AdamW(
             parametrization.trainable_parameters,
