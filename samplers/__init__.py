@@ -33,7 +33,8 @@ from samplers.base import Sampler, Samples
 from samplers.exact import ExactSampler
 from samplers.gflownet import GFlowNetSampler
 from samplers.importance import ImportanceResampler
-from samplers.smc import SMCSampler, Twist, TwistInputs, flow_twist
+from samplers.smc import SMCSampler
+from samplers.twists import Twist, TwistInputs, flow_twist
 
 __all__ = [
     "AncestralSampler",

@@ -25,21 +25,24 @@ included) is an unbiased estimate of the target's normalizer ``Z`` for any ψ > 
 biased low (Jensen). The law of a draw picked ∝ w from the final population tends to the target
 as N → ∞ (consistent, biased at finite N, first order O(1/N)); without resampling it is exactly
 SIR with K = N.
+
+The module is one algorithm read top to bottom (the decoding loop in ``SMCSampler._run`` and
+the weighting rules it calls); splitting it would scatter one loop's invariants over files.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
 
-from gfn_spin.density import DecodeState, Density, PromptLike
+from gfn_spin.density import Density, PromptLike
 from gfn_spin.mixtures import LocalProduct
 from gfn_spin.samples import check_count
 from gfn_spin.scores import weighted_logsum
 from samplers.base import Draws, Sampler, encode_checked
+from samplers.twists import Twist, TwistInputs, resolve_twist
 from samplers.weighting import (
     check_proposal,
     default_proposal,
@@ -50,71 +53,6 @@ from samplers.weighting import (
 
 #: Where SMC reads the target's step scores g(·|s): see :class:`SMCSampler`'s ``weighting``.
 Weighting = Literal["auto", "exact", "local_product", "components", "general"]
-
-
-@dataclass(frozen=True)
-class TwistInputs:
-    """What a twist sees: B particles, all at states ``s_k`` of the same length k (k < L).
-
-    Attributes:
-        prompts: the prompt token ids of each population in the batch.
-        population: ``[B]`` index into ``prompts`` of each particle.
-        response_ids: ``[B, k]`` the particles' prefixes ``y_{1:k}`` (no EOS inside).
-        log_target_prefix: ``[B]`` float64, ``log g̃(y_{1:k}) = Σ_{j<k} log g(y_{j+1}|s_j)``.
-        target_logprobs: ``[B, V]`` the target's step log-scores ``log g(·|s_k)`` (unnormalized
-            for a geometric mixture; ``target_logprobs[:, eos]`` is its stop score).
-        proposal_state: the proposal's decode state at ``s_k`` (``next_logprobs [B, V]``, and
-            whatever the proposal carries: caches, component states).
-        eos_token_id: the EOS (⊤) token id.
-    """
-
-    prompts: list[list[int]]
-    population: torch.Tensor
-    response_ids: torch.Tensor
-    log_target_prefix: torch.Tensor
-    target_logprobs: torch.Tensor
-    proposal_state: DecodeState
-    eos_token_id: int
-
-
-#: A twist: ``log ψ(s_k)`` ``[B]`` of the states in :class:`TwistInputs` (``-inf`` allowed where
-#: the target has no mass below ``s_k``; NaN and ``+inf`` are errors). The potential is
-#: ``log g̃(y_{1:k}) + log ψ(s_k)``, so a twist is relative to the target's prefix product: a
-#: learned twist head predicts ``log Σ_{y ⊒ s_k} G̃(y) − log g̃(y_{1:k})`` (the log of the
-#: expected product of the target's remaining step-score normalizers).
-Twist = Callable[[TwistInputs], torch.Tensor]
-
-
-def flow_twist(inputs: TwistInputs) -> torch.Tensor:
-    """The modified-SubTB prefix flow as a twist: ``log ψ(s) = log g(⊤|s) − log q(⊤|s)``.
-
-    The potential ``log g̃(y_{1:k}) + log ψ(s_k) = log R(s_k⊤) − log q(⊤|s_k) = log F(s_k)``: a
-    GFlowNet policy at zero SubTB loss has ``F(s_k) = Σ_{y ⊒ s_k} G̃(y)``, the optimal potential.
-    Where the flow is not a usable potential (the target forbids stopping at s, or the proposal
-    never stops there), ψ = 1: any positive twist keeps ``Ẑ`` unbiased, a zero one would not.
-    Returns ``[B]`` float64.
-    """
-    eos = inputs.eos_token_id
-    log_psi = (
-        inputs.target_logprobs[:, eos].double()
-        - inputs.proposal_state.next_logprobs[:, eos].double()
-    )
-    return torch.where(torch.isfinite(log_psi), log_psi, 0.0)
-
-
-TWISTS: dict[str, Twist] = {"flow": flow_twist}
-
-
-def resolve_twist(twist: str | Twist | None) -> Twist | None:
-    """The twist callable for ``SMCSampler(twist=...)``; raises on an unknown name or type."""
-    if twist is None or callable(twist):
-        return twist
-    if isinstance(twist, str) and twist in TWISTS:
-        return TWISTS[twist]
-    raise ValueError(
-        f"twist={twist!r} must be None (the target's prefix as potential), one of "
-        f"{sorted(TWISTS)}, or a callable TwistInputs -> log ψ [B] (see samplers.smc.Twist)"
-    )
 
 
 class SMCSampler(Sampler):
