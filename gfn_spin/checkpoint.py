@@ -62,7 +62,7 @@ class CheckpointDirectory:
         argument: the user-facing name of ``root`` in error messages (``checkpoint_dir``).
         required: files a checkpoint must hold to count as complete (an incomplete folder,
             left by other means than this class, is never loaded).
-        keep: how many of the latest checkpoints to keep.
+        keep: how many of the latest complete checkpoints to keep (at least 1).
 
     Use :meth:`close` (or ``with``) to release the folder's lock.
     """
@@ -77,6 +77,8 @@ class CheckpointDirectory:
         keep: int = 1,
     ) -> None:
         self.root = Path(root)
+        if keep < 1:
+            raise ValueError(f"keep={keep} must be >= 1")
         self.required = tuple(required)
         self.keep = keep
         self._lock: FileLock | None
@@ -102,15 +104,18 @@ class CheckpointDirectory:
 
     def save(self, step: int, write: Callable[[Path], None]) -> Path:
         """Write the checkpoint of ``step`` with ``write(folder)``, atomically; then remove
-        the checkpoints beyond the latest ``keep``."""
+        complete checkpoints beyond the latest ``keep`` (this one counted; an incomplete folder
+        is left alone)."""
         final = self.root / checkpoint_name(step)
         with atomic_directory(final) as tmp:
             write(tmp)
-        ordered = sorted(checkpoints(self.root), key=_step, reverse=True)
-        for old in ordered[self.keep :]:
-            if old != final:
-                shutil.rmtree(old, ignore_errors=True)
+        complete = [p for p in checkpoints(self.root) if p != final and self._complete(p)]
+        for old in sorted(complete, key=_step, reverse=True)[self.keep - 1 :]:
+            shutil.rmtree(old, ignore_errors=True)
         return final
+
+    def _complete(self, path: Path) -> bool:
+        return all((path / name).is_file() for name in self.required)
 
     def check_identity(
         self,

@@ -336,7 +336,7 @@ def test_exact_log_q_gives_importance_stats_computed_by_hand(world, prompt):
     samples = AncestralSampler(world.shifted, max_new_tokens=CAP, target=target).sample(
         [prompt, world.eval_prompts[0]], draws, generator=3
     )
-    log_w = (samples.log_target.double() - samples.log_q.double()).view(2, draws).tolist()
+    log_w = (samples.log_target - samples.log_q).double().view(2, draws).tolist()
     for p, row in enumerate(log_w):
         w = [math.exp(v) for v in row]
         ess = sum(w) ** 2 / sum(v * v for v in w)
