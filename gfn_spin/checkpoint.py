@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,20 +36,27 @@ def checkpoint_name(step: int) -> str:
 
 
 def identity_differences(
-    recorded: dict[str, Any], current: dict[str, Any], ignore: Sequence[str] = ()
+    recorded: dict[str, Any],
+    current: dict[str, Any],
+    ignore: Sequence[str] = (),
+    explain: Mapping[str, Callable[[Any, Any], str]] | None = None,
 ) -> list[str]:
     """``name (run has X, now Y)`` for every key whose value differs between two identities
     (nested dicts compared key by key, so a refusal names only what differs); keys in
-    ``ignore`` are settings a resume may change."""
+    ``ignore`` are settings a resume may change; ``explain[key](old, new)`` words the
+    difference of a key whose raw values mean little to a user (a data hash, say)."""
+    explain = explain or {}
     differences = []
     for key in sorted(set(recorded) | set(current)):
         if key in ignore:
             continue
         old, new = recorded.get(key), current.get(key)
         if isinstance(old, dict) and isinstance(new, dict):
-            differences += [f"{key}.{d}" for d in identity_differences(old, new, ignore)]
+            nested = identity_differences(old, new, ignore, explain)
+            differences += [f"{key}.{d}" for d in nested]
         elif old != new:
-            differences.append(f"{key} (run has {old!r}, now {new!r})")
+            words = explain[key](old, new) if key in explain else f"run has {old!r}, now {new!r}"
+            differences.append(f"{key} ({words})")
     return differences
 
 

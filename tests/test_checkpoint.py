@@ -52,6 +52,9 @@ def test_identity_differences_name_only_what_differs(tmp_path):
         "model.rank (run has 4, now 8)",
         "new (run has None, now 1)",
     ]
+    explain = {"data_sha256": lambda old, new: f"the data changed: {old[:4]}…, now {new[:4]}…"}
+    hashes = identity_differences({"data_sha256": "abcdef"}, {"data_sha256": "012345"}, (), explain)
+    assert hashes == ["data_sha256 (the data changed: abcd…, now 0123…)"]
     with CheckpointDirectory(tmp_path, tool="a") as folder:
         folder.check_identity(recorded, {**recorded, "steps": 7}, resumable=("steps",))
         with pytest.raises(ValueError, match=r"different configuration \(lr .*choose a new"):
