@@ -30,6 +30,7 @@ from gfn_spin.density import Density, PromptLike
 from gfn_spin.io import atomic_directory
 from gfn_spin.policy import Policy
 from gfn_spin.samples import ancestral_sample
+from gfn_spin.twist import TwistHead
 from samplers.base import Draws, Sampler, encode_checked
 from samplers.gflownet.config import RESUMABLE_FIELDS, GFlowNetConfig
 from samplers.gflownet.parametrization import (
@@ -95,7 +96,7 @@ class GFlowNetSampler(Sampler):
     # -- what studies and tests read -----------------------------------------------------------
 
     @property
-    def head(self):
+    def head(self) -> TwistHead | None:
         """The twist head ("twist"), else None."""
         return self.weights.head
 
@@ -106,6 +107,7 @@ class GFlowNetSampler(Sampler):
 
     @property
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """What the optimizer updates."""
         return self.weights.trainable_parameters
 
     @property
