@@ -212,8 +212,8 @@ def run_world(name: str, world: ToyWorld, args: argparse.Namespace) -> list[Row]
             tokens = samples.stats["tokens"]  # its sampling passes, not the evaluation scoring
         else:
             tokens = model_tokens(target, gfn.policy) - before
-        # GFlowNet: ESS/N over the prompt's draws; SIR/SMC: mean population ESS per draw.
-        ess = ess * draws
+            # SIR/SMC: the mean ESS of one draw's own candidates or population, per draw.
+            ess = ess * draws
         estimate = torch.as_tensor(samples.stats["log_z"], dtype=torch.float64)
         rows.append(
             Row(

@@ -6,7 +6,7 @@ length cap, same optimizer:
 
 - ``project``: ``GFlowNetSampler.train_step``: responses drawn under ``no_grad`` with the KV
   cache, the target scored, then one teacher-forced pass with gradients and the vectorized
-  ``modified_subtb_loss`` (DESIGN §4);
+  ``modified_subtb_loss`` (docs/gflownet.md);
 - ``published``: the form of the published LM recipe (gfn-lm-tuning): a token-by-token rollout
   that keeps the autograd graph of every step (through the KV cache), run to the length cap for
   every row, then the SubTB loss as a Python loop over sub-trajectory lengths. It lives here,
@@ -102,7 +102,7 @@ def published_rollout(
     """Token-by-token rollout that keeps the graph: (log_pf, log_pterm, response_ids, lengths).
 
     Every row runs to the cap (finished rows keep feeding EOS and are masked), as in the
-    published code; shapes and masking follow DESIGN §1.
+    published code; shapes and masking follow docs/conventions.md.
     """
     policy = sampler.adapter_policy
     cap, eos, pad = sampler.max_new_tokens, policy.eos_token_id, policy.pad_token_id

@@ -12,7 +12,7 @@ its first call (the compilation) reported apart.
         --vocab 50257
 
 The fast path left out. On CUDA, decoding a 124M model at batch 256 is bound by per-step kernel
-launches (DESIGN §7: dynamic cache 20.0k tokens/s, static cache + compilation 52.6k); the way
+launches (the README has the measured throughputs of the dynamic and static caches); the way
 to >= 2.5x is a static KV cache whose decode step is captured once in a CUDA graph, with LoRA
 weights merged while sampling. It was not added to the library because it cannot be made
 exact and checked here: (1) merging LoRA changes the logits by float rounding ((W + BA)x is

@@ -1,4 +1,4 @@
-"""A local product with a learned residual: the second GFlowNet policy parametrization (DESIGN §4).
+"""A local product with a learned residual: the second GFlowNet policy parametrization (docs/gflownet.md).
 
     q(v|s) ∝ q_loc(v|s) · π_adapter(v|s) / π_init(v|s)
 

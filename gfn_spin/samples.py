@@ -8,14 +8,72 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 
 from gfn_spin.density import Density, PromptLike, unique_policies
 from gfn_spin.devices import resolve_generator
+
+
+@dataclass
+class SampleStats(Mapping):
+    """What a ``sample`` call measured: cost, and how exact its draws are.
+
+    For callers comparing samplers. Per-prompt fields are ``[P]`` tensors (P the prompts given
+    to ``sample``) or None where the sampler does not estimate them. The fields can also be read
+    by name (``stats["ess"]``), like the dict with at least "ess", "log_z" and "tokens" that the
+    sampler interface promises (docs/samplers.md); a field that is None reads as None.
+
+    Attributes:
+        tokens: model tokens the sampler evaluated to produce the draws (every forward pass of
+            every policy, prompts included; scoring the draws for ``log_target`` alone is not
+            counted where it is only a diagnostic).
+        seconds: wall time of the call.
+        ess: ``[P]`` absolute effective sample size ``(Σ w)² / Σ w²`` of the importance
+            weights: of one population (SMC) or block of candidates (SIR), averaged over the
+            prompt's draws; of the prompt's draws G̃/q (a sampler with an exact ``log_q``).
+        ess_fraction: ``[P]`` ``ess`` divided by the number of weights it was computed from
+            (N, K or ``num_samples``): 1 for a proposal equal to the target.
+        log_z: ``[P]`` estimate (or exact value) of the target's log-normalizer.
+        elbo: ``[P]`` mean of ``log G̃ − log q`` over the prompt's draws (exact ``log_q`` only).
+        log_z_populations: ``[P, num_samples]`` each SMC population's ``log Ẑ``.
+        resamples: ``[P]`` mean resampling steps per SMC population.
+        num_candidates: SIR's K.
+        num_particles: SMC's N.
+    """
+
+    tokens: int = 0
+    seconds: float = 0.0
+    ess: torch.Tensor | None = None
+    ess_fraction: torch.Tensor | None = None
+    log_z: torch.Tensor | None = None
+    elbo: torch.Tensor | None = None
+    log_z_populations: torch.Tensor | None = None
+    resamples: torch.Tensor | None = None
+    num_candidates: int | None = None
+    num_particles: int | None = None
+
+    #: Fields always listed by iteration, even when None (the interface's promised keys).
+    REQUIRED = ("tokens", "seconds", "ess", "log_z")
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in _STAT_NAMES:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __iter__(self) -> Iterator[str]:
+        return (
+            name for name in _STAT_NAMES if name in self.REQUIRED or getattr(self, name) is not None
+        )
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+_STAT_NAMES = tuple(f.name for f in fields(SampleStats))
 
 
 @dataclass
@@ -30,8 +88,7 @@ class Samples:
         log_q: ``[N]`` the sampler's exact log-density of each draw, or None where the sampler
             has none (importance resampling, SMC).
         log_target: ``[N]`` the target's unnormalized log-density, or None without a target.
-        stats: "ess" and "log_z" (one value per prompt where estimated, else None), "tokens"
-            (model tokens evaluated), "seconds" (wall time), sampler-specific extras.
+        stats: a :class:`SampleStats` (cost, ESS, ``log Ẑ``).
     """
 
     prompt_index: torch.Tensor
@@ -40,7 +97,7 @@ class Samples:
     texts: list[str]
     log_q: torch.Tensor | None = None
     log_target: torch.Tensor | None = None
-    stats: dict[str, Any] = field(default_factory=dict)
+    stats: SampleStats = field(default_factory=SampleStats)
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -197,10 +254,8 @@ def ancestral_sample(
         lengths=lengths,
         texts=density.decode(response_ids, lengths),
         log_q=log_q,
-        stats={
-            "ess": None,
-            "log_z": None,
-            "tokens": density.tokens_evaluated - tokens_before,
-            "seconds": time.perf_counter() - started,
-        },
+        stats=SampleStats(
+            tokens=density.tokens_evaluated - tokens_before,
+            seconds=time.perf_counter() - started,
+        ),
     )

@@ -1,4 +1,4 @@
-"""Samplers for mixtures of language models behind one interface (DESIGN §5).
+"""Samplers for mixtures of language models behind one interface (docs/samplers.md).
 
 Every sampler has ``sample(prompts, num_samples=1, *, generator=None) -> Samples`` and counts
 the model tokens it spent in ``stats["tokens"]``. Which to use:
@@ -33,7 +33,8 @@ from samplers.base import Sampler, Samples
 from samplers.exact import ExactSampler
 from samplers.gflownet import GFlowNetSampler
 from samplers.importance import ImportanceResampler
-from samplers.smc import SMCSampler, Twist, TwistInputs, flow_twist
+from samplers.smc import SMCSampler
+from samplers.twists import Twist, TwistInputs, flow_twist
 
 __all__ = [
     "AncestralSampler",

@@ -6,10 +6,10 @@ from collections.abc import Sequence
 
 import torch
 
-from gfn_spin.density import Density, PromptLike
+from gfn_spin.density import Density
 from gfn_spin.mixtures import ArithmeticMixture
-from gfn_spin.samples import Samples, ancestral_sample, check_count, check_sampling
-from samplers.base import Sampler, encode_within_context
+from gfn_spin.samples import ancestral_sample, check_count, check_sampling
+from samplers.base import Draws, Sampler
 
 
 class AncestralSampler(Sampler):
@@ -17,7 +17,9 @@ class AncestralSampler(Sampler):
 
     Use it for any normalized density (a policy, an arithmetic mixture, a local product, a
     trained GFlowNet policy). Cost: one model token per component per generated token.
-    ``target`` (optional) adds the target's log-density to each draw, for diagnostics.
+    ``target`` (optional) adds the target's log-density to each draw, and per-prompt ESS and
+    ``log Ẑ`` of the weights G̃/q to ``stats``, for diagnostics (that scoring pass is not
+    counted in ``stats.tokens``).
     """
 
     def __init__(
@@ -34,22 +36,20 @@ class AncestralSampler(Sampler):
                 "AncestralSampler needs a normalized (autoregressive) model; for a "
                 "GeometricMixture use ImportanceResampler, SMCSampler or GFlowNetSampler"
             )
-        self.model = model
+        self._model = model
         self.max_new_tokens = check_count("max_new_tokens", max_new_tokens)
         check_sampling(temperature, top_p)
         self.temperature = temperature
         self.top_p = top_p
         self.target = target
 
-    def sample(
-        self,
-        prompts: Sequence[PromptLike],
-        num_samples: int = 1,
-        *,
-        generator: torch.Generator | int | None = None,
-    ) -> Samples:
-        check_count("num_samples", num_samples)
-        prompt_ids = encode_within_context(self.model, prompts, self.max_new_tokens)
+    @property
+    def model(self) -> Density:
+        return self._model
+
+    def draw(
+        self, prompt_ids: list[list[int]], num_samples: int, generator: torch.Generator | None
+    ) -> Draws:
         samples = ancestral_sample(
             self.model,
             prompt_ids,
@@ -59,14 +59,13 @@ class AncestralSampler(Sampler):
             top_p=self.top_p,
             generator=generator,
         )
-        samples.log_target = self._score_target(prompt_ids, samples)
-        return samples
+        return Draws(samples.response_ids, samples.lengths, log_q=samples.log_q)
 
 
 class ArithmeticMixtureSampler(AncestralSampler):
     """Exact samples from ``Σ_c w_c π_c`` with exact ``log_q`` (the mixture's own density).
 
-    Samples token by token from the posterior-weighted conditional (DESIGN §2), so one draw
+    Samples token by token from the posterior-weighted conditional (docs/mixtures.md), so one draw
     costs one model token per component per generated token.
     """
 

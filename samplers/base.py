@@ -3,17 +3,46 @@
 Alignment code (and the α-SPIN trainer) depends only on this. A sampler draws responses for
 each prompt from a target density, says how exact it is (``log_q`` where it has a density,
 ESS and a log-normalizer estimate where it weights), and counts the model tokens it spent.
+
+For sampler authors: :meth:`Sampler.sample` checks and encodes the prompts, resolves the
+generator, times the call, counts model tokens, scores the draws under the target and builds
+the :class:`Samples`; a sampler implements :meth:`Sampler.draw` only (docs/samplers.md).
 """
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from gfn_spin.density import Density, PromptLike
-from gfn_spin.samples import Samples, check_context, check_count, check_sampling
+from gfn_spin.devices import resolve_generator
+from gfn_spin.samples import Samples, SampleStats, check_context, check_count, check_sampling
+from samplers.weighting import effective_sample_size, ess_fraction, logmeanexp, model_tokens
+
+
+@dataclass
+class Draws:
+    """What :meth:`Sampler.draw` returns: ``num_samples`` draws per prompt, grouped by prompt.
+
+    Attributes:
+        response_ids: ``[N, L]`` response tokens, padded past ``lengths``.
+        lengths: ``[N]`` response lengths.
+        log_q: ``[N]`` the sampler's exact log-density of each draw, or None.
+        log_target: ``[N]`` the target's unnormalized log-density when the sampler computed it
+            on the way (None: :meth:`Sampler.sample` scores the draws when there is a target).
+        stats: :class:`SampleStats` fields the sampler estimated (``ess``, ``log_z``, ...).
+    """
+
+    response_ids: torch.Tensor
+    lengths: torch.Tensor
+    log_q: torch.Tensor | None = None
+    log_target: torch.Tensor | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
 
 
 class Sampler(ABC):
@@ -26,7 +55,31 @@ class Sampler(ABC):
     target: Density | None = None
     max_new_tokens: int
 
+    @property
     @abstractmethod
+    def model(self) -> Density:
+        """The density that encodes prompts and decodes responses, and whose device the
+        sampler's generator lives on."""
+
+    def cost_densities(self) -> Sequence[Density]:
+        """The densities whose model passes :meth:`draw` pays for (``stats.tokens``)."""
+        return [self.model]
+
+    def tokens_evaluated(self) -> int:
+        """Model tokens evaluated so far by :meth:`cost_densities` (no policy counted twice)."""
+        return model_tokens(*self.cost_densities())
+
+    @property
+    def generator_device(self) -> torch.device:
+        """Where the sampler's random draws are made."""
+        return self.model.device
+
+    @abstractmethod
+    def draw(
+        self, prompt_ids: list[list[int]], num_samples: int, generator: torch.Generator | None
+    ) -> Draws:
+        """``num_samples`` draws for each checked, encoded prompt (rows grouped by prompt)."""
+
     def sample(
         self,
         prompts: Sequence[PromptLike],
@@ -34,27 +87,73 @@ class Sampler(ABC):
         *,
         generator: torch.Generator | int | None = None,
     ) -> Samples:
-        """``num_samples`` draws per prompt; rows grouped by prompt, in prompt order."""
+        """``num_samples`` draws per prompt; rows grouped by prompt, in prompt order.
 
-    def _score_target(self, prompt_ids: list[list[int]], samples: Samples) -> torch.Tensor | None:
-        """Unnormalized target log-density of each draw (None without a target)."""
-        if self.target is None:
-            return None
-        rows = [prompt_ids[i] for i in samples.prompt_index.tolist()]
+        Raises before any model work on an empty prompt list, an empty prompt, a bad count, or
+        prompts too long for ``max_new_tokens`` more tokens in the model's context.
+        """
+        check_count("num_samples", num_samples)
+        prompt_ids = encode_checked(self.model, prompts, self.max_new_tokens)
+        started, tokens_before = time.perf_counter(), self.tokens_evaluated()
+        generator = resolve_generator(generator, self.generator_device)
         with torch.no_grad():
-            return self.target.log_prob(rows, samples.response_ids, samples.lengths)
+            draws = self.draw(prompt_ids, num_samples, generator)
+        tokens = self.tokens_evaluated() - tokens_before
+        log_target = draws.log_target
+        if log_target is None and self.target is not None:
+            rows = [ids for ids in prompt_ids for _ in range(num_samples)]
+            with torch.no_grad():
+                log_target = self.target.log_prob(rows, draws.response_ids, draws.lengths)
+        stats = dict(draws.stats)
+        if draws.log_q is not None and log_target is not None:
+            for name, value in importance_stats(log_target, draws.log_q, num_samples).items():
+                stats.setdefault(name, value)
+        device = draws.response_ids.device
+        return Samples(
+            prompt_index=torch.arange(len(prompt_ids), device=device).repeat_interleave(
+                num_samples
+            ),
+            response_ids=draws.response_ids,
+            lengths=draws.lengths,
+            texts=self.model.decode(draws.response_ids, draws.lengths),
+            log_q=draws.log_q,
+            log_target=log_target,
+            stats=SampleStats(tokens=tokens, seconds=time.perf_counter() - started, **stats),
+        )
 
 
-def encode_within_context(
+def importance_stats(
+    log_target: torch.Tensor, log_q: torch.Tensor, num_samples: int
+) -> dict[str, torch.Tensor]:
+    """Per-prompt diagnostics of draws with an exact ``log_q``, from ``log w = log G̃ − log q``.
+
+    Returns ``[P]`` float64 tensors on the CPU: "ess" (absolute, over the prompt's
+    ``num_samples`` draws), "ess_fraction" (``ess / num_samples``), "log_z" (``logmeanexp(log
+    w)``, a lower bound on ``log Z`` in expectation) and "elbo" (``mean(log w)``).
+    """
+    log_w = (log_target - log_q).double().view(-1, num_samples).cpu()
+    return {
+        "ess": effective_sample_size(log_w),
+        "ess_fraction": ess_fraction(log_w),
+        "log_z": logmeanexp(log_w),
+        "elbo": log_w.mean(1),
+    }
+
+
+def encode_checked(
     density: Density, prompts: Sequence[PromptLike], max_new_tokens: int
 ) -> list[list[int]]:
-    """``prompts`` as token ids, refused before any model work when they are empty, a bare
-    string, or too long for ``max_new_tokens`` more tokens in ``density``'s context.
+    """``prompts`` as token ids, refused before any model work when the list is empty or a bare
+    string, a prompt is empty, or a prompt is too long for ``max_new_tokens`` more tokens in
+    ``density``'s context.
 
     The one check every sampler's ``sample`` (and a GFlowNet's ``fit``) runs first.
     """
     check_prompts(prompts)
     prompt_ids = density.encode_prompts(prompts)
+    for i, ids in enumerate(prompt_ids):
+        if len(ids) == 0:
+            raise ValueError(f"prompts[{i}] is empty: every prompt needs at least one token")
     check_context(density, prompt_ids, max_new_tokens)
     return prompt_ids
 
@@ -68,11 +167,13 @@ def check_prompts(prompts: Sequence[PromptLike]) -> None:
 
 
 __all__ = [
+    "Draws",
     "Sampler",
+    "SampleStats",
     "Samples",
-    "check_context",
     "check_count",
     "check_prompts",
     "check_sampling",
-    "encode_within_context",
+    "encode_checked",
+    "importance_stats",
 ]

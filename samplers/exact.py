@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 
 import torch
 
-from gfn_spin.density import Density, PromptLike
-from gfn_spin.devices import resolve_generator
+from gfn_spin.density import Density
 from gfn_spin.exact import ExactDistribution, count_responses, exact_distribution, response_alphabet
-from gfn_spin.samples import Samples, check_count
-from samplers.base import Sampler
-from samplers.weighting import encode_checked, model_tokens
+from gfn_spin.samples import check_count
+from samplers.base import Draws, Sampler
 
 
 class ExactSampler(Sampler):
@@ -26,7 +23,8 @@ class ExactSampler(Sampler):
     the tree has more than ``max_responses`` responses.
 
     ``log_q`` is the exact normalized log-probability of each draw, ``log_target`` the
-    unnormalized one (``log_q + log Z``); ``stats["log_z"]`` ``[P]`` is the exact ``log Z``.
+    unnormalized one (``log_q + log Z``); ``stats.log_z`` ``[P]`` is the exact ``log Z`` (and
+    ``stats.ess`` the number of draws: they are independent and exact).
 
     Args:
         target: the density (a geometric mixture is normalized by the enumeration).
@@ -74,17 +72,17 @@ class ExactSampler(Sampler):
             )
         return self._cache[key]
 
-    def sample(
-        self,
-        prompts: Sequence[PromptLike],
-        num_samples: int = 1,
-        *,
-        generator: torch.Generator | int | None = None,
-    ) -> Samples:
-        check_count("num_samples", num_samples)
-        prompt_ids = encode_checked(self.target, prompts, self.max_new_tokens)
-        started, tokens_before = time.perf_counter(), model_tokens(self.target)
-        generator = resolve_generator(generator, torch.device("cpu"))
+    @property
+    def model(self) -> Density:
+        return self.target
+
+    @property
+    def generator_device(self) -> torch.device:
+        return torch.device("cpu")  # draws index the enumeration, which lives on the CPU
+
+    def draw(
+        self, prompt_ids: list[list[int]], num_samples: int, generator: torch.Generator | None
+    ) -> Draws:
         pad = self.target.pad_token_id
         response_ids = torch.full(
             (len(prompt_ids) * num_samples, self.max_new_tokens), pad, dtype=torch.long
@@ -99,21 +97,12 @@ class ExactSampler(Sampler):
                 lengths.append(len(response))
             log_q.append(dist.logprobs[picks])
             log_z.append(dist.log_z)
-        lengths_t = torch.tensor(lengths, dtype=torch.long)
         log_q_t = torch.cat(log_q)
         log_z_t = torch.tensor(log_z, dtype=torch.float64)
-        prompt_index = torch.arange(len(prompt_ids)).repeat_interleave(num_samples)
-        return Samples(
-            prompt_index=prompt_index,
-            response_ids=response_ids,
-            lengths=lengths_t,
-            texts=self.target.decode(response_ids, lengths_t),
+        return Draws(
+            response_ids,
+            torch.tensor(lengths, dtype=torch.long),
             log_q=log_q_t,
-            log_target=log_q_t + log_z_t[prompt_index],
-            stats={
-                "ess": None,
-                "log_z": log_z_t,
-                "tokens": model_tokens(self.target) - tokens_before,
-                "seconds": time.perf_counter() - started,
-            },
+            log_target=log_q_t + log_z_t.repeat_interleave(num_samples),
+            stats={"log_z": log_z_t},
         )

@@ -10,26 +10,25 @@ with ``ρ = E_q[(w/Z)²] = 1 + χ²(target ‖ q)``. ``logmeanexp(log w)`` is a 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
-from dataclasses import replace
+from typing import Literal
 
 import torch
 
-from gfn_spin.density import Density, PromptLike
-from gfn_spin.devices import resolve_generator
-from gfn_spin.samples import Samples, ancestral_sample, check_count
-from samplers.base import Sampler, encode_within_context
+from gfn_spin.density import Density
+from gfn_spin.samples import ancestral_sample, check_count
+from samplers.base import Draws, Sampler
 from samplers.smc import SMCSampler
 from samplers.weighting import (
     check_proposal,
     default_proposal,
     effective_sample_size,
-    encode_checked,
     is_local_product_of,
     logmeanexp,
-    model_tokens,
 )
+
+#: How SIR gets its log-weights: see :class:`ImportanceResampler`'s ``weights_from``.
+WeightSource = Literal["auto", "decoding", "scoring"]
 
 
 class ImportanceResampler(Sampler):
@@ -52,9 +51,10 @@ class ImportanceResampler(Sampler):
     possible and ``sample`` raises a RuntimeError (give a proposal whose support covers the
     target's, or more candidates); single ``-inf`` weights are fine.
 
-    ``stats``: "ess" ``[P]`` (per-prompt ESS of a block of K, averaged over its blocks; K when
-    the proposal is the target), "log_z" ``[P]`` (``logmeanexp`` of all the prompt's
-    ``num_samples·K`` log-weights), "tokens", "seconds", "num_candidates".
+    ``stats``: ``ess`` ``[P]`` (absolute ESS of a block of K, averaged over the prompt's
+    blocks; K when the proposal is the target; ``ess_fraction`` is it over K), ``log_z``
+    ``[P]`` (``logmeanexp`` of all the prompt's ``num_samples·K`` log-weights), ``tokens``,
+    ``seconds``, ``num_candidates``.
 
     Args:
         target: the density to sample (any density; unnormalized is fine).
@@ -63,6 +63,10 @@ class ImportanceResampler(Sampler):
         num_candidates: K, candidates per output draw.
         max_new_tokens: the length cap L.
         batch_size: candidates per decoding/scoring batch (bounds memory; whole blocks of K).
+        weights_from: "decoding" (the proposal is the target's local product: the weights
+            accumulate while decoding, no scoring pass), "scoring" (decode, then one
+            teacher-forced target pass over the candidates; any proposal), or "auto" (decoding
+            where it applies).
     """
 
     def __init__(
@@ -73,6 +77,7 @@ class ImportanceResampler(Sampler):
         *,
         max_new_tokens: int,
         batch_size: int = 8192,
+        weights_from: WeightSource = "auto",
     ) -> None:
         self.target = target
         self.proposal = check_proposal(
@@ -84,7 +89,19 @@ class ImportanceResampler(Sampler):
         # With the target's own local product as proposal, log w = Σ_k log Z_loc(s_k) is known
         # while decoding: SIR is then SMC that never resamples, and skips the teacher-forced
         # scoring pass (about three quarters of SIR's time on the tiny world).
-        self._unscored = (
+        local = is_local_product_of(self.proposal, target)
+        if weights_from == "auto":
+            weights_from = "decoding" if local else "scoring"
+        if weights_from not in ("decoding", "scoring") or (
+            weights_from == "decoding" and not local
+        ):
+            raise ValueError(
+                f"weights_from={weights_from!r} must be 'auto', 'scoring', or 'decoding' (only "
+                "with the target's local product as proposal)"
+            )
+        self.weights_from: WeightSource = weights_from
+        # SMC that never resamples: the same candidates and weights, accumulated while decoding.
+        self._decoder = (
             SMCSampler(
                 target,
                 num_candidates,
@@ -93,28 +110,30 @@ class ImportanceResampler(Sampler):
                 max_new_tokens=max_new_tokens,
                 batch_size=batch_size,
             )
-            if is_local_product_of(self.proposal, target)
+            if weights_from == "decoding"
             else None
         )
 
-    @torch.no_grad()
-    def sample(
-        self,
-        prompts: Sequence[PromptLike],
-        num_samples: int = 1,
-        *,
-        generator: torch.Generator | int | None = None,
-    ) -> Samples:
-        check_count("num_samples", num_samples)
-        encode_within_context(self.target, prompts, self.max_new_tokens)
-        if self._unscored is not None:
-            samples = self._unscored.sample(prompts, num_samples, generator=generator)
-            stats = {key: samples.stats[key] for key in ("ess", "log_z", "tokens", "seconds")}
-            return replace(samples, stats={**stats, "num_candidates": self.num_candidates})
-        prompt_ids = encode_checked(self.target, prompts, self.max_new_tokens)
-        started, tokens_before = time.perf_counter(), model_tokens(self.target, self.proposal)
+    @property
+    def model(self) -> Density:
+        return self.target
+
+    @property
+    def generator_device(self) -> torch.device:
+        return self.proposal.device
+
+    def cost_densities(self) -> Sequence[Density]:
+        return [self.target, self.proposal]
+
+    def draw(
+        self, prompt_ids: list[list[int]], num_samples: int, generator: torch.Generator | None
+    ) -> Draws:
+        if self._decoder is not None:
+            draws = self._decoder.draw(prompt_ids, num_samples, generator)
+            stats = {key: draws.stats[key] for key in ("ess", "ess_fraction", "log_z")}
+            draws.stats = {**stats, "num_candidates": self.num_candidates}
+            return draws
         device = self.proposal.device
-        generator = resolve_generator(generator, device)
         k = self.num_candidates
         blocks = [i for i in range(len(prompt_ids)) for _ in range(num_samples)]
         per_batch = max(1, self.batch_size // k)
@@ -145,21 +164,15 @@ class ImportanceResampler(Sampler):
             chosen_target.append(log_target[row])
 
         log_w = torch.cat(log_weights).view(len(prompt_ids), num_samples, k).double()
-        response_ids, lengths = torch.cat(chosen_ids), torch.cat(chosen_lengths)
-        return Samples(
-            prompt_index=torch.arange(len(prompt_ids), device=device).repeat_interleave(
-                num_samples
-            ),
-            response_ids=response_ids,
-            lengths=lengths,
-            texts=self.target.decode(response_ids, lengths),
-            log_q=None,
+        ess = effective_sample_size(log_w).mean(1).cpu()
+        return Draws(
+            torch.cat(chosen_ids),
+            torch.cat(chosen_lengths),
             log_target=torch.cat(chosen_target),
             stats={
-                "ess": effective_sample_size(log_w).mean(1).cpu(),
+                "ess": ess,
+                "ess_fraction": ess / k,
                 "log_z": logmeanexp(log_w.flatten(1)).cpu(),
-                "tokens": model_tokens(self.target, self.proposal) - tokens_before,
-                "seconds": time.perf_counter() - started,
                 "num_candidates": k,
             },
         )

@@ -3,7 +3,7 @@
 Particles extend from an autoregressive proposal q; at every step each particle's weight is
 multiplied by the incremental weight ``g(v|s_k) / q(v|s_k)``, where g are the target's step
 scores and v the sampled token (⊤ included: a particle that emits EOS is finished). With the
-local product as proposal this is ``Z_loc(s_k)`` whatever v is (DESIGN §2), so weights are known
+local product as proposal this is ``Z_loc(s_k)`` whatever v is (docs/mixtures.md), so weights are known
 before the token is drawn. The stop at the cap L is forced, with no factor (``Z_loc(s_L) = 1``).
 When a population's ESS falls under ``ess_threshold · N`` it is resampled (multinomial);
 finished particles keep their weight, stop extending, and take part in resampling (a copy of a
@@ -16,7 +16,7 @@ potential is its target density ``G̃(y)`` (ψ = 1 at ⊤ and at the forced stop
 weight is ``γ_0(s_0) = ψ(s_0)`` and the incremental weight of ``s_k → s_k·v`` is
 ``γ_{k+1}(s_k v) / (γ_k(s_k) q(v|s_k))``, so the weights along any path multiply to
 ``G̃(y) / q(y)`` whatever ψ is: only the variance depends on ψ. With ``twist="flow"``, ``γ_k`` is
-the prefix flow of modified SubTB (DESIGN §4), ``F(s_k) = R(s_k⊤) / q(⊤|s_k)`` with
+the prefix flow of modified SubTB (docs/gflownet.md), ``F(s_k) = R(s_k⊤) / q(⊤|s_k)`` with
 ``R(s_k⊤) = G̃(y_{1:k}⊤)``: then ``ψ(s) = g(⊤|s) / q(⊤|s)``, stopping has incremental weight 1, and
 a proposal that samples the target exactly makes every incremental weight 1 and ``Ẑ = Z``.
 
@@ -25,97 +25,34 @@ included) is an unbiased estimate of the target's normalizer ``Z`` for any ψ > 
 biased low (Jensen). The law of a draw picked ∝ w from the final population tends to the target
 as N → ∞ (consistent, biased at finite N, first order O(1/N)); without resampling it is exactly
 SIR with K = N.
+
+The module is one algorithm read top to bottom (the decoding loop in ``SMCSampler._run`` and
+the weighting rules it calls); splitting it would scatter one loop's invariants over files.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import torch
 
-from gfn_spin.density import DecodeState, Density, PromptLike
-from gfn_spin.devices import resolve_generator
+from gfn_spin.density import Density, PromptLike
 from gfn_spin.mixtures import LocalProduct
-from gfn_spin.samples import Samples, check_count
+from gfn_spin.samples import check_count
 from gfn_spin.scores import weighted_logsum
-from samplers.base import Sampler
+from samplers.base import Draws, Sampler, encode_checked
+from samplers.twists import Twist, TwistInputs, resolve_twist
 from samplers.weighting import (
     check_proposal,
     default_proposal,
     effective_sample_size,
-    encode_checked,
     is_local_product_of,
     logmeanexp,
-    model_tokens,
 )
 
-
-@dataclass(frozen=True)
-class TwistInputs:
-    """What a twist sees: B particles, all at states ``s_k`` of the same length k (k < L).
-
-    Attributes:
-        prompts: the prompt token ids of each population in the batch.
-        population: ``[B]`` index into ``prompts`` of each particle.
-        response_ids: ``[B, k]`` the particles' prefixes ``y_{1:k}`` (no EOS inside).
-        log_target_prefix: ``[B]`` float64, ``log g̃(y_{1:k}) = Σ_{j<k} log g(y_{j+1}|s_j)``.
-        target_logprobs: ``[B, V]`` the target's step log-scores ``log g(·|s_k)`` (unnormalized
-            for a geometric mixture; ``target_logprobs[:, eos]`` is its stop score).
-        proposal_state: the proposal's decode state at ``s_k`` (``next_logprobs [B, V]``, and
-            whatever the proposal carries: caches, component states).
-        eos_token_id: the EOS (⊤) token id.
-    """
-
-    prompts: list[list[int]]
-    population: torch.Tensor
-    response_ids: torch.Tensor
-    log_target_prefix: torch.Tensor
-    target_logprobs: torch.Tensor
-    proposal_state: DecodeState
-    eos_token_id: int
-
-
-#: A twist: ``log ψ(s_k)`` ``[B]`` of the states in :class:`TwistInputs` (``-inf`` allowed where
-#: the target has no mass below ``s_k``; NaN and ``+inf`` are errors). The potential is
-#: ``log g̃(y_{1:k}) + log ψ(s_k)``, so a twist is relative to the target's prefix product: a
-#: learned twist head predicts ``log Σ_{y ⊒ s_k} G̃(y) − log g̃(y_{1:k})`` (the log of the
-#: expected product of the target's remaining step-score normalizers).
-Twist = Callable[[TwistInputs], torch.Tensor]
-
-
-def flow_twist(inputs: TwistInputs) -> torch.Tensor:
-    """The modified-SubTB prefix flow as a twist: ``log ψ(s) = log g(⊤|s) − log q(⊤|s)``.
-
-    The potential ``log g̃(y_{1:k}) + log ψ(s_k) = log R(s_k⊤) − log q(⊤|s_k) = log F(s_k)``: a
-    GFlowNet policy at zero SubTB loss has ``F(s_k) = Σ_{y ⊒ s_k} G̃(y)``, the optimal potential.
-    Where the flow is not a usable potential (the target forbids stopping at s, or the proposal
-    never stops there), ψ = 1: any positive twist keeps ``Ẑ`` unbiased, a zero one would not.
-    Returns ``[B]`` float64.
-    """
-    eos = inputs.eos_token_id
-    log_psi = (
-        inputs.target_logprobs[:, eos].double()
-        - inputs.proposal_state.next_logprobs[:, eos].double()
-    )
-    return torch.where(torch.isfinite(log_psi), log_psi, 0.0)
-
-
-TWISTS: dict[str, Twist] = {"flow": flow_twist}
-
-
-def resolve_twist(twist: str | Twist | None) -> Twist | None:
-    """The twist callable for ``SMCSampler(twist=...)``; raises on an unknown name or type."""
-    if twist is None or callable(twist):
-        return twist
-    if isinstance(twist, str) and twist in TWISTS:
-        return TWISTS[twist]
-    raise ValueError(
-        f"twist={twist!r} must be None (the target's prefix as potential), one of "
-        f"{sorted(TWISTS)}, or a callable TwistInputs -> log ψ [B] (see samplers.smc.Twist)"
-    )
+#: Where SMC reads the target's step scores g(·|s): see :class:`SMCSampler`'s ``weighting``.
+Weighting = Literal["auto", "exact", "local_product", "components", "general"]
 
 
 class SMCSampler(Sampler):
@@ -143,10 +80,11 @@ class SMCSampler(Sampler):
     A population whose weights all become zero (the target forbids every particle) cannot
     produce a draw: ``sample`` raises a RuntimeError.
 
-    ``stats``: "log_z" ``[P]`` (``log`` of the mean over the prompt's populations of ``Ẑ``),
-    "log_z_populations" ``[P, num_samples]`` (each population's ``log Ẑ``), "ess" ``[P]``
-    (ESS of the final weights, mean over populations), "resamples" ``[P]`` (mean resampling
-    steps per population), "tokens", "seconds", "num_particles".
+    ``stats``: ``log_z`` ``[P]`` (``log`` of the mean over the prompt's populations of ``Ẑ``),
+    ``log_z_populations`` ``[P, num_samples]`` (each population's ``log Ẑ``), ``ess`` ``[P]``
+    (absolute ESS of the final weights, mean over populations; ``ess_fraction`` is it over N),
+    ``resamples`` ``[P]`` (mean resampling steps per population), ``tokens``, ``seconds``,
+    ``num_particles``.
 
     Args:
         target: the density to sample (a GeometricMixture typically; any density works).
@@ -161,6 +99,12 @@ class SMCSampler(Sampler):
             which is SIR; 1: at every step).
         max_new_tokens: the length cap L.
         batch_size: particles per batch (whole populations; at least one population).
+        weighting: where the target's step scores come from. "auto" picks the cheapest that
+            applies: "exact" (the proposal is the normalized target: w ≡ 1), "local_product"
+            (the proposal is the target's local product: w = Z_loc(s_k), no target states),
+            "components" (the proposal is a residual on it: scores from its component states),
+            else "general" (the target decoded beside the proposal). A named choice must apply;
+            "general" always does (for checking a fast path against it).
     """
 
     def __init__(
@@ -173,6 +117,7 @@ class SMCSampler(Sampler):
         ess_threshold: float = 0.5,
         max_new_tokens: int,
         batch_size: int = 65536,
+        weighting: Weighting = "auto",
     ) -> None:
         self.target = target
         self.proposal = check_proposal(
@@ -185,31 +130,32 @@ class SMCSampler(Sampler):
         self.ess_threshold = float(ess_threshold)
         self.max_new_tokens = check_count("max_new_tokens", max_new_tokens)
         self.batch_size = check_count("batch_size", batch_size)
-        if self.proposal is target:
-            self._weighting = "exact"  # the proposal is the (normalized) target: w ≡ 1
-        elif is_local_product_of(self.proposal, target):
-            self._weighting = "local_product"  # w = Z_loc(s_k), no target states needed
-        elif is_residual_on_local_product_of(self.proposal, target):
-            self._weighting = "components"  # target scores from the proposal's component states
-        else:
-            self._weighting = "general"
+        applicable = applicable_weightings(self.proposal, target)
+        if weighting == "auto":
+            weighting = applicable[0]
+        elif weighting not in applicable:
+            raise ValueError(
+                f"weighting={weighting!r} does not apply to this target and proposal; it may be "
+                f"one of {applicable} or 'auto'"
+            )
+        self.weighting: Weighting = weighting
 
-    @torch.no_grad()
-    def sample(
-        self,
-        prompts: Sequence[PromptLike],
-        num_samples: int = 1,
-        *,
-        generator: torch.Generator | int | None = None,
-    ) -> Samples:
-        check_count("num_samples", num_samples)
-        prompt_ids = encode_checked(self.target, prompts, self.max_new_tokens)
-        started, tokens_before = time.perf_counter(), model_tokens(self.target, self.proposal)
-        device = self.proposal.device
-        generator = resolve_generator(generator, device)
+    @property
+    def model(self) -> Density:
+        return self.target
+
+    @property
+    def generator_device(self) -> torch.device:
+        return self.proposal.device
+
+    def cost_densities(self) -> Sequence[Density]:
+        return [self.target, self.proposal]
+
+    def draw(
+        self, prompt_ids: list[list[int]], num_samples: int, generator: torch.Generator | None
+    ) -> Draws:
         populations = [i for i in range(len(prompt_ids)) for _ in range(num_samples)]
         per_batch = max(1, self.batch_size // self.num_particles)
-
         results = [
             self._run([prompt_ids[i] for i in populations[lo : lo + per_batch]], generator)
             for lo in range(0, len(populations), per_batch)
@@ -217,23 +163,17 @@ class SMCSampler(Sampler):
         merged = {key: torch.cat([r[key] for r in results]) for key in results[0]}
         per_prompt = (len(prompt_ids), num_samples)
         log_z_populations = merged["log_z"].view(per_prompt).cpu()
-        response_ids, lengths = merged["response_ids"], merged["lengths"]
-        return Samples(
-            prompt_index=torch.arange(len(prompt_ids), device=device).repeat_interleave(
-                num_samples
-            ),
-            response_ids=response_ids,
-            lengths=lengths,
-            texts=self.target.decode(response_ids, lengths),
-            log_q=None,
+        ess = merged["ess"].view(per_prompt).mean(1).cpu()
+        return Draws(
+            merged["response_ids"],
+            merged["lengths"],
             log_target=merged["log_target"],
             stats={
-                "ess": merged["ess"].view(per_prompt).mean(1).cpu(),
+                "ess": ess,
+                "ess_fraction": ess / self.num_particles,
                 "log_z": logmeanexp(log_z_populations),
                 "log_z_populations": log_z_populations,
                 "resamples": merged["resamples"].view(per_prompt).double().mean(1).cpu(),
-                "tokens": model_tokens(self.target, self.proposal) - tokens_before,
-                "seconds": time.perf_counter() - started,
                 "num_particles": self.num_particles,
             },
         )
@@ -303,7 +243,7 @@ class SMCSampler(Sampler):
         resamples = torch.zeros(groups, dtype=torch.long, device=device)
         alive = torch.arange(count, device=device)  # global row of each state row
         proposal_state = self.proposal.start(rows)
-        target_state = self.target.start(rows) if self._weighting == "general" else None
+        target_state = self.target.start(rows) if self.weighting == "general" else None
         increments = (
             torch.zeros(count, width + 1, dtype=torch.float64, device=device)
             if forced is not None
@@ -470,11 +410,11 @@ class SMCSampler(Sampler):
 
     def _target_logprobs(self, proposal_state: Any, target_state: Any) -> torch.Tensor:
         """The target's step log-scores ``log g(·|s_k)`` ``[B, V]`` at the state rows."""
-        if self._weighting == "exact":
+        if self.weighting == "exact":
             return proposal_state.next_logprobs
-        if self._weighting == "local_product":
+        if self.weighting == "local_product":
             return proposal_state.next_logprobs + proposal_state.log_z_local[:, None]
-        if self._weighting == "components":
+        if self.weighting == "components":
             return self._from_components(proposal_state)
         return target_state.next_logprobs
 
@@ -488,11 +428,11 @@ class SMCSampler(Sampler):
         self, proposal_state: Any, target_state: Any, token: torch.Tensor, step_q: torch.Tensor
     ) -> torch.Tensor:
         """The target's step score ``log g(v|s_k)`` of each sampled token (EOS included)."""
-        if self._weighting == "exact":
+        if self.weighting == "exact":
             return step_q
-        if self._weighting == "local_product":
+        if self.weighting == "local_product":
             return step_q + proposal_state.log_z_local.double()
-        if self._weighting == "components":
+        if self.weighting == "components":
             scores = self._from_components(proposal_state)
             return scores.gather(1, token[:, None]).squeeze(1).double()
         return target_state.next_logprobs.gather(1, token[:, None]).squeeze(1).double()
@@ -529,6 +469,17 @@ class SMCSampler(Sampler):
                 "zero density to every particle): use a proposal whose support covers the "
                 "target's, or more particles"
             )
+
+
+def applicable_weightings(proposal: Density, target: Density) -> list[str]:
+    """The weightings SMC can use for ``proposal`` and ``target``, cheapest first."""
+    if proposal is target:
+        return ["exact", "general"]
+    if is_local_product_of(proposal, target):
+        return ["local_product", "general"]
+    if is_residual_on_local_product_of(proposal, target):
+        return ["components", "general"]
+    return ["general"]
 
 
 def is_residual_on_local_product_of(proposal: Density, target: Density) -> bool:

@@ -7,13 +7,11 @@ accounting across densities, and numerically safe ESS / log-mean-exp of log-weig
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 
-from gfn_spin.density import Density, PromptLike, check_compatible, unique_policies
+from gfn_spin.density import Density, check_compatible, unique_policies
 from gfn_spin.mixtures import LocalProduct
-from samplers.base import encode_within_context
 
 
 def model_tokens(*densities: Density) -> int:
@@ -45,22 +43,18 @@ def check_proposal(target: Density, proposal: Density) -> Density:
     return proposal
 
 
-def encode_checked(
-    density: Density, prompts: Sequence[PromptLike], max_new_tokens: int
-) -> list[list[int]]:
-    """Prompt token ids; raises before any model work on an empty list, an empty prompt, or a
-    prompt that leaves no room in the model's context for ``max_new_tokens``."""
-    prompt_ids = encode_within_context(density, prompts, max_new_tokens)
-    for i, ids in enumerate(prompt_ids):
-        if len(ids) == 0:
-            raise ValueError(f"prompts[{i}] is empty: every prompt needs at least one token")
-    return prompt_ids
-
-
 def effective_sample_size(log_weights: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """``(Σ w)² / Σ w²`` along ``dim`` from log-weights (``-inf`` allowed; 0 when all are ``-inf``)."""
+    """``(Σ w)² / Σ w²`` along ``dim`` from log-weights (``-inf`` allowed; 0 when all are ``-inf``).
+
+    The absolute ESS; divide by the number of weights for its fraction (1 for equal weights).
+    """
     ess = torch.exp(2 * torch.logsumexp(log_weights, dim) - torch.logsumexp(2 * log_weights, dim))
     return torch.nan_to_num(ess, nan=0.0)
+
+
+def ess_fraction(log_weights: torch.Tensor) -> torch.Tensor:
+    """:func:`effective_sample_size` over the last axis divided by its length (float64)."""
+    return effective_sample_size(log_weights.double()) / log_weights.shape[-1]
 
 
 def logmeanexp(values: torch.Tensor, dim: int = -1) -> torch.Tensor:

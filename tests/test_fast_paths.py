@@ -94,9 +94,9 @@ def test_sir_from_the_local_product_weighs_while_decoding_as_scoring_does(world)
     target = GeometricMixture([world.base, world.shifted], [0.5, 0.5])
     prompts = world.eval_prompts[:2]
     fast = ImportanceResampler(target, None, 8, max_new_tokens=4)
-    scoring = ImportanceResampler(target, None, 8, max_new_tokens=4)
-    assert fast._unscored is not None
-    scoring._unscored = None  # the generic path: decode, then score every candidate
+    # The generic path: decode, then score every candidate.
+    scoring = ImportanceResampler(target, None, 8, max_new_tokens=4, weights_from="scoring")
+    assert fast.weights_from == "decoding"
     a = fast.sample(prompts, 30, generator=5)
     b = scoring.sample(prompts, 30, generator=5)
     assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.lengths, b.lengths)

@@ -205,7 +205,7 @@ def test_smc_with_another_proposal_and_its_reduction_to_local_product(world, har
     exact = exact_distribution(target, hard_prompt, CAP)
     # Another autoregressive proposal (π_t): weights from the target's step scores.
     sampler = SMCSampler(target, 8, proposal=world.shifted, max_new_tokens=CAP)
-    assert sampler._weighting == "general"
+    assert sampler.weighting == "general"
     populations = 400
     samples = sampler.sample([hard_prompt], populations, generator=4)
     ratio = (samples.stats["log_z_populations"][0].double() - exact.log_z).exp()
@@ -216,9 +216,8 @@ def test_smc_with_another_proposal_and_its_reduction_to_local_product(world, har
 
     # The general rule log g(v|s) − log q(v|s) with q = q_loc is log Z_loc(s): same draws and Ẑ.
     fast = SMCSampler(target, 8, max_new_tokens=CAP)
-    general = SMCSampler(target, 8, max_new_tokens=CAP)
-    assert fast._weighting == "local_product"
-    general._weighting = "general"
+    general = SMCSampler(target, 8, max_new_tokens=CAP, weighting="general")
+    assert fast.weighting == "local_product"
     a = fast.sample([hard_prompt], 50, generator=5)
     b = general.sample([hard_prompt], 50, generator=5)
     assert a.responses() == b.responses()
@@ -323,3 +322,49 @@ def test_bad_arguments_are_named(world, prompt):
         with pytest.raises(ValueError, match="num_samples"):
             sampler.sample([prompt], 0)
     assert world.base.tokens_evaluated == before
+
+
+# -- the one contract: typed stats, strategy options -------------------------------------------
+
+
+def test_exact_log_q_gives_importance_stats_computed_by_hand(world, prompt):
+    """A sampler with an exact log_q and a target reports, per prompt, the absolute ESS
+    (Σw)²/Σw² of its draws' weights, its fraction, log mean w and mean log w: here recomputed
+    in plain Python floats from log_target and log_q."""
+    target = _geometric(world, 0.5)
+    draws = 12
+    samples = AncestralSampler(world.shifted, max_new_tokens=CAP, target=target).sample(
+        [prompt, world.eval_prompts[0]], draws, generator=3
+    )
+    log_w = (samples.log_target - samples.log_q).double().view(2, draws).tolist()
+    for p, row in enumerate(log_w):
+        w = [math.exp(v) for v in row]
+        ess = sum(w) ** 2 / sum(v * v for v in w)
+        assert float(samples.stats["ess"][p]) == pytest.approx(ess, rel=1e-9)
+        assert float(samples.stats.ess_fraction[p]) == pytest.approx(ess / draws, rel=1e-9)
+        assert float(samples.stats["log_z"][p]) == pytest.approx(math.log(sum(w) / draws), rel=1e-9)
+        assert float(samples.stats.elbo[p]) == pytest.approx(sum(row) / draws, rel=1e-9)
+    assert samples.stats["tokens"] == samples.stats.tokens > 0
+    assert set(samples.stats) >= {"ess", "log_z", "tokens", "seconds"}
+    plain = AncestralSampler(world.base, max_new_tokens=CAP).sample([prompt], 6, generator=1)
+    assert plain.stats["ess"] is None  # no target given: nothing to weigh against
+    # Equal weights (the proposal is the target): every draw counts, ESS = the number of draws.
+    same = AncestralSampler(world.base, max_new_tokens=CAP, target=world.base)
+    stats = same.sample([prompt], 6, generator=1).stats
+    # log w is 0 up to float32 rounding of sampling vs scoring (≤ L+1 terms of |log p| < 20).
+    assert float(stats["ess"][0]) == pytest.approx(6.0, abs=1e-6)
+    assert float(stats.log_z[0]) == pytest.approx(0.0, abs=(CAP + 1) * 20 * 2**-23)
+    with pytest.raises(KeyError):
+        stats["not_a_stat"]
+
+
+def test_a_strategy_that_does_not_apply_is_refused(world):
+    target = _geometric(world, 0.5)
+    with pytest.raises(ValueError, match=r"weighting='local_product' does not apply.*'general'"):
+        SMCSampler(target, 4, proposal=world.shifted, max_new_tokens=CAP, weighting="local_product")
+    with pytest.raises(ValueError, match="weights_from='decoding' must be"):
+        ImportanceResampler(target, world.shifted, 4, max_new_tokens=CAP, weights_from="decoding")
+    assert SMCSampler(target, 4, max_new_tokens=CAP, weighting="general").weighting == "general"
+    assert ImportanceResampler(target, world.shifted, 4, max_new_tokens=CAP).weights_from == (
+        "scoring"
+    )

@@ -20,6 +20,7 @@ from gfn_spin.scores import weighted_logsum
 from gfn_spin.twist import TwistedLocalProduct, TwistHead, head_inputs
 from objectives.distill import distillation_loss
 from samplers import GFlowNetSampler
+from samplers.gflownet import StateRecorder
 
 L = 7
 
@@ -173,7 +174,6 @@ def test_twist_sampler_saves_and_loads_its_head(world, prompt, tmp_path):
 def test_recorded_rollout_states_equal_teacher_forced_passes(world, prompt):
     """What the training steps keep from a rollout (component scores and features, a teacher's
     log-probs) equals a teacher-forced pass over the drawn responses at every visited state."""
-    from samplers.gflownet import StateRecorder
 
     _, local, twisted = _twisted(world)
     recorder = StateRecorder(lambda state: state.component_outputs(), L)

@@ -37,7 +37,7 @@ from gfn_spin.density import Density, PromptLike
 from gfn_spin.exact import ExactDistribution, exact_distribution
 from gfn_spin.residual import ResidualLocalProduct
 from samplers import SMCSampler
-from samplers.smc import TwistInputs, flow_twist
+from samplers.twists import TwistInputs, flow_twist
 
 CAP = 5
 Z_SIGMAS = 4.0  # Gaussian two-sided tail ≈ 6e-5 (see the module docstring)
@@ -111,7 +111,7 @@ def test_twisted_normalizer_is_unbiased(target, hard_prompt, exact, residual, tw
         ess_threshold=1.0,
         max_new_tokens=CAP,
     )
-    assert sampler._weighting == "components"  # target scores from the residual's states
+    assert sampler.weighting == "components"  # target scores from the residual's states
     runs = 2000
     samples = sampler.sample([hard_prompt], runs, generator=7)
     assert float(samples.stats["resamples"][0]) > 2  # resampling happened (out of ≤ 4 steps)
@@ -133,7 +133,7 @@ def test_flow_twist_with_a_policy_proposal_is_unbiased(target, hard_prompt, exac
     sampler = SMCSampler(
         target, 4, proposal=perturbed[1], twist="flow", ess_threshold=1.0, max_new_tokens=CAP
     )
-    assert sampler._weighting == "general"
+    assert sampler.weighting == "general"
     runs = 1000
     samples = sampler.sample([hard_prompt], runs, generator=8)
     assert float(samples.stats["resamples"][0]) > 1
@@ -146,8 +146,9 @@ def test_component_scores_equal_the_targets_own(target, hard_prompt, residual):
     # Reading the target's step scores from the residual proposal's component states is the
     # same computation as running the target: same draws, same Ẑ.
     shared = SMCSampler(target, 8, proposal=residual, twist="flow", max_new_tokens=CAP)
-    general = SMCSampler(target, 8, proposal=residual, twist="flow", max_new_tokens=CAP)
-    general._weighting = "general"
+    general = SMCSampler(
+        target, 8, proposal=residual, twist="flow", max_new_tokens=CAP, weighting="general"
+    )
     a = shared.sample([hard_prompt], 40, generator=9)
     b = general.sample([hard_prompt], 40, generator=9)
     assert a.responses() == b.responses()

@@ -1,0 +1,39 @@
+"""The GFlowNet sampler, in parts: its config, the parametrization (the trainable density and
+its weights), the objectives, the trainer (pluggable loss and batch source), and the sampler
+that fits, samples and checkpoints them (docs/gflownet.md)."""
+
+from samplers.gflownet.config import LOSSES, PARAMETRIZATIONS, GFlowNetConfig
+from samplers.gflownet.losses import OBJECTIVES, LossFunction
+from samplers.gflownet.parametrization import Parametrization, build_parametrization
+from samplers.gflownet.sampler import (
+    CONFIG_FILE,
+    TRAINER_STATE,
+    GFlowNetSampler,
+    latest_checkpoint,
+)
+from samplers.gflownet.trainer import (
+    GFlowNetTrainer,
+    RolloutSource,
+    StateRecorder,
+    TeacherSource,
+)
+from samplers.weighting import ess_fraction  # importable beside the sampler, for studies
+
+__all__ = [
+    "CONFIG_FILE",
+    "LOSSES",
+    "OBJECTIVES",
+    "PARAMETRIZATIONS",
+    "TRAINER_STATE",
+    "GFlowNetConfig",
+    "GFlowNetSampler",
+    "GFlowNetTrainer",
+    "LossFunction",
+    "Parametrization",
+    "RolloutSource",
+    "StateRecorder",
+    "TeacherSource",
+    "build_parametrization",
+    "ess_fraction",
+    "latest_checkpoint",
+]

@@ -1,0 +1,370 @@
+"""The GFlowNet sampler: a policy trained with modified SubTB (or TB, or VarGrad) toward any target.
+
+For users who need samples from an intractable product of LM densities (the geometric
+mixture ``π_0^{1-α} π_t^α`` of α-SPIN, a KL-regularized target) with an exact ``log_q``:
+once fitted, sampling is plain ancestral sampling and the sampler's error to the target can be
+measured exactly on small problems, or estimated (ESS, ELBO gap) on large ones. One fit is
+amortized over many prompts and generalizes to unseen ones. The math, the parametrizations and
+the objectives are in docs/gflownet.md; the policy is built in
+:mod:`samplers.gflownet.parametrization`, trained in :mod:`samplers.gflownet.trainer`, and
+checkpointed with :class:`gfn_spin.checkpoint.CheckpointDirectory`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from pickle import UnpicklingError  # the error class only: nothing is unpickled here
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from gfn_spin.checkpoint import CheckpointDirectory
+from gfn_spin.checkpoint import latest_checkpoint as latest_in
+from gfn_spin.density import Density, PromptLike
+from gfn_spin.io import atomic_directory
+from gfn_spin.policy import Policy
+from gfn_spin.samples import ancestral_sample
+from gfn_spin.twist import TwistHead
+from samplers.base import Draws, Sampler, encode_checked
+from samplers.gflownet.config import RESUMABLE_FIELDS, GFlowNetConfig
+from samplers.gflownet.parametrization import (
+    build_parametrization,
+    check_files,
+    corrupted,
+)
+from samplers.gflownet.trainer import GFlowNetTrainer, TeacherSource, TrainState
+
+CONFIG_FILE = "gflownet_config.json"
+TRAINER_STATE = "trainer_state.pt"
+METRICS_FILE = "metrics.json"
+#: The tool named in a GFlowNet checkpoint folder's marker.
+CHECKPOINT_TOOL = "samplers.GFlowNetSampler"
+
+
+class GFlowNetSampler(Sampler):
+    """Samples from ``target`` with a policy fitted by modified SubTB (or TB, or VarGrad).
+
+    Args:
+        target: any density (typically a :class:`gfn_spin.GeometricMixture`).
+        init: the policy the adapter starts from (typically π_t); it may itself be a
+            component of ``target``, since it never reads the new adapter, so scoring the
+            target is never affected by the adapter being trained. When ``init`` reads LoRA
+            adapters (a self-play iterate on shared base weights), the GFlowNet's adapter is
+            stacked on top of them; they stay frozen.
+        config: a :class:`GFlowNetConfig`; keyword arguments override its fields
+            (``max_new_tokens`` is required one way or the other).
+
+    After :meth:`fit`, ``.policy`` is the trained normalized density (score it, sample it,
+    enumerate it, or use it as the proposal of ImportanceResampler / SMCSampler).
+
+    ``sample``'s ``stats``: ``ess`` ``[P]`` (absolute ESS of the weights G̃/q over the prompt's
+    draws), ``ess_fraction`` (it over ``num_samples``), ``log_z`` (``log mean(G̃/q)``, a lower
+    bound in expectation) and ``elbo`` per prompt; ``tokens`` counts the policy's passes, not
+    the target scoring of ``log_target``.
+    """
+
+    def __init__(
+        self,
+        target: Density,
+        init: Policy,
+        config: GFlowNetConfig | None = None,
+        **overrides: Any,
+    ) -> None:
+        if config is None:
+            config = GFlowNetConfig(**overrides)
+        elif overrides:
+            config = GFlowNetConfig(**{**asdict(config), **overrides})
+        if not isinstance(init, Policy):
+            raise TypeError(f"init must be a gfn_spin.Policy, got {type(init).__name__}")
+        if target.eos_token_id != init.eos_token_id or target.vocab_size != init.vocab_size:
+            raise ValueError("target and init must share the vocabulary and EOS token")
+        self.target = target
+        self.init = init
+        self.config = config
+        self.max_new_tokens = config.max_new_tokens
+        self.weights = build_parametrization(target, init, config)
+        self.parametrization = self.weights.name
+        self.policy: Density = self.weights.policy
+        self.trainer = GFlowNetTrainer(target, self.weights, config)
+
+    # -- what studies and tests read -----------------------------------------------------------
+
+    @property
+    def head(self) -> TwistHead | None:
+        """The twist head ("twist"), else None."""
+        return self.weights.head
+
+    @property
+    def adapter_policy(self) -> Policy | None:
+        """``init`` read through the LoRA adapter ("lora", "residual"), else None."""
+        return self.weights.adapter_policy
+
+    @property
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """What the optimizer updates."""
+        return self.weights.trainable_parameters
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.trainer.optimizer
+
+    @property
+    def state(self) -> TrainState:
+        return self.trainer.state
+
+    @property
+    def metrics(self) -> list[dict[str, Any]]:
+        """One dict per logged step: step, loss, log_reward, reward_temperature, lr, (ess_fraction)."""
+        return self.trainer.state.metrics
+
+    @property
+    def _weights_file(self) -> str:
+        return self.weights.weights_file
+
+    def train_step(self, prompt_ids: list[list[int]], reward_temperature: float = 1.0) -> dict:
+        """One training step toward the target (see :meth:`GFlowNetTrainer.train_step`)."""
+        return self.trainer.train_step(prompt_ids, reward_temperature)
+
+    def optimizer_step(self, loss: torch.Tensor) -> None:
+        """One clipped optimizer step on ``loss`` (see :meth:`GFlowNetTrainer.optimizer_step`)."""
+        self.trainer.optimizer_step(loss)
+
+    def learning_rate(self, step: int, total: int) -> float:
+        """The scheduled learning rate at ``step`` of a ``total``-step fit."""
+        return self.config.learning_rate * self.trainer.lr_factor(step, total)
+
+    # -- training ------------------------------------------------------------------------------
+
+    def fit(
+        self,
+        prompts: Sequence[PromptLike],
+        steps: int | None = None,
+        *,
+        checkpoint_dir: str | os.PathLike | None = None,
+        resume: bool = False,
+        progress: bool = True,
+        log_every: int = 10,
+        teacher: Density | None = None,
+    ) -> list[dict[str, Any]]:
+        """Train on ``prompts`` for ``steps`` optimizer steps (default ``config.steps``).
+
+        Without ``teacher`` each step is a step of the configured loss toward the target. With
+        ``teacher`` (a normalized density over the same vocabulary, typically a more exact but
+        costlier GFlowNet policy such as the twisted form), each step distills it instead: the
+        sequence-level KL(teacher ‖ policy) on the teacher's draws, token by token.
+
+        With ``checkpoint_dir``, checkpoints (weights, optimizer, RNG, replay buffer, metrics)
+        are written atomically every ``config.checkpoint_every`` steps and at the end; with
+        ``resume=True`` training continues from the latest one found there (an interrupted
+        fit resumes where it stopped). Returns the metrics log.
+        """
+        prompt_ids = encode_checked(self.init, prompts, self.max_new_tokens)
+        total = self.config.steps if steps is None else steps
+        if total < 0:
+            raise ValueError(f"steps={total} must be >= 0")
+        if resume and checkpoint_dir is None:
+            raise ValueError("resume=True needs checkpoint_dir (where checkpoints were written)")
+        if teacher is not None and (
+            not teacher.normalized
+            or teacher.vocab_size != self.target.vocab_size
+            or teacher.eos_token_id != self.target.eos_token_id
+        ):
+            raise ValueError(
+                "teacher must be a normalized density (e.g. another GFlowNetSampler's .policy) "
+                "over the target's vocabulary and EOS token"
+            )
+        folder = None if checkpoint_dir is None else self._checkpoints(checkpoint_dir)
+        try:
+            latest = None if folder is None else folder.latest()
+            if latest is not None and not resume and self.state.step == 0:
+                # Starting afresh would replace that fit's checkpoints: never without being asked.
+                raise ValueError(
+                    f"checkpoint_dir={str(checkpoint_dir)!r} already holds a GFlowNet fit "
+                    f"({latest.name}); pass resume=True (--resume) to continue it, or give an "
+                    "empty or new checkpoint_dir to start afresh"
+                )
+            if resume and latest is not None:
+                folder.check_identity(_read_config(latest), self._config_json(), RESUMABLE_FIELDS)
+                self._load_checkpoint(latest)
+            self._train(prompt_ids, total, folder, progress, log_every, teacher)
+        finally:
+            if folder is not None:
+                folder.close()
+        return self.state.metrics
+
+    def _train(
+        self,
+        prompt_ids: list[list[int]],
+        total: int,
+        folder: CheckpointDirectory | None,
+        progress: bool,
+        log_every: int,
+        teacher: Density | None,
+    ) -> None:
+        trainer, cfg = self.trainer, self.config
+        source = None if teacher is None else TeacherSource(teacher, cfg)
+        eval_prompts = prompt_ids[: cfg.eval_prompts]
+        scheduler = trainer.scheduler(total)
+        bar = tqdm(
+            total=total, initial=self.state.step, disable=not progress, desc="gflownet", leave=False
+        )
+        started = time.perf_counter()
+        while self.state.step < total:
+            step = self.state.step
+            lr = trainer.optimizer.param_groups[0]["lr"]
+            temp = trainer.reward_temperature(step, total)
+            if source is None:
+                record = trainer.train_step(prompt_ids, temp)
+            else:
+                record = trainer.distill_step(prompt_ids, source)
+            scheduler.step()
+            self.state.step += 1
+            done = self.state.step
+            if cfg.eval_every and (done % cfg.eval_every == 0 or done == total):
+                record["ess_fraction"] = self.ess(eval_prompts, cfg.eval_samples)
+            if done % log_every == 0 or done == total or "ess_fraction" in record:
+                record.update(
+                    step=done,
+                    lr=lr,
+                    reward_temperature=temp,
+                    seconds=time.perf_counter() - started,
+                )
+                self.state.metrics.append(record)
+                bar.set_postfix(loss=f"{record['loss']:.3g}")
+            bar.update(1)
+            if folder is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
+                self._save_into(folder)
+        bar.close()
+        if folder is not None:
+            self._save_into(folder)
+
+    @torch.no_grad()
+    def ess(self, prompts: Sequence[PromptLike], num_samples: int) -> float:
+        """Mean over prompts of ESS/N of the weights G̃/q on fresh policy samples."""
+        samples = self.sample(prompts, num_samples, generator=self.trainer.generator)
+        return float(samples.stats.ess_fraction.mean())
+
+    # -- sampling ------------------------------------------------------------------------------
+
+    @property
+    def model(self) -> Density:
+        return self.policy
+
+    def tokens_evaluated(self) -> int:
+        return self.policy.tokens_evaluated
+
+    def draw(
+        self, prompt_ids: list[list[int]], num_samples: int, generator: torch.Generator | None
+    ) -> Draws:
+        """Ancestral samples from the trained policy; ``log_q`` exact."""
+        samples = ancestral_sample(
+            self.policy,
+            prompt_ids,
+            num_samples,
+            max_new_tokens=self.max_new_tokens,
+            generator=generator,
+        )
+        return Draws(samples.response_ids, samples.lengths, log_q=samples.log_q)
+
+    # -- persistence ---------------------------------------------------------------------------
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write the weights (a peft adapter for "lora") and the config JSON, atomically."""
+        with atomic_directory(directory) as tmp:
+            self._write(tmp)
+        return Path(directory)
+
+    @classmethod
+    def load(
+        cls, directory: str | os.PathLike, target: Density, init: Policy, **overrides: Any
+    ) -> GFlowNetSampler:
+        """A sampler with the config and weights saved by :meth:`save` (or a checkpoint)."""
+        directory = Path(directory)
+        check_files(directory, (CONFIG_FILE,))
+        config = GFlowNetConfig.from_dict({**_read_config(directory), **overrides})
+        sampler = cls(target, init, config)
+        sampler.weights.load(directory, sampler.weights.read_weights(directory))
+        return sampler
+
+    def save_checkpoint(self, checkpoint_dir: str | os.PathLike) -> Path:
+        """Write ``step_NNNNNNN/`` into ``checkpoint_dir`` atomically; keep only the latest."""
+        with self._checkpoints(checkpoint_dir) as folder:
+            return self._save_into(folder)
+
+    def _checkpoints(self, checkpoint_dir: str | os.PathLike) -> CheckpointDirectory:
+        required = (CONFIG_FILE, TRAINER_STATE)
+        return CheckpointDirectory(checkpoint_dir, tool=CHECKPOINT_TOOL, required=required)
+
+    def _config_json(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self.config)))  # tuples as lists, like the file
+
+    def _write(self, directory: Path) -> None:
+        (directory / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2))
+        self.weights.write(directory)
+
+    def _save_into(self, folder: CheckpointDirectory) -> Path:
+        trainer = self.trainer
+
+        def write(directory: Path) -> None:
+            self._write(directory)
+            torch.save(
+                {
+                    "optimizer": trainer.optimizer.state_dict(),
+                    "torch_rng": trainer.generator.get_state(),
+                    "python_rng": trainer.rng.getstate(),
+                    "replay": trainer.source.replay.state_dict(),
+                    "features": trainer.features.state_dict(),
+                },
+                directory / TRAINER_STATE,
+            )
+            (directory / METRICS_FILE).write_text(
+                json.dumps({"step": self.state.step, "metrics": self.state.metrics})
+            )
+
+        return folder.save(self.state.step, write)
+
+    def _load_checkpoint(self, directory: Path) -> None:
+        check_files(directory, (CONFIG_FILE, self._weights_file, TRAINER_STATE, METRICS_FILE))
+        # Read every file before changing anything, so a bad checkpoint leaves the sampler as is.
+        # weights_only: a checkpoint is a file a user can hand us, and unpickling runs code.
+        try:
+            state = torch.load(directory / TRAINER_STATE, weights_only=True)
+        except UnpicklingError as error:
+            raise ValueError(
+                f"{str(directory / TRAINER_STATE)!r} holds objects other than tensors and plain "
+                "values; they were not loaded, because loading them could run code. Delete that "
+                "checkpoint folder (the fit then resumes from an earlier one or from scratch)"
+            ) from error
+        except Exception as error:
+            raise corrupted(directory / TRAINER_STATE, error) from error
+        try:
+            log = json.loads((directory / METRICS_FILE).read_text())
+        except ValueError as error:
+            raise corrupted(directory / METRICS_FILE, error) from error
+        weights = self.weights.read_weights(directory)
+        trainer = self.trainer
+        self.weights.load(directory, weights)
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        trainer.generator.set_state(state["torch_rng"])
+        trainer.rng.setstate(state["python_rng"])
+        trainer.source.replay.load_state_dict(state["replay"])
+        trainer.features.load_state_dict(state["features"])
+        trainer.state = TrainState(step=int(log["step"]), metrics=list(log["metrics"]))
+
+
+def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
+    """The complete GFlowNet checkpoint with the highest step in ``checkpoint_dir`` (or None)."""
+    return latest_in(checkpoint_dir, (TRAINER_STATE, CONFIG_FILE))
+
+
+def _read_config(directory: Path) -> dict[str, Any]:
+    try:
+        return json.loads((directory / CONFIG_FILE).read_text())
+    except ValueError as error:
+        raise corrupted(directory / CONFIG_FILE, error) from error
