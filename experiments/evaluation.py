@@ -31,8 +31,8 @@ from gfn_spin.density import Density
 from gfn_spin.exact import ExactDistribution, divergences, exact_distribution, sir_output_laws
 from gfn_spin.policy import Policy
 from samplers.base import Sampler
-from samplers.gflownet import GFlowNetSampler, ess_fraction
-from samplers.weighting import model_tokens
+from samplers.gflownet import GFlowNetSampler
+from samplers.weighting import ess_fraction, model_tokens
 
 
 @dataclass

@@ -207,8 +207,7 @@ def large_setting(config: LargeConfig, setup: Setup, logger: Any) -> list[dict[s
             seconds += time.perf_counter() - started
             samples = gflownet.sample(evaluation, draws, generator=1)
             elbo = torch.as_tensor(samples.stats["elbo"], dtype=torch.float64)
-            # The GFlowNet's stats give ESS as a fraction of the draws: absolute here.
-            ess = [fraction * draws for fraction in samples.stats["ess"]]
+            ess = samples.stats["ess"]
             record(
                 f"GFlowNet {gflownet.parametrization} {steps} steps"
                 + (f" λ={subtb_lambda:g}" if steps else ""),

@@ -100,9 +100,11 @@ def test_sigkilled_gflownet_fit_resumes_to_the_uninterrupted_result(world, tmp_p
     assert resumed["losses"] == pytest.approx(expected["losses"], rel=1e-5, abs=1e-7)
     assert resumed["responses"] == expected["responses"]
     assert resumed["log_q"] == pytest.approx(expected["log_q"], rel=1e-5, abs=1e-6)
-    assert [p.name for p in checkpoints.iterdir() if not p.name.endswith(".tmp")] == [
-        f"step_{STEPS:07d}"
-    ]
+    assert [
+        p.name
+        for p in checkpoints.iterdir()
+        if not p.name.endswith(".tmp") and not p.name.startswith(".")
+    ] == [f"step_{STEPS:07d}"]
 
 
 def test_partial_and_truncated_checkpoints_are_never_loaded(world, tmp_path):
@@ -128,7 +130,7 @@ def test_partial_and_truncated_checkpoints_are_never_loaded(world, tmp_path):
     (partial / "metrics.json").write_text(json.dumps({"step": 9, "metrics": []}))
     incomplete = tmp_path / "step_0000008"  # no trainer state: not a finished checkpoint
     incomplete.mkdir()
-    weights = first._weights_file  # the trainable tensors' file of this parametrization
+    weights = first.weights.weights_file  # the trainable tensors' file of this parametrization
     shutil.copy(good / weights, incomplete)
     assert latest_checkpoint(tmp_path) == good
 

@@ -17,7 +17,6 @@ from samplers.gflownet.trainer import (
     StateRecorder,
     TeacherSource,
 )
-from samplers.weighting import ess_fraction  # importable beside the sampler, for studies
 
 __all__ = [
     "CONFIG_FILE",
@@ -34,6 +33,5 @@ __all__ = [
     "StateRecorder",
     "TeacherSource",
     "build_parametrization",
-    "ess_fraction",
     "latest_checkpoint",
 ]

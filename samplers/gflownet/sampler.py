@@ -123,10 +123,6 @@ class GFlowNetSampler(Sampler):
         """One dict per logged step: step, loss, log_reward, reward_temperature, lr, (ess_fraction)."""
         return self.trainer.state.metrics
 
-    @property
-    def _weights_file(self) -> str:
-        return self.weights.weights_file
-
     def train_step(self, prompt_ids: list[list[int]], reward_temperature: float = 1.0) -> dict:
         """One training step toward the target (see :meth:`GFlowNetTrainer.train_step`)."""
         return self.trainer.train_step(prompt_ids, reward_temperature)
@@ -330,7 +326,9 @@ class GFlowNetSampler(Sampler):
         return folder.save(self.state.step, write)
 
     def _load_checkpoint(self, directory: Path) -> None:
-        check_files(directory, (CONFIG_FILE, self._weights_file, TRAINER_STATE, METRICS_FILE))
+        check_files(
+            directory, (CONFIG_FILE, self.weights.weights_file, TRAINER_STATE, METRICS_FILE)
+        )
         # Read every file before changing anything, so a bad checkpoint leaves the sampler as is.
         # weights_only: a checkpoint is a file a user can hand us, and unpickling runs code.
         try:
