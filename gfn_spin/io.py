@@ -235,3 +235,11 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_pretrained_atomic(model: Any, path: str | os.PathLike) -> Path:
+    """``model.save_pretrained`` (a Policy, a transformers or peft model) into ``path`` as
+    one atomic folder (:func:`atomic_directory`): a kill leaves the old folder or the new one."""
+    with atomic_directory(path) as tmp:
+        model.save_pretrained(tmp)
+    return Path(path)
