@@ -28,6 +28,11 @@ SIR with K = N.
 
 The module is one algorithm read top to bottom (the decoding loop in ``SMCSampler._run`` and
 the weighting rules it calls); splitting it would scatter one loop's invariants over files.
+
+Why one module: the resampling loop and its weighting strategies are one algorithm whose
+weights must multiply to G̃/q along every path; the strategies are branches inside that
+loop, so they stay next to it rather than behind an interface with one caller (the twists,
+which have several, live in :mod:`samplers.twists`).
 """
 
 from __future__ import annotations
