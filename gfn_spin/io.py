@@ -243,3 +243,12 @@ def save_pretrained_atomic(model: Any, path: str | os.PathLike) -> Path:
     with atomic_directory(path) as tmp:
         model.save_pretrained(tmp)
     return Path(path)
+
+
+def cache_directory(name: str) -> Path:
+    """Where gfn-spin caches what it builds under ``name`` (the tiny worlds' models):
+    ``$GFN_SPIN_CACHE/<name>``, else ``~/.cache/gfn_spin/<name>``."""
+    root = os.environ.get("GFN_SPIN_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "gfn_spin"
+    )
+    return Path(root) / name

@@ -46,7 +46,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from gfn_spin.data import chat_messages
 from gfn_spin.density import Density
 from gfn_spin.exact import ExactDistribution, divergences, exact_distribution
-from gfn_spin.io import save_pretrained_atomic, write_json_atomic
+from gfn_spin.io import cache_directory, save_pretrained_atomic, write_json_atomic
 from gfn_spin.policy import Policy
 from gfn_spin.samples import pad_responses
 
@@ -331,10 +331,8 @@ def _sft(
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("GFN_SPIN_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "gfn_spin"
-    )
-    return Path(root) / "toyworld"
+    """The tiny world's cache (:func:`gfn_spin.io.cache_directory`)."""
+    return cache_directory("toyworld")
 
 
 def build_world(
