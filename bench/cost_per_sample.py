@@ -47,6 +47,9 @@ lowest over the GFlowNet-based samplers:
 
     python -m bench.cost_per_sample                  # CPU, α = 0.5, both worlds, ~5 minutes
     python -m bench.cost_per_sample --parametrization lora --gfn-steps 300 --worlds stress
+
+Why one module: a benchmark is one runnable script (set-up, the samplers at their budgets,
+the table); most of its length is the column definitions above.
 """
 
 from __future__ import annotations

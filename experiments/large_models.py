@@ -17,10 +17,13 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from experiments.ablation import AblationConfig, Setup, gfn_config, run_studies
 from gfn_spin.mixtures import GeometricMixture
 from gfn_spin.policy import Policy
+from gfn_spin.samples import Samples
+from gfn_spin.toyworld import numbered_tokenizer
 from samplers import ImportanceResampler, SMCSampler
 from samplers.gflownet import GFlowNetSampler
 
@@ -107,10 +110,6 @@ class LargeConfig(AblationConfig):
 
 def random_llama_pair(config: LargeConfig) -> tuple[Policy, Policy]:
     """Two random Llama policies: the second is the first with perturbed weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from gfn_spin.toyworld import numbered_tokenizer
-
     tokenizer = numbered_tokenizer(config.large_vocab)
     llama = LlamaConfig(
         vocab_size=config.large_vocab,
@@ -134,6 +133,19 @@ def random_llama_pair(config: LargeConfig) -> tuple[Policy, Policy]:
         for param in second.parameters():
             param.add_(config.large_perturbation * param.std() * torch.randn_like(param))
     return Policy(first, tokenizer), Policy(second, tokenizer)
+
+
+def kl_to_target(log_z: torch.Tensor, samples: Samples) -> dict[str, float]:
+    """KL(q‖target) estimated as ``log Z − ELBO`` per prompt, averaged over the prompts, and the
+    mean ELBO, for draws of a sampler with an exact ``log_q``.
+
+    ``log_z``: ``[P]`` the target's log-normalizer per prompt (a reference estimate where
+    nothing can be enumerated); ``samples.stats["elbo"]``: ``[P]`` the mean of
+    ``log G̃ − log q`` over each prompt's draws, so ``log Z − ELBO = E_q[log q − log G̃] + log Z``.
+    """
+    elbo = torch.as_tensor(samples.stats["elbo"], dtype=torch.float64)
+    log_z = torch.as_tensor(log_z, dtype=torch.float64)
+    return {"kl_q_target": float((log_z - elbo).mean()), "elbo": float(elbo.mean())}
 
 
 def large_setting(config: LargeConfig, setup: Setup, logger: Any) -> list[dict[str, Any]]:
@@ -206,7 +218,6 @@ def large_setting(config: LargeConfig, setup: Setup, logger: Any) -> list[dict[s
             gflownet.fit(train, steps, progress=config.progress)
             seconds += time.perf_counter() - started
             samples = gflownet.sample(evaluation, draws, generator=1)
-            elbo = torch.as_tensor(samples.stats["elbo"], dtype=torch.float64)
             ess = samples.stats["ess"]
             record(
                 f"GFlowNet {gflownet.parametrization} {steps} steps"
@@ -217,8 +228,7 @@ def large_setting(config: LargeConfig, setup: Setup, logger: Any) -> list[dict[s
                 draws,
                 ess,
                 {
-                    "kl_q_target": float((log_z - elbo).mean()),
-                    "elbo": float(elbo.mean()),
+                    **kl_to_target(log_z, samples),
                     "log_z_spread": log_z_spread,
                     "train_steps": steps,
                     "train_seconds": seconds,

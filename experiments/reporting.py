@@ -22,42 +22,40 @@ def _num(value: Any, width: int, digits: int, style: str = "f") -> str:
     return f"{value:>{width}.{digits}f}"
 
 
+def _block(title: str, header: str, lines: list[str]) -> str:
+    """One table of the comparison: its title, a header, a rule, then its rows."""
+    return "\n".join([title, header, "-" * len(header), *lines])
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     """The comparison as fixed-width text: exact laws, then SMC, then estimates (real models)."""
     blocks = []
     exact = [r for r in rows if r["measure"] in EXACT_MEASURES]
     if exact:
-        header = (
-            f"{'α':>5} {'sampler':<20} {'law':<13} {'TV':>9} {'KL(p‖q)':>9} {'ESS/N':>6} "
-            f"{'tok/draw':>9} {'draws/s':>8}"
-        )
-        lines = ["Exact laws (TV and KL(target‖sampler) from the enumerated law; ESS/N as N → ∞)"]
-        lines += [header, "-" * len(header)]
-        for row in exact:
-            lines.append(
-                f"{row['alpha']:>5g} {row['name']:<20} {row['measure']:<13} "
-                f"{_num(row['tv'], 9, 3, 'g')} {_num(row['kl'], 9, 3, 'g')} "
-                f"{_num(row['ess_fraction'], 6, 3)} "
-                f"{_num(row['tokens_per_draw'], 9, 1)} {_num(row['draws_per_second'], 8, 0)}"
-            )
+        lines = [
+            f"{row['alpha']:>5g} {row['name']:<20} {row['measure']:<13} "
+            f"{_num(row['tv'], 9, 3, 'g')} {_num(row['kl'], 9, 3, 'g')} "
+            f"{_num(row['ess_fraction'], 6, 3)} "
+            f"{_num(row['tokens_per_draw'], 9, 1)} {_num(row['draws_per_second'], 8, 0)}"
+            for row in exact
+        ]
         sir = [r["law_precision"] for r in exact if r["measure"] == "exact SIR law"]
         if sir:
             lines.append(
                 f"SIR laws: relative precision ≤ {max(sir):.1e} per response, so their TV and KL "
                 "are exact to that"
             )
-        blocks.append("\n".join(lines))
+        blocks.append(
+            _block(
+                "Exact laws (TV and KL(target‖sampler) from the enumerated law; ESS/N as N → ∞)",
+                f"{'α':>5} {'sampler':<20} {'law':<13} {'TV':>9} {'KL(p‖q)':>9} {'ESS/N':>6} "
+                f"{'tok/draw':>9} {'draws/s':>8}",
+                lines,
+            )
+        )
     smc = [r for r in rows if r["measure"] == "smc"]
     if smc:
-        header = (
-            f"{'α':>5} {'sampler':<20} {'runs':>5} {'|ΔlogZ|':>9} {'± SE':>8} {'ESS/N':>6} "
-            f"{'± SE':>6} {'Ẑ/Z':>6} {'± SE':>6} {'tok/draw':>9} {'draws/s':>8}"
-        )
-        lines = [
-            "SMC (no computable law): |log Ẑ − log Z| per run against the enumerated log Z, and "
-            "the final ESS/N; mean over runs × prompts ± standard error"
-        ]
-        lines += [header, "-" * len(header)]
+        lines = []
         for row in smc:
             line = (
                 f"{row['alpha']:>5g} {row['name']:<20} {row['runs_per_prompt']:>5d} "
@@ -69,22 +67,30 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             if not row["floor_met"]:
                 line += "  dropped: a standard error above ¼ of its mean"
             lines.append(line)
-        blocks.append("\n".join(lines))
+        blocks.append(
+            _block(
+                "SMC (no computable law): |log Ẑ − log Z| per run against the enumerated log Z, "
+                "and the final ESS/N; mean over runs × prompts ± standard error",
+                f"{'α':>5} {'sampler':<20} {'runs':>5} {'|ΔlogZ|':>9} {'± SE':>8} {'ESS/N':>6} "
+                f"{'± SE':>6} {'Ẑ/Z':>6} {'± SE':>6} {'tok/draw':>9} {'draws/s':>8}",
+                lines,
+            )
+        )
     estimated = [r for r in rows if r["measure"] == "estimated"]
     if estimated:
-        header = (
-            f"{'α':>5} {'sampler':<20} {'ELBO gap':>9} {'log Ẑ':>9} {'ESS/N':>6} "
-            f"{'tok/draw':>9} {'draws/s':>8}"
-        )
-        lines = ["Estimates (nothing enumerable): ELBO gap ≈ KL(q‖target) with log Z from SMC"]
-        lines += [header, "-" * len(header)]
-        for row in estimated:
-            lines.append(
-                f"{row['alpha']:>5g} {row['name']:<20} {_num(row.get('elbo_gap'), 9, 4)} "
-                f"{_num(row.get('log_z'), 9, 4)} {_num(row['ess_fraction'], 6, 3)} "
-                f"{_num(row['tokens_per_draw'], 9, 1)} {_num(row['draws_per_second'], 8, 0)}"
+        blocks.append(
+            _block(
+                "Estimates (nothing enumerable): ELBO gap ≈ KL(q‖target) with log Z from SMC",
+                f"{'α':>5} {'sampler':<20} {'ELBO gap':>9} {'log Ẑ':>9} {'ESS/N':>6} "
+                f"{'tok/draw':>9} {'draws/s':>8}",
+                [
+                    f"{row['alpha']:>5g} {row['name']:<20} {_num(row.get('elbo_gap'), 9, 4)} "
+                    f"{_num(row.get('log_z'), 9, 4)} {_num(row['ess_fraction'], 6, 3)} "
+                    f"{_num(row['tokens_per_draw'], 9, 1)} {_num(row['draws_per_second'], 8, 0)}"
+                    for row in estimated
+                ],
             )
-        blocks.append("\n".join(lines))
+        )
     return "\n\n".join(blocks)
 
 

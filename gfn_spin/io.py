@@ -235,3 +235,20 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_pretrained_atomic(model: Any, path: str | os.PathLike) -> Path:
+    """``model.save_pretrained`` (a Policy, a transformers or peft model) into ``path`` as
+    one atomic folder (:func:`atomic_directory`): a kill leaves the old folder or the new one."""
+    with atomic_directory(path) as tmp:
+        model.save_pretrained(tmp)
+    return Path(path)
+
+
+def cache_directory(name: str) -> Path:
+    """Where gfn-spin caches what it builds under ``name`` (the tiny worlds' models):
+    ``$GFN_SPIN_CACHE/<name>``, else ``~/.cache/gfn_spin/<name>``."""
+    root = os.environ.get("GFN_SPIN_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "gfn_spin"
+    )
+    return Path(root) / name

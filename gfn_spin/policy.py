@@ -4,6 +4,11 @@ For alignment code that needs exact token scores (docs/conventions.md) in one te
 ancestral sampling with the KV cache. Several policies can share one set of weights: each
 names the peft adapter it reads (``adapter=None`` reads the bare base weights), so self-play
 iterates and a GFlowNet adapter cost one model in memory.
+
+Why one module: :class:`Policy` is one object, an HF model read as a density; its scoring,
+KV-cache sampling steps, adapter views and saving share the adapter routing and the
+context checks, so splitting the class would spread one invariant over several files. The
+adapter file checks stand next to it: only its loaders use them.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from gfn_spin import adapters
-from gfn_spin.data import check_no_special_tokens
+from gfn_spin.data import check_no_special_tokens, encode_prompt
 from gfn_spin.density import Density, PromptLike, scores_from_steps
 from gfn_spin.devices import default_device, default_dtype
 from gfn_spin.io import make_directory
@@ -332,12 +337,7 @@ class Policy(Density):
         for index, prompt in enumerate(prompts):
             if isinstance(prompt, str):
                 if self.chat_template:
-                    text = self._tokenizer.apply_chat_template(
-                        [{"role": "user", "content": prompt}],
-                        tokenize=False,
-                        add_generation_prompt=True,
-                    )
-                    encoded.append(self._tokenizer(text, add_special_tokens=False)["input_ids"])
+                    encoded.append(encode_prompt(self._tokenizer, prompt))
                 else:
                     encoded.append(self._tokenizer(prompt)["input_ids"])
             else:

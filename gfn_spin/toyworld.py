@@ -19,6 +19,10 @@ The shifted task, which a second policy is fine-tuned toward, follows one of two
 Models: a tiny Llama-style ``LlamaForCausalLM`` trained by SFT on a limited sample (a *weak*
 base: better than uniform, worse than p_data), and a shifted policy fine-tuned from it. Both are
 written with ``save_pretrained`` to a cache directory and loaded back with ``from_pretrained``.
+
+Why one module: the task's exact tables, the tokenizer, the models trained on the task and the
+evaluator that enumerates them are one reproducible build keyed by one config hash; the
+build, its cache and the evaluator read the same config fields and task objects.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from gfn_spin.data import chat_messages
 from gfn_spin.density import Density
 from gfn_spin.exact import ExactDistribution, divergences, exact_distribution
-from gfn_spin.io import atomic_directory, write_json_atomic
+from gfn_spin.io import cache_directory, save_pretrained_atomic, write_json_atomic
 from gfn_spin.policy import Policy
 from gfn_spin.samples import pad_responses
 
@@ -326,16 +330,9 @@ def _sft(
     policy.model.eval()
 
 
-def _atomic_save(policy: Policy, target: Path) -> None:
-    with atomic_directory(target) as tmp:
-        policy.save_pretrained(tmp)
-
-
 def default_cache_dir() -> Path:
-    root = os.environ.get("GFN_SPIN_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "gfn_spin"
-    )
-    return Path(root) / "toyworld"
+    """The tiny world's cache (:func:`gfn_spin.io.cache_directory`)."""
+    return cache_directory("toyworld")
 
 
 def build_world(
@@ -435,11 +432,11 @@ def _train_models(
     )
     policy = Policy(model, tokenizer, allowed_token_ids=symbol_ids)
     _sft(policy, sft_prompts, sft_responses, config, config.sft_steps, config.seed)
-    _atomic_save(policy, directory / "base")
+    save_pretrained_atomic(policy, directory / "base")
     shift_prompts = [rng.choice(train_prompts) for _ in range(config.sft_examples)]
     shift_responses = [shifted_task.sample(p, rng) for p in shift_prompts]
     _sft(policy, shift_prompts, shift_responses, config, config.shift_steps, config.seed + 1)
-    _atomic_save(policy, directory / "shifted")
+    save_pretrained_atomic(policy, directory / "shifted")
 
 
 def _sft_data(

@@ -22,7 +22,14 @@ import torch
 from gfn_spin.density import Density, PromptLike
 from gfn_spin.devices import resolve_generator
 from gfn_spin.samples import Samples, SampleStats, check_context, check_count, check_sampling
-from samplers.weighting import effective_sample_size, ess_fraction, logmeanexp, model_tokens
+from samplers.weighting import (
+    check_proposal,
+    default_proposal,
+    effective_sample_size,
+    ess_fraction,
+    logmeanexp,
+    model_tokens,
+)
 
 
 @dataclass
@@ -122,6 +129,32 @@ class Sampler(ABC):
         )
 
 
+class ProposalSampler(Sampler):
+    """A sampler that weights draws of a normalized ``proposal`` toward ``target`` (SIR, SMC).
+
+    Prompts are encoded by the target, draws are made on the proposal's device, and the
+    forwards of both count as the sampler's cost. ``proposal=None`` uses the target's local
+    product (or the target itself when it is normalized).
+    """
+
+    def __init__(self, target: Density, proposal: Density | None) -> None:
+        self.target = target
+        self.proposal = check_proposal(
+            target, default_proposal(target) if proposal is None else proposal
+        )
+
+    @property
+    def model(self) -> Density:
+        return self.target
+
+    @property
+    def generator_device(self) -> torch.device:
+        return self.proposal.device
+
+    def cost_densities(self) -> Sequence[Density]:
+        return [self.target, self.proposal]
+
+
 def importance_stats(
     log_target: torch.Tensor, log_q: torch.Tensor, num_samples: int
 ) -> dict[str, torch.Tensor]:
@@ -168,6 +201,7 @@ def check_prompts(prompts: Sequence[PromptLike]) -> None:
 
 __all__ = [
     "Draws",
+    "ProposalSampler",
     "Sampler",
     "SampleStats",
     "Samples",

@@ -10,18 +10,15 @@ with ``ρ = E_q[(w/Z)²] = 1 + χ²(target ‖ q)``. ``logmeanexp(log w)`` is a 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Literal
 
 import torch
 
 from gfn_spin.density import Density
 from gfn_spin.samples import ancestral_sample, check_count
-from samplers.base import Draws, Sampler
+from samplers.base import Draws, ProposalSampler
 from samplers.smc import SMCSampler
 from samplers.weighting import (
-    check_proposal,
-    default_proposal,
     effective_sample_size,
     is_local_product_of,
     logmeanexp,
@@ -31,7 +28,7 @@ from samplers.weighting import (
 WeightSource = Literal["auto", "decoding", "scoring"]
 
 
-class ImportanceResampler(Sampler):
+class ImportanceResampler(ProposalSampler):
     """Sampling-importance-resampling from an autoregressive ``proposal`` toward ``target``.
 
     Use it when the target is a geometric mixture (or any unnormalized density) and a proposal
@@ -79,10 +76,7 @@ class ImportanceResampler(Sampler):
         batch_size: int = 8192,
         weights_from: WeightSource = "auto",
     ) -> None:
-        self.target = target
-        self.proposal = check_proposal(
-            target, default_proposal(target) if proposal is None else proposal
-        )
+        super().__init__(target, proposal)
         self.num_candidates = check_count("num_candidates", num_candidates)
         self.max_new_tokens = check_count("max_new_tokens", max_new_tokens)
         self.batch_size = check_count("batch_size", batch_size)
@@ -113,17 +107,6 @@ class ImportanceResampler(Sampler):
             if weights_from == "decoding"
             else None
         )
-
-    @property
-    def model(self) -> Density:
-        return self.target
-
-    @property
-    def generator_device(self) -> torch.device:
-        return self.proposal.device
-
-    def cost_densities(self) -> Sequence[Density]:
-        return [self.target, self.proposal]
 
     def draw(
         self, prompt_ids: list[list[int]], num_samples: int, generator: torch.Generator | None

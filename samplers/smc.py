@@ -28,6 +28,11 @@ SIR with K = N.
 
 The module is one algorithm read top to bottom (the decoding loop in ``SMCSampler._run`` and
 the weighting rules it calls); splitting it would scatter one loop's invariants over files.
+
+Why one module: the resampling loop and its weighting strategies are one algorithm whose
+weights must multiply to G̃/q along every path; the strategies are branches inside that
+loop, so they stay next to it rather than behind an interface with one caller (the twists,
+which have several, live in :mod:`samplers.twists`).
 """
 
 from __future__ import annotations
@@ -41,11 +46,9 @@ from gfn_spin.density import Density, PromptLike
 from gfn_spin.mixtures import LocalProduct
 from gfn_spin.samples import check_count
 from gfn_spin.scores import weighted_logsum
-from samplers.base import Draws, Sampler, encode_checked
+from samplers.base import Draws, ProposalSampler, encode_checked
 from samplers.twists import Twist, TwistInputs, resolve_twist
 from samplers.weighting import (
-    check_proposal,
-    default_proposal,
     effective_sample_size,
     is_local_product_of,
     logmeanexp,
@@ -55,7 +58,7 @@ from samplers.weighting import (
 Weighting = Literal["auto", "exact", "local_product", "components", "general"]
 
 
-class SMCSampler(Sampler):
+class SMCSampler(ProposalSampler):
     """Sequential Monte Carlo with adaptive multinomial resampling and an unbiased ``Ẑ``.
 
     Use it for a geometric mixture when the local product (the default proposal) drifts from
@@ -119,10 +122,7 @@ class SMCSampler(Sampler):
         batch_size: int = 65536,
         weighting: Weighting = "auto",
     ) -> None:
-        self.target = target
-        self.proposal = check_proposal(
-            target, default_proposal(target) if proposal is None else proposal
-        )
+        super().__init__(target, proposal)
         self.num_particles = check_count("num_particles", num_particles)
         self.twist = resolve_twist(twist)
         if not 0.0 <= float(ess_threshold) <= 1.0:
@@ -139,17 +139,6 @@ class SMCSampler(Sampler):
                 f"one of {applicable} or 'auto'"
             )
         self.weighting: Weighting = weighting
-
-    @property
-    def model(self) -> Density:
-        return self.target
-
-    @property
-    def generator_device(self) -> torch.device:
-        return self.proposal.device
-
-    def cost_densities(self) -> Sequence[Density]:
-        return [self.target, self.proposal]
 
     def draw(
         self, prompt_ids: list[list[int]], num_samples: int, generator: torch.Generator | None

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from gfn_spin import adapters
-from gfn_spin.io import atomic_directory
+from gfn_spin.io import save_pretrained_atomic
 from gfn_spin.policy import Policy
 from selfplay.config import AlphaSpinConfig, derive_seed
 
@@ -65,9 +65,8 @@ def freeze(policy: Policy, parameters: Sequence[torch.nn.Parameter]) -> None:
 
 
 def save_iterate(policy: Policy, target: Path) -> None:
-    """Write the iterate into a temporary folder, then rename it into place."""
-    with atomic_directory(target) as tmp:
-        policy.save_pretrained(tmp)
+    """Write the iterate into ``target`` atomically (:func:`gfn_spin.io.save_pretrained_atomic`)."""
+    save_pretrained_atomic(policy, target)
 
 
 def _adapter_folder(directory: Path) -> Path:

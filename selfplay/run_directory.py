@@ -20,6 +20,7 @@ from typing import Any
 
 from accelerate import PartialState
 
+from gfn_spin.checkpoint import identity_differences
 from gfn_spin.io import (
     RUN_MARKER,
     claim_run_directory,
@@ -37,33 +38,24 @@ DATA_HASH = "data_sha256"
 RUN_TOOL = "selfplay.AlphaSpinTrainer"
 
 
-def identity_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """``name (run has X, now Y)`` for each setting that differs between two run identities.
+def _data_change(old: Any, new: Any) -> str:
+    return (
+        f"the dataset's content differs from the run's: sha256 {str(old)[:12]}…, now "
+        f"{str(new)[:12]}…; rows were edited, added or removed since the run started"
+    )
 
-    Config fields are compared one by one, so a refusal names only the fields that differ.
-    """
-    differences = []
-    old_config, new_config = recorded.get("config", {}), current.get("config", {})
+
+def _run_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """What differs between two run identities: config fields by their own names (the user's
+    flags), then the other keys (data hash, world)."""
+    old_config, new_config = recorded.get("config"), current.get("config")
     if isinstance(old_config, dict) and isinstance(new_config, dict):
-        for key in sorted(set(old_config) | set(new_config)):
-            if old_config.get(key) != new_config.get(key):
-                differences.append(
-                    f"{key} (run has {old_config.get(key)!r}, now {new_config.get(key)!r})"
-                )
-    elif old_config != new_config:
-        differences.append("config")
-    for key in sorted((set(recorded) | set(current)) - {"config"}):
-        old, new = recorded.get(key), current.get(key)
-        if old == new:
-            continue
-        if key == DATA_HASH:
-            differences.append(
-                f"the dataset's content differs from the run's (sha256 {str(old)[:12]}…, now "
-                f"{str(new)[:12]}…: rows were edited, added or removed since the run started)"
-            )
-        else:
-            differences.append(f"{key} (run has {old!r}, now {new!r})")
-    return differences
+        differences, ignore = identity_differences(old_config, new_config), ("config",)
+    else:
+        differences, ignore = [], ()
+    return differences + identity_differences(
+        recorded, current, ignore, explain={DATA_HASH: _data_change}
+    )
 
 
 #: Files the run writes at the top of its folder (their temporaries are its leftovers).
@@ -113,7 +105,7 @@ class RunDirectory:
                 # A run recorded without the data's hash: trust the data once, record it now.
                 manifest["identity"][DATA_HASH] = identity.get(DATA_HASH)
             if manifest is not None and manifest["identity"] != identity:
-                detail = "; ".join(identity_differences(manifest["identity"], identity))
+                detail = "; ".join(_run_differences(manifest["identity"], identity))
                 raise ValueError(
                     f"output_dir={str(self.root)!r} holds a run with a different configuration: "
                     f"{detail}. A resume may change only {', '.join(resumable)}; resume "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 
 import pytest
 import torch
@@ -74,13 +75,10 @@ def test_tiny_ablation_writes_outputs(world, tmp_path):
     }
     assert all(float(r["ess_per_token"]) > 0 for r in large.values())
     for name in ("GFlowNet twist 0 steps", "GFlowNet twist 2 steps λ=0.5"):
+        # KL = log Z − ELBO (checked against enumerations in test_kl_to_target_is_exact_kl...),
+        # with the two reference runs' gap beside it
         row = large[name]
-        # KL = log Z − ELBO, with the two reference runs' gap beside it
-        assert float(row["kl_q_target"]) == pytest.approx(
-            float(large["GFlowNet twist 0 steps"]["kl_q_target"])
-            + float(large["GFlowNet twist 0 steps"]["elbo"])
-            - float(row["elbo"])
-        )
+        assert math.isfinite(float(row["kl_q_target"])) and math.isfinite(float(row["elbo"]))
         assert float(row["log_z_spread"]) > 0
     payload = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert payload["config"]["draws"] == 8 and len(payload["rows"]) == len(results["rows"])
@@ -116,10 +114,11 @@ def test_bad_setting_is_rejected_before_work(tmp_path, flag, setting, message):
         sampler_ablation.main(["--output-dir", str(tmp_path), flag, setting])
 
 
-def test_likelihood_oracle_moves_the_policy_toward_the_target(world, prompt):
-    """The oracle's steps lower the exact KL(target‖q) on the prompt it is fitted on."""
+def _oracle_kl(world, prompt, fit_alpha: float, reference) -> tuple[float, float]:
+    """Exact KL(reference‖q) before and after 60 oracle steps toward the mixture at
+    ``fit_alpha`` on one prompt (``reference``: enumerated log-probs on that prompt)."""
     cap = world.max_new_tokens
-    target = GeometricMixture([world.base, world.shifted], [0.5, 0.5])
+    target = GeometricMixture([world.base, world.shifted], [1 - fit_alpha, fit_alpha])
     sampler = GFlowNetSampler(
         target,
         world.shifted,
@@ -130,23 +129,62 @@ def test_likelihood_oracle_moves_the_policy_toward_the_target(world, prompt):
         learning_rate=1e-3,
         warmup_steps=0,
         lr_decay="constant",
-        adapter_name="oracle_test",
+        adapter_name=f"oracle_test_{round(100 * fit_alpha)}",
     )
     exact = {}
-    reference = exact_distribution(target, prompt, cap)
 
     def kl() -> float:
         with torch.no_grad():
             q = exact_distribution(sampler.policy, prompt, cap)
-        return divergences(reference.logprobs, q.logprobs)["kl_pq"]
+        return divergences(reference, q.logprobs)["kl_pq"]
 
     before = kl()
     amortization.likelihood_fit(sampler, [prompt], 60, torch.Generator().manual_seed(0), exact)
-    # 60 steps of 16 exact draws: a clear drop (a wrong sign or a detached policy raises KL or
-    # leaves it unchanged), and the enumerated target was cached once for the one prompt
+    # the enumerated target was cached once for the one prompt
     assert sampler.state.step == 60 and list(exact) == [tuple(prompt)]
-    after = kl()
-    assert after < 0.6 * before, (before, after)
+    return before, kl()
+
+
+def test_likelihood_oracle_moves_the_policy_toward_the_target(world, prompt):
+    """The oracle's steps lower the exact KL(target‖q) on the prompt it is fitted on (exact on
+    both sides, so the direction is the check: a wrong sign or a detached policy raises KL or
+    leaves it unchanged). The control, the same steps toward α = 1.5 (past π_t, away from the
+    α = 0.5 target), must not lower it: otherwise any training would pass."""
+    reference = exact_distribution(
+        GeometricMixture([world.base, world.shifted], [0.5, 0.5]), prompt, world.max_new_tokens
+    ).logprobs
+    before, after = _oracle_kl(world, prompt, 0.5, reference)
+    assert after < before, (before, after)
+    control_before, control_after = _oracle_kl(world, prompt, 1.5, reference)
+    assert control_after >= control_before, (control_before, control_after)
+
+
+def test_kl_to_target_is_the_exact_kl_on_enumerable_prompts(world):
+    """The large study's KL(q‖target) = log Z − ELBO, on the tiny world where both sides are
+    exact: with the enumerated log Z it matches KL(q‖target) from the enumerated laws, within
+    5 standard errors of the ELBO (a mean of log w over the draws; its variance is Var_q[log w],
+    also from the enumerations). An ELBO of the wrong sign or over the wrong density is off by
+    far more."""
+    cap = world.max_new_tokens
+    target = GeometricMixture([world.base, world.shifted], [0.5, 0.5])
+    sampler = GFlowNetSampler(target, world.shifted, max_new_tokens=cap, parametrization="lora")
+    prompts, draws = world.eval_prompts[:2], 256
+    log_z, kls, variances = [], [], []
+    for prompt in prompts:
+        p = exact_distribution(target, prompt, cap)
+        q = exact_distribution(sampler.policy, prompt, cap)
+        assert p.responses == q.responses
+        log_w = p.logprobs + p.log_z - q.logprobs  # log G̃ − log q on every response
+        weights = q.logprobs.exp()
+        variances.append(float((weights * (log_w - (weights * log_w).sum()) ** 2).sum()))
+        log_z.append(p.log_z)
+        kls.append(divergences(p.logprobs, q.logprobs)["kl_qp"])
+    samples = sampler.sample(prompts, draws, generator=0)
+    estimate = large_models.kl_to_target(torch.tensor(log_z), samples)
+    exact = sum(kls) / len(kls)
+    standard_error = math.sqrt(sum(variances) / draws) / len(prompts)
+    assert exact > 10 * standard_error  # not a check of 0 ≈ 0
+    assert abs(estimate["kl_q_target"] - exact) <= 5 * standard_error
 
 
 def test_one_study_runs_alone(tmp_path):

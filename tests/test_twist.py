@@ -3,7 +3,8 @@
 - The twisted density starts exactly at the local product, and its teacher-forced scores equal
   the step-by-step decoding path (start/advance) and a per-state recomputation from the
   components' own outputs.
-- It is a normalized density: its enumeration sums to one.
+- It is a normalized density: its enumeration sums to one, and the first-token marginal of
+  that enumeration is q_loc·e^h/Σ from the head's output h.
 - The distillation loss equals a double loop over rows and states, and its expectation under
   the teacher equals the sequence-level KL(teacher ‖ student) computed by enumeration.
 """
@@ -87,14 +88,27 @@ def test_teacher_forced_scores_match_decoding_and_a_per_state_recomputation(worl
                 assert torch.allclose(decoded[b, k], expected, atol=1e-4)
 
 
-def test_twisted_density_is_normalized_and_moves_away_from_the_local_product(world, prompt):
+def test_twisted_density_is_normalized_and_its_first_step_is_q_loc_times_e_h(world, prompt):
+    """The enumerated law sums to one, and its first-token marginal is q_loc·e^h/Σ with h the
+    head's output at s_0 (the responses' first tokens, EOS for the empty response). The head's
+    twist must move q_loc by more than that check's tolerance: otherwise a head ignored by the
+    density would pass it too."""
     _, local, twisted = _twisted(world)
+    rows, ids, lengths = _batch(twisted, prompt, count=1)
     with torch.no_grad():
         mine = exact_distribution(twisted, prompt, L)
-        theirs = exact_distribution(local, prompt, L)
+        outputs = [c.step_logprobs_and_features(rows, ids, lengths) for c in local.components]
+        q_loc = torch.log_softmax(weighted_logsum([o[0][0, 0] for o in outputs], local.weights), -1)
+        h = twisted.head(head_inputs([o[1][0, 0] for o in outputs]))
+        expected = torch.softmax(q_loc + h, -1).double()
     assert abs(float(torch.logsumexp(mine.logprobs.double(), 0))) < 1e-4
-    # The random head changes the law (a test of the test: a head ignored would give TV 0).
-    assert divergences(theirs.logprobs, mine.logprobs)["tv"] > 0.05
+    first = torch.tensor(
+        [r[0] if r else twisted.eos_token_id for r in mine.responses], dtype=torch.long
+    )
+    marginal = torch.zeros_like(expected).index_add_(0, first, mine.logprobs.double().exp())
+    tolerance = 1e-4
+    assert torch.allclose(marginal, expected, atol=tolerance)
+    assert not torch.allclose(expected, q_loc.double().exp(), atol=tolerance)
 
 
 def test_distillation_loss_matches_a_double_loop():
