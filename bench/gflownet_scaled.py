@@ -40,6 +40,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -53,6 +54,7 @@ from gfn_spin.exact_dp import (
     check_bounded_context,
     monte_carlo_kl,
 )
+from gfn_spin.mixtures import LocalProduct
 from gfn_spin.samples import Samples
 from gfn_spin.scaled_world import CONTEXT, PAIRS, ScaledWorld, ScaledWorldConfig, build_world
 from samplers import GFlowNetSampler, ImportanceResampler, SMCSampler
@@ -116,6 +118,13 @@ def draw_report(
         "kl_qp_stderr": stderr,
         "empty_fraction": float((samples.lengths == 0).double().mean()),
     }
+
+
+def empty_probability(target: BoundedContextTarget, prompts: Sequence[Sequence[int]]) -> float:
+    """The target's exact probability of the empty response, mean over ``prompts``."""
+    ids = torch.full((len(prompts), target.max_new_tokens), target.tables.eos_token_id)
+    lengths = torch.zeros(len(prompts), dtype=torch.long)
+    return float(target.log_prob(prompts, ids, lengths).exp().mean())
 
 
 def exact_policy_report(
@@ -182,83 +191,113 @@ def fit_with_curve(
     return curve, seconds, tokens
 
 
-def cost_rows(
-    world: ScaledWorld,
-    alpha: float,
-    pair: str,
-    target: BoundedContextTarget,
-    gfn: GFlowNetSampler,
-    gfn_ess: float,
-    args: argparse.Namespace,
-) -> list[dict[str, Any]]:
-    """Effective samples per model token of each sampler on ``args.cost_prompts`` held-out
-    prompts, with ``|log Ẑ − log Z|`` (mean over prompts and runs).
+@dataclass
+class Entry:
+    """One sampler of the cost table.
 
-    GFlowNet-based rows whose draws are weighted draws of ``gfn.policy`` (the GFlowNet's own
-    draws, SIR with it as proposal) count ``gfn_ess`` (exact population ESS/N) per draw; SMC
-    rows count the Kish ESS of their final population (see the module docstring).
+    ``draws``: draws asked per prompt and run. ``population``: the weighted draws behind them
+    (K candidates of SIR, the draws themselves for a policy, N particles of SMC).
+    ``exact_ess``: the exact population ESS/N of the proposal of those weighted draws (None:
+    the Kish ESS of SMC's final population, ``stats["ess"]``). ``scorers``: models whose teacher-forced scoring of the
+    draws is part of the cost but outside ``stats["tokens"]`` (a one-pass policy's weights).
     """
-    mixture = world.mixture(alpha, pair)
-    prompts = world.eval_prompts[: args.cost_prompts]
+
+    name: str
+    sampler: Any
+    draws: int
+    population: int
+    exact_ess: float | None
+    scorers: tuple[Density, ...] = ()
+
+
+def cost_rows(
+    target: BoundedContextTarget,
+    prompts: Sequence[Sequence[int]],
+    entries: Sequence[Entry],
+    runs: int,
+) -> list[dict[str, Any]]:
+    """Effective samples per model token of each entry on ``prompts`` and ``|log Ẑ − log Z|``
+    against the exact log Z (mean over prompts and runs, with its standard error)."""
     log_z = target.log_z(prompts)
-    cap = world.max_new_tokens
-    entries: list[tuple[str, Any, int]] = [
-        (f"SMC q_loc N={n}", SMCSampler(mixture, n, max_new_tokens=cap), 1) for n in args.particles
-    ]
-    entries += [
-        (
-            f"twisted SMC(GFN) N={n}",
-            SMCSampler(mixture, n, proposal=gfn.policy, twist="flow", max_new_tokens=cap),
-            1,
-        )
-        for n in args.particles
-    ]
-    entries += [
-        (f"SIR(GFN) K={k}", ImportanceResampler(mixture, gfn.policy, k, max_new_tokens=cap), k)
-        for k in args.candidates
-    ]
-    entries.append(("GFlowNet", gfn, args.gfn_draws))
     rows = []
-    for name, sampler, per_run in entries:
+    for entry in entries:
         tokens, ess, errors = 0, [], []
         started = time.perf_counter()
-        for run in range(args.runs):
-            out = sampler.sample(prompts, 1 if sampler is not gfn else per_run, generator=run)
-            tokens += out.stats["tokens"]
+        for run in range(runs):
+            before = sum(m.tokens_evaluated for m in entry.scorers)
+            out = entry.sampler.sample(prompts, entry.draws, generator=run)
+            tokens += out.stats["tokens"] + sum(m.tokens_evaluated for m in entry.scorers) - before
             errors.append(torch.as_tensor(out.stats["log_z"]).double().cpu() - log_z)
-            if isinstance(sampler, SMCSampler):
+            if entry.exact_ess is None:
                 ess.append(float(torch.as_tensor(out.stats["ess"]).double().mean()))
-            else:
-                ess.append(gfn_ess * per_run)
-        runs = args.runs * len(prompts)
-        delta = torch.stack(errors)
+        per_population = tokens / (runs * len(prompts))
+        population_ess = sum(ess) / runs if ess else entry.exact_ess * entry.population
+        delta = torch.stack(errors).abs()
         rows.append(
             {
-                "sampler": name,
-                "tokens_per_population": tokens / runs,
-                "ess_per_population": sum(ess) / len(ess),
-                "ess_per_token": (sum(ess) / len(ess)) / (tokens / runs),
-                "mean_abs_delta_log_z": float(delta.abs().mean()),
-                "delta_log_z_stderr": float(delta.abs().std() / math.sqrt(delta.numel())),
-                "seconds": time.perf_counter() - started,
+                "sampler": entry.name,
+                "tokens_per_population": per_population,
+                "ess_per_population": population_ess,
+                "tokens_per_ess": per_population / population_ess,
+                "mean_abs_delta_log_z": float(delta.mean()),
+                "delta_log_z_stderr": float(delta.std() / math.sqrt(delta.numel())),
+                "seconds_per_population": (time.perf_counter() - started) / (runs * len(prompts)),
             }
         )
     return rows
+
+
+def break_even(
+    rows: Sequence[dict[str, Any]], fit_tokens: int, fit_seconds: float
+) -> list[dict[str, Any]]:
+    """Effective samples after which the fit pays for itself: fit cost ÷ cost saved per
+    effective sample, best GFlowNet-based row against the best row of each baseline family."""
+    ours = [r for r in rows if "q_loc" not in r["sampler"]]
+    best = min(ours, key=lambda r: r["tokens_per_ess"])
+    out = []
+    for family in ("SMC q_loc", "SIR q_loc"):
+        theirs = [r for r in rows if r["sampler"].startswith(family)]
+        if not theirs:
+            continue
+        base = min(theirs, key=lambda r: r["tokens_per_ess"])
+        saved_tokens = base["tokens_per_ess"] - best["tokens_per_ess"]
+        saved_seconds = (
+            base["seconds_per_population"] / base["ess_per_population"]
+            - best["seconds_per_population"] / best["ess_per_population"]
+        )
+        out.append(
+            {
+                "gflownet_sampler": best["sampler"],
+                "baseline": base["sampler"],
+                "ess_per_token_ratio": base["tokens_per_ess"] / best["tokens_per_ess"],
+                "break_even_ess_tokens": fit_tokens / saved_tokens if saved_tokens > 0 else None,
+                "break_even_ess_seconds": fit_seconds / saved_seconds
+                if saved_seconds > 0
+                else None,
+            }
+        )
+    return out
 
 
 def run_pair(world: ScaledWorld, alpha: float, pair: str, args: argparse.Namespace) -> None:
     target = world.target(alpha, pair)
     mixture = world.mixture(alpha, pair)
     cap = world.max_new_tokens
-    config = GFlowNetConfig(max_new_tokens=cap, seed=args.seed)
-    if args.steps is not None:
-        config = dataclasses.replace(config, steps=args.steps)
+    config = GFlowNetConfig(max_new_tokens=cap, steps=args.steps, seed=args.seed)
     gfn = CurveSampler(mixture, world.load_policy(pair), config)
     curve, fit_seconds, fit_tokens = fit_with_curve(
         gfn, world, target, args.curve_points, args.draws, args.seed
     )
+    target_empty = empty_probability(target, world.eval_prompts)
     for point in curve:
-        emit("gflownet_scaled_curve", pair=pair, alpha=alpha, **point)
+        emit(
+            "gflownet_scaled_curve",
+            pair=pair,
+            alpha=alpha,
+            log_z_mean=float(target.log_z(world.eval_prompts).mean()),
+            target_empty_fraction=target_empty,
+            **point,
+        )
     samples = gfn.sample(world.eval_prompts, args.draws, generator=args.seed)
     exact = exact_policy_report(target, gfn.policy, world.symbol_ids, world.eval_prompts, samples)
     emit(
@@ -283,6 +322,9 @@ def run_pair(world: ScaledWorld, alpha: float, pair: str, args: argparse.Namespa
     onepass.fit(world.train_prompts, progress=False, teacher=gfn.policy)
     onepass_seconds = time.perf_counter() - started
     draws = onepass.sample(world.eval_prompts, args.draws, generator=args.seed)
+    onepass_exact = exact_policy_report(
+        target, onepass.policy, world.symbol_ids, world.eval_prompts, draws
+    )
     emit(
         "gflownet_scaled_onepass",
         pair=pair,
@@ -290,37 +332,71 @@ def run_pair(world: ScaledWorld, alpha: float, pair: str, args: argparse.Namespa
         steps=onepass_config.steps,
         fit_seconds=onepass_seconds,
         tokens_per_draw=draws.stats["tokens"] / len(draws.lengths),
-        **exact_policy_report(target, onepass.policy, world.symbol_ids, world.eval_prompts, draws),
+        **onepass_exact,
         **draw_report(target, world.eval_prompts, draws),
     )
 
-    rows = cost_rows(world, alpha, pair, target, gfn, exact["ess_fraction"], args)
+    local = LocalProduct(mixture.components, mixture.weights)
+    local_ess = float(
+        target.proposal_ess(
+            ContextTables.from_density(local, world.symbol_ids, CONTEXT), world.eval_prompts
+        ).mean()
+    )
+    entries = []
+    for n in args.particles:
+        entries += [
+            Entry(f"SMC q_loc N={n}", SMCSampler(mixture, n, max_new_tokens=cap), 1, n, None),
+            Entry(
+                f"SIR q_loc K={n}",
+                ImportanceResampler(mixture, None, n, max_new_tokens=cap),
+                1,
+                n,
+                local_ess,
+            ),
+            Entry(
+                f"twisted SMC(GFN) N={n}",
+                SMCSampler(mixture, n, proposal=gfn.policy, twist="flow", max_new_tokens=cap),
+                1,
+                n,
+                None,
+            ),
+            Entry(
+                f"SIR(GFN) K={n}",
+                ImportanceResampler(mixture, gfn.policy, n, max_new_tokens=cap),
+                1,
+                n,
+                exact["ess_fraction"],
+            ),
+            # The twist's rollout runs every component, so log G̃ of its draws costs nothing
+            # more; the one-pass policy's weights need the components' teacher-forced pass.
+            Entry(f"GFlowNet x{n}", gfn, n, n, exact["ess_fraction"]),
+            Entry(
+                f"one-pass x{n}", onepass, n, n, onepass_exact["ess_fraction"], mixture.components
+            ),
+        ]
+    rows = cost_rows(target, world.eval_prompts[: args.cost_prompts], entries, args.runs)
     for row in rows:
         emit("gflownet_scaled_cost", pair=pair, alpha=alpha, **row)
-    best_smc = max(r["ess_per_token"] for r in rows if r["sampler"].startswith("SMC q_loc"))
-    best = max(
-        (r for r in rows if not r["sampler"].startswith("SMC q_loc")),
-        key=lambda r: r["ess_per_token"],
-    )
-    print(
-        f"[{pair}, α={alpha:g}] effective samples per model token: best GFlowNet-based "
-        f"({best['sampler']}) ÷ best SMC from the local product = "
-        f"{best['ess_per_token'] / best_smc:.2f}"
-    )
+    for row in break_even(rows, fit_tokens, fit_seconds):
+        emit("gflownet_scaled_break_even", pair=pair, alpha=alpha, fit_tokens=fit_tokens, **row)
+        print(
+            f"[{pair}, α={alpha:g}] effective samples per model token: {row['gflownet_sampler']} "
+            f"÷ {row['baseline']} = {row['ess_per_token_ratio']:.2f}"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--pairs", nargs="+", default=["iterate"], choices=PAIRS)
-    parser.add_argument("--steps", type=int, default=None, help="GFlowNet steps (default: its)")
+    parser.add_argument(
+        "--steps", type=int, default=300, help="GFlowNet steps (its other settings: defaults)"
+    )
     parser.add_argument("--onepass-steps", type=int, default=None)
     parser.add_argument("--curve-points", type=int, default=4)
     parser.add_argument("--draws", type=int, default=32, help="draws per held-out prompt")
     parser.add_argument("--cost-prompts", type=int, default=8)
     parser.add_argument("--particles", type=int, nargs="+", default=[16, 64])
-    parser.add_argument("--candidates", type=int, nargs="+", default=[16])
-    parser.add_argument("--gfn-draws", type=int, default=16)
     parser.add_argument("--runs", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--small", action="store_true", help="the small test variant")
