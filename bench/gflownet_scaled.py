@@ -2,8 +2,9 @@
 
 Target: ``base^(1−α) · other^α`` on the scaled world (docs/scaled_world.md), whose log Z,
 log p(y), KL(q‖p) and population ESS are exact (a dynamic program over two-token contexts).
-The GFlowNet (``GFlowNetConfig`` defaults: the twist form for a geometric mixture of policies,
-SubTB) is fitted on the world's train prompts and measured on its held-out prompts:
+The GFlowNet (``GFlowNetConfig`` defaults, the twist form for a geometric mixture of policies
+and SubTB, with ``--steps`` steps) is fitted on the world's train prompts and measured on its
+held-out prompts:
 
 1. a curve over steps: the ELBO ``E_q[log G̃ − log q]`` on fresh draws of the policy (mean
    over prompts, with its standard error), ``KL(q‖p) = log Z − ELBO`` with the exact log Z,
@@ -15,7 +16,11 @@ SubTB) is fitted on the world's train prompts and measured on its held-out promp
    figures when the check fails;
 3. the one-pass form (a LoRA adapter on π_t, distilled from the twist policy with the main
    job's one-pass recipe), measured the same way;
-4. effective samples per model token at equal token budgets (see :func:`cost_rows`).
+4. effective samples per model token and ``|log Ẑ − log Z|`` at matched population sizes:
+   SMC and SIR from the local product, twisted SMC and SIR with the GFlowNet as proposal, the
+   GFlowNet's and the one-pass form's own weighted draws; a ratio line per GFlowNet-based
+   family against the best of each baseline family, and its break-even point
+   (:func:`break_even`).
 
 How ESS is measured. For a sampler whose draws come from a density q (the GFlowNet, SIR with
 it as proposal): the exact population ``ESS/N = Z² / E_q[w²]``, ``w = G̃/q``, from the program
@@ -29,7 +34,7 @@ schedules of the whole fit (:class:`CurveSampler`), so the trajectory is the one
 ``fit(steps)``.
 
     python -m bench.gflownet_scaled                         # α = 0.5, iterate pair
-    python -m bench.gflownet_scaled --pairs iterate stress --steps 300
+    python -m bench.gflownet_scaled --pairs stress --alpha 0.95
     python -m bench.gflownet_scaled --small --steps 20      # the 5-symbol test world
 """
 
@@ -161,7 +166,6 @@ def fit_with_curve(
     points: int,
     draws: int,
     seed: int,
-    **fit: Any,
 ) -> tuple[list[dict[str, Any]], float, int]:
     """Fit ``sampler`` on the train prompts in ``points`` chunks, measuring held-out draws
     before the first and after each; returns the curve, fit seconds and fit model tokens."""
@@ -175,7 +179,7 @@ def fit_with_curve(
         if step > sampler.state.step:
             before = sum(m.tokens_evaluated for m in models)
             started = time.perf_counter()
-            log = sampler.fit(world.train_prompts, steps=step, progress=False, **fit)
+            log = sampler.fit(world.train_prompts, steps=step, progress=False)
             seconds += time.perf_counter() - started
             tokens += sum(m.tokens_evaluated for m in models) - before
             train_empty = log[-1]["empty_fraction"]
@@ -411,12 +415,20 @@ def main() -> None:
     parser.add_argument(
         "--steps", type=int, default=300, help="GFlowNet steps (its other settings: defaults)"
     )
-    parser.add_argument("--onepass-steps", type=int, default=None)
-    parser.add_argument("--curve-points", type=int, default=4)
+    parser.add_argument(
+        "--onepass-steps", type=int, default=None, help="distillation steps (default: main job's)"
+    )
+    parser.add_argument("--curve-points", type=int, default=4, help="measured chunks of the fit")
     parser.add_argument("--draws", type=int, default=32, help="draws per held-out prompt")
-    parser.add_argument("--cost-prompts", type=int, default=8)
-    parser.add_argument("--particles", type=int, nargs="+", default=[16, 64])
-    parser.add_argument("--runs", type=int, default=4)
+    parser.add_argument("--cost-prompts", type=int, default=8, help="prompts of the cost rows")
+    parser.add_argument(
+        "--particles",
+        type=int,
+        nargs="+",
+        default=[16, 64],
+        help="population sizes of the cost rows (SMC particles, SIR candidates, draws)",
+    )
+    parser.add_argument("--runs", type=int, default=4, help="runs per cost row")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--small", action="store_true", help="the small test variant")
     parser.add_argument("--cache-dir", default=None)
