@@ -43,7 +43,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
 
 from gfn_spin.exact_dp import BoundedContextTarget, ContextTables, expected_sum
-from gfn_spin.io import atomic_directory, write_json_atomic
+from gfn_spin.io import cache_directory, save_pretrained_atomic, write_json_atomic
 from gfn_spin.mixtures import GeometricMixture
 from gfn_spin.policy import Policy
 
@@ -291,10 +291,7 @@ def _check_policy_name(name: str) -> str:
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("GFN_SPIN_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "gfn_spin"
-    )
-    return Path(root) / "scaled_world"
+    return cache_directory("scaled_world")
 
 
 def _tasks(config: ScaledWorldConfig, symbol_ids: list[int], eos: int) -> list[ContextTables]:
@@ -497,12 +494,10 @@ def _train_models(
     base = Policy(_model(config, tokenizer), tokenizer, allowed_token_ids=symbol_ids)
     sft = _responses(task, train_prompts, config, config.sft_examples, generator)
     _fit(base, sft, config, config.sft_steps, generator)
-    with atomic_directory(directory / "base") as tmp:
-        base.save_pretrained(tmp)
+    save_pretrained_atomic(base, directory / "base")
     for name, shifted in (("iterate", iterate_task), ("stress", stress_task)):
         policy = Policy(_model(config, tokenizer), tokenizer, allowed_token_ids=symbol_ids)
         policy.model.load_state_dict(base.model.state_dict())
         data = _responses(shifted, train_prompts, config, config.sft_examples, generator)
         _fit(policy, data, config, config.finetune_steps, generator)
-        with atomic_directory(directory / name) as tmp:
-            policy.save_pretrained(tmp)
+        save_pretrained_atomic(policy, directory / name)
