@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from accelerate import Accelerator
 
 from gfn_spin import GeometricMixture
 from gfn_spin.samples import ancestral_sample
@@ -74,6 +75,31 @@ def test_twist_shares_sum_to_the_whole_batch_gradient(world):
         atol = states * torch.finfo(torch.float32).eps * one.abs().max()
         torch.testing.assert_close(averaged, one, rtol=0, atol=float(atol))
         assert not torch.equal(first, second)  # the shares are different rows
+
+
+def test_a_fit_inside_an_accumulating_run_steps_every_time_and_keeps_its_setting(world):
+    """accelerate keeps one gradient state per process: a GFlowNet fit inside an α-SPIN run
+    that accumulates over 2 batches (and stands mid-cycle) still takes every step, the same
+    ones as a fit on its own, and leaves the run's setting as it found it."""
+
+    def fit() -> list[torch.Tensor]:
+        shifted = world.load_policy("shifted", device="cpu", dtype=torch.float32)
+        target = GeometricMixture([world.base, shifted], [0.5, 0.5])
+        sampler = GFlowNetSampler(target, shifted, **COMMON, **BATCH, parametrization="twist")
+        sampler.fit(world.train_prompts[:16], progress=False)
+        return [p.detach().clone() for p in sampler.trainable_parameters]
+
+    alone = fit()
+    outer = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    try:
+        with outer.accumulate():
+            assert not outer.sync_gradients  # mid-cycle: an optimizer step here is skipped
+        inside = fit()
+        assert outer.gradient_accumulation_steps == 2
+    finally:
+        outer.gradient_accumulation_steps = 1
+    for mine, theirs in zip(inside, alone, strict=True):
+        assert torch.equal(mine, theirs)
 
 
 @pytest.mark.slow  # two launches of the accelerate CLI, a minute on 2 busy CPU cores
