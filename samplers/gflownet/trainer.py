@@ -18,6 +18,14 @@ step, top to bottom in :meth:`GFlowNetTrainer.train_step`:
 Gradients never flow through sampling: the objectives are off-policy, so the no-grad rollout
 followed by one teacher-forced pass is the same objective as the published token-by-token
 rollout, and far cheaper (docs/gflownet.md).
+
+Data parallel under ``accelerate launch`` (DDP, FSDP or DeepSpeed from ``accelerate config``):
+every process draws the step's whole batch from the same seeded generators, so the batch, the
+buffers, every random choice and every logged metric agree across processes and match one
+process. A twist head update then backpropagates through its process's share of the rows
+only (:meth:`GFlowNetTrainer.twist_loss`) and the prepared head averages the shares'
+gradients; distillation, and the lora and residual forms (whose forward runs inside a Policy),
+take the whole batch's gradient on every process.
 """
 
 from __future__ import annotations
@@ -29,6 +37,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from accelerate import Accelerator
+from accelerate.state import GradientState, is_initialized
 
 from gfn_spin.density import Density, scores_from_steps
 from gfn_spin.residual import ResidualLocalProduct
@@ -172,6 +182,7 @@ class GFlowNetTrainer:
         config: the training settings.
         loss: the objective (default: ``OBJECTIVES[config.loss]``).
         source: the batch source of :meth:`train_step` (default: a :class:`RolloutSource`).
+        accelerator: where the optimizer steps run (default: :func:`default_accelerator`).
     """
 
     def __init__(
@@ -182,6 +193,7 @@ class GFlowNetTrainer:
         *,
         loss: LossFunction | None = None,
         source: RolloutSource | None = None,
+        accelerator: Accelerator | None = None,
     ) -> None:
         self.target = target
         self.parametrization = parametrization
@@ -189,11 +201,22 @@ class GFlowNetTrainer:
         self.config = config
         self.loss = OBJECTIVES[config.loss] if loss is None else loss
         self.source = RolloutSource(config) if source is None else source
-        self.optimizer = torch.optim.AdamW(
+        optimizer = torch.optim.AdamW(
             parametrization.trainable_parameters,
             lr=config.learning_rate,
             weight_decay=config.weight_decay,
         )
+        if accelerator is None:
+            accelerator = default_accelerator(parametrization.init.device)
+        self.accelerator = accelerator
+        # Gradients are averaged only through a forward of the prepared module: the twist
+        # head's can be put in its place; the other forms run theirs inside a Policy.
+        self.module: torch.nn.Module | None = None
+        if parametrization.head is not None:
+            self.module, self.optimizer = accelerator.prepare(parametrization.head, optimizer)
+            self.policy.head = self.module
+        else:
+            self.optimizer = accelerator.prepare(optimizer)
         self.features = FeatureBuffer(config.twist_buffer)
         self.state = TrainState()
         self.rng = random.Random(config.seed)
@@ -236,13 +259,22 @@ class GFlowNetTrainer:
     def optimizer_step(self, loss: torch.Tensor) -> None:
         """Backpropagate ``loss`` into the trainable weights and take one clipped optimizer step
         (also for other objectives on this policy, such as a maximum-likelihood oracle)."""
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(
-                self.parametrization.trainable_parameters, self.config.max_grad_norm
-            )
-        self.optimizer.step()
+        accelerator = self.accelerator
+        # One step is one whole accumulation cycle, whatever another user of the process's
+        # shared accelerate state (an alpha-SPIN run around this fit) accumulates over.
+        kept = accelerator.gradient_accumulation_steps
+        accelerator.gradient_accumulation_steps = 1
+        try:
+            with accelerator.accumulate(*([self.module] if self.module is not None else [])):
+                self.optimizer.zero_grad(set_to_none=True)
+                accelerator.backward(loss)
+                if self.config.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(
+                        self.parametrization.trainable_parameters, self.config.max_grad_norm
+                    )
+                self.optimizer.step()
+        finally:
+            accelerator.gradient_accumulation_steps = kept
 
     def distill_step(self, prompt_ids: list[list[int]], source: TeacherSource) -> dict[str, Any]:
         """One step of token-level distillation (KL(teacher ‖ policy)) on the teacher's draws."""
@@ -344,8 +376,59 @@ class GFlowNetTrainer:
 
     def _twist_update(self, batch: dict[str, Any], reward_temperature: float) -> torch.Tensor:
         """One head update on a stored (or fresh) batch of component outputs."""
-        outputs = (batch["steps"], batch["features"])
-        scores = self.policy.scores_from_outputs(outputs, batch["response_ids"], batch["lengths"])
-        loss = self._loss(scores, batch["log_reward"], batch["group"], reward_temperature)
-        self.optimizer_step(loss)
+        loss, share = self.twist_loss(batch, reward_temperature)
+        self.optimizer_step(share)
         return loss
+
+    def twist_loss(
+        self, batch: dict[str, Any], reward_temperature: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss of a stored (or fresh) batch of component outputs, and the loss this
+        process backpropagates: with several processes, the loss through this process's share
+        of the rows times their count, so that the prepared head's average of the processes'
+        gradients is the whole batch's gradient."""
+        outputs = (batch["steps"], batch["features"])
+        scores = self._twist_scores(outputs, batch["response_ids"], batch["lengths"])
+        loss = self._loss(scores, batch["log_reward"], batch["group"], reward_temperature)
+        processes = self.accelerator.num_processes
+        return loss, (loss if processes == 1 else loss * processes)
+
+    def _twist_scores(
+        self,
+        outputs: tuple[list[torch.Tensor], list[torch.Tensor]],
+        ids: torch.Tensor,
+        lengths: torch.Tensor,
+    ) -> TokenScores:
+        """The twist policy's scores of a batch from its components' outputs; with several
+        processes, gradients flow only through this process's contiguous share of the rows
+        (the others' rows enter as constants, so the loss is still the whole batch's)."""
+        processes, rank = self.accelerator.num_processes, self.accelerator.process_index
+        if processes == 1:
+            return self.policy.scores_from_outputs(outputs, ids, lengths)
+        count = len(lengths)
+        mine = slice(count * rank // processes, count * (rank + 1) // processes)
+        with torch.no_grad():
+            whole = self.policy.scores_from_outputs(outputs, ids, lengths)
+        steps, features = outputs
+        share = ([s[mine] for s in steps], [f[mine] for f in features])
+        part = self.policy.scores_from_outputs(share, ids[mine], lengths[mine])
+
+        def splice(constant: torch.Tensor, tracked: torch.Tensor) -> torch.Tensor:
+            return torch.cat([constant[: mine.start], tracked, constant[mine.stop :]])
+
+        return TokenScores(
+            splice(whole.token_logprobs, part.token_logprobs),
+            splice(whole.eos_logprobs, part.eos_logprobs),
+            whole.lengths,
+        )
+
+
+def default_accelerator(device: torch.device) -> Accelerator:
+    """The ``Accelerator`` of a fit on ``device`` when the caller gives none: gloo between CPU
+    processes, the weights left where they are, and the gradient accumulation of the process's
+    shared accelerate state (an alpha-SPIN run's, say) left as it is."""
+    return Accelerator(
+        cpu=device.type == "cpu" and not is_initialized(),
+        device_placement=False,
+        gradient_accumulation_steps=GradientState().num_steps,
+    )
