@@ -114,6 +114,17 @@ class AlphaSpinConfig:
         metadata={"help": "Settings of the GFlowNet opponent, fitted on the prompts at every "
                   "iteration (its max_new_tokens, adapter_name and seed are set by the run)."},
     )  # fmt: skip
+    gflownet_warm_start: bool = field(
+        default=True,
+        metadata={"help": "Start each iteration's GFlowNet fit from the previous iteration's "
+                  "weights (the twist head, or the LoRA adapter, when their shapes match; "
+                  "else a cold start, logged with the reason)."},
+    )  # fmt: skip
+    gflownet_warm_steps: int | None = field(
+        default=None,
+        metadata={"help": "Steps of a warm-started GFlowNet fit; None: gflownet.steps (a cold "
+                  "fit always takes gflownet.steps)."},
+    )  # fmt: skip
     generation_chunk: int = field(
         default=64,
         metadata={"help": "Prompts per generation call; each chunk is seeded by its index (the "
@@ -250,6 +261,16 @@ class AlphaSpinConfig:
             check_count(name, getattr(self, name))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed={self.seed!r} must be an integer >= 0")
+        if not isinstance(self.gflownet_warm_start, bool):
+            raise ValueError(f"gflownet_warm_start={self.gflownet_warm_start!r} must be a bool")
+        if self.gflownet_warm_steps is not None and (
+            isinstance(self.gflownet_warm_steps, bool)
+            or not isinstance(self.gflownet_warm_steps, int)
+            or self.gflownet_warm_steps < 0
+        ):
+            raise ValueError(
+                f"gflownet_warm_steps={self.gflownet_warm_steps!r} must be an integer >= 0 or None"
+            )
         for name in ("max_new_tokens", "max_examples"):
             if getattr(self, name) is not None:
                 check_count(name, getattr(self, name))
