@@ -94,8 +94,11 @@ def fit_opponent_gflownet(
     The reference changes between iterations (its history mixture drops its oldest iterate
     and takes the newest), so what carries over is the learned correction to its local
     product, or to π_t (:meth:`GFlowNetSampler.warm_start` says what each parametrization
-    carries). A warm start that is impossible (no previous fit, other shapes: a growing
-    ``history="all"`` widens the twist head's input) falls back to a cold fit and logs why.
+    carries). Within one run the shapes stay the same: "auto" resolves to "twist" for
+    h = 1 (two policy components at every iteration) and to "residual" otherwise (a LoRA
+    adapter, whatever the number of iterates mixed). A source that cannot be used (another
+    parametrization or shape, a missing or damaged folder) gives a cold fit, logged with
+    the reason; without a source (the first GFlowNet iteration) the fit is cold.
     """
     warm = False
     if config.gflownet_warm_start and warm_start_from is not None:
