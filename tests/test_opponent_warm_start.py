@@ -112,7 +112,7 @@ def test_warm_start_refuses_other_shapes_and_late_calls(setting, tmp_path):
 
 def test_mismatched_shape_falls_back_to_a_logged_cold_start(setting, caplog):
     prompts = setting[2]
-    config = AlphaSpinConfig(gflownet_warm_steps=2)
+    config = AlphaSpinConfig(gflownet_warm_start=True, gflownet_warm_steps=2)
     narrow = sampler(setting, "fallback_src", parametrization="twist", twist_width=8)
     fallback = sampler(setting, "fallback", parametrization="twist", seed=3)
     with caplog.at_level(logging.WARNING, logger="selfplay.opponents"):
@@ -128,14 +128,14 @@ def test_mismatched_shape_falls_back_to_a_logged_cold_start(setting, caplog):
 
 def test_warm_fit_takes_the_warm_steps(setting):
     prompts = setting[2]
-    config = AlphaSpinConfig(gflownet_warm_steps=2)
+    config = AlphaSpinConfig(gflownet_warm_start=True, gflownet_warm_steps=2)
     previous = sampler(setting, "steps_src", parametrization="twist")
     previous.fit(prompts, progress=False)
     warm = sampler(setting, "steps_warm", parametrization="twist")
     assert fit_opponent_gflownet(config, warm, prompts, previous)
     assert warm.state.step == 2
     off = sampler(setting, "steps_off", parametrization="twist")
-    disabled = AlphaSpinConfig(gflownet_warm_start=False, gflownet_warm_steps=2)
+    disabled = AlphaSpinConfig(gflownet_warm_steps=2)  # warm starts are off by default
     assert not fit_opponent_gflownet(disabled, off, prompts, previous)
     assert off.state.step == 3
 
@@ -152,6 +152,7 @@ RUN = {
     "history": 2,
     "sampler": "gflownet",
     "gflownet": {**SMALL, "steps": 6, "checkpoint_every": 0},
+    "gflownet_warm_start": True,
     "gflownet_warm_steps": 3,
     "iterations": 3,
     "max_examples": 64,
