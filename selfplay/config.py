@@ -24,7 +24,7 @@ RESUMABLE_FIELDS = ("output_dir", "iterations", "progress")
 
 def opponent_gflownet_config() -> GFlowNetConfig:
     """The GFlowNet opponent's settings: the sampler's defaults, fitted for 200 steps an
-    iteration (a fresh fit on every iteration's reference)."""
+    iteration (from fresh weights, unless ``gflownet_warm_start``)."""
     return GFlowNetConfig(steps=200)
 
 
