@@ -9,17 +9,18 @@ reference and the first ``--eval-prompts`` fit prompts:
 - accuracy: the exact TV between π_ref (enumerated and normalized) and the law of one draw of
   each opponent: the GFlowNet policy's (enumerated), and SIR's with K candidates from M_h
   (``gfn_spin.exact.sir_output_laws``, for every K of ``--candidates``);
-- the GFlowNet fits: the run's own (cold at t = 1; warm-started from iteration t−1 at t ≥ 2,
-  with as many steps as a cold fit, ``--gflownet-steps``, default the opponent's), at t ≥ 2 a
-  cold one for comparison and warm ones of each length in ``--warm-steps``;
+- the GFlowNet fits: the run's own (cold, of ``--gflownet-steps`` steps, at t = 1;
+  warm-started from iteration t−1 at t ≥ 2, with the config's ``gflownet_warm_steps`` and
+  ``gflownet_warm_learning_rate``), and at t ≥ 2 a cold one for comparison and warm ones of
+  each length in ``--warm-steps`` (at ``--warm-learning-rate``, default the run's);
 - the importance sampler at the smallest K of ``--candidates`` whose TV is at most the
   GFlowNet's (the warm fit of the run when there is one, else the cold one);
 - an opponent's cost: building (and fitting) it plus one draw for every example, in the run's
   generation chunks; an iteration's wall time is that plus the rest of the run's iteration
   (reference scoring, training, evaluation), which does not depend on the opponent.
 
-    python -m bench.alpha_spin_iteration                       # cold and warm, 200 steps
-    python -m bench.alpha_spin_iteration --warm-steps 0,50,100   # and shorter warm fits
+    python -m bench.alpha_spin_iteration                       # the defaults
+    python -m bench.alpha_spin_iteration --warm-steps 0,25,100   # and other warm fit lengths
 """
 
 from __future__ import annotations
@@ -110,6 +111,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--gflownet-steps", type=int, default=None, help="cold fit steps")
     parser.add_argument(
         "--warm-steps", default="", help="extra warm fit lengths to measure, comma-separated"
+    )
+    parser.add_argument(
+        "--warm-learning-rate",
+        type=float,
+        default=None,
+        help="peak learning rate of the extra warm fits (default: the run's warm rate)",
     )
     parser.add_argument("--candidates", default="1,2,4,8,16,32,64,128", help="SIR K grid")
     parser.add_argument("--eval-prompts", type=int, default=16, help="prompts of the exact TV")
@@ -207,6 +214,7 @@ def measure(
     else:
         run_name = "gflownet cold"
     opponents[run_name] = (law.density_tv(run_sampler.policy), entry["fit_s"], run_sampler)
+    warm_rate = args.warm_learning_rate or config.gflownet_warm_learning_rate
     if warm:
         for steps in counts(args.warm_steps):
 
@@ -214,7 +222,7 @@ def measure(
                 sampler = GFlowNetSampler(
                     reference, iterates[-1], fit_config, adapter_name=f"bench_warm_{t}_{steps}"
                 )
-                sampler.warm_start(entry["warm_from"])
+                sampler.warm_start(entry["warm_from"], learning_rate=warm_rate)
                 return sampler
 
             sampler, fit_s = timed_fit(build, steps, prompts)

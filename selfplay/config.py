@@ -24,7 +24,8 @@ RESUMABLE_FIELDS = ("output_dir", "iterations", "progress")
 
 def opponent_gflownet_config() -> GFlowNetConfig:
     """The GFlowNet opponent's settings: the sampler's defaults, fitted for 200 steps an
-    iteration (from fresh weights, unless ``gflownet_warm_start``)."""
+    iteration from fresh weights (a warm-started fit is set by the ``gflownet_warm_*``
+    fields)."""
     return GFlowNetConfig(steps=200)
 
 
@@ -115,17 +116,23 @@ class AlphaSpinConfig:
                   "iteration (its max_new_tokens, adapter_name and seed are set by the run)."},
     )  # fmt: skip
     gflownet_warm_start: bool = field(
-        default=False,
+        default=True,
         metadata={"help": "Start each iteration's GFlowNet fit from the previous iteration's "
                   "weights (the twist head, or the LoRA adapter, when their shapes match; "
-                  "else a cold start, logged with the reason). Off by default: on the tiny "
-                  "world a shorter warm fit was less exact than a cold one and an equal one "
-                  "no more exact (python -m bench.alpha_spin_iteration measures it)."},
+                  "else a cold start, logged with the reason)."},
     )  # fmt: skip
     gflownet_warm_steps: int | None = field(
-        default=None,
-        metadata={"help": "Steps of a warm-started GFlowNet fit; None: gflownet.steps (a cold "
-                  "fit always takes gflownet.steps)."},
+        default=50,
+        metadata={"help": "Steps of a warm-started GFlowNet fit (a cold fit takes "
+                  "gflownet.steps); None: gflownet.steps. The default, a quarter of the cold "
+                  "fit, matched its exactness on the tiny world (python -m "
+                  "bench.alpha_spin_iteration measures both)."},
+    )  # fmt: skip
+    gflownet_warm_learning_rate: float | None = field(
+        default=2e-4,
+        metadata={"help": "Peak learning rate of a warm-started GFlowNet fit, without warmup "
+                  "(a tenth of the cold fit's: at the cold peak a short warm fit drifts away "
+                  "from the previous weights); None: gflownet's schedule."},
     )  # fmt: skip
     generation_chunk: int = field(
         default=64,
@@ -273,6 +280,8 @@ class AlphaSpinConfig:
             raise ValueError(
                 f"gflownet_warm_steps={self.gflownet_warm_steps!r} must be an integer >= 0 or None"
             )
+        if self.gflownet_warm_learning_rate is not None:
+            _check_number(self, "gflownet_warm_learning_rate", 0.0, low_open=True)
         for name in ("max_new_tokens", "max_examples"):
             if getattr(self, name) is not None:
                 check_count(name, getattr(self, name))

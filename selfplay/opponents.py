@@ -41,7 +41,8 @@ def opponent_sampler(
     resamples K proposals (M_h, the local product or π_t), "smc" runs N particles from the
     local product, "gflownet" fits a GFlowNet on ``fit_prompts`` first: from the weights of
     ``warm_start_from`` (the previous iteration's GFlowNet, a sampler or a saved folder) for
-    ``config.gflownet_warm_steps`` steps when ``config.gflownet_warm_start`` allows it (see
+    ``config.gflownet_warm_steps`` steps at ``config.gflownet_warm_learning_rate`` when
+    ``config.gflownet_warm_start`` allows it (see
     :func:`fit_opponent_gflownet`), else from fresh weights for ``config.gflownet.steps``.
     """
     kind = config.resolved_sampler()
@@ -103,7 +104,7 @@ def fit_opponent_gflownet(
     warm = False
     if config.gflownet_warm_start and warm_start_from is not None:
         try:
-            gflownet.warm_start(warm_start_from)
+            gflownet.warm_start(warm_start_from, learning_rate=config.gflownet_warm_learning_rate)
             warm = True
         except (ValueError, FileNotFoundError) as reason:
             logger.warning(

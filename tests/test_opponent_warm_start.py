@@ -134,8 +134,13 @@ def test_warm_fit_takes_the_warm_steps(setting):
     warm = sampler(setting, "steps_warm", parametrization="twist")
     assert fit_opponent_gflownet(config, warm, prompts, previous)
     assert warm.state.step == 2
+    rate = config.gflownet_warm_learning_rate
+    assert warm.config.learning_rate == rate and warm.config.warmup_steps == 0
+    # The first step at the warm peak (no warmup), the last one as the schedule says.
+    assert warm.learning_rate(0, 2) == rate
+    assert warm.metrics[-1]["lr"] == warm.learning_rate(1, 2) < rate
     off = sampler(setting, "steps_off", parametrization="twist")
-    disabled = AlphaSpinConfig(gflownet_warm_steps=2)  # warm starts are off by default
+    disabled = AlphaSpinConfig(gflownet_warm_start=False, gflownet_warm_steps=2)
     assert not fit_opponent_gflownet(disabled, off, prompts, previous)
     assert off.state.step == 3
 
