@@ -200,8 +200,12 @@ def measure(
     run_sampler = entry["sampler"]
     # Scoring, training and evaluation: the same work whatever the opponent.
     rest_s = iteration_s - entry["fit_s"] - entry["draw_s"]
+    # The opponent's cold settings (a warm-started sampler's config holds its warm rate).
     fit_config = dataclasses.replace(
-        run_sampler.config, adapter_name=f"bench_cold_{t}", steps=config.gflownet.steps
+        config.gflownet,
+        max_new_tokens=cap,
+        adapter_name=f"bench_cold_{t}",
+        seed=run_sampler.config.seed,
     )
     warm = entry["warm_from"] is not None and config.gflownet_warm_start
     opponents = {}
