@@ -7,6 +7,8 @@ reference by the configured sampler (docs/samplers.md compares them).
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
 from collections.abc import Sequence
 
 from gfn_spin.density import Density
@@ -20,6 +22,8 @@ from samplers.smc import SMCSampler
 from selfplay.config import AlphaSpinConfig, derive_seed
 from selfplay.reference import history_mixture
 
+logger = logging.getLogger(__name__)
+
 
 def opponent_sampler(
     config: AlphaSpinConfig,
@@ -29,12 +33,17 @@ def opponent_sampler(
     max_new_tokens: int,
     iteration: int,
     fit_prompts: Sequence[Sequence[int]] = (),
+    warm_start_from: GFlowNetSampler | str | os.PathLike | None = None,
 ) -> Sampler:
     """The sampler drawing y' for iteration t (``iterates = [π_0, ..., π_t]``).
 
     "ancestral" draws from π_t (reference log-probs still come from π_ref), "importance"
     resamples K proposals (M_h, the local product or π_t), "smc" runs N particles from the
-    local product, "gflownet" fits a GFlowNet on ``fit_prompts`` first.
+    local product, "gflownet" fits a GFlowNet on ``fit_prompts`` first: from the weights of
+    ``warm_start_from`` (the previous iteration's GFlowNet, a sampler or a saved folder) for
+    ``config.gflownet_warm_steps`` steps at ``config.gflownet_warm_learning_rate`` when
+    ``config.gflownet_warm_start`` allows it (see
+    :func:`fit_opponent_gflownet`), else from fresh weights for ``config.gflownet.steps``.
     """
     kind = config.resolved_sampler()
     if reference.normalized:
@@ -70,6 +79,37 @@ def opponent_sampler(
                 seed=derive_seed(config.seed, "gflownet", iteration),
             ),
         )
-        gflownet.fit(list(fit_prompts), progress=False)
+        fit_opponent_gflownet(config, gflownet, fit_prompts, warm_start_from)
         return gflownet
     raise ValueError(f"sampler={kind!r} cannot sample a geometric-mixture reference")
+
+
+def fit_opponent_gflownet(
+    config: AlphaSpinConfig,
+    gflownet: GFlowNetSampler,
+    fit_prompts: Sequence[Sequence[int]],
+    warm_start_from: GFlowNetSampler | str | os.PathLike | None,
+) -> bool:
+    """Fit the opponent GFlowNet, warm-started when possible; returns whether it was.
+
+    The reference changes between iterations (its history mixture drops its oldest iterate
+    and takes the newest), so what carries over is the learned correction to its local
+    product, or to π_t (:meth:`GFlowNetSampler.warm_start` says what each parametrization
+    carries). Within one run the shapes stay the same: "auto" resolves to "twist" for
+    h = 1 (two policy components at every iteration) and to "residual" otherwise (a LoRA
+    adapter, whatever the number of iterates mixed). A source that cannot be used (another
+    parametrization or shape, a missing or damaged folder) gives a cold fit, logged with
+    the reason; without a source (the first GFlowNet iteration) the fit is cold.
+    """
+    warm = False
+    if config.gflownet_warm_start and warm_start_from is not None:
+        try:
+            gflownet.warm_start(warm_start_from, learning_rate=config.gflownet_warm_learning_rate)
+            warm = True
+        except (ValueError, FileNotFoundError) as reason:
+            logger.warning(
+                "GFlowNet opponent: cold start, the warm start is impossible: %s", reason
+            )
+    steps = config.gflownet_warm_steps if warm else None
+    gflownet.fit(list(fit_prompts), steps, progress=False)
+    return warm

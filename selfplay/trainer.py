@@ -9,7 +9,8 @@ Iteration t, in :meth:`AlphaSpinTrainer.train`:
 1. :func:`selfplay.reference.build_reference`: ``π_ref ∝ π_0^{1-α} · M_h^α``.
 2. :func:`selfplay.opponents.opponent_sampler` + :func:`selfplay.generation.make_iteration_data`:
    one y' per example, and the reference log-probs of y and y' computed once and stored with
-   the data (parquet), so training keeps only the policy in memory.
+   the data (parquet), so training keeps only the policy in memory. A GFlowNet opponent is
+   saved in ``opponents/`` and warm-starts the next iteration's fit.
 3. :func:`selfplay.iterates.new_iterate` + :func:`selfplay.training.train_iterate`: π_{t+1}
    starts from π_t and minimizes ``objectives.spin.spin_loss``.
 4. evaluate, save the iterate and record the metrics; every step is atomic and listed in a
@@ -25,6 +26,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,6 +39,7 @@ from gfn_spin.density import Density
 from gfn_spin.devices import check_device, resolve_device
 from gfn_spin.policy import Policy
 from gfn_spin.toyworld import ToyWorld, ToyWorldEvaluator, build_world
+from samplers.gflownet import GFlowNetSampler
 from selfplay.config import RESUMABLE_FIELDS, AlphaSpinConfig, derive_seed
 from selfplay.data import load_pairs, pairs_fingerprint
 from selfplay.generation import check_context_fits, make_iteration_data
@@ -202,6 +205,7 @@ class AlphaSpinTrainer:
             reference = build_reference(iterates, cfg.alpha, cfg.history)
             if not run.done(f"data_{t}"):
                 started = time.perf_counter()
+                previous = opponent_gflownet_path(run, t - 1)
                 sampler = opponent_sampler(
                     cfg,
                     reference,
@@ -209,7 +213,11 @@ class AlphaSpinTrainer:
                     max_new_tokens=self.max_new_tokens,
                     iteration=t,
                     fit_prompts=self.examples.prompt_ids,
+                    warm_start_from=previous if previous.is_dir() else None,
                 )
+                if isinstance(sampler, GFlowNetSampler) and accelerator.is_main_process:
+                    # The next iteration warm-starts from it, also after a resume.
+                    sampler.save(opponent_gflownet_path(run, t))
                 data = make_iteration_data(
                     sampler,
                     reference,
@@ -245,6 +253,11 @@ class AlphaSpinTrainer:
             record = {"iteration": t + 1, "metrics": metrics, "seconds": timer.seconds}
             run.complete(f"train_{iterate_name(t + 1)}", record)
         return [r for r in run.records if r["iteration"] <= cfg.iterations]
+
+
+def opponent_gflownet_path(run: RunDirectory, t: int) -> Path:
+    """Where iteration t's fitted GFlowNet opponent is saved in the run folder."""
+    return run.root / "opponents" / f"gflownet_{t}"
 
 
 def comparable_config(config: AlphaSpinConfig) -> dict[str, Any]:

@@ -71,18 +71,30 @@ class Parametrization:
         """The safetensors file holding the trainable tensors."""
         return TWIST_WEIGHTS if self.head is not None else ADAPTER_WEIGHTS
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The trainable tensors by name: the head's state, or the adapter's peft state dict
+        (keys without the adapter's name, so they load under another name)."""
+        if self.head is not None:
+            return self.head.state_dict()
+        return get_peft_model_state_dict(
+            self.init.model, adapter_name=self.adapter_name, save_embedding_layers=False
+        )
+
+    def mismatches(self, state: dict[str, torch.Tensor]) -> list[str]:
+        """Names of the tensors that ``state`` lacks, adds, or holds in another shape."""
+        mine = self.state_dict()
+        return sorted(
+            k
+            for k in set(mine) | set(state)
+            if k not in state or k not in mine or state[k].shape != mine[k].shape
+        )
+
     def write(self, directory: Path) -> None:
         """Write the trainable tensors (and the peft adapter config) into ``directory``."""
-        if self.head is not None:
-            state = self.head.state_dict()
-        else:
-            model = self.init.model
-            state = get_peft_model_state_dict(
-                model, adapter_name=self.adapter_name, save_embedding_layers=False
-            )
-            model.peft_config[self.adapter_name].save_pretrained(str(directory))
+        if self.head is None:
+            self.init.model.peft_config[self.adapter_name].save_pretrained(str(directory))
         save_file(
-            {k: v.detach().cpu().contiguous() for k, v in state.items()},
+            {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
             str(directory / self.weights_file),
         )
 
@@ -105,12 +117,7 @@ class Parametrization:
     def load(self, directory: Path, state: dict[str, torch.Tensor]) -> None:
         """Load tensors read by :meth:`read_weights`; refuses ones of another shape."""
         if self.head is not None:
-            mine = self.head.state_dict()
-            wrong = sorted(
-                k
-                for k in set(mine) | set(state)
-                if k not in state or k not in mine or state[k].shape != mine[k].shape
-            )
+            wrong = self.mismatches(state)
             if wrong:
                 raise ValueError(
                     f"twist head weights in {directory} do not match this config: {wrong[:3]}"

@@ -16,7 +16,7 @@ import json
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from pickle import UnpicklingError  # the error class only: nothing is unpickled here
 from typing import Any
@@ -136,6 +136,62 @@ class GFlowNetSampler(Sampler):
         return self.config.learning_rate * self.trainer.lr_factor(step, total)
 
     # -- training ------------------------------------------------------------------------------
+
+    def warm_start(
+        self, source: GFlowNetSampler | str | os.PathLike, *, learning_rate: float | None = None
+    ) -> None:
+        """Start this fit from another fit's trainable weights instead of the fresh ones.
+
+        ``source`` is a sampler or a folder written by :meth:`save` (or a checkpoint folder).
+        What carries over is the correction the GFlowNet learned, for any target whose
+        components have the same shapes: the twist head for "twist" (same hidden sizes and
+        component count, so the same feature width, and the same head width and depth), the
+        LoRA adapter for "lora" and "residual" (same target modules and rank). Only the
+        weights are copied; the optimizer, schedules and batch RNG start afresh, as in a
+        cold fit under this sampler's seed.
+
+        ``learning_rate``, when given, becomes the fit's peak rate, reached without warmup
+        (it is recorded in ``config``): a warm start is already close, and a cold fit's
+        peak rate moves it away before it comes back.
+
+        Raises:
+            ValueError: naming why it is impossible (a fit already started, another
+                parametrization, tensors of other names or shapes); nothing is changed then.
+            FileNotFoundError: ``source`` is a folder without a saved GFlowNet.
+        """
+        if self.state.step:
+            raise ValueError(f"a warm start must precede the fit (at step {self.state.step})")
+        if isinstance(source, GFlowNetSampler):
+            theirs, state = source.parametrization, source.weights.state_dict()
+        else:
+            directory = Path(source)
+            check_files(directory, (CONFIG_FILE,))
+            theirs = _read_config(directory)["parametrization"]
+            if theirs == self.config.parametrization:
+                theirs = self.parametrization  # "auto" then resolves alike on this target
+            state = self.weights.read_weights(directory)
+        if theirs != self.parametrization:
+            raise ValueError(
+                f"source parametrization {theirs!r} differs from this sampler's "
+                f"{self.parametrization!r}"
+            )
+        wrong = self.weights.mismatches(state)
+        if wrong:
+            raise ValueError(
+                f"{self.parametrization} weights differ in name or shape from the source's: "
+                f"{wrong[:3]}"
+            )
+        if learning_rate is not None and not learning_rate > 0:
+            raise ValueError(f"learning_rate={learning_rate} must be > 0")
+        with torch.no_grad():
+            mine = self.weights.state_dict()
+            for name, value in state.items():
+                mine[name].copy_(value)
+        if learning_rate is not None:
+            self.config = replace(self.config, learning_rate=learning_rate, warmup_steps=0)
+            self.trainer.config = self.config
+            for group in self.trainer.optimizer.param_groups:
+                group["lr"] = learning_rate
 
     def fit(
         self,
