@@ -21,7 +21,7 @@ import multiprocessing
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -57,17 +57,6 @@ def _help(text: str) -> dict[str, str]:
 @dataclass
 class StudyConfig:
     """Settings of the study (trainer settings not listed here keep AlphaSpinConfig's defaults)."""
-
-    QUICK: ClassVar[dict[str, Any]] = {
-        "seeds": 2,
-        "iterations": 2,
-        "max_examples": 192,
-        "num_candidates": 8,
-        "num_particles": 8,
-        "drift_prompts": 2,
-    }
-    """Settings of ``--quick`` (each one still at its default takes this value); the variants
-    shrink to VARIANTS_QUICK."""
 
     output_dir: str = field(
         default="runs/alpha_spin_study",
@@ -131,6 +120,20 @@ class StudyConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
         resolve_device(self.device, "device")  # "auto", or a device this machine has
+
+
+# Settings of ``--quick`` (each one still at its default takes this value); the variants shrink
+# to VARIANTS_QUICK. Set after the class rather than as a ClassVar in its body: the study's
+# spawned workers re-run this module as ``__mp_main__``, where dataclasses cannot resolve a
+# string ``ClassVar`` annotation and would take the dict for a mutable field default.
+StudyConfig.QUICK = {
+    "seeds": 2,
+    "iterations": 2,
+    "max_examples": 192,
+    "num_candidates": 8,
+    "num_particles": 8,
+    "drift_prompts": 2,
+}
 
 
 def variants(study: StudyConfig) -> list[tuple[str, float, int | str]]:

@@ -122,3 +122,14 @@ def test_flag_values_come_back_in_the_fields_own_types():
     assert study.seeds == 5 and study.iterations == alpha_spin.StudyConfig.QUICK["iterations"]
     sweep = parse_config(sampler_sweep.SweepConfig, ["--sir-candidates", "2", "8"])
     assert sweep.sir_candidates == (2, 8)
+
+
+@pytest.mark.parametrize("module", EXPERIMENTS, ids=lambda m: m.__name__)
+def test_module_reruns_as_a_spawned_workers_main(module):
+    """A spawned worker (the α-SPIN study's pool) re-runs the launching module as ``__mp_main__``;
+    every study module must define its configs there too (a string ``ClassVar`` annotation does
+    not resolve in that namespace, and dataclasses would reject the dict as a field default)."""
+    import runpy
+
+    namespace = runpy.run_module(module.__name__, run_name="__mp_main__", alter_sys=True)
+    assert callable(namespace["main"])
