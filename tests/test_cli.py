@@ -124,12 +124,19 @@ def test_flag_values_come_back_in_the_fields_own_types():
     assert sweep.sir_candidates == (2, 8)
 
 
-@pytest.mark.parametrize("module", EXPERIMENTS, ids=lambda m: m.__name__)
-def test_module_reruns_as_a_spawned_workers_main(module):
-    """A spawned worker (the α-SPIN study's pool) re-runs the launching module as ``__mp_main__``;
-    every study module must define its configs there too (a string ``ClassVar`` annotation does
-    not resolve in that namespace, and dataclasses would reject the dict as a field default)."""
-    import runpy
+def test_alpha_spin_study_reruns_as_a_spawned_workers_main():
+    """The α-SPIN study runs its seeds in a spawned worker pool, and each worker re-runs the
+    launching module as ``__mp_main__`` in a fresh interpreter. There a string ``ClassVar``
+    annotation in a dataclass body does not resolve, so dataclasses would take a ``QUICK`` dict
+    for a field default and every worker would die (the pool then waits forever). Only a fresh
+    interpreter shows it, hence the subprocess."""
+    import subprocess
+    import sys
 
-    namespace = runpy.run_module(module.__name__, run_name="__mp_main__", alter_sys=True)
-    assert callable(namespace["main"])
+    code = (
+        "import runpy; "
+        "ns = runpy.run_module('experiments.alpha_spin', run_name='__mp_main__', alter_sys=True); "
+        "assert ns['StudyConfig'].QUICK"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
