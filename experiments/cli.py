@@ -15,7 +15,8 @@ space-separated values, ``X | None``); this module adds what it lacks:
 - **one ``--quick`` convention**: a config with a ``quick`` field declares
   ``QUICK: ClassVar[dict]`` (flag destination → value, ``"gflownet.steps"`` for a nested
   field); with ``--quick`` each listed setting still at its default takes the quick value, and
-  a value given on the command line wins.
+  a value given on the command line wins. A study whose module is the main module of spawned
+  workers sets ``Config.QUICK = {...}`` after the class instead (see experiments/alpha_spin.py).
 
 Help text of a config documented the older way (a string literal under each field) is read
 from its source, so configs of other packages get the same ``--help``.
