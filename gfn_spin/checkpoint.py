@@ -133,13 +133,25 @@ class CheckpointDirectory:
     ) -> None:
         """Refuse to resume when ``current`` differs from the ``recorded`` identity outside
         the ``resumable`` keys, naming each difference and the fix."""
-        differences = identity_differences(recorded, current, resumable)
-        if differences:
-            raise ValueError(
-                f"{argument}={str(self.root)!r} holds a run with a different configuration "
-                f"({'; '.join(differences)}); resume with the original settings or choose a "
-                f"new {argument}"
-            )
+        check_identity(self.root, recorded, current, resumable, argument)
+
+
+def check_identity(
+    root: str | os.PathLike,
+    recorded: dict[str, Any],
+    current: dict[str, Any],
+    resumable: Sequence[str] = (),
+    argument: str = "checkpoint_dir",
+) -> None:
+    """:meth:`CheckpointDirectory.check_identity` for a process that reads ``root`` without
+    claiming it (a data-parallel worker other than the one that writes)."""
+    differences = identity_differences(recorded, current, resumable)
+    if differences:
+        raise ValueError(
+            f"{argument}={str(root)!r} holds a run with a different configuration "
+            f"({'; '.join(differences)}); resume with the original settings or choose a "
+            f"new {argument}"
+        )
 
 
 def checkpoints(root: str | os.PathLike) -> list[Path]:

@@ -62,10 +62,12 @@ def _run_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[
 _ROOT_FILES = (MANIFEST, "metrics.json", "results.json", RUN_MARKER)
 _DATA_FILE = re.compile(r"iteration_\d+\.parquet")
 _ITERATE = re.compile(r"iter_\d+")
+_OPPONENT = re.compile(r"gflownet_\d+")
 
 
 class RunDirectory:
-    """``output_dir``: manifest.json (the source of truth), data/, iterates/, metrics.json.
+    """``output_dir``: manifest.json (the source of truth), data/, iterates/, opponents/,
+    metrics.json.
 
     ``identity`` is what a resume must match (the config without ``resumable`` fields, the
     data's hash under :data:`DATA_HASH`, the world); ``resumable`` names the config fields a
@@ -167,7 +169,8 @@ class RunDirectory:
 
         Temporaries are recognized by the exact names the atomic writers give them
         (:func:`gfn_spin.io.is_temporary_of`) next to the files the run writes, in the run's
-        own subfolders; an unlisted iterate is an ``iter_N`` folder inside ``iterates/``.
+        own subfolders (``iterates/iter_N``, ``opponents/gflownet_N``); an unlisted iterate is
+        an ``iter_N`` folder inside ``iterates/``.
         """
 
         def remove(entry: Path) -> None:
@@ -198,6 +201,12 @@ class RunDirectory:
                         remove(entry)
                 elif is_temporary_of(entry.name, final):
                     remove(entry)
+        opponents = self.root / "opponents"
+        if opponents.is_dir() and not opponents.is_symlink():
+            for entry in opponents.iterdir():
+                final = entry.name.split(".", 1)[0]
+                if _OPPONENT.fullmatch(final) and is_temporary_of(entry.name, final):
+                    remove(entry)
 
     def done(self, step: str) -> bool:
         return step in self.manifest["done"]
@@ -217,6 +226,11 @@ class RunDirectory:
 
     def iterate_path(self, t: int) -> Path:
         return self.root / "iterates" / iterate_name(t)
+
+    def opponent_path(self, t: int) -> Path:
+        """Where iteration t's fitted GFlowNet opponent is saved (the next one warm-starts
+        from it, also after a resume)."""
+        return self.root / "opponents" / f"gflownet_{t}"
 
     @property
     def records(self) -> list[dict[str, Any]]:

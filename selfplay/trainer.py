@@ -26,7 +26,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -205,7 +204,7 @@ class AlphaSpinTrainer:
             reference = build_reference(iterates, cfg.alpha, cfg.history)
             if not run.done(f"data_{t}"):
                 started = time.perf_counter()
-                previous = opponent_gflownet_path(run, t - 1)
+                previous = None if t == 0 else run.opponent_path(t - 1)
                 sampler = opponent_sampler(
                     cfg,
                     reference,
@@ -213,11 +212,11 @@ class AlphaSpinTrainer:
                     max_new_tokens=self.max_new_tokens,
                     iteration=t,
                     fit_prompts=self.examples.prompt_ids,
-                    warm_start_from=previous if previous.is_dir() else None,
+                    warm_start_from=previous if previous and previous.is_dir() else None,
                 )
                 if isinstance(sampler, GFlowNetSampler) and accelerator.is_main_process:
                     # The next iteration warm-starts from it, also after a resume.
-                    sampler.save(opponent_gflownet_path(run, t))
+                    sampler.save(run.opponent_path(t))
                 data = make_iteration_data(
                     sampler,
                     reference,
@@ -253,11 +252,6 @@ class AlphaSpinTrainer:
             record = {"iteration": t + 1, "metrics": metrics, "seconds": timer.seconds}
             run.complete(f"train_{iterate_name(t + 1)}", record)
         return [r for r in run.records if r["iteration"] <= cfg.iterations]
-
-
-def opponent_gflownet_path(run: RunDirectory, t: int) -> Path:
-    """Where iteration t's fitted GFlowNet opponent is saved in the run folder."""
-    return run.root / "opponents" / f"gflownet_{t}"
 
 
 def comparable_config(config: AlphaSpinConfig) -> dict[str, Any]:

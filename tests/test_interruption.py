@@ -149,3 +149,49 @@ def test_partial_and_truncated_checkpoints_are_never_loaded(world, tmp_path):
     (tmp_path / "step_0000003" / "trainer_state.pt").write_bytes(b"")
     with pytest.raises(ValueError, match="trainer_state.pt' is corrupted or truncated"):
         sampler().fit(prompts, steps=5, checkpoint_dir=tmp_path, resume=True, progress=False)
+
+
+class _Worker:
+    """A data-parallel process other than the main one: the real accelerator's training
+    machinery, with the rank and the barrier counted."""
+
+    is_main_process = False
+
+    def __init__(self, accelerator: object) -> None:
+        self._accelerator = accelerator
+        self.waits = 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._accelerator, name)
+
+    def wait_for_everyone(self) -> None:
+        self.waits += 1
+
+
+def test_only_the_main_process_writes_checkpoints_and_every_process_resumes(world, tmp_path):
+    """A non-main process neither claims nor writes ``checkpoint_dir`` (it waits at each save
+    for the main one), and resumes from the main process's checkpoint like it."""
+
+    def sampler(main: bool) -> GFlowNetSampler:
+        shifted = world.load_policy("shifted", device="cpu", dtype=torch.float32)
+        target = GeometricMixture([world.base, shifted], [0.5, 0.5])
+        config = GFlowNetConfig(
+            max_new_tokens=7, prompts_per_step=2, samples_per_prompt=2, checkpoint_every=1
+        )
+        built = GFlowNetSampler(target, shifted, config)
+        if not main:
+            built.trainer.accelerator = _Worker(built.trainer.accelerator)
+        return built
+
+    prompts = world.train_prompts[:4]
+    worker = sampler(main=False)
+    worker.fit(prompts, steps=2, checkpoint_dir=tmp_path / "fit", progress=False)
+    assert not (tmp_path / "fit").exists()
+    assert worker.trainer.accelerator.waits == 3  # after steps 1 and 2, and at the end
+
+    main = sampler(main=True)
+    main.fit(prompts, steps=2, checkpoint_dir=tmp_path / "fit", progress=False)
+    resumed = sampler(main=False)
+    resumed.fit(prompts, steps=3, checkpoint_dir=tmp_path / "fit", resume=True, progress=False)
+    assert resumed.state.step == 3  # continued from the main process's step 2
+    assert latest_checkpoint(tmp_path / "fit").name == "step_0000002"  # the worker wrote none

@@ -217,11 +217,22 @@ def test_a_resumed_run_removes_only_its_own_leftovers(world, tmp_path):
     manifest = {"identity": trainer.identity, "done": ["eval_0"], "records": []}
     (tmp_path / MANIFEST).write_text(json.dumps(manifest))
     files = _user_files(tmp_path)
+    kept = {
+        "opponents/gflownet_0/gflownet_config.json": "{}",  # a finished save: the warm start
+        "opponents/my_gflownet.abcd1234.tmp/README": "not a name the run writes",
+        "opponents/gflownet_1.short.tmp/README": "not a temporary name of the run's writers",
+    }
+    for name, text in kept.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    files |= kept
     own = [
         "manifest.json.ab12cd34.tmp",
         "data/iteration_0.parquet.Zx_9k2Lq.tmp",
         "iterates/iter_1/adapter_config.json",  # unlisted: written just before a kill
         "iterates/iter_2.k3j4l5m6.tmp/adapter_config.json",
+        "opponents/gflownet_1.Ab3_x9Zq.tmp/gflownet_config.json",  # a kill during sampler.save
+        "opponents/gflownet_0.old.p0q1r2s3.tmp/gflownet_config.json",  # ... while replacing
     ]
     for name in own:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)

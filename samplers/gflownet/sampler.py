@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 from pickle import UnpicklingError  # the error class only: nothing is unpickled here
 from typing import Any
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from gfn_spin.checkpoint import CheckpointDirectory
+from gfn_spin.checkpoint import CheckpointDirectory, check_identity
 from gfn_spin.checkpoint import latest_checkpoint as latest_in
 from gfn_spin.density import Density, PromptLike
 from gfn_spin.io import atomic_directory
@@ -231,9 +232,13 @@ class GFlowNetSampler(Sampler):
                 "teacher must be a normalized density (e.g. another GFlowNetSampler's .policy) "
                 "over the target's vocabulary and EOS token"
             )
-        folder = None if checkpoint_dir is None else self._checkpoints(checkpoint_dir)
+        # Under several processes only the main one claims the folder and writes; every
+        # process reads the checkpoint it resumes from.
+        main = self.trainer.accelerator.is_main_process
+        writes = checkpoint_dir is not None and main
+        folder = self._checkpoints(checkpoint_dir) if writes else None
         try:
-            latest = None if folder is None else folder.latest()
+            latest = None if checkpoint_dir is None else latest_checkpoint(checkpoint_dir)
             if latest is not None and not resume and self.state.step == 0:
                 # Starting afresh would replace that fit's checkpoints: never without being asked.
                 raise ValueError(
@@ -242,9 +247,12 @@ class GFlowNetSampler(Sampler):
                     "empty or new checkpoint_dir to start afresh"
                 )
             if resume and latest is not None:
-                folder.check_identity(_read_config(latest), self._config_json(), RESUMABLE_FIELDS)
+                check_identity(
+                    checkpoint_dir, _read_config(latest), self._config_json(), RESUMABLE_FIELDS
+                )
                 self._load_checkpoint(latest)
-            self._train(prompt_ids, total, folder, progress, log_every, teacher)
+            save = None if checkpoint_dir is None else partial(self._save_step, folder)
+            self._train(prompt_ids, total, save, progress, log_every, teacher)
         finally:
             if folder is not None:
                 folder.close()
@@ -254,7 +262,7 @@ class GFlowNetSampler(Sampler):
         self,
         prompt_ids: list[list[int]],
         total: int,
-        folder: CheckpointDirectory | None,
+        save: Callable[[], None] | None,
         progress: bool,
         log_every: int,
         teacher: Density | None,
@@ -290,11 +298,18 @@ class GFlowNetSampler(Sampler):
                 self.state.metrics.append(record)
                 bar.set_postfix(loss=f"{record['loss']:.3g}")
             bar.update(1)
-            if folder is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
-                self._save_into(folder)
+            if save is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
+                save()
         bar.close()
+        if save is not None:
+            save()
+
+    def _save_step(self, folder: CheckpointDirectory | None) -> None:
+        """Write a checkpoint into ``folder`` (the main process's; None on the others), then
+        hold every process until it is written."""
         if folder is not None:
             self._save_into(folder)
+        self.trainer.accelerator.wait_for_everyone()
 
     @torch.no_grad()
     def ess(self, prompts: Sequence[PromptLike], num_samples: int) -> float:
