@@ -24,6 +24,10 @@ positions, so a token's logits see that token and the one before it, at a fixed 
 offset: the law depends on the last two tokens only (checked by
 :func:`gfn_spin.exact_dp.check_bounded_context`). Saved with ``save_pretrained`` under
 ``$GFN_SPIN_CACHE/scaled_world/<config hash>`` and loaded back with ``from_pretrained``.
+
+Why one module of about 500 lines: the task's exact law, the data it samples, the models'
+training and the cache key are one definition of the world (as in ``gfn_spin.toyworld``); a
+change to any of them must change the cache hash with it.
 """
 
 from __future__ import annotations
