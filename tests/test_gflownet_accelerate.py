@@ -4,10 +4,7 @@ identical weights, and match one process with the same global batch up to float 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,6 +16,7 @@ from gfn_spin import GeometricMixture
 from gfn_spin.samples import ancestral_sample
 from samplers import GFlowNetSampler
 from samplers.gflownet.trainer import StateRecorder
+from tests.launch import run_two_and_one
 
 SCRIPT = Path(__file__).with_name("run_gflownet_fit.py")
 L = 7
@@ -105,22 +103,12 @@ def test_a_fit_inside_an_accumulating_run_steps_every_time_and_keeps_its_setting
 @pytest.mark.slow  # two launches of the accelerate CLI, a minute on 2 busy CPU cores
 @pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not installed")
 def test_two_cpu_processes_match_single_process(world, tmp_path):
-    cache = str(world.directory.parent)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # accelerate's --cpu launcher needs MPI for several processes; --multi_gpu uses torchrun,
-    # and the trainer asks accelerate for gloo on CPU.
-    launch = [
-        "accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29519",
-    ]  # fmt: skip
     configs = json.dumps([{**COMMON, **BATCH, **c} for c in CONFIGS])
-    args = [str(SCRIPT), cache, str(tmp_path / "dp"), configs]
-    subprocess.run(launch + args, check=True, env=env, capture_output=True, timeout=300)
-    single = [sys.executable, str(SCRIPT), cache, str(tmp_path / "single"), configs]
-    subprocess.run(single, check=True, env=env, capture_output=True, timeout=300)
-
-    rank0, rank1 = (torch.load(tmp_path / "dp" / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    alone = torch.load(tmp_path / "single" / "rank0.pt", weights_only=True)
+    dp, single = run_two_and_one(
+        SCRIPT, str(world.directory.parent), configs, tmp_path, port=29519, timeout=300
+    )
+    rank0, rank1 = (torch.load(dp / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    alone = torch.load(single / "rank0.pt", weights_only=True)
     for config, dp, other, one in zip(CONFIGS, rank0, rank1, alone, strict=True):
         assert dp["weights"].keys() == other["weights"].keys() == one["weights"].keys()
         for name, value in dp["weights"].items():
