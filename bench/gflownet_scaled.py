@@ -30,8 +30,8 @@ SMC. Beside it, ``|log Ẑ − log Z|`` against the exact log Z at the same budg
 such convention.
 
 The fit runs in chunks of ``steps / curve_points`` with the learning-rate and reward-temperature
-schedules of the whole fit (:class:`CurveSampler`), so the trajectory is the one of a single
-``fit(steps)``.
+schedules of the whole fit (``fit(..., schedule_steps=steps)``), so the trajectory is the one
+of a single ``fit(steps)``.
 
     python -m bench.gflownet_scaled                         # α = 0.5, iterate pair
     python -m bench.gflownet_scaled --pairs stress --alpha 0.95
@@ -67,17 +67,6 @@ from samplers.gflownet import GFlowNetConfig
 
 #: Largest teacher-forced vs table gap accepted as float32 rounding (docs/scaled_world.md).
 BOUNDED_CONTEXT_TOLERANCE = 1e-4
-
-
-class CurveSampler(GFlowNetSampler):
-    """A GFlowNetSampler whose schedules span ``config.steps`` whatever ``fit(steps=...)`` says,
-    so a fit run in chunks (measured between them) follows the trajectory of one whole fit."""
-
-    def learning_rate(self, step: int, total: int) -> float:
-        return super().learning_rate(step, self.config.steps)
-
-    def reward_temperature(self, step: int, total: int) -> float:
-        return super().reward_temperature(step, self.config.steps)
 
 
 def padded(samples: Samples, max_new_tokens: int, pad_token_id: int) -> torch.Tensor:
@@ -179,7 +168,12 @@ def fit_with_curve(
         if step > sampler.state.step:
             before = sum(m.tokens_evaluated for m in models)
             started = time.perf_counter()
-            log = sampler.fit(world.train_prompts, steps=step, progress=False)
+            log = sampler.fit(
+                world.train_prompts,
+                steps=step,
+                progress=False,
+                schedule_steps=sampler.config.steps,
+            )
             seconds += time.perf_counter() - started
             tokens += sum(m.tokens_evaluated for m in models) - before
             train_empty = log[-1]["empty_fraction"]
@@ -299,7 +293,7 @@ def run_pair(world: ScaledWorld, alpha: float, pair: str, args: argparse.Namespa
     mixture = world.mixture(alpha, pair)
     cap = world.max_new_tokens
     config = GFlowNetConfig(max_new_tokens=cap, steps=args.steps, seed=args.seed)
-    gfn = CurveSampler(mixture, world.load_policy(pair), config)
+    gfn = GFlowNetSampler(mixture, world.load_policy(pair), config)
     curve, fit_seconds, fit_tokens = fit_with_curve(
         gfn, world, target, args.curve_points, args.draws, args.seed
     )

@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from bench.gflownet_scaled import CurveSampler, draw_report, exact_policy_report
+from bench.gflownet_scaled import draw_report, exact_policy_report
 from gfn_spin.exact import divergences, exact_distribution
 from gfn_spin.scaled_world import ScaledWorld, ScaledWorldConfig, build_world
 from samplers import GFlowNetSampler
@@ -46,11 +46,13 @@ def fitted(world: ScaledWorld) -> GFlowNetSampler:
 def test_chunked_fit_follows_the_whole_fit(world: ScaledWorld):
     """The curve's chunks (fit to 5, then to 8 steps) end at the weights of one 8-step fit."""
     mixture = world.mixture(ALPHA, PAIR)
-    whole = CurveSampler(mixture, world.load_policy(PAIR), fit_config(world, 8))
+    whole = GFlowNetSampler(mixture, world.load_policy(PAIR), fit_config(world, 8))
     whole.fit(world.train_prompts, progress=False)
-    chunked = CurveSampler(mixture, world.load_policy(PAIR), fit_config(world, 8))
-    chunked.fit(world.train_prompts, steps=5, progress=False)
-    chunked.fit(world.train_prompts, steps=8, progress=False)
+    chunked = GFlowNetSampler(mixture, world.load_policy(PAIR), fit_config(world, 8))
+    chunked.fit(world.train_prompts, steps=5, progress=False, schedule_steps=8)
+    chunked.fit(world.train_prompts, steps=8, progress=False, schedule_steps=8)
+    with pytest.raises(ValueError, match="schedule_steps=8 must be at least"):
+        chunked.fit(world.train_prompts, steps=9, progress=False, schedule_steps=8)
     for a, b in zip(whole.head.parameters(), chunked.head.parameters(), strict=True):
         assert torch.equal(a, b)
     # Plain chunks would compress the cosine schedule: the check above can fail.

@@ -204,8 +204,13 @@ class GFlowNetSampler(Sampler):
         progress: bool = True,
         log_every: int = 10,
         teacher: Density | None = None,
+        schedule_steps: int | None = None,
     ) -> list[dict[str, Any]]:
         """Train on ``prompts`` for ``steps`` optimizer steps (default ``config.steps``).
+
+        The learning-rate and reward-temperature schedules span ``schedule_steps`` (default:
+        the fit's own ``steps``). To fit in chunks, measuring between them, give every chunk
+        the whole fit's length here: the chunks then follow the trajectory of one fit.
 
         Without ``teacher`` each step is a step of the configured loss toward the target. With
         ``teacher`` (a normalized density over the same vocabulary, typically a more exact but
@@ -221,6 +226,11 @@ class GFlowNetSampler(Sampler):
         total = self.config.steps if steps is None else steps
         if total < 0:
             raise ValueError(f"steps={total} must be >= 0")
+        horizon = total if schedule_steps is None else schedule_steps
+        if horizon < total:
+            raise ValueError(
+                f"schedule_steps={schedule_steps} must be at least the fit's steps ({total})"
+            )
         if resume and checkpoint_dir is None:
             raise ValueError("resume=True needs checkpoint_dir (where checkpoints were written)")
         if teacher is not None and (
@@ -252,7 +262,7 @@ class GFlowNetSampler(Sampler):
                 )
                 self._load_checkpoint(latest)
             save = None if checkpoint_dir is None else partial(self._save_step, folder)
-            self._train(prompt_ids, total, save, progress, log_every, teacher)
+            self._train(prompt_ids, total, horizon, save, progress, log_every, teacher)
         finally:
             if folder is not None:
                 folder.close()
@@ -262,6 +272,7 @@ class GFlowNetSampler(Sampler):
         self,
         prompt_ids: list[list[int]],
         total: int,
+        horizon: int,
         save: Callable[[], None] | None,
         progress: bool,
         log_every: int,
@@ -270,7 +281,7 @@ class GFlowNetSampler(Sampler):
         trainer, cfg = self.trainer, self.config
         source = None if teacher is None else TeacherSource(teacher, cfg)
         eval_prompts = prompt_ids[: cfg.eval_prompts]
-        scheduler = trainer.scheduler(total)
+        scheduler = trainer.scheduler(horizon)
         bar = tqdm(
             total=total, initial=self.state.step, disable=not progress, desc="gflownet", leave=False
         )
@@ -278,7 +289,7 @@ class GFlowNetSampler(Sampler):
         while self.state.step < total:
             step = self.state.step
             lr = trainer.optimizer.param_groups[0]["lr"]
-            temp = trainer.reward_temperature(step, total)
+            temp = trainer.reward_temperature(step, horizon)
             if source is None:
                 record = trainer.train_step(prompt_ids, temp)
             else:
