@@ -11,7 +11,6 @@ weights.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 
 import torch
@@ -31,8 +30,6 @@ METRICS = {
     "rewards/margins": "train/margin",
     "rewards/accuracies": "train/accuracy",
 }
-#: Whether ``spin_loss`` takes the response lengths (its length-normalized loss reads them).
-_LOSS_TAKES_LENGTHS = "real_lengths" in inspect.signature(spin_loss).parameters
 
 
 class PairScorer(torch.nn.Module):
@@ -80,12 +77,6 @@ def batch_loss(
     policy_real, policy_generated = logps[: len(rows)], logps[len(rows) :]
     ref_real = data.ref_real_logps[rows].to(logps.device)
     ref_generated = data.ref_generated_logps[rows].to(logps.device)
-    lengths = {}
-    if _LOSS_TAKES_LENGTHS:
-        lengths = {
-            "real_lengths": data.real_lengths[rows].to(logps.device),
-            "generated_lengths": data.generated_lengths[rows].to(logps.device),
-        }
     losses = spin_loss(
         policy_real,
         policy_generated,
@@ -93,7 +84,8 @@ def batch_loss(
         ref_generated,
         beta=config.beta,
         loss_type=config.loss_type,
-        **lengths,
+        real_lengths=data.real_lengths[rows].to(logps.device),
+        generated_lengths=data.generated_lengths[rows].to(logps.device),
     )
     metrics = spin_metrics(policy_real, policy_generated, ref_real, ref_generated, beta=config.beta)
     return losses, metrics
