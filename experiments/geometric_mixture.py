@@ -1,8 +1,11 @@
 """How exactly can we sample π_base^(1-α) · π_t^α?  The main job: ``python -m experiments.geometric_mixture``.
 
 On the tiny world (docs/toyworld.md) every density is enumerated, so each sampler's error to
-the geometric mixture is a number. For each α the job trains one GFlowNet adapter on the train
-prompts (amortized), then compares on the held-out eval prompts, at stated budgets:
+the geometric mixture is a number. For each α the job fits one GFlowNet (and its one-pass form)
+on the eval prompts, the prompts it then samples for, as SIR and SMC run on them
+(``--gflownet-prompts train``: amortized over the train prompts instead, so evaluated on prompts
+the fit never saw), then compares on the eval prompts (held out from the policies' training) at
+stated budgets:
 
 - ancestral sampling from π_t (what people do without a geometric sampler),
 - the local product q_loc (token-level product),
@@ -199,6 +202,17 @@ class GeometricMixtureConfig(EvaluationConfig):
     smc_particles: tuple[int, ...] = field(
         default=(16, 64), metadata=_help("N values of SMC from the local product.")
     )
+    gflownet_prompts: Literal["eval", "train"] = field(
+        default="eval",
+        metadata=_help(
+            """Prompts the GFlowNet and its one-pass form are fit on. "eval": the prompts they
+            are then asked to sample for, as SIR and SMC are run on them (only the unnormalized
+            target is used, never a response; this is how α-SPIN fits its opponent on the
+            prompts it samples). "train": amortized over the train prompts and evaluated on
+            prompts the fit never saw, which measures how one adapter transfers to new prompts
+            (experiments.amortization studies this)."""
+        ),
+    )
     gfn_sir_candidates: int = field(
         default=4, metadata=_help("K of SIR with the trained GFlowNet as proposal.")
     )
@@ -263,6 +277,10 @@ class GeometricMixtureConfig(EvaluationConfig):
             raise ValueError("--resume needs --checkpoint-dir")
         if self.threads < 0:
             raise ValueError(f"threads={self.threads} must be >= 0")
+        if self.gflownet_prompts not in ("eval", "train"):
+            raise ValueError(
+                f"gflownet_prompts={self.gflownet_prompts!r} must be 'eval' or 'train'"
+            )
         if self.onepass_steps < 0:
             raise ValueError(f"onepass_steps={self.onepass_steps} must be >= 0")
         self.gfn_config(0.5, 7)  # validates the GFlowNet settings
@@ -370,7 +388,7 @@ def fit_gflownets(
     config: GeometricMixtureConfig,
     target: GeometricMixture,
     model: Policy,
-    train_prompts: list,
+    fit_prompts: list,
     alpha: float,
     cap: int,
     output_dir: Path,
@@ -380,7 +398,7 @@ def fit_gflownets(
     gflownet = GFlowNetSampler(target, model, config.gfn_config(alpha, cap))
     fit = {"checkpoint_root": config.checkpoint_dir, "resume": config.resume}
     fit["progress"] = config.progress
-    record = {"alpha": alpha, **fit_sampler(gflownet, train_prompts, output_dir, **fit)}
+    record = {"alpha": alpha, **fit_sampler(gflownet, fit_prompts, output_dir, **fit)}
     logger.info(
         "α=%g: GFlowNet (%s) trained %d steps in %.1f s, final loss %.4g",
         alpha,
@@ -393,7 +411,7 @@ def fit_gflownets(
     if config.onepass_steps > 0:
         onepass = GFlowNetSampler(target, model, config.onepass_config(alpha, cap))
         record["onepass"] = fit_sampler(
-            onepass, train_prompts, output_dir, teacher=gflownet.policy, **fit
+            onepass, fit_prompts, output_dir, teacher=gflownet.policy, **fit
         )
         logger.info(
             "α=%g: one-pass form distilled %d steps in %.1f s",
@@ -432,6 +450,7 @@ def _run(
     load_seconds = time.perf_counter() - started
     if world is not None:
         eval_prompts = [list(p) for p in eval_prompts]
+    fit_prompts = eval_prompts if config.gflownet_prompts == "eval" else train_prompts
     components = None
     if world is not None:
         t0 = time.perf_counter()
@@ -447,7 +466,7 @@ def _run(
     for alpha in config.alphas:
         target = GeometricMixture([base, model], [1 - alpha, alpha])
         gflownet, onepass, record = fit_gflownets(
-            config, target, model, train_prompts, alpha, cap, output_dir, logger
+            config, target, model, fit_prompts, alpha, cap, output_dir, logger
         )
         training.append(record)
         entries = build_samplers(config, target, model, gflownet, cap, onepass)

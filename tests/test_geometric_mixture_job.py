@@ -205,3 +205,35 @@ def test_real_model_path_reports_ess_and_elbo_gap(world, tmp_path):
     assert rows["GFlowNet"]["elbo_gap"] is not None
     assert rows["SMC N=4"]["log_z"] is not None
     assert all(0.0 <= row["ess_fraction"] <= 1.0 + 1e-9 for row in rows.values())
+
+
+class _Fitted(Exception):
+    """Stops the job at its first GFlowNet fit (what the test checks happens before)."""
+
+
+@pytest.mark.parametrize("choice", ["eval", "train"])
+def test_gflownet_is_fit_on_the_prompts_gflownet_prompts_names(
+    world, tmp_path, monkeypatch, choice
+):
+    seen = []
+
+    def record(sampler, prompts, *args, **kwargs):
+        seen.append([list(p) for p in prompts])
+        raise _Fitted
+
+    monkeypatch.setattr(geometric_mixture, "fit_sampler", record)
+    with pytest.raises(_Fitted):
+        geometric_mixture.main(
+            [
+                "--output-dir", str(tmp_path / "run"),
+                "--world-cache", str(world.directory.parent),
+                "--world-preset", "stress",
+                "--num-eval-prompts", "3",
+                "--gflownet-prompts", choice,
+                "--progress", "false",
+            ]
+        )  # fmt: skip
+    expected = world.eval_prompts[:3] if choice == "eval" else world.train_prompts
+    assert seen == [[list(p) for p in expected]]
+    with pytest.raises(SystemExit):  # a Literal field: argparse refuses other choices
+        geometric_mixture.main(["--output-dir", str(tmp_path), "--gflownet-prompts", "all"])
