@@ -16,7 +16,9 @@ held-out prompts:
    figures when the check fails;
 3. the one-pass form (a LoRA adapter on π_t, distilled from the twist policy with the main
    job's one-pass recipe, but 1,200 steps at peak rate 3e-3: here its ESS/N still rises past
-   600 steps), measured the same way;
+   600 steps), measured the same way, beside its ceiling: the target's length-blind projection
+   (``BoundedContextTarget.length_blind_projection``), the best law that reads only the last
+   two tokens, as the one-pass form does;
 4. effective samples per model token and ``|log Ẑ − log Z|`` at matched population sizes:
    SMC and SIR from the local product, twisted SMC and SIR with the GFlowNet as proposal, the
    GFlowNet's and the one-pass form's own weighted draws; a ratio line per GFlowNet-based
@@ -321,6 +323,18 @@ def run_pair(world: ScaledWorld, alpha: float, pair: str, args: argparse.Namespa
         tokens_per_draw=samples.stats["tokens"] / len(samples.lengths),
         **exact,
         **draw_report(target, world.eval_prompts, samples),
+    )
+
+    # The best a proposal reading only the last CONTEXT tokens can do (the one-pass form's
+    # ceiling): the target's length-blind projection, exact.
+    blind = target.length_blind_projection(world.eval_prompts)
+    emit(
+        "gflownet_scaled_length_blind_ceiling",
+        pair=pair,
+        alpha=alpha,
+        kl_pq=float(target.kl_to(blind, world.eval_prompts).mean()),
+        kl_qp=float(target.kl_from(blind, world.eval_prompts).mean()),
+        ess_fraction=float(target.proposal_ess(blind, world.eval_prompts).mean()),
     )
 
     onepass_config = GeometricMixtureConfig().onepass_config(alpha, cap)

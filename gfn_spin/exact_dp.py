@@ -411,6 +411,33 @@ class BoundedContextTarget:
         second = log_future(self._like(square), self.max_new_tokens)[-1, index]
         return torch.exp(2 * first - second)
 
+    def length_blind_projection(self, prompt_ids: Sequence[Sequence[int]]) -> ContextTables:
+        """The bounded-context law that ignores how many tokens remain and is closest to p in
+        ``KL(p‖q)`` over ``prompt_ids`` (a uniform mix): the best that a proposal reading only
+        the last k tokens can do, such as a sliding-window policy with a LoRA adapter.
+
+        ``KL(p‖q) = const − Σ_{c,v} N(c, v) log q(v|c)``, with ``N(c, v)`` the expected number of
+        moves v from context c under p (forced stops excluded), so the optimum is
+        ``q(v|c) = N(c, v) / Σ_v N(c, v)``; the counts come from a forward pass of the chain's
+        occupancy. Contexts p never visits get the uniform law (they do not enter KL(p‖q)).
+        """
+        size, successor = self.tables.num_symbols, self._successor
+        occupancy = torch.zeros(self.tables.num_contexts, dtype=torch.float64)
+        start = self.tables.context_index(prompt_ids)
+        occupancy.index_add_(
+            0, start, torch.full((len(start),), 1.0 / len(start), dtype=torch.float64)
+        )
+        counts = torch.zeros(self.tables.num_contexts, size + 1, dtype=torch.float64)
+        for remaining in range(self.max_new_tokens, 0, -1):
+            moves = occupancy[:, None] * self.step_law(remaining).exp()  # -inf rows: 0 mass
+            counts += moves
+            occupancy = torch.zeros_like(occupancy).index_add_(
+                0, successor.reshape(-1), moves[:, :size].reshape(-1)
+            )
+        total = counts.sum(1, keepdim=True)
+        law = torch.where(total > 0, counts / total.clamp_min(1e-300), 1.0 / (size + 1))
+        return self._like(law.log())
+
     def _like(self, logprobs: torch.Tensor) -> ContextTables:
         table = self.tables
         return ContextTables(logprobs, table.alphabet, table.eos_token_id, table.context)

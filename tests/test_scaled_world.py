@@ -20,6 +20,7 @@ from gfn_spin.exact_dp import (
     check_bounded_context,
     ess_fraction,
     monte_carlo_kl,
+    state_contexts,
 )
 from gfn_spin.mixtures import LocalProduct
 from gfn_spin.policy import Policy
@@ -229,3 +230,49 @@ def test_cached_world_loads_the_same_models(small: ScaledWorld):
         small.policy_tables("stress").logprobs, again.policy_tables("stress").logprobs
     )
     assert math.isfinite(small.build_seconds)
+
+
+@pytest.mark.parametrize("pair", ["iterate", "stress"])
+def test_length_blind_projection_counts_the_moves_of_the_enumerated_target(
+    small: ScaledWorld, pair: str
+):
+    """The projection is N(c, v) / Σ_v N(c, v), N the expected moves from each context under p:
+    counted here over every enumerated response of two prompts (its forced stops excluded)."""
+    target = small.target(0.5, pair)
+    tables, cap = target.tables, small.max_new_tokens
+    prompts = small.eval_prompts[:2]
+    size = tables.num_symbols
+    counts = torch.zeros(tables.num_contexts, size + 1, dtype=torch.float64)
+    for prompt in prompts:
+        exact = exact_distribution(small.mixture(0.5, pair), prompt, cap)
+        ids, lengths = response_batch(small, exact.responses)
+        steps = torch.arange(cap)
+        filled = torch.where(steps[None, :] < lengths[:, None], ids, tables.alphabet[0])
+        contexts = state_contexts(tables, [prompt] * len(lengths), filled)
+        symbols = tables.symbol_positions(filled, "response_ids")
+        weight = exact.logprobs.exp() / len(prompts)
+        for k in range(cap):
+            moving = lengths > k
+            counts.index_put_(
+                (contexts[moving, k], symbols[moving, k]), weight[moving], accumulate=True
+            )
+            stopping = lengths == k
+            counts.index_put_(
+                (contexts[stopping, k], torch.full_like(contexts[stopping, k], size)),
+                weight[stopping],
+                accumulate=True,
+            )
+    visited = counts.sum(1) > 0
+    expected = counts[visited] / counts[visited].sum(1, keepdim=True)
+    law = target.length_blind_projection(prompts).logprobs.exp()
+    assert torch.allclose(law[visited], expected, atol=1e-9)
+    assert torch.allclose(law.sum(1), torch.ones(tables.num_contexts, dtype=torch.float64))
+    # It is the KL(p‖q) optimum: mixing in the local product's tables moves KL(p‖q) up.
+    mixture = small.mixture(0.5, pair)
+    local = ContextTables.from_density(
+        LocalProduct(mixture.components, mixture.weights), small.symbol_ids, CONTEXT
+    )
+    best = target.kl_to(target.length_blind_projection(prompts), prompts).mean()
+    mixed = law.mul(0.9).add(local.logprobs.exp().mul(0.1)).log()
+    other = ContextTables(mixed, tables.alphabet, tables.eos_token_id, tables.context)
+    assert best < target.kl_to(other, prompts).mean()
