@@ -390,8 +390,9 @@ def main(argv: list[str] | None = None) -> dict[str, list[Row]]:
     parser.add_argument(
         "--onepass-steps",
         type=int,
-        default=300,
-        help="steps distilling the GFlowNet into its one-pass LoRA form (300; 0: skip it)",
+        default=GeometricMixtureConfig.onepass_steps,
+        help="steps distilling the GFlowNet into its one-pass LoRA form (the main job's; 0: "
+        "skip it)",
     )
     parser.add_argument("--device", default="cpu", help="torch device (cpu)")
     parser.add_argument("--seed", type=int, default=0)

@@ -221,10 +221,19 @@ class GeometricMixtureConfig(EvaluationConfig):
         metadata={"derived": ("max_new_tokens", "adapter_name", "seed")},
     )
     onepass_steps: int = field(
-        default=200,
+        default=300,
         metadata=_help(
             """Steps distilling the GFlowNet into the one-pass form (a LoRA adapter on π_t that
             HF generate can serve, one model pass per token); 0 skips it."""
+        ),
+    )
+    onepass_samples_per_prompt: int = field(
+        default=2,
+        metadata=_help(
+            """Teacher draws per prompt in one distillation step (prompts per step: the
+            GFlowNet's). At equal draws, more and smaller steps distil better: on the overlapping
+            world at α = 0.5, 300 steps × 2 reach TV 0.016 and 400 × 2 0.0145, where 200 × 4 reach
+            0.019."""
         ),
     )
     onepass_learning_rate: float = field(
@@ -281,6 +290,10 @@ class GeometricMixtureConfig(EvaluationConfig):
             raise ValueError(
                 f"gflownet_prompts={self.gflownet_prompts!r} must be 'eval' or 'train'"
             )
+        if self.onepass_samples_per_prompt < 1:
+            raise ValueError(
+                f"onepass_samples_per_prompt={self.onepass_samples_per_prompt} must be >= 1"
+            )
         if self.onepass_steps < 0:
             raise ValueError(f"onepass_steps={self.onepass_steps} must be >= 0")
         self.gfn_config(0.5, 7)  # validates the GFlowNet settings
@@ -309,7 +322,7 @@ class GeometricMixtureConfig(EvaluationConfig):
             lora_rank=self.onepass_rank,
             lora_alpha=float(self.onepass_rank),
             prompts_per_step=self.gflownet.prompts_per_step,
-            samples_per_prompt=self.gflownet.samples_per_prompt,
+            samples_per_prompt=self.onepass_samples_per_prompt,
             adapter_name=f"onepass_alpha_{alpha:g}".replace(".", "_"),
             seed=self.seed,
         )
