@@ -1,7 +1,7 @@
 """Tiny-world GFlowNet fits for the subprocess tests (accelerate launch against one process).
 
-Usage: ``python tests/run_gflownet_fit.py CACHE OUTPUT_DIR CONFIGS_JSON``: for each config (a
-list of GFlowNetConfig overrides), fits a GFlowNet to the geometric mixture of the base and π_t
+Usage: ``python tests/run_gflownet_fit.py CACHE OUTPUT_DIR CONFIGS_JSON [CHECKPOINT_DIR]``: for
+each config (a list of GFlowNetConfig overrides), with checkpoints in CHECKPOINT_DIR when given, fits a GFlowNet to the geometric mixture of the base and π_t
 (α = 0.5), starting from π_t, on the first training prompts; writes each rank's trainable
 weights (before and after) and metrics, one entry per config, to ``OUTPUT_DIR/rank{r}.pt``.
 """
@@ -18,6 +18,7 @@ from samplers import GFlowNetSampler
 
 torch.set_num_threads(1)
 cache, out, configs = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])
+checkpoint_dir = sys.argv[4] if len(sys.argv) > 4 else None
 world = build_world(cache_dir=cache)
 
 
@@ -35,7 +36,9 @@ for overrides in configs:
     target = GeometricMixture([world.base, shifted], [0.5, 0.5])
     sampler = GFlowNetSampler(target, shifted, **overrides)
     initial = trainable(sampler)
-    metrics = sampler.fit(world.train_prompts[:16], progress=False, log_every=1)
+    metrics = sampler.fit(
+        world.train_prompts[:16], progress=False, log_every=1, checkpoint_dir=checkpoint_dir
+    )
     runs.append({"initial": initial, "weights": trainable(sampler), "metrics": metrics})
     rank = sampler.trainer.accelerator.process_index
 out.mkdir(parents=True, exist_ok=True)

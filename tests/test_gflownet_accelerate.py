@@ -4,7 +4,9 @@ identical weights, and match one process with the same global batch up to float 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,7 +18,7 @@ from gfn_spin import GeometricMixture
 from gfn_spin.samples import ancestral_sample
 from samplers import GFlowNetSampler
 from samplers.gflownet.trainer import StateRecorder
-from tests.launch import run_two_and_one
+from tests.launch import LAUNCH, run_two_and_one
 
 SCRIPT = Path(__file__).with_name("run_gflownet_fit.py")
 L = 7
@@ -127,3 +129,26 @@ def test_two_cpu_processes_match_single_process(world, tmp_path):
             assert ours["source"] == theirs["source"]
             for key in ("loss", "log_reward", "empty_fraction"):
                 assert ours[key] == pytest.approx(theirs[key], rel=1e-4), (config, key)
+
+
+@pytest.mark.slow  # one launch of the accelerate CLI
+@pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not installed")
+def test_a_refused_checkpoint_dir_stops_every_process(world, tmp_path):
+    """Only the main process claims checkpoint_dir; when it refuses a user's folder, the other
+    process stops by itself and says why, rather than wait for it at the first checkpoint
+    (torchrun tears the group down when one process fails; a launcher that does not would
+    hang). The user's folder is left as it was."""
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "mine.txt").write_text("a user's file")
+    configs = json.dumps([{**COMMON, **BATCH, **CONFIGS[0]}])
+    command = [
+        *LAUNCH, "--main_process_port", "29521", str(SCRIPT), str(world.directory.parent),
+        str(tmp_path / "out"), configs, str(foreign),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode != 0
+    assert "could not claim checkpoint_dir" in done.stdout + done.stderr  # the other rank
+    assert (foreign / "mine.txt").read_text() == "a user's file"
+    assert sorted(p.name for p in foreign.iterdir()) == ["mine.txt"]

@@ -23,6 +23,7 @@ from pickle import UnpicklingError  # the error class only: nothing is unpickled
 from typing import Any
 
 import torch
+from accelerate.utils import broadcast
 from tqdm.auto import tqdm
 
 from gfn_spin.checkpoint import CheckpointDirectory, check_identity
@@ -244,9 +245,7 @@ class GFlowNetSampler(Sampler):
             )
         # Under several processes only the main one claims the folder and writes; every
         # process reads the checkpoint it resumes from.
-        main = self.trainer.accelerator.is_main_process
-        writes = checkpoint_dir is not None and main
-        folder = self._checkpoints(checkpoint_dir) if writes else None
+        folder = None if checkpoint_dir is None else self._claim(checkpoint_dir)
         try:
             latest = None if checkpoint_dir is None else latest_checkpoint(checkpoint_dir)
             if latest is not None and not resume and self.state.step == 0:
@@ -314,6 +313,28 @@ class GFlowNetSampler(Sampler):
         bar.close()
         if save is not None:
             save()
+
+    def _claim(self, checkpoint_dir: str | os.PathLike) -> CheckpointDirectory | None:
+        """The main process claims ``checkpoint_dir`` (None on the others). Every process learns
+        whether it could, so that a refused folder stops them all, instead of leaving the
+        others waiting for the main process at the first checkpoint."""
+        accelerator = self.trainer.accelerator
+        folder, refusal = None, None
+        if accelerator.is_main_process:
+            try:
+                folder = self._checkpoints(checkpoint_dir)
+            except Exception as error:  # raised again below, once the others know of it
+                refusal = error
+        if accelerator.num_processes > 1:
+            refused = torch.tensor([int(refusal is not None)], device=accelerator.device)
+            if bool(broadcast(refused, from_process=0)) and refusal is None:
+                raise RuntimeError(
+                    f"the main process could not claim checkpoint_dir={str(checkpoint_dir)!r} "
+                    "(its error says why); this process stops with it"
+                )
+        if refusal is not None:
+            raise refusal
+        return folder
 
     def _save_step(self, folder: CheckpointDirectory | None) -> None:
         """Write a checkpoint into ``folder`` (the main process's; None on the others), then
