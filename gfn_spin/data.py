@@ -34,6 +34,13 @@ def special_token_ids(tokenizer: Any) -> set[int]:
     return found
 
 
+def first_problems(problems: Sequence[str], separator: str, counted: str) -> str:
+    """The first five ``problems`` of an error message, joined by ``separator``, and how many
+    ``counted`` there are in all when some are left out."""
+    more = f"{separator}... ({len(problems)} {counted} in all)" if len(problems) > 5 else ""
+    return separator.join(problems[:5]) + more
+
+
 def check_no_special_tokens(
     tokenizer: Any,
     texts: Sequence[str],
@@ -60,10 +67,9 @@ def check_no_special_tokens(
             names = tokenizer.convert_ids_to_tokens(hits[:3])
             bad.append(f"{labels[row]} ({', '.join(repr(n) for n in names)})")
     if bad:
-        shown = ", ".join(bad[:5]) + (f", ... ({len(bad)} rows in all)" if len(bad) > 5 else "")
         raise ValueError(
             f"{argument} has text that spells the tokenizer's special tokens, which would turn "
-            f"into control tokens: {shown}. Remove or escape them in these rows"
+            f"into control tokens: {first_problems(bad, ', ', 'rows')}. Remove or escape them in these rows"
         )
 
 

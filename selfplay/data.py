@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
+from gfn_spin.data import first_problems
 from gfn_spin.io import atomic_path
 
 #: File suffixes ``datasets`` loads by builder name.
@@ -116,10 +117,9 @@ def _check_fields(prompts: Sequence[Any], responses: Sequence[Any]) -> None:
         if not isinstance(response, str):
             bad.append(f"row {row}: response is {response!r:.60} ({type(response).__name__})")
     if bad:
-        shown = "; ".join(bad[:5]) + (f"; ... ({len(bad)} problems in all)" if len(bad) > 5 else "")
         raise ValueError(
             f"the dataset has rows without a usable prompt or response (rows count from 0): "
-            f"{shown}. Every prompt must be a non-empty string and every response a string: "
+            f"{first_problems(bad, '; ', 'problems')}. Every prompt must be a non-empty string and every response a string: "
             "fix or drop these rows, or map other columns"
         )
 

@@ -1,9 +1,10 @@
 """Tiny-world GFlowNet fits for the subprocess tests (accelerate launch against one process).
 
 Usage: ``python tests/run_gflownet_fit.py CACHE OUTPUT_DIR CONFIGS_JSON [CHECKPOINT_DIR]``: for
-each config (a list of GFlowNetConfig overrides), with checkpoints in CHECKPOINT_DIR when given, fits a GFlowNet to the geometric mixture of the base and π_t
-(α = 0.5), starting from π_t, on the first training prompts; writes each rank's trainable
-weights (before and after) and metrics, one entry per config, to ``OUTPUT_DIR/rank{r}.pt``.
+each config (a list of GFlowNetConfig overrides), fits a GFlowNet to the geometric mixture of
+the base and π_t (α = 0.5), starting from π_t, on the first training prompts, with checkpoints
+in CHECKPOINT_DIR when given; writes each rank's trainable weights (before and after) and
+metrics, one entry per config, to ``OUTPUT_DIR/rank{r}.pt``.
 """
 
 import json
