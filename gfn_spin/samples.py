@@ -39,7 +39,7 @@ class SampleStats(Mapping):
             (N, K or ``num_samples``): 1 for a proposal equal to the target.
         log_z: ``[P]`` estimate (or exact value) of the target's log-normalizer.
         elbo: ``[P]`` mean of ``log G̃ − log q`` over the prompt's draws (exact ``log_q`` only).
-        log_z_populations: ``[P, num_samples]`` each SMC population's ``log Ẑ``.
+        log_z_populations: ``[P, num_samples]`` each SMC population's (or SIR draw's) ``log Ẑ``.
         resamples: ``[P]`` mean resampling steps per SMC population.
         num_candidates: SIR's K.
         num_particles: SMC's N.

@@ -50,8 +50,9 @@ class ImportanceResampler(ProposalSampler):
 
     ``stats``: ``ess`` ``[P]`` (absolute ESS of a block of K, averaged over the prompt's
     blocks; K when the proposal is the target; ``ess_fraction`` is it over K), ``log_z``
-    ``[P]`` (``logmeanexp`` of all the prompt's ``num_samples·K`` log-weights), ``tokens``,
-    ``seconds``, ``num_candidates``.
+    ``[P]`` (``logmeanexp`` of all the prompt's ``num_samples·K`` log-weights),
+    ``log_z_populations`` ``[P, num_samples]`` (each draw's own ``log Ẑ`` from its K candidates,
+    independent across draws), ``tokens``, ``seconds``, ``num_candidates``.
 
     Args:
         target: the density to sample (any density; unnormalized is fine).
@@ -113,7 +114,8 @@ class ImportanceResampler(ProposalSampler):
     ) -> Draws:
         if self._decoder is not None:
             draws = self._decoder.draw(prompt_ids, num_samples, generator)
-            stats = {key: draws.stats[key] for key in ("ess", "ess_fraction", "log_z")}
+            keep = ("ess", "ess_fraction", "log_z", "log_z_populations")
+            stats = {key: draws.stats[key] for key in keep}
             draws.stats = {**stats, "num_candidates": self.num_candidates}
             return draws
         device = self.proposal.device
@@ -156,6 +158,7 @@ class ImportanceResampler(ProposalSampler):
                 "ess": ess,
                 "ess_fraction": ess / k,
                 "log_z": logmeanexp(log_w.flatten(1)).cpu(),
+                "log_z_populations": logmeanexp(log_w).cpu(),
                 "num_candidates": k,
             },
         )
