@@ -17,6 +17,8 @@ space-separated values, ``X | None``); this module adds what it lacks:
   field); with ``--quick`` each listed setting still at its default takes the quick value, and
   a value given on the command line wins. A study whose module is the main module of spawned
   workers sets ``Config.QUICK = {...}`` after the class instead (see experiments/alpha_spin.py).
+  ``--full`` and ``FULL`` work the same way, for a study whose default is its quick CPU setting
+  and whose larger setting is for a GPU.
 
 Help text of a config documented the older way (a string literal under each field) is read
 from its source, so configs of other packages get the same ``--help``.
@@ -35,6 +37,8 @@ from typing import Any, TypeVar
 from transformers import HfArgumentParser
 
 ConfigT = TypeVar("ConfigT")
+#: Preset flags: a config with the field (``quick``, ``full``) declares the ClassVar of settings.
+PRESETS = {"quick": "QUICK", "full": "FULL"}
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -156,10 +160,11 @@ def parse_config(
     """Parse ``argv`` (default ``sys.argv[1:]``) into an instance of the dataclass ``cls``."""
     parser = build_parser(cls, description)
     values = vars(parser.parse_args(argv))
-    if values.get("quick"):
-        for dest, value in getattr(cls, "QUICK", {}).items():
-            if values[dest] == parser.get_default(dest):
-                values[dest] = value
+    for flag, preset in PRESETS.items():
+        if values.get(flag):
+            for dest, value in getattr(cls, preset, {}).items():
+                if values[dest] == parser.get_default(dest):
+                    values[dest] = value
     return _build(cls, values)
 
 

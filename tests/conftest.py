@@ -22,3 +22,12 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> ToyWorld:
 def prompt(world: ToyWorld) -> list[int]:
     """One held-out prompt (3 symbols) used by single-prompt exactness tests."""
     return next(p for p in world.eval_prompts if len(p) == 5)
+
+
+@pytest.fixture
+def default_cache(world, tmp_path, monkeypatch):
+    """Point the default world cache at the session's world (experiments use the default)."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "toyworld").symlink_to(world.directory.parent)
+    monkeypatch.setenv("GFN_SPIN_CACHE", str(cache))

@@ -16,6 +16,7 @@ from experiments import (
     amortization,
     geometric_mixture,
     large_models,
+    real_model,
     sampler_ablation,
     sampler_sweep,
     torchgfn_baseline,
@@ -32,6 +33,7 @@ EXPERIMENTS = [
     large_models,
     alpha_spin,
     train_alpha_spin,
+    real_model,
 ]
 
 
@@ -59,23 +61,21 @@ def test_help_documents_every_flag_with_its_default(module, capsys):
     assert exit_info.value.code == 0
     entries = _help_entries(capsys.readouterr().out)
     assert {"--output-dir", "--seed"} <= set(entries), sorted(entries)
-    if module is not train_alpha_spin:  # one run, not a study: no --quick
+    if module is real_model:  # quick by default, --full for a GPU
+        assert "--full" in entries
+    elif module is not train_alpha_spin:  # one run, not a study: no --quick
         assert "--quick" in entries
-    if module in (geometric_mixture, alpha_spin, train_alpha_spin):  # the ablation runs on CPU
+    if module in (
+        geometric_mixture,
+        alpha_spin,
+        train_alpha_spin,
+        real_model,
+    ):  # the ablation runs on CPU
         assert "--device" in entries
     for flag, text in entries.items():
         described = re.sub(r"^\s*[A-Z_{}\[\],.\s-]*\s", "", text).split("(default:")[0]
         assert "(default:" in text, f"{module.__name__} {flag} shows no default"
         assert len(described.strip()) >= 5, f"{module.__name__} {flag} has no help text: {text!r}"
-
-
-@pytest.fixture
-def default_cache(world, tmp_path, monkeypatch):
-    """Point the default world cache at the session's world (experiments use the default)."""
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    (cache / "toyworld").symlink_to(world.directory.parent)
-    monkeypatch.setenv("GFN_SPIN_CACHE", str(cache))
 
 
 def test_alpha_spin_study_tiny_run_writes_results_and_log(default_cache, tmp_path):

@@ -1,0 +1,474 @@
+"""Every sampler on a real language model, measured where nothing can be enumerated.
+``python -m experiments.real_model`` (quick CPU setting; ``--full`` for a GPU).
+
+For whoever wants to know how close each sampler comes to the geometric mixture
+``π_base^(1-α) · π_other^α`` of a real instruct model (SmolLM2-135M-Instruct, vocabulary
+49,152, the ``worlds.smollm`` world) and what each draw costs. For each α and each pair of the
+world (``iterate``: the base and an α-SPIN iterate of it, overlapping; ``style``: the base and
+a style adapter, barely overlapping):
+
+- a reference ``log Z`` per prompt from ``reference_runs`` SMC runs of ``reference_particles``
+  particles each (samplers.accuracy.reference_log_z: the log of the mean Ẑ, delta-method SE);
+- the samplers with a density, the local product and the twist-form GFlowNet (fitted on the
+  fit prompts, measured on them and on new prompts): estimated KL(q‖p) ± SE and ESS/N from
+  ``draws`` draws per prompt;
+- the samplers without one, SIR (K = ``particles``), SMC and GFlowNet-twisted SMC (N =
+  ``particles``, equal model tokens per draw but for the twist head): ``|Δ log Z|`` ± SE of
+  ``runs`` independent estimates against the reference, and ESS/N (of K or N);
+- model tokens per draw: the sampling passes, plus for the GFlowNet and twisted SMC its fit
+  spread over every draw made with it in this run, with the break-even number of draws per fit
+  prompt against plain SMC. The target scoring of density samplers' draws is a measurement, not
+  a cost of the draw, and is not counted.
+
+Outputs in ``output_dir``: ``results.json`` (every row, the config, the environment),
+``real_model.png`` (KL and ``|Δ log Z|`` per sampler, pair and α), ``run.log``. ``--world
+tiny`` runs the same measurements on the tiny world (seconds; for tests). A bad setting stops
+with a one-line error before any model work.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from experiments.cli import parse_config
+from experiments.common import (
+    check_alphas,
+    output_set,
+    prepare_output_dir,
+    setup_logging,
+    write_results,
+)
+from gfn_spin.density import PromptLike
+from gfn_spin.devices import resolve_device
+from gfn_spin.mixtures import GeometricMixture
+from gfn_spin.policy import Policy
+from gfn_spin.toyworld import build_world as build_tiny
+from samplers import AncestralSampler, ImportanceResampler, SMCSampler
+from samplers.accuracy import Estimate, kl_to_target, log_z_error, smc_reference
+from samplers.gflownet import GFlowNetConfig, GFlowNetSampler
+from samplers.weighting import model_tokens
+
+World = Literal["smollm2", "tiny"]
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": " ".join(text.split())}
+
+
+def real_model_gflownet() -> GFlowNetConfig:
+    """The real-model GFlowNet preset: the twist form (a head on the frozen components' hidden
+    states, so one pass per component per token), small batches of many draws per prompt, a
+    short buffer, no exploration. The tiny world's defaults stay as they are."""
+    return GFlowNetConfig(
+        parametrization="twist",
+        steps=40,
+        learning_rate=1e-3,
+        warmup_steps=5,
+        prompts_per_step=2,
+        samples_per_prompt=8,
+        twist_updates=4,
+        twist_buffer=8,
+        explore_prob=0.0,
+        checkpoint_every=0,
+        adapter_name="real_model",
+    )
+
+
+@dataclass
+class RealModelConfig:
+    """Estimated KL(q‖p), |Δ log Z| and cost of every sampler on a real model, per pair and α."""
+
+    FULL: ClassVar[dict[str, Any]] = {
+        "fit_prompts": 8,
+        "new_prompts": 8,
+        "reference_particles": 256,
+        "reference_runs": 16,
+        "particles": 32,
+        "runs": 16,
+        "draws": 64,
+        "gflownet.steps": 300,
+        "gflownet.prompts_per_step": 8,
+    }
+    """Settings of ``--full`` (for a GPU; each one still at its default takes this value)."""
+
+    output_dir: str = field(
+        default="outputs/real_model",
+        metadata=_help("Directory for results.json, real_model.png and run.log."),
+    )
+    full: bool = field(
+        default=False,
+        metadata=_help(
+            """The full setting (more prompts, particles, runs and GFlowNet steps; for a GPU).
+            The default is the quick setting for 2 CPU cores."""
+        ),
+    )
+    world: World = field(
+        default="smollm2",
+        metadata=_help(
+            """"smollm2": SmolLM2-135M-Instruct and its iterate and style pairs (worlds.smollm,
+            built once into $GFN_SPIN_CACHE); "tiny": the tiny world's base and shifted
+            policies (seconds; for tests)."""
+        ),
+    )
+    pairs: tuple[str, ...] = field(
+        default=(),
+        metadata=_help("Pairs of the world to measure (empty: all; smollm2: iterate style)."),
+    )
+    alphas: tuple[float, ...] = field(
+        default=(0.5, 0.95), metadata=_help("α values of the targets π_base^(1-α)·π_other^α.")
+    )
+    max_new_tokens: int = field(
+        default=8, metadata=_help("Length cap L of every response (0: the world's own cap).")
+    )
+    fit_prompts: int = field(
+        default=2,
+        metadata=_help("Prompts the GFlowNet is fitted on (the world's first training prompts)."),
+    )
+    new_prompts: int = field(
+        default=2,
+        metadata=_help("Prompts never fitted on (the world's first held-out prompts)."),
+    )
+    reference_particles: int = field(
+        default=64, metadata=_help("Particles N of each reference SMC run.")
+    )
+    reference_runs: int = field(
+        default=8,
+        metadata=_help("Independent reference SMC runs per prompt (≥ 2; their Ẑ are averaged)."),
+    )
+    particles: int = field(
+        default=16,
+        metadata=_help("K of SIR and N of SMC and twisted SMC (equal model tokens per estimate)."),
+    )
+    runs: int = field(
+        default=8,
+        metadata=_help("Independent log Ẑ estimates per prompt of SIR, SMC and twisted SMC (≥ 2)."),
+    )
+    draws: int = field(
+        default=32,
+        metadata=_help("Draws per prompt of the local product and the GFlowNet, for KL (≥ 2)."),
+    )
+    gflownet: GFlowNetConfig = field(
+        default_factory=real_model_gflownet,
+        metadata={
+            "help": "The GFlowNet's fit (real-model preset).",
+            "derived": ("max_new_tokens", "seed", "adapter_name", "parametrization"),
+        },
+    )
+    batch_size: int = field(
+        default=512, metadata=_help("Rows per decoding batch of SIR and SMC (bounds memory).")
+    )
+    device: str = field(default="auto", metadata=_help('"auto" (CUDA when present), "cpu", ...'))
+    threads: int = field(default=2, metadata=_help("CPU threads for torch (0: torch's default)."))
+    seed: int = field(default=0, metadata=_help("Seed of every sampler and of the fit."))
+    progress: bool = field(default=True, metadata=_help("Show progress bars."))
+
+    def validate(self) -> None:
+        """Raise a ValueError naming the setting, before any model work."""
+        check_alphas(self.alphas)
+        for name in ("fit_prompts", "new_prompts", "reference_particles", "particles"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        for name in ("reference_runs", "runs", "draws"):
+            if getattr(self, name) < 2:
+                raise ValueError(
+                    f"{name}={getattr(self, name)} must be >= 2 (for a standard error)"
+                )
+        if self.max_new_tokens < 0 or self.batch_size < 1 or self.threads < 0:
+            raise ValueError("max_new_tokens and threads must be >= 0, batch_size >= 1")
+
+
+@dataclass
+class OpenWorld:
+    """What the job reads from a world: named (base, other) pairs, prompts, its length cap."""
+
+    pairs: dict[str, tuple[Policy, Policy]]
+    fit_prompts: list[PromptLike]
+    new_prompts: list[PromptLike]
+    max_new_tokens: int
+    build_seconds: float
+
+
+def open_world(config: RealModelConfig, device: torch.device) -> OpenWorld:
+    """Build (or load from the cache) the configured world."""
+    started = time.perf_counter()
+    if config.world == "tiny":
+        tiny = build_tiny()
+        base, shifted = tiny.base, tiny.shifted
+        pairs = {"shifted": (base, shifted)}
+        fit, new, cap = tiny.train_prompts, tiny.eval_prompts, tiny.max_new_tokens
+    else:
+        from worlds.smollm import build_world as build_smollm
+
+        smol = build_smollm(device=device, progress=config.progress)
+        pairs, cap = smol.pairs, smol.max_new_tokens
+        fit, new = smol.train_prompts, smol.eval_prompts
+    if config.pairs:
+        unknown = sorted(set(config.pairs) - set(pairs))
+        if unknown:
+            raise ValueError(f"pairs={list(config.pairs)}: {unknown} not in {sorted(pairs)}")
+        pairs = {name: pairs[name] for name in config.pairs}
+    if config.fit_prompts > len(fit) or config.new_prompts > len(new):
+        raise ValueError(
+            f"fit_prompts={config.fit_prompts} and new_prompts={config.new_prompts} exceed the "
+            f"world's {len(fit)} training and {len(new)} held-out prompts"
+        )
+    return OpenWorld(
+        pairs,
+        list(fit[: config.fit_prompts]),
+        list(new[: config.new_prompts]),
+        config.max_new_tokens or cap,
+        time.perf_counter() - started,
+    )
+
+
+def _row(pair: str, alpha: float, sampler: str, prompts: str, **values: Any) -> dict[str, Any]:
+    return {"pair": pair, "alpha": alpha, "sampler": sampler, "prompts": prompts, **values}
+
+
+def _estimate(name: str, estimate: Estimate) -> dict[str, float]:
+    value, se = estimate.mean()
+    return {name: value, f"{name}_se": se}
+
+
+def measure_pair(
+    config: RealModelConfig,
+    world: OpenWorld,
+    pair: str,
+    alpha: float,
+    bar: Any,
+    logger: Any,
+) -> list[dict[str, Any]]:
+    """Every sampler's rows for the target ``π_base^(1-α) · π_other^α`` of one pair."""
+    base, other = world.pairs[pair]
+    target = GeometricMixture([base, other], [1 - alpha, alpha])
+    cap, n_fit = world.max_new_tokens, len(world.fit_prompts)
+    prompts = world.fit_prompts + world.new_prompts
+    subsets = {"fit": list(range(n_fit)), "new": list(range(n_fit, len(prompts)))}
+    seed, n, k, runs = config.seed, config.draws, config.particles, config.runs
+    rows: list[dict[str, Any]] = []
+
+    def stage(text: str) -> None:
+        bar.set_postfix_str(f"{pair} α={alpha:g} {text}")
+        bar.update(1)
+
+    reference = smc_reference(
+        target,
+        prompts,
+        num_particles=config.reference_particles,
+        runs=config.reference_runs,
+        max_new_tokens=cap,
+        generator=seed,
+        batch_size=config.batch_size,
+    )
+    stage("reference")
+
+    def density_rows(name: str, samples: Any, extra: dict[str, Any]) -> None:
+        log_w = (samples.log_target - samples.log_q).double().view(len(prompts), n).cpu()
+        kl = kl_to_target(log_w, reference)
+        ess = samples.stats["ess_fraction"]
+        for subset, index in subsets.items():
+            rows.append(
+                _row(pair, alpha, name, subset, **_estimate("kl", kl.select(index)),
+                     ess_fraction=float(ess[index].mean()), **extra)
+            )  # fmt: skip
+
+    local = AncestralSampler(target.local_product(), max_new_tokens=cap, target=target)
+    samples = local.sample(prompts, n, generator=seed + 1)
+    density_rows("local product", samples, {"tokens_per_draw": samples.stats.tokens / len(samples)})
+    stage("local product")
+
+    def weighting_row(name: str, samples: Any, extra: dict[str, Any]) -> dict[str, Any]:
+        error = log_z_error(samples.stats["log_z_populations"], reference)
+        row = _row(pair, alpha, name, "all", **_estimate("log_z_error", error),
+                   ess_fraction=float(samples.stats["ess_fraction"].mean()),
+                   sampling_tokens_per_draw=samples.stats.tokens / len(samples), **extra)  # fmt: skip
+        row.setdefault("tokens_per_draw", row["sampling_tokens_per_draw"])
+        rows.append(row)
+        return row
+
+    sir = ImportanceResampler(target, None, k, max_new_tokens=cap, batch_size=config.batch_size)
+    weighting_row(f"SIR K={k}", sir.sample(prompts, runs, generator=seed + 2), {})
+    stage("SIR")
+    smc = SMCSampler(target, k, max_new_tokens=cap, batch_size=config.batch_size)
+    smc_row = weighting_row(f"SMC N={k}", smc.sample(prompts, runs, generator=seed + 3), {})
+    stage("SMC")
+
+    gfn_config = replace(
+        config.gflownet, max_new_tokens=cap, seed=seed, adapter_name=f"real_model_{pair}"
+    )
+    gflownet = GFlowNetSampler(target, other, gfn_config)
+    fit_started, tokens_before = time.perf_counter(), model_tokens(target, gflownet.policy)
+    gflownet.fit(world.fit_prompts, progress=config.progress, log_every=10**9)
+    fit_tokens = model_tokens(target, gflownet.policy) - tokens_before
+    fit_seconds = time.perf_counter() - fit_started
+    stage("GFlowNet fit")
+    samples = gflownet.sample(prompts, n, generator=seed + 4)
+    twisted = SMCSampler(
+        target, k, proposal=gflownet.policy, twist="flow", max_new_tokens=cap,
+        batch_size=config.batch_size,
+    )  # fmt: skip
+    twisted_samples = twisted.sample(prompts, runs, generator=seed + 5)
+    stage("twisted SMC")
+    # The fit is spread over every draw made with the fitted GFlowNet in this run.
+    draws_made = len(samples) + len(twisted_samples)
+    fit_per_draw = fit_tokens / draws_made
+    sampling = samples.stats.tokens / len(samples)
+    saved = smc_row["sampling_tokens_per_draw"] - sampling
+    fit_extra = {
+        "fit_tokens": fit_tokens,
+        "fit_seconds": fit_seconds,
+        "fit_steps": gflownet.state.step,
+        "fit_tokens_per_draw": fit_per_draw,
+        # Draws per fit prompt after which fit + GFlowNet draws cost fewer tokens than SMC's.
+        "break_even_draws_per_prompt": fit_tokens / n_fit / saved if saved > 0 else None,
+    }
+    density_rows(
+        f"GFlowNet ({gflownet.parametrization})",
+        samples,
+        {"sampling_tokens_per_draw": sampling, "tokens_per_draw": sampling + fit_per_draw,
+         **fit_extra},
+    )  # fmt: skip
+    twisted_sampling = twisted_samples.stats.tokens / len(twisted_samples)
+    weighting_row(
+        f"twisted SMC N={k}",
+        twisted_samples,
+        {"tokens_per_draw": twisted_sampling + fit_per_draw, **fit_extra,
+         "break_even_draws_per_prompt": None},
+    )  # fmt: skip
+    log_z, log_z_se = reference.mean()
+    for row in rows:
+        row.update(reference_log_z=log_z, reference_log_z_se=log_z_se)
+    logger.debug("%s α=%g reference log Z per prompt %s ± %s", pair, alpha,
+                 reference.value.tolist(), reference.se.tolist())  # fmt: skip
+    return rows
+
+
+def _cell(row: dict[str, Any], name: str) -> str:
+    value = row.get(name)
+    return "—" if value is None else f"{value:.3f} ± {row[f'{name}_se']:.3f}"
+
+
+def format_tables(rows: list[dict[str, Any]]) -> str:
+    """One table per sampler: a line per pair, α and prompt subset."""
+    blocks = []
+    for sampler in dict.fromkeys(r["sampler"] for r in rows):
+        lines = [
+            f"== {sampler}",
+            f"{'pair':<8} {'α':>5} {'prompts':<7} {'KL(q‖p) ± SE':>16} {'ESS/N':>6} "
+            f"{'|Δlog Z| ± SE':>16} {'tokens/draw':>11}  fit, break-even",
+        ]
+        for r in (r for r in rows if r["sampler"] == sampler):
+            fit = ""
+            if "fit_tokens" in r:
+                even = r["break_even_draws_per_prompt"]
+                fit = (
+                    f"  fit {r['fit_tokens']:,} tokens ({r['fit_tokens_per_draw']:.0f}/draw, "
+                    f"{r['fit_steps']} steps, {r['fit_seconds']:.0f} s)"
+                    + ("" if sampler.startswith("twisted") else
+                       f", break-even vs SMC {'never' if even is None else f'{even:.0f}'} "
+                       "draws per fit prompt")
+                )  # fmt: skip
+            lines.append(
+                f"{r['pair']:<8} {r['alpha']:>5g} {r['prompts']:<7} {_cell(r, 'kl'):>16} "
+                f"{r['ess_fraction']:>6.3f} {_cell(r, 'log_z_error'):>16} "
+                f"{r['tokens_per_draw']:>11.0f}{fit}"
+            )
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """KL(q‖p) of the density samplers and |Δ log Z| of the others, with 2-SE bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = list(dict.fromkeys((r["pair"], r["alpha"]) for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    for ax, name, label in (
+        (axes[0], "kl", "estimated KL(q‖p) (nats)"),
+        (axes[1], "log_z_error", "|Δ log Z| against the reference (nats)"),
+    ):
+        series = list(
+            dict.fromkeys((r["sampler"], r["prompts"]) for r in rows if r.get(name) is not None)
+        )
+        width = 0.8 / max(1, len(series))
+        for j, (sampler, subset) in enumerate(series):
+            values, errors = [], []
+            for setting in settings:
+                match = [r for r in rows if (r["pair"], r["alpha"]) == setting
+                         and (r["sampler"], r["prompts"]) == (sampler, subset)]  # fmt: skip
+                values.append(match[0][name] if match else float("nan"))
+                errors.append(2 * match[0][f"{name}_se"] if match else 0.0)
+            x = [i + (j - (len(series) - 1) / 2) * width for i in range(len(settings))]
+            tag = sampler if subset == "all" else f"{sampler}, {subset} prompts"
+            ax.bar(x, values, width, yerr=errors, label=tag, capsize=2)
+        ax.set_xticks(range(len(settings)), [f"{p} α={a:g}" for p, a in settings])
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(config: RealModelConfig, output_dir: Path, logger: Any) -> dict[str, Any]:
+    """Open the world, measure every pair and α, write results.json and the plot."""
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
+    started = time.perf_counter()
+    device = resolve_device(config.device)
+    world = open_world(config, device)
+    logger.info(
+        "world %s opened in %.0f s: pairs %s, %d fit + %d new prompts, L = %d",
+        config.world, world.build_seconds, list(world.pairs), len(world.fit_prompts),
+        len(world.new_prompts), world.max_new_tokens,
+    )  # fmt: skip
+    rows: list[dict[str, Any]] = []
+    settings = [(pair, alpha) for pair in world.pairs for alpha in config.alphas]
+    with tqdm(total=6 * len(settings), desc="real model", disable=not config.progress) as bar:
+        for pair, alpha in settings:
+            rows += measure_pair(config, world, pair, alpha, bar, logger)
+    table = format_tables(rows)
+    print(table)
+    logger.debug("\n%s", table)
+    seconds = time.perf_counter() - started
+    results = {
+        "rows": rows,
+        "table": table,
+        "seconds": seconds,
+        "world_seconds": world.build_seconds,
+        "max_new_tokens": world.max_new_tokens,
+    }
+    write_results(results, output_dir, config)
+    plot(rows, output_dir / "real_model.png")
+    logger.info("total %.0f s (world %.0f s)", seconds, world.build_seconds)
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the job; returns the results (also written to ``output_dir``). A bad setting or a
+    missing model exits with a one-line error."""
+    try:
+        config = parse_config(RealModelConfig, argv, description=__doc__.split("\n")[0])
+        config.validate()
+        resolve_device(config.device)
+        root = prepare_output_dir(config.output_dir)
+        with output_set(root) as output_dir:
+            logger = setup_logging(output_dir, "experiments.real_model", append=False)
+            results = run(config, output_dir, logger)
+            logger.info("results in %s", root)
+        return results
+    except (ValueError, FileNotFoundError, ModuleNotFoundError, RuntimeError) as error:
+        sys.exit(f"error: {' '.join(str(error).split())}")
+
+
+if __name__ == "__main__":
+    main()
