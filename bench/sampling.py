@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import Any
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
@@ -66,6 +67,70 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def sampling_rates(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    new_tokens: int,
+    repeats: int,
+    static: bool,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Tokens/s of our ancestral sampler ("ours") and of HF ``generate`` ("hf_dynamic", and
+    "hf_static" when ``static``) on the same model and batch of equal-length ``prompts``, with
+    EOS masked so every row makes exactly ``new_tokens``; and each contender's first-call
+    seconds (the static cache's compilation). Round-robin medians of ``repeats``."""
+    device = str(model.device)
+    policy = Policy(model, tokenizer)
+    input_ids = torch.tensor(prompts, device=model.device)
+    generated: dict[str, int] = {}
+
+    def ours() -> None:
+        samples = ancestral_sample(policy, prompts, 1, max_new_tokens=new_tokens, generator=0)
+        generated["ours"] = int(samples.lengths.sum())
+
+    def hf(cache: str | None) -> None:
+        out = model.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            do_sample=True,
+            top_k=0,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,  # masks EOS: exactly batch x new_tokens tokens
+            pad_token_id=tokenizer.pad_token_id,
+            cache_implementation=cache,
+        )
+        generated[f"hf_{cache or 'dynamic'}"] = (out.shape[1] - input_ids.shape[1]) * out.shape[0]
+
+    # EOS masked on our side too (allowed_token_ids always keeps EOS, so set the mask by hand).
+    vocab = policy.vocab_size
+    mask = torch.ones(vocab, dtype=torch.bool, device=model.device)
+    mask[tokenizer.eos_token_id] = False
+    policy.allowed_token_ids = [i for i in range(vocab) if i != tokenizer.eos_token_id]
+    policy._mask_cache[policy.device] = mask  # keyed by the resolved device (cuda:0, not cuda)
+
+    contenders = {"hf_dynamic": lambda: hf(None), "ours": ours}
+    first_call: dict[str, float] = {}
+    if static:
+        contenders["hf_static"] = lambda: hf("static")
+    seconds: dict[str, list[float]] = {name: [] for name in contenders}
+    with torch.no_grad():
+        for name, fn in contenders.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()  # warm-up (for the static cache: compilation)
+            sync(device)
+            first_call[name] = time.perf_counter() - start
+        for _ in range(repeats):
+            for name, fn in contenders.items():
+                sync(device)
+                start = time.perf_counter()
+                fn()
+                sync(device)
+                seconds[name].append(time.perf_counter() - start)
+    rate = {name: generated[name] / statistics.median(times) for name, times in seconds.items()}
+    return rate, first_call
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
@@ -89,60 +154,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         torch.set_num_threads(args.threads or 1)
 
     model, tokenizer = build(args)
-    policy = Policy(model, tokenizer)
     prompts = torch.randint(2, args.vocab, (args.batch, args.prompt_tokens)).tolist()
-    input_ids = torch.tensor(prompts, device=args.device)
-    generated: dict[str, int] = {}
-
-    def ours() -> None:
-        samples = ancestral_sample(policy, prompts, 1, max_new_tokens=args.new_tokens, generator=0)
-        generated["ours"] = int(samples.lengths.sum())
-
-    def hf(cache: str | None) -> None:
-        out = model.generate(
-            input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            do_sample=True,
-            top_k=0,
-            max_new_tokens=args.new_tokens,
-            min_new_tokens=args.new_tokens,  # masks EOS: exactly batch x new_tokens tokens
-            pad_token_id=0,
-            cache_implementation=cache,
-        )
-        generated[f"hf_{cache or 'dynamic'}"] = (out.shape[1] - input_ids.shape[1]) * out.shape[0]
-
-    # EOS masked on our side too (allowed_token_ids always keeps EOS, so set the mask by hand).
-    mask = torch.ones(args.vocab, dtype=torch.bool, device=args.device)
-    mask[tokenizer.eos_token_id] = False
-    policy.allowed_token_ids = [i for i in range(args.vocab) if i != tokenizer.eos_token_id]
-    policy._mask_cache[policy.device] = mask  # keyed by the resolved device (cuda:0, not cuda)
-
-    contenders = {"hf_dynamic": lambda: hf(None), "ours": ours}
     static = args.static == "on" or (args.static == "auto" and args.device.startswith("cuda"))
-    first_call: dict[str, float] = {}
-    if static:
-        contenders["hf_static"] = lambda: hf("static")
-    seconds: dict[str, list[float]] = {name: [] for name in contenders}
-    with torch.no_grad():
-        for name, fn in contenders.items():
-            sync(args.device)
-            start = time.perf_counter()
-            fn()  # warm-up (for the static cache: compilation)
-            sync(args.device)
-            first_call[name] = time.perf_counter() - start
-        for _ in range(args.repeats):
-            for name, fn in contenders.items():
-                sync(args.device)
-                start = time.perf_counter()
-                fn()
-                sync(args.device)
-                seconds[name].append(time.perf_counter() - start)
-    rate = {name: generated[name] / statistics.median(times) for name, times in seconds.items()}
+    rate, first_call = sampling_rates(
+        model, tokenizer, prompts, args.new_tokens, args.repeats, static
+    )
     print(
         f"sampling, batch {args.batch} x {args.new_tokens} new tokens, prompt "
         f"{args.prompt_tokens}, {args.layers} layers x {args.width}, device {args.device}"
     )
-    for name in contenders:
+    for name in rate:
         print(
             f"{name:>11}: {rate[name]:12,.0f} tokens/s  "
             f"(first call {first_call[name]:.2f} s, median of {args.repeats})"
