@@ -73,7 +73,7 @@ def test_bad_settings_stop_with_one_line(default_cache, tmp_path, argv, message)
 
 def test_full_preset_and_flags():
     quick = parse_config(real_model.RealModelConfig, [])
-    full = parse_config(real_model.RealModelConfig, ["--full", "--particles", "8"])
+    full = parse_config(real_model.RealModelConfig, ["--full", "--particles", "12"])
     assert full.reference_particles > quick.reference_particles
-    assert full.gflownet.steps > quick.gflownet.steps and full.particles == 8
+    assert full.gflownet.steps > quick.gflownet.steps and full.particles == 12
     assert quick.gflownet.parametrization == "twist"
