@@ -44,6 +44,7 @@ from selfplay import AlphaSpinConfig, AlphaSpinTrainer
 from selfplay.config import derive_seed
 from selfplay.opponents import opponent_sampler as make_opponent
 from selfplay.reference import history_mixture
+from worlds.toy import build_world
 
 
 def counts(text: str) -> list[int]:
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 device=args.device,
                 progress=False,
             )
-            trainer = AlphaSpinTrainer(config)
+            trainer = AlphaSpinTrainer(config, world=build_world(device="cpu"))
             records = trainer.train()
             seconds = {r["iteration"]: sum(r["seconds"].values()) for r in records}
             for entry in built:

@@ -46,9 +46,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from bench._timing import emit
 from bench.subtb_loss import loop_over_lengths_subtb
 from gfn_spin import GeometricMixture, Policy
-from gfn_spin.toyworld import numbered_tokenizer
 from objectives.subtb import modified_subtb_loss
 from samplers import GFlowNetSampler
+from worlds.toy import numbered_tokenizer
 
 STEPS = ("project", "published")
 

@@ -111,7 +111,7 @@ class AblationConfig(EvaluationConfig):
     world: tuple[str, ...] = field(
         default=(),
         metadata=_help(
-            """Tiny-world settings as field=value, fields of gfn_spin.toyworld.ToyWorldConfig
+            """Tiny-world settings as field=value, fields of worlds.toy.ToyWorldConfig
             (e.g. shift_rule=style sft_examples=8192: a shifted task that overlaps the base
             task); each distinct world is built once and cached."""
         ),
@@ -170,7 +170,7 @@ class Setup:
 
     @cached_property
     def world(self) -> Any:
-        from gfn_spin.toyworld import build_world
+        from worlds.toy import build_world
 
         started = time.perf_counter()
         world = build_world(world_config(self.config.world), cache_dir=self.config.world_cache)

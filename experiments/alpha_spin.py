@@ -34,8 +34,8 @@ from experiments.common import (
     write_text_atomic,
 )
 from gfn_spin.devices import resolve_device
-from gfn_spin.toyworld import ToyWorldEvaluator, build_world
 from selfplay import AlphaSpinConfig, AlphaSpinTrainer
+from worlds.toy import ToyWorldEvaluator, build_world
 
 VARIANTS_FULL = [
     ("SPIN", 1.0, 1),

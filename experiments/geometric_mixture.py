@@ -179,7 +179,7 @@ class GeometricMixtureConfig(EvaluationConfig):
         default=(),
         metadata=_help(
             """More tiny-world settings as field=value, fields of
-            gfn_spin.toyworld.ToyWorldConfig, applied on top of world_preset (e.g. seed=1); each
+            worlds.toy.ToyWorldConfig, applied on top of world_preset (e.g. seed=1); each
             distinct world is built once and cached."""
         ),
     )
@@ -365,7 +365,7 @@ def build_samplers(
 def _load_models(config: GeometricMixtureConfig, device: torch.device, logger: Any):
     """(world or None, base, π_t, train prompts, eval prompts, L)."""
     if config.model is None:
-        from gfn_spin.toyworld import build_world
+        from worlds.toy import build_world
 
         started = time.perf_counter()
         world = build_world(

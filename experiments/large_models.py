@@ -23,9 +23,9 @@ from experiments.ablation import AblationConfig, Setup, gfn_config, run_studies
 from gfn_spin.mixtures import GeometricMixture
 from gfn_spin.policy import Policy
 from gfn_spin.samples import Samples
-from gfn_spin.toyworld import numbered_tokenizer
 from samplers import ImportanceResampler, SMCSampler
 from samplers.gflownet import GFlowNetSampler
+from worlds.toy import numbered_tokenizer
 
 
 def _help(text: str) -> dict[str, str]:

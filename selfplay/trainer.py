@@ -2,7 +2,7 @@
 (docs/alpha_spin.md).
 
 For alignment researchers running SPIN, α-SPIN or fictitious play on an HF model and a
-``datasets`` source (the tiny world by default). Iterates π_0 (the base), π_1, ..., π_t are
+``datasets`` source (or a world's base and SFT data, e.g. the tiny world's). Iterates π_0 (the base), π_1, ..., π_t are
 named LoRA adapters on one set of base weights (or full copies with ``finetuning="full"``).
 Iteration t, in :meth:`AlphaSpinTrainer.train`:
 
@@ -26,7 +26,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
@@ -37,7 +37,6 @@ from gfn_spin.data import check_no_special_tokens
 from gfn_spin.density import Density
 from gfn_spin.devices import check_device, resolve_device
 from gfn_spin.policy import Policy
-from gfn_spin.toyworld import ToyWorld, ToyWorldEvaluator, build_world
 from samplers.gflownet import GFlowNetSampler
 from selfplay.config import RESUMABLE_FIELDS, AlphaSpinConfig, derive_seed
 from selfplay.data import load_pairs, pairs_fingerprint
@@ -69,21 +68,37 @@ def make_accelerator(config: AlphaSpinConfig) -> Accelerator:
     )
 
 
+class World(Protocol):
+    """What the trainer reads of a world whose base policy or SFT data it uses (for example
+    ``worlds.toy.ToyWorld``); the trainer names no world, so worlds may sit above it."""
+
+    sft_data: Any
+
+    @property
+    def max_new_tokens(self) -> int: ...
+
+    def load_policy(self, name: str = "base", **kwargs: Any) -> Policy: ...
+
+    def key(self) -> str: ...
+
+    def evaluator(self) -> Callable[[Density], dict[str, float]]: ...
+
+
 class AlphaSpinTrainer:
     """Runs α-SPIN iterations for a config; resumable from ``config.output_dir``.
 
     Args:
         config: the run's :class:`~selfplay.config.AlphaSpinConfig`.
         policy: the base π_0 (reading its base weights); default: ``config.model`` loaded with
-            ``Policy.from_pretrained``, or the tiny world's base. The trainer adds adapters to
+            ``Policy.from_pretrained``, or the world's base. The trainer adds adapters to
             its model.
         dataset: (prompt, response) pairs (a ``datasets.Dataset`` or a source for
-            :func:`selfplay.data.load_pairs`); default: ``config.dataset`` or the tiny
-            world's SFT data.
-        world: the tiny world to use when the model or data come from it (default: built with
-            :func:`gfn_spin.toyworld.build_world`).
+            :func:`selfplay.data.load_pairs`); default: ``config.dataset`` or the world's SFT
+            data.
+        world: the world (a :class:`World`, e.g. ``worlds.toy.build_world()``) whose base or
+            SFT data is used when no model or no data is given; required then.
         evaluate: ``policy -> {name: float}`` run on π_0 and every new iterate (main process);
-            default on the tiny world: :class:`ToyWorldEvaluator` (exact KLs).
+            default on a world: its ``evaluator()`` (the tiny world's exact KLs).
 
     ``train()`` returns one record per iterate: ``{"iteration": t, "metrics": {...},
     "seconds": {...}}`` (iteration 0 is the base).
@@ -95,7 +110,7 @@ class AlphaSpinTrainer:
         *,
         policy: Policy | None = None,
         dataset: Any = None,
-        world: ToyWorld | None = None,
+        world: World | None = None,
         evaluate: Callable[[Density], dict[str, float]] | None = None,
     ) -> None:
         config.validate()
@@ -104,7 +119,10 @@ class AlphaSpinTrainer:
         uses_world = policy is None and config.model is None
         uses_world = uses_world or (dataset is None and config.dataset is None)
         if uses_world and world is None:
-            world = build_world(device="cpu")
+            raise ValueError(
+                "no model or no dataset is given and no world to take them from: give model and "
+                "dataset, or world= (e.g. worlds.toy.build_world())"
+            )
         self.world = world if uses_world else None
         device = check_device(config.device) if config.device else self.accelerator.device
         if policy is None:
@@ -158,11 +176,11 @@ class AlphaSpinTrainer:
                 f"{self.accelerator.num_processes} processes no rows; raise batch_size"
             )
         if evaluate is None and self.world is not None and policy.allowed_token_ids is not None:
-            evaluate = ToyWorldEvaluator(self.world)
+            evaluate = self.world.evaluator()
         self.evaluate = evaluate
         identity = {"config": comparable_config(config), DATA_HASH: pairs_fingerprint(pairs)}
         if self.world is not None:
-            identity["world"] = self.world.config.key()
+            identity["world"] = self.world.key()
         self.identity = identity
 
     def _show(self) -> bool:

@@ -10,7 +10,7 @@ import torch
 
 from gfn_spin.exact import divergences, exact_distribution
 from gfn_spin.samples import pad_responses
-from gfn_spin.toyworld import ToyWorldConfig, build_world, shifted_echo_task
+from worlds.toy import ToyWorldConfig, build_world, shifted_echo_task
 
 
 def test_task_table_is_a_distribution_with_entropy_and_varied_lengths(world):

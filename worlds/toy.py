@@ -277,6 +277,14 @@ class ToyWorld:
             self.directory / name, allowed_token_ids=self.symbol_ids, **kwargs
         )
 
+    def key(self) -> str:
+        """The world's identity (its config hash), recorded by runs that use it."""
+        return self.config.key()
+
+    def evaluator(self) -> ToyWorldEvaluator:
+        """α-SPIN's default evaluation on this world (exact KLs, :class:`ToyWorldEvaluator`)."""
+        return ToyWorldEvaluator(self)
+
     def enumerate(self, density: Any, prompt_ids: list[int]) -> ExactDistribution:
         return exact_distribution(density, prompt_ids, self.max_new_tokens)
 

@@ -2,7 +2,7 @@
 
 For measuring samplers and GFlowNets where enumeration is impossible (``257^32`` responses) but
 the truth must still be a number (docs/scaled_world.md). Everything here has a next-token law
-that depends on the last two tokens only, so :mod:`gfn_spin.exact_dp` gives exact ``log Z``,
+that depends on the last two tokens only, so :mod:`worlds.bounded_context` gives exact ``log Z``,
 exact sampling and exact divergences of any geometric mixture of its policies.
 
 The task ("momentum walk"): symbols ``s0 .. s{A-1}`` sit on a circle. A prompt is the start of a
@@ -22,11 +22,11 @@ Two shifted tasks, each the target of a policy fine-tuned from the base:
 Models: one-layer Mistral-style ``MistralForCausalLM`` with ``sliding_window = 2`` and rotary
 positions, so a token's logits see that token and the one before it, at a fixed relative
 offset: the law depends on the last two tokens only (checked by
-:func:`gfn_spin.exact_dp.check_bounded_context`). Saved with ``save_pretrained`` under
+:func:`worlds.bounded_context.check_bounded_context`). Saved with ``save_pretrained`` under
 ``$GFN_SPIN_CACHE/scaled_world/<config hash>`` and loaded back with ``from_pretrained``.
 
 Why one module of about 500 lines: the task's exact law, the data it samples, the models'
-training and the cache key are one definition of the world (as in ``gfn_spin.toyworld``); a
+training and the cache key are one definition of the world (as in ``worlds.toy``); a
 change to any of them must change the cache hash with it.
 """
 
@@ -46,10 +46,10 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
 
-from gfn_spin.exact_dp import BoundedContextTarget, ContextTables, expected_sum
 from gfn_spin.io import cache_directory, save_pretrained_atomic, write_json_atomic
 from gfn_spin.mixtures import GeometricMixture
 from gfn_spin.policy import Policy
+from worlds.bounded_context import BoundedContextTarget, ContextTables, expected_sum
 
 SPECIALS = ("[PAD]", "[BOS]", "[EOS]", "[UNK]")
 #: Tokens a next-token law depends on (the models' attention window; the task's order).
@@ -223,7 +223,7 @@ class ScaledWorld:
     """The scaled world: tokenizer, exact tasks, the three policies, prompts.
 
     ``task``, ``iterate_task`` and ``stress_task`` are the exact data laws as
-    :class:`~gfn_spin.exact_dp.ContextTables`; ``base``, ``iterate`` and ``stress`` the trained
+    :class:`~worlds.bounded_context.ContextTables`; ``base``, ``iterate`` and ``stress`` the trained
     policies (pairs: ``(base, iterate)`` overlaps, ``(base, stress)`` does not).
     """
 
