@@ -32,13 +32,10 @@ change to any of them must change the cache hash with it.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
-import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +43,11 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
 
-from gfn_spin.io import cache_directory, save_pretrained_atomic, write_json_atomic
+from gfn_spin.io import save_pretrained_atomic
 from gfn_spin.mixtures import GeometricMixture
 from gfn_spin.policy import Policy
 from worlds.bounded_context import BoundedContextTarget, ContextTables, expected_sum
+from worlds.building import build_once, config_key, load_policy, sft
 
 SPECIALS = ("[PAD]", "[BOS]", "[EOS]", "[UNK]")
 #: Tokens a next-token law depends on (the models' attention window; the task's order).
@@ -157,8 +155,7 @@ class ScaledWorldConfig:
         return cls(**values)
 
     def key(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:12]
+        return config_key(self)
 
 
 def _integer(config: Any, name: str, low: int) -> None:
@@ -248,9 +245,7 @@ class ScaledWorld:
 
     def load_policy(self, name: str = "base", **kwargs: Any) -> Policy:
         """A fresh copy of a saved policy ("base", "iterate" or "stress")."""
-        return Policy.from_pretrained(
-            self.directory / _check_policy_name(name), allowed_token_ids=self.symbol_ids, **kwargs
-        )
+        return load_policy(self.directory, _check_policy_name(name), self.symbol_ids, **kwargs)
 
     def policy_tables(self, name: str) -> ContextTables:
         """The next-token law of policy ``name`` at every context (read once, then kept)."""
@@ -292,10 +287,6 @@ def _check_policy_name(name: str) -> str:
     if name not in ("base", *PAIRS):
         raise ValueError(f"name={name!r} must be one of {('base', *PAIRS)}")
     return name
-
-
-def default_cache_dir() -> Path:
-    return cache_directory("scaled_world")
 
 
 def _tasks(config: ScaledWorldConfig, symbol_ids: list[int], eos: int) -> list[ContextTables]:
@@ -392,18 +383,15 @@ def _fit(
     steps: int,
     generator: torch.Generator,
 ) -> None:
-    """Maximum likelihood on (prompt, response) pairs: one teacher-forced pass per step."""
-    prompts, response_ids, lengths = data
-    optimizer = torch.optim.AdamW(policy.model.parameters(), lr=config.learning_rate)
-    policy.model.train()
-    for _ in range(steps):
-        batch = torch.randint(len(prompts), (config.batch_size,), generator=generator)
-        rows = [prompts[i] for i in batch.tolist()]
-        nll = -policy.log_prob(rows, response_ids[batch], lengths[batch]).mean()
-        optimizer.zero_grad()
-        nll.backward()
-        optimizer.step()
-    policy.model.eval()
+    """:func:`worlds.building.sft` on (prompts, response ids, lengths)."""
+    sft(
+        policy,
+        *data,
+        steps=steps,
+        batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        generator=generator,
+    )
 
 
 def _model(config: ScaledWorldConfig, tokenizer: Any) -> MistralForCausalLM:
@@ -449,21 +437,19 @@ def build_world(
     task, iterate_task, stress_task = _tasks(config, symbol_ids, eos)
     train_prompts, eval_prompts = _prompts(config, task, symbol_ids, tokenizer.bos_token_id)
 
-    directory = Path(cache_dir or default_cache_dir()) / config.key()
-    done = directory / "world.json"
-    if rebuild or not done.exists():
-        started = time.perf_counter()
+    def train(directory: Path) -> None:
         _train_models(
             config, tokenizer, symbol_ids, train_prompts, task, iterate_task, stress_task, directory
         )
-        seconds = time.perf_counter() - started
-        write_json_atomic({"config": asdict(config), "build_seconds": seconds}, done)
-    seconds = json.loads(done.read_text()).get("build_seconds")
+
+    # The cache name predates the package: kept, so existing builds still load.
+    directory, record = build_once(
+        "scaled_world", config, train, cache_dir=cache_dir, rebuild=rebuild
+    )
+    seconds = record.get("build_seconds")
 
     def load(name: str) -> Policy:
-        return Policy.from_pretrained(
-            directory / name, allowed_token_ids=symbol_ids, device=device, dtype=torch.float32
-        )
+        return load_policy(directory, name, symbol_ids, device=device, dtype=torch.float32)
 
     return ScaledWorld(
         config=config,
