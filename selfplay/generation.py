@@ -16,6 +16,7 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from gfn_spin.density import Density
+from gfn_spin.scores import position_mask
 from samplers.base import Sampler
 from selfplay.config import derive_seed
 from selfplay.iteration_data import Examples, IterationData
@@ -57,8 +58,7 @@ def fixed_width(
     out = torch.full((len(ids), max_new_tokens), pad_token_id, dtype=torch.long)
     width = min(ids.shape[1], max_new_tokens)
     out[:, :width] = ids[:, :width].cpu()
-    past = torch.arange(max_new_tokens) >= lengths.cpu()[:, None]
-    return out.masked_fill(past, pad_token_id)
+    return out.masked_fill(~position_mask(lengths.cpu(), max_new_tokens), pad_token_id)
 
 
 @torch.no_grad()
