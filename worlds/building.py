@@ -81,23 +81,22 @@ def sft(
     prompts: Sequence[Sequence[int]],
     response_ids: torch.Tensor,
     lengths: torch.Tensor,
-    *,
+    config: Any,
     steps: int,
-    batch_size: int,
-    learning_rate: float,
     generator: torch.Generator,
 ) -> None:
-    """Maximum likelihood on (prompt, response) pairs, in place: ``steps`` AdamW steps, each one
-    teacher-forced pass over ``batch_size`` pairs drawn with replacement by ``generator``.
+    """Maximum likelihood on (prompt, response) pairs, in place: ``steps`` AdamW steps at the
+    world config's ``learning_rate``, each one teacher-forced pass over ``config.batch_size``
+    pairs drawn with replacement by ``generator``.
 
     ``response_ids`` is ``[N, L]`` (padded), ``lengths`` ``[N]`` (tokens before the stop), one
     row per prompt. A world's policies are small and trained once per config, so a plain loop does;
     α-SPIN iterates train through :mod:`selfplay.training`.
     """
-    optimizer = torch.optim.AdamW(policy.model.parameters(), lr=learning_rate)
+    optimizer = torch.optim.AdamW(policy.model.parameters(), lr=config.learning_rate)
     policy.model.train()
     for _ in range(steps):
-        batch = torch.randint(len(prompts), (batch_size,), generator=generator)
+        batch = torch.randint(len(prompts), (config.batch_size,), generator=generator)
         rows = [prompts[i] for i in batch.tolist()]
         nll = -policy.log_prob(rows, response_ids[batch], lengths[batch]).mean()
         optimizer.zero_grad()

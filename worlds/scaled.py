@@ -376,24 +376,6 @@ def _responses(
     return rows, draws.response_ids, draws.lengths
 
 
-def _fit(
-    policy: Policy,
-    data: tuple[list[list[int]], torch.Tensor, torch.Tensor],
-    config: ScaledWorldConfig,
-    steps: int,
-    generator: torch.Generator,
-) -> None:
-    """:func:`worlds.building.sft` on (prompts, response ids, lengths)."""
-    sft(
-        policy,
-        *data,
-        steps=steps,
-        batch_size=config.batch_size,
-        learning_rate=config.learning_rate,
-        generator=generator,
-    )
-
-
 def _model(config: ScaledWorldConfig, tokenizer: Any) -> MistralForCausalLM:
     return MistralForCausalLM(
         MistralConfig(
@@ -482,12 +464,12 @@ def _train_models(
     generator = torch.Generator().manual_seed(config.seed + 1)
     torch.manual_seed(config.seed)
     base = Policy(_model(config, tokenizer), tokenizer, allowed_token_ids=symbol_ids)
-    sft = _responses(task, train_prompts, config, config.sft_examples, generator)
-    _fit(base, sft, config, config.sft_steps, generator)
+    data = _responses(task, train_prompts, config, config.sft_examples, generator)
+    sft(base, *data, config, config.sft_steps, generator)
     save_pretrained_atomic(base, directory / "base")
     for name, shifted in (("iterate", iterate_task), ("stress", stress_task)):
         policy = Policy(_model(config, tokenizer), tokenizer, allowed_token_ids=symbol_ids)
         policy.model.load_state_dict(base.model.state_dict())
         data = _responses(shifted, train_prompts, config, config.sft_examples, generator)
-        _fit(policy, data, config, config.finetune_steps, generator)
+        sft(policy, *data, config, config.finetune_steps, generator)
         save_pretrained_atomic(policy, directory / name)

@@ -322,17 +322,7 @@ def _sft(
 ) -> None:
     """:func:`worlds.building.sft` on (prompt, response) pairs, its draws seeded by ``seed``."""
     ids, lengths = pad_responses(responses, config.max_new_tokens, policy.pad_token_id)
-    generator = torch.Generator().manual_seed(seed)
-    sft(
-        policy,
-        prompts,
-        ids,
-        lengths,
-        steps=steps,
-        batch_size=config.batch_size,
-        learning_rate=config.learning_rate,
-        generator=generator,
-    )
+    sft(policy, prompts, ids, lengths, config, steps, torch.Generator().manual_seed(seed))
 
 
 def build_world(
