@@ -36,7 +36,7 @@ from samplers import (
 )
 from samplers.gflownet import GFlowNetConfig
 from selfplay import AlphaSpinConfig, AlphaSpinTrainer
-from selfplay.data import load_pairs
+from selfplay.pairs import load_pairs
 
 L = 7
 TINY = {"prompts_per_step": 2, "samples_per_prompt": 2, "warmup_steps": 1}

@@ -30,7 +30,8 @@ from samplers import (
     SMCSampler,
 )
 from selfplay import AlphaSpinConfig, AlphaSpinTrainer
-from selfplay.data import load_pairs, load_parquet, write_parquet
+from selfplay.iteration_data import load_parquet, write_parquet
+from selfplay.pairs import load_pairs
 from selfplay.run_directory import MANIFEST, RunDirectory
 
 RUN = {"max_examples": 32, "batch_size": 16, "progress": False}
