@@ -5,7 +5,7 @@ For whoever decides how to train a GFlowNet of the tiny world's geometric mixtur
 (docs/toyworld.md): the base setting (``--gflownet.<field>``, constant learning rate) is fitted
 on the train prompts and, as a non-amortized reference, on the eval prompts themselves; exact
 TV after each of ``amortization_steps``, on the eval prompts and (for the amortized fit) on as
-many train prompts, beside the maximum-likelihood oracle. Outputs: :mod:`experiments.ablation`.
+many train prompts, beside the maximum-likelihood oracle. Outputs: :mod:`experiments.studies`.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from experiments.ablation import AblationConfig, Setup, gfn_config, run_studies
 from experiments.evaluation import Entry, enumerate_components, evaluate_exact
+from experiments.studies import AblationConfig, Setup, gfn_config, run_studies
 from gfn_spin.exact import ExactDistribution, exact_distribution
 from gfn_spin.mixtures import GeometricMixture
 from gfn_spin.samples import pad_responses

@@ -5,7 +5,7 @@ For whoever wants sampler costs beyond the tiny world: two random-init Llama mod
 (vocabulary ≥ 256, cap ≥ 32, the second a perturbed copy of the first), whose geometric mixture
 cannot be enumerated: ESS per model token of SIR, SMC and a briefly trained GFlowNet, and the
 GFlowNet's KL(q‖target) = E_q[log q − log G̃] + log Z with log Z from a large SMC run.
-Outputs: :mod:`experiments.ablation`.
+Outputs: :mod:`experiments.studies`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from experiments.ablation import AblationConfig, Setup, gfn_config, run_studies
+from experiments.studies import AblationConfig, Setup, gfn_config, run_studies
 from gfn_spin.mixtures import GeometricMixture
 from gfn_spin.policy import Policy
 from gfn_spin.samples import Samples

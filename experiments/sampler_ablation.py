@@ -6,7 +6,7 @@ always, then, each behind its flag, the torchgfn baseline (:mod:`experiments.tor
 ``--torchgfn``), the amortization study (:mod:`experiments.amortization`, ``--amortization``)
 and the random-Llama study (:mod:`experiments.large_models`, ``--large``). Every flag of those
 studies applies here; each study also runs alone as ``python -m experiments.<study>``. Outputs:
-:mod:`experiments.ablation`.
+:mod:`experiments.studies`.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from experiments.ablation import Study, run_studies
 from experiments.amortization import AmortizationConfig, amortization
 from experiments.large_models import LargeConfig, large_setting
 from experiments.sampler_sweep import SweepConfig, sweep
+from experiments.studies import Study, run_studies
 from experiments.torchgfn_baseline import TorchgfnConfig, torchgfn_comparison
 
 

@@ -4,7 +4,7 @@ For whoever tunes a sampler of the tiny world's geometric mixture (docs/toyworld
 K and SMC over N (|Δlog Z| against the enumerated log Z, from their draws), then GFlowNet
 settings varied one at a time around the base setting (``--gflownet.<field>``): training steps,
 SubTB λ, weighting, exploration, replay, LoRA rank, parametrization, each measured by exact TV
-and KL(target‖policy) of its enumerated policy. Outputs: :mod:`experiments.ablation`.
+and KL(target‖policy) of its enumerated policy. Outputs: :mod:`experiments.studies`.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import Any, ClassVar
 import torch
 from tqdm.auto import tqdm
 
-from experiments.ablation import AblationConfig, Setup, base_setting, gfn_config, run_studies
 from experiments.evaluation import Entry, evaluate_exact
+from experiments.studies import AblationConfig, Setup, base_setting, gfn_config, run_studies
 from gfn_spin.mixtures import GeometricMixture
 from samplers import ImportanceResampler, SMCSampler
 from samplers.gflownet import GFlowNetSampler

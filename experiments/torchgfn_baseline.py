@@ -5,7 +5,7 @@ For whoever asks whether our modified SubTB beats a stock GFlowNet library: a GF
 with torchgfn's SubTBGFlowNet (default weighting) on a DiscreteEnv over the token sequences of
 ONE eval prompt of the tiny world (docs/toyworld.md), against ours (``--gflownet.<field>``) on
 the same prompt at an equal number of target evaluations (scored responses), each measured by
-exact TV and KL of its enumerated policy. Outputs: :mod:`experiments.ablation`.
+exact TV and KL of its enumerated policy. Outputs: :mod:`experiments.studies`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 from tqdm.auto import tqdm
 
-from experiments.ablation import AblationConfig, Setup, gfn_config, run_studies
+from experiments.studies import AblationConfig, Setup, gfn_config, run_studies
 from gfn_spin.exact import divergences, exact_distribution, response_alphabet
 from gfn_spin.mixtures import GeometricMixture
 from samplers.gflownet import GFlowNetSampler

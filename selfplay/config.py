@@ -18,8 +18,9 @@ from gfn_spin.samples import check_count
 from objectives.spin import LOSS_TYPES
 from samplers.gflownet import GFlowNetConfig
 
-#: Config fields that may differ when a run is resumed (they do not change its results).
-RESUMABLE_FIELDS = ("output_dir", "iterations", "progress")
+#: α-SPIN run fields that may differ when a run is resumed (they do not change its results);
+#: a GFlowNet fit has its own, samplers.gflownet.config.RESUMABLE_FIELDS.
+RUN_RESUMABLE_FIELDS = ("output_dir", "iterations", "progress")
 
 
 def opponent_gflownet_config() -> GFlowNetConfig:

@@ -12,7 +12,7 @@ Iteration t, in :meth:`AlphaSpinTrainer.train`:
    one y' per example, and the reference log-probs of y and y' computed once and stored with
    the data (parquet), so training keeps only the policy in memory. A GFlowNet opponent is
    saved in ``opponents/`` and warm-starts the next iteration's fit.
-3. :func:`selfplay.iterates.new_iterate` + :func:`selfplay.training.train_iterate`: π_{t+1}
+3. :func:`selfplay.iterates.new_iterate` + :func:`selfplay.iterate_training.train_iterate`: π_{t+1}
    starts from π_t and minimizes ``objectives.spin.spin_loss``.
 4. evaluate, save the iterate and record the metrics; every step is atomic and listed in a
    manifest (:class:`selfplay.run_directory.RunDirectory`), so a killed run restarted with the
@@ -39,15 +39,15 @@ from gfn_spin.density import Density
 from gfn_spin.devices import check_device, resolve_device
 from gfn_spin.policy import Policy
 from gfn_spin.toyworld import ToyWorld, ToyWorldEvaluator, build_world
-from selfplay.config import RESUMABLE_FIELDS, AlphaSpinConfig, derive_seed
+from selfplay.config import RUN_RESUMABLE_FIELDS, AlphaSpinConfig, derive_seed
 from selfplay.generation import make_iteration_data
+from selfplay.iterate_training import train_iterate
 from selfplay.iterates import freeze, iterate_name, load_iterate, new_iterate, save_iterate
 from selfplay.iteration_data import encode_examples, read_iteration_data, write_iteration_data
 from selfplay.opponents import OpponentFactory, opponent_sampler
 from selfplay.pairs import load_pairs, pairs_fingerprint
 from selfplay.reference import build_reference
 from selfplay.run_directory import DATA_HASH, RunDirectory
-from selfplay.training import train_iterate
 
 
 @dataclass
@@ -213,7 +213,7 @@ class AlphaSpinTrainer:
         is refused with :class:`gfn_spin.io.DirectoryInUseError`.
         """
         run = RunDirectory(
-            self.config.output_dir, self.identity, self.accelerator, RESUMABLE_FIELDS
+            self.config.output_dir, self.identity, self.accelerator, RUN_RESUMABLE_FIELDS
         )
         try:
             return self._train(run)
@@ -287,4 +287,4 @@ class AlphaSpinTrainer:
 
 def comparable_config(config: AlphaSpinConfig) -> dict[str, Any]:
     """The config a resume must match: its JSON values without the resumable fields."""
-    return {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_FIELDS}
+    return {k: v for k, v in config.to_dict().items() if k not in RUN_RESUMABLE_FIELDS}

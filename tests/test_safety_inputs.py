@@ -15,7 +15,7 @@ from accelerate import PartialState
 from datasets import Dataset, DatasetDict
 from safetensors.torch import load_file, save_file
 
-import selfplay.training as training_module
+import selfplay.iterate_training as training_module
 from experiments import alpha_spin as alpha_spin_study
 from experiments import train_alpha_spin
 from experiments.common import check_alphas, world_config
