@@ -15,6 +15,7 @@ from typing import Any, Literal, get_args, get_type_hints
 from gfn_spin.devices import check_device
 from gfn_spin.io import dataclass_from_dict
 from gfn_spin.samples import check_count
+from gfn_spin.schedules import LrDecay
 from objectives.spin import LOSS_TYPES
 from samplers.gflownet import GFlowNetConfig
 
@@ -167,14 +168,17 @@ class AlphaSpinConfig:
     learning_rate: float = field(
         default=1e-3, metadata={"help": "Peak learning rate (SPIN: 5e-7 for 7B models)."}
     )
-    lr_scheduler: Literal["constant", "linear", "cosine"] = field(
+    lr_decay: LrDecay = field(
         default="constant",
-        metadata={"help": "Decay over each iteration's steps, after warmup."},
-    )
+        metadata={"help": "Learning-rate decay over each iteration's steps after warmup "
+                  '(gfn_spin.schedules): "constant", "linear" or "cosine" (both to 0).'},
+    )  # fmt: skip
     warmup_ratio: float = field(
         default=0.0,
-        metadata={"help": "Fraction of each iteration's steps with linear warmup (SPIN: 0.1)."},
-    )
+        metadata={"help": "Fraction of each iteration's steps with linear warmup from rate 0 "
+                  '(SPIN: 0.1); none with lr_decay="constant", as transformers\' schedule of '
+                  "that name."},
+    )  # fmt: skip
     weight_decay: float = field(default=0.0, metadata={"help": "Weight decay of the optimizer."})
     max_grad_norm: float | None = field(
         default=1.0, metadata={"help": "Gradient clipping norm (None: no clipping)."}
@@ -235,7 +239,7 @@ class AlphaSpinConfig:
             isinstance(self.history, bool) or not isinstance(self.history, int) or self.history < 1
         ):
             raise ValueError(f"history={self.history!r} must be a positive integer or 'all'")
-        for name in ("sampler", "proposal", "loss_type", "optimizer", "lr_scheduler", "finetuning"):
+        for name in ("sampler", "proposal", "loss_type", "optimizer", "lr_decay", "finetuning"):
             allowed = _CHOICES[name]
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be one of {allowed}")

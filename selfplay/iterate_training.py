@@ -16,9 +16,9 @@ from collections.abc import Sequence
 import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
-from transformers import get_scheduler
 
 from gfn_spin.policy import Policy
+from gfn_spin.schedules import lr_schedule
 from objectives.spin import spin_loss, spin_metrics
 from selfplay.config import AlphaSpinConfig, derive_seed
 from selfplay.iteration_data import IterationData
@@ -54,12 +54,9 @@ def make_optimizer(
     optimizer = cls[config.optimizer](
         parameters, lr=config.learning_rate, weight_decay=config.weight_decay
     )
-    scheduler = get_scheduler(
-        config.lr_scheduler,
-        optimizer,
-        num_warmup_steps=int(config.warmup_ratio * total_steps),
-        num_training_steps=total_steps,
-    )
+    # No warmup with a constant rate, as transformers' "constant" (which runs kept).
+    warmup = 0 if config.lr_decay == "constant" else int(config.warmup_ratio * total_steps)
+    scheduler = lr_schedule(optimizer, total_steps, warmup_steps=warmup, decay=config.lr_decay)
     return optimizer, scheduler
 
 

@@ -168,7 +168,7 @@ def test_unknown_names_in_configs():
     for field, value in (("weighting", "mean"), ("lr_decay", "step"), ("parametrization", "x")):
         with pytest.raises(ValueError, match=rf"{field}='{value}' must be"):
             GFlowNetConfig(**{field: value})
-    for field, value in (("proposal", "prior"), ("optimizer", "adam"), ("lr_scheduler", "step")):
+    for field, value in (("proposal", "prior"), ("optimizer", "adam"), ("lr_decay", "step")):
         with pytest.raises(ValueError, match=rf"{field}='{value}' must be one of"):
             AlphaSpinConfig(**{field: value})
     with pytest.raises(ValueError, match=r"unknown GFlowNetConfig fields \['stepz'\]"):

@@ -8,26 +8,29 @@ as JSON beside the weights and checkpoints.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 from gfn_spin.io import dataclass_from_dict
 from gfn_spin.samples import check_count
+from gfn_spin.schedules import LR_DECAYS, LrDecay
 from objectives.subtb import TERMINATION_GRADIENTS, WEIGHTINGS
 
 Parametrization = Literal["auto", "lora", "residual", "twist"]
 Loss = Literal["subtb", "tb", "log_variance"]
-LrDecay = Literal["cosine", "constant"]
 Weighting = Literal["batch", "geometric_within"]
 TerminationGradient = Literal["all", "anchor"]
 
 PARAMETRIZATIONS: tuple[str, ...] = get_args(Parametrization)
 LOSSES: tuple[str, ...] = get_args(Loss)
-LR_DECAYS: tuple[str, ...] = get_args(LrDecay)
 assert get_args(Weighting) == WEIGHTINGS and get_args(TerminationGradient) == TERMINATION_GRADIENTS
 
 #: Config fields a resumed fit may change (they do not change the trajectory of the steps done).
 RESUMABLE_FIELDS = ("steps", "checkpoint_every")
+
+#: Where the "cosine" and "linear" decays of a GFlowNet fit end, as a fraction of the peak.
+LR_FLOOR = 0.05
 
 
 def _help(default: Any, text: str) -> Any:
@@ -63,7 +66,9 @@ class GFlowNetConfig:
     )
     warmup_steps: int = _help(20, "Linear learning-rate warmup steps.")
     lr_decay: LrDecay = _help(
-        "cosine", 'Learning-rate decay after warmup: "cosine" (to 5% of the peak) or "constant".'
+        "cosine",
+        'Learning-rate decay after warmup (gfn_spin.schedules): "cosine", "linear" (both to 5% '
+        'of the peak) or "constant".',
     )
     weight_decay: float = _help(0.0, "AdamW weight decay on the trainable weights.")
     prompts_per_step: int = _help(
@@ -112,7 +117,7 @@ class GFlowNetConfig:
     reward_temperature_end: float = _help(
         1.0, "Reward temperature at the last step (linear schedule); 1.0 targets R itself."
     )
-    max_grad_norm: float = _help(1.0, "Gradient clipping norm (0 disables).")
+    max_grad_norm: float | None = _help(1.0, "Gradient clipping norm (None: no clipping).")
     eval_every: int = _help(
         0,
         "Every this many steps, log the ESS/N of target/policy weights on fresh samples "
@@ -159,6 +164,11 @@ class GFlowNetConfig:
             raise ValueError("steps and warmup_steps must be >= 0")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate={self.learning_rate} must be > 0")
+        if self.max_grad_norm is not None and not 0 < self.max_grad_norm < math.inf:
+            raise ValueError(
+                f"max_grad_norm={self.max_grad_norm} must be a finite number > 0, or None for no "
+                "clipping"
+            )
         for name in ("explore_prob", "replay_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1]")
