@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ import torch
 
 from gfn_spin.density import Density
 from gfn_spin.exact import ExactDistribution, divergences, exact_distribution, sir_output_laws
+from gfn_spin.options import option
 from gfn_spin.policy import Policy
 from samplers.base import Sampler
 from samplers.gflownet import GFlowNetSampler
@@ -39,33 +40,23 @@ from samplers.weighting import ess_fraction, model_tokens
 class EvaluationConfig:
     """Settings of the exact evaluation; every study comparing samplers extends this."""
 
-    seed: int = field(
-        default=0, metadata={"help": "Seed of training batches and of every sampler's draws."}
+    seed: int = option(0, "Seed of training batches and of every sampler's draws.")
+    draws: int = option(
+        8,
+        "Draws per eval prompt for every sampler except SMC: they measure model "
+        "tokens per draw and draws per second (errors of samplers with a law come from that "
+        "law, not from these draws).",
     )
-    draws: int = field(
-        default=8,
-        metadata={
-            "help": "Draws per eval prompt for every sampler except SMC: they measure model "
-            "tokens per draw and draws per second (errors of samplers with a law come from that "
-            "law, not from these draws)."
-        },
+    smc_runs: int = option(
+        8, "Independent SMC runs per eval prompt (|Δlog Z| and ESS/N are averaged over them)."
     )
-    smc_runs: int = field(
-        default=8,
-        metadata={
-            "help": "Independent SMC runs per eval prompt (|Δlog Z| and ESS/N are averaged over them)."
-        },
+    smc_max_runs: int = option(
+        256,
+        "Most SMC runs per eval prompt: runs are raised up to this until the standard "
+        "error of each reported mean is at most a quarter of it; a point still above is dropped.",
     )
-    smc_max_runs: int = field(
-        default=256,
-        metadata={
-            "help": "Most SMC runs per eval prompt: runs are raised up to this until the standard "
-            "error of each reported mean is at most a quarter of it; a point still above is dropped."
-        },
-    )
-    sir_rtol: float = field(
-        default=1e-8,
-        metadata={"help": "Relative precision required of SIR's exact output law (per response)."},
+    sir_rtol: float = option(
+        1e-8, "Relative precision required of SIR's exact output law (per response)."
     )
 
 

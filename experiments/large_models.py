@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -21,15 +21,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from experiments.studies import AblationConfig, Setup, gfn_config, run_studies
 from gfn_spin.mixtures import GeometricMixture
+from gfn_spin.options import option
 from gfn_spin.policy import Policy
 from gfn_spin.samples import Samples
 from gfn_spin.toyworld import numbered_tokenizer
 from samplers import ImportanceResampler, SMCSampler
 from samplers.gflownet import GFlowNetSampler
-
-
-def _help(text: str) -> dict[str, str]:
-    return {"help": " ".join(text.split())}
 
 
 @dataclass
@@ -39,59 +36,37 @@ class LargeConfig(AblationConfig):
     QUICK: ClassVar[dict[str, Any]] = {"large_gfn_steps": 30, "large_reference_particles": 128}
     """Settings of ``--quick`` (each one still at its default takes this value)."""
 
-    output_dir: str = field(
-        default="outputs/large_models",
-        metadata=_help("Directory for ablation.csv, results.json, ablation.png and run.log."),
+    output_dir: str = option(
+        "outputs/large_models",
+        "Directory for ablation.csv, results.json, ablation.png and run.log.",
     )
-    large_vocab: int = field(
-        default=256, metadata=_help("Vocabulary of the random Llama models (≥ 256).")
+    large_vocab: int = option(256, "Vocabulary of the random Llama models (≥ 256).")
+    large_cap: int = option(32, "Length cap L of the large study (≥ 32).")
+    large_perturbation: float = option(
+        0.3,
+        "The second model's weights: w + perturbation · std(w) · noise (so the mixture is "
+        "not trivial).",
     )
-    large_cap: int = field(default=32, metadata=_help("Length cap L of the large study (≥ 32)."))
-    large_perturbation: float = field(
-        default=0.3,
-        metadata=_help(
-            "The second model's weights: w + perturbation · std(w) · noise (so the mixture is "
-            "not trivial)."
-        ),
+    large_sharpness: float = option(
+        20.0, "Scale of the random LM heads (a random Llama is near-uniform; this makes it peaked)."
     )
-    large_sharpness: float = field(
-        default=20.0,
-        metadata=_help(
-            "Scale of the random LM heads (a random Llama is near-uniform; this makes it peaked)."
-        ),
+    large_sir_candidates: tuple[int, ...] = option((4, 16), "K values of SIR in the large study.")
+    large_smc_particles: tuple[int, ...] = option((16, 64), "N values of SMC in the large study.")
+    large_draws: int = option(16, "Draws per held-out prompt of every sampler in the large study.")
+    large_gfn_steps: int = option(150, "GFlowNet training steps in the large study.")
+    large_learning_rate: float = option(
+        1e-4,
+        "GFlowNet peak learning rate in the large study (the sharp random heads need a small one).",
     )
-    large_sir_candidates: tuple[int, ...] = field(
-        default=(4, 16), metadata=_help("K values of SIR in the large study.")
+    large_subtb_lambdas: tuple[float, ...] = option(
+        (1.0, 0.5),
+        "SubTB λ of the large study's GFlowNets, one trained per value (1: the published one).",
     )
-    large_smc_particles: tuple[int, ...] = field(
-        default=(16, 64), metadata=_help("N values of SMC in the large study.")
-    )
-    large_draws: int = field(
-        default=16, metadata=_help("Draws per held-out prompt of every sampler in the large study.")
-    )
-    large_gfn_steps: int = field(
-        default=150, metadata=_help("GFlowNet training steps in the large study.")
-    )
-    large_learning_rate: float = field(
-        default=1e-4,
-        metadata=_help(
-            "GFlowNet peak learning rate in the large study (the sharp random heads need a "
-            "small one)."
-        ),
-    )
-    large_subtb_lambdas: tuple[float, ...] = field(
-        default=(1.0, 0.5),
-        metadata=_help(
-            "SubTB λ of the large study's GFlowNets, one trained per value (1: the published one)."
-        ),
-    )
-    large_reference_particles: int = field(
-        default=512,
-        metadata=_help(
-            """N of the two SMC runs (two seeds) whose mean log Ẑ serves as log Z in
+    large_reference_particles: int = option(
+        512,
+        """N of the two SMC runs (two seeds) whose mean log Ẑ serves as log Z in
             KL(q‖target); their difference is reported as log_z_spread, the uncertainty of that
-            KL."""
-        ),
+            KL.""",
     )
 
     def validate(self) -> None:
@@ -243,8 +218,12 @@ def large_setting(config: LargeConfig, setup: Setup, logger: Any) -> list[dict[s
         )
         logger.info(
             "large: %-28s ESS/N %.3f  ESS per model token %.2e  tokens/draw %.0f%s",
-            row["name"], row["ess_fraction"], row["ess_per_token"], row["tokens_per_draw"], kl,
-        )  # fmt: skip
+            row["name"],
+            row["ess_fraction"],
+            row["ess_per_token"],
+            row["tokens_per_draw"],
+            kl,
+        )
     logger.info("large: log Z from SMC N=%d: %s", config.large_reference_particles, log_z.tolist())
     return rows
 
