@@ -28,6 +28,9 @@ from gfn_spin.toyworld import numbered_tokenizer
 from samplers import ImportanceResampler, SMCSampler
 from samplers.gflownet import GFlowNetSampler
 
+#: The mixture weight α of the random-Llama target π_first^(1-α) π_second^α.
+LARGE_ALPHA = 0.5
+
 
 @dataclass
 class LargeConfig(AblationConfig):
@@ -123,60 +126,65 @@ def kl_to_target(log_z: torch.Tensor, samples: Samples) -> dict[str, float]:
     return {"kl_q_target": float((log_z - elbo).mean()), "elbo": float(elbo.mean())}
 
 
-def large_setting(config: LargeConfig, setup: Setup, logger: Any) -> list[dict[str, Any]]:
-    """ESS per model token of SIR, SMC and a GFlowNet; the GFlowNet's KL(q‖target).
-
-    ``setup`` is unused: nothing here is enumerable, so no tiny world is built.
-    """
-    cap, alpha = config.large_cap, 0.5
-    base, model = random_llama_pair(config)
-    target = GeometricMixture([base, model], [1 - alpha, alpha])
-    generator = torch.Generator().manual_seed(config.seed)
-    prompts = torch.randint(2, config.large_vocab, (10, 6), generator=generator).tolist()
-    train, evaluation = prompts[:8], prompts[8:]
-    draws = config.large_draws
-    # Two independent SMC estimates: their mean is the reference log Z, and their gap says how
-    # far to trust KL = log Z − ELBO (the ELBO itself needs no reference: compare it across rows).
+def reference_log_z(
+    config: LargeConfig, target: GeometricMixture, prompts: list[list[int]]
+) -> tuple[torch.Tensor, float]:
+    """``[P]`` reference log Z of ``target`` per prompt: the mean of two independent SMC
+    estimates, whose mean gap (returned too) says how far to trust KL = log Z − ELBO (the ELBO
+    itself needs no reference: compare it across rows)."""
     references = [
-        SMCSampler(target, config.large_reference_particles, max_new_tokens=cap).sample(
-            evaluation, 1, generator=config.seed + offset
-        )
+        SMCSampler(
+            target, config.large_reference_particles, max_new_tokens=config.large_cap
+        ).sample(prompts, 1, generator=config.seed + offset)
         for offset in (0, 1)
     ]
     estimates = torch.tensor(
         [[float(z) for z in r.stats["log_z"]] for r in references], dtype=torch.float64
     )
-    log_z, log_z_spread = estimates.mean(0), float((estimates[0] - estimates[1]).abs().mean())
-    rows = []
+    return estimates.mean(0), float((estimates[0] - estimates[1]).abs().mean())
 
-    def record(name, setting, samples, size, per_draw, ess, extra=None):
-        # ``ess``: the absolute ESS of each population of ``size`` weighted proposals, which
-        # cost ``per_draw`` draws' tokens (K candidates or N particles: one; GFlowNet: all).
-        ess = torch.as_tensor(ess, dtype=torch.float64).mean()
-        tokens_per_draw = samples.stats["tokens"] / len(samples)
-        row = {
-            "section": "large",
-            "alpha": alpha,
-            "name": name,
-            "setting": setting,
-            "measure": "estimated",
-            "ess_fraction": float(ess / size),
-            "tokens_per_draw": tokens_per_draw,
-            "ess_per_token": float(ess / (tokens_per_draw * per_draw)),
-            **(extra or {}),
-        }
-        rows.append(row)
 
-    for k in config.large_sir_candidates:
-        sampler = ImportanceResampler(target, None, k, max_new_tokens=cap)
-        samples = sampler.sample(evaluation, draws, generator=1)
-        record(f"SIR K={k}", "local product proposal", samples, k, 1, samples.stats["ess"])
-    for n in config.large_smc_particles:
-        sampler = SMCSampler(target, n, max_new_tokens=cap)
-        samples = sampler.sample(evaluation, draws, generator=1)
-        record(f"SMC N={n}", "local product proposal", samples, n, 1, samples.stats["ess"])
+def large_row(
+    name: str,
+    setting: str,
+    samples: Samples,
+    size: int,
+    per_draw: int,
+    ess: Any,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One row of the study. ``ess``: the absolute ESS of each population of ``size`` weighted
+    proposals, which cost ``per_draw`` draws' tokens (K candidates or N particles: one;
+    GFlowNet: all)."""
+    ess = torch.as_tensor(ess, dtype=torch.float64).mean()
+    tokens_per_draw = samples.stats["tokens"] / len(samples)
+    return {
+        "section": "large",
+        "alpha": LARGE_ALPHA,
+        "name": name,
+        "setting": setting,
+        "measure": "estimated",
+        "ess_fraction": float(ess / size),
+        "tokens_per_draw": tokens_per_draw,
+        "ess_per_token": float(ess / (tokens_per_draw * per_draw)),
+        **(extra or {}),
+    }
+
+
+def gflownet_rows(
+    config: LargeConfig,
+    target: GeometricMixture,
+    model: Policy,
+    train: list[list[int]],
+    evaluation: list[list[int]],
+    log_z: torch.Tensor,
+    log_z_spread: float,
+) -> list[dict[str, Any]]:
+    """The GFlowNet's rows: untrained (the local product for residual) once, then trained with
+    each SubTB λ of ``large_subtb_lambdas``."""
+    cap, draws, rows = config.large_cap, config.large_draws, []
     for index, subtb_lambda in enumerate(config.large_subtb_lambdas):
-        gfn = gfn_config(config, f"steps={config.large_gfn_steps}", alpha, cap)
+        gfn = gfn_config(config, f"steps={config.large_gfn_steps}", LARGE_ALPHA, cap)
         gfn = dataclasses.replace(
             gfn,
             prompts_per_step=8,
@@ -187,28 +195,34 @@ def large_setting(config: LargeConfig, setup: Setup, logger: Any) -> list[dict[s
         )
         gflownet = GFlowNetSampler(target, model, gfn)
         seconds = 0.0
-        # untrained (the local product for residual) once, then trained with each λ
         for steps in (0, gfn.steps) if index == 0 else (gfn.steps,):
             started = time.perf_counter()
             gflownet.fit(train, steps, progress=config.progress)
             seconds += time.perf_counter() - started
             samples = gflownet.sample(evaluation, draws, generator=1)
-            ess = samples.stats["ess"]
-            record(
-                f"GFlowNet {gflownet.parametrization} {steps} steps"
-                + (f" λ={subtb_lambda:g}" if steps else ""),
-                f"lr {gfn.learning_rate:g}, {gfn.prompts_per_step}x{gfn.samples_per_prompt} per step",
-                samples,
-                draws,
-                draws,
-                ess,
-                {
-                    **kl_to_target(log_z, samples),
-                    "log_z_spread": log_z_spread,
-                    "train_steps": steps,
-                    "train_seconds": seconds,
-                },
+            rows.append(
+                large_row(
+                    f"GFlowNet {gflownet.parametrization} {steps} steps"
+                    + (f" λ={subtb_lambda:g}" if steps else ""),
+                    f"lr {gfn.learning_rate:g}, {gfn.prompts_per_step}x{gfn.samples_per_prompt} per step",
+                    samples,
+                    draws,
+                    draws,
+                    samples.stats["ess"],
+                    {
+                        **kl_to_target(log_z, samples),
+                        "log_z_spread": log_z_spread,
+                        "train_steps": steps,
+                        "train_seconds": seconds,
+                    },
+                )
             )
+    return rows
+
+
+def log_rows(rows: list[dict[str, Any]], logger: Any) -> None:
+    """One log line per row: ESS/N, ESS per model token, tokens per draw, and the KL where
+    there is one."""
     for row in rows:
         kl = (
             ""
@@ -224,6 +238,35 @@ def large_setting(config: LargeConfig, setup: Setup, logger: Any) -> list[dict[s
             row["tokens_per_draw"],
             kl,
         )
+
+
+def large_setting(config: LargeConfig, setup: Setup, logger: Any) -> list[dict[str, Any]]:
+    """ESS per model token of SIR, SMC and a GFlowNet; the GFlowNet's KL(q‖target).
+
+    ``setup`` is unused: nothing here is enumerable, so no tiny world is built.
+    """
+    cap, draws = config.large_cap, config.large_draws
+    base, model = random_llama_pair(config)
+    target = GeometricMixture([base, model], [1 - LARGE_ALPHA, LARGE_ALPHA])
+    generator = torch.Generator().manual_seed(config.seed)
+    prompts = torch.randint(2, config.large_vocab, (10, 6), generator=generator).tolist()
+    train, evaluation = prompts[:8], prompts[8:]
+    log_z, log_z_spread = reference_log_z(config, target, evaluation)
+    rows = []
+    for k in config.large_sir_candidates:
+        sampler = ImportanceResampler(target, None, k, max_new_tokens=cap)
+        samples = sampler.sample(evaluation, draws, generator=1)
+        rows.append(
+            large_row(f"SIR K={k}", "local product proposal", samples, k, 1, samples.stats["ess"])
+        )
+    for n in config.large_smc_particles:
+        sampler = SMCSampler(target, n, max_new_tokens=cap)
+        samples = sampler.sample(evaluation, draws, generator=1)
+        rows.append(
+            large_row(f"SMC N={n}", "local product proposal", samples, n, 1, samples.stats["ess"])
+        )
+    rows += gflownet_rows(config, target, model, train, evaluation, log_z, log_z_spread)
+    log_rows(rows, logger)
     logger.info("large: log Z from SMC N=%d: %s", config.large_reference_particles, log_z.tolist())
     return rows
 

@@ -12,6 +12,7 @@ weights.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
@@ -88,6 +89,50 @@ def batch_loss(
     return losses, metrics
 
 
+@dataclass
+class StepParts:
+    """What every micro-batch of one iterate's training uses: the prepared scorer and
+    optimizer, the trainable weights, the accelerator, the config and the loss scale."""
+
+    scorer: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    parameters: Sequence[torch.nn.Parameter]
+    accelerator: Accelerator
+    config: AlphaSpinConfig
+    scale: float
+
+
+def micro_batch_step(
+    parts: StepParts,
+    data: IterationData,
+    rows: torch.Tensor,
+    totals: torch.Tensor,
+    iterate: str,
+    where: str,
+) -> None:
+    """One micro-batch of ``rows``: its SPIN loss backpropagated (the optimizer steps at the
+    end of an accumulation cycle), and its loss, metrics and row count added to ``totals``."""
+    accelerator, config = parts.accelerator, parts.config
+    with accelerator.accumulate(parts.scorer):
+        losses, metrics = batch_loss(parts.scorer, data, rows, config)
+        if not bool(torch.isfinite(losses).all()):
+            raise FloatingPointError(
+                f"the SPIN loss of {iterate} is not finite at {where}. Lower "
+                "learning_rate or beta, or set max_grad_norm"
+            )
+        accelerator.backward(losses.sum() * parts.scale)
+        if accelerator.sync_gradients and config.max_grad_norm is not None:
+            accelerator.clip_grad_norm_(parts.parameters, config.max_grad_norm)
+        parts.optimizer.step()
+        parts.optimizer.zero_grad(set_to_none=True)
+    totals += torch.tensor(
+        [float(losses.detach().double().sum())]
+        + [metrics[key] * len(rows) for key in METRICS]
+        + [float(len(rows))],
+        dtype=torch.float64,
+    )
+
+
 def train_iterate(
     policy: Policy,
     parameters: Sequence[torch.nn.Parameter],
@@ -121,6 +166,7 @@ def train_iterate(
     # accumulation steps): the update is the global-batch mean.
     scale = size / config.batch_size
     totals = torch.zeros(2 + len(METRICS), dtype=torch.float64)  # loss, metrics, rows
+    step_parts = StepParts(scorer, optimizer, parameters, accelerator, config, scale)
     policy.model.train()
     bar = tqdm(
         total=total_steps,
@@ -136,27 +182,10 @@ def train_iterate(
                 f"optimizer step {epoch * steps_per_epoch + step + 1} of {total_steps} (epoch "
                 f"{epoch + 1}); nothing of this iteration is saved"
             )
-            for micro in range(config.gradient_accumulation_steps):
-                start = (step * config.gradient_accumulation_steps + micro) * config.batch_size
+            first = step * rows_per_step
+            for start in range(first, first + rows_per_step, config.batch_size):
                 rows = order[start : start + config.batch_size][rank::size]
-                with accelerator.accumulate(scorer):
-                    losses, metrics = batch_loss(scorer, data, rows, config)
-                    if not bool(torch.isfinite(losses).all()):
-                        raise FloatingPointError(
-                            f"the SPIN loss of π_{iteration + 1} is not finite at {where}. Lower "
-                            "learning_rate or beta, or set max_grad_norm"
-                        )
-                    accelerator.backward(losses.sum() * scale)
-                    if accelerator.sync_gradients and config.max_grad_norm is not None:
-                        accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                totals += torch.tensor(
-                    [float(losses.detach().double().sum())]
-                    + [metrics[key] * len(rows) for key in METRICS]
-                    + [float(len(rows))],
-                    dtype=torch.float64,
-                )
+                micro_batch_step(step_parts, data, rows, totals, f"π_{iteration + 1}", where)
             scheduler.step()
             with torch.no_grad():
                 finite = all(bool(torch.isfinite(p).all()) for p in parameters)
