@@ -177,6 +177,17 @@ def test_unknown_names_in_configs():
         AlphaSpinConfig.from_dict({"alfa": 0.5})
 
 
+def test_max_grad_norm_has_one_rule_in_both_configs():
+    """None disables clipping in both trainers; 0, a negative or an infinite norm is refused."""
+    assert GFlowNetConfig(max_grad_norm=None).max_grad_norm is None
+    assert AlphaSpinConfig(max_grad_norm=None).max_grad_norm is None
+    for value in (0.0, -1.0, math.inf):
+        with pytest.raises(ValueError, match=r"max_grad_norm=.* must be a finite number > 0"):
+            GFlowNetConfig(max_grad_norm=value)
+        with pytest.raises(ValueError, match=r"max_grad_norm=.* must be a finite number > 0"):
+            AlphaSpinConfig(max_grad_norm=value)
+
+
 # -- checkpoints and run directories ----------------------------------------------------------
 
 
