@@ -7,11 +7,12 @@ named LoRA adapters on one set of base weights (or full copies with ``finetuning
 Iteration t, in :meth:`AlphaSpinTrainer.train`:
 
 1. :func:`selfplay.reference.build_reference`: ``π_ref ∝ π_0^{1-α} · M_h^α``.
-2. :func:`selfplay.opponents.opponent_sampler` + :func:`selfplay.generation.make_iteration_data`:
+2. the opponent factory (:func:`selfplay.opponents.opponent_sampler` by default) +
+   :func:`selfplay.generation.make_iteration_data`:
    one y' per example, and the reference log-probs of y and y' computed once and stored with
    the data (parquet), so training keeps only the policy in memory. A GFlowNet opponent is
    saved in ``opponents/`` and warm-starts the next iteration's fit.
-3. :func:`selfplay.iterates.new_iterate` + :func:`selfplay.training.train_iterate`: π_{t+1}
+3. :func:`selfplay.iterates.new_iterate` + :func:`selfplay.iterate_training.train_iterate`: π_{t+1}
    starts from π_t and minimizes ``objectives.spin.spin_loss``.
 4. evaluate, save the iterate and record the metrics; every step is atomic and listed in a
    manifest (:class:`selfplay.run_directory.RunDirectory`), so a killed run restarted with the
@@ -24,7 +25,7 @@ training goes through ``accelerate.Accelerator``; every process ends with the sa
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -37,16 +38,15 @@ from gfn_spin.data import check_no_special_tokens
 from gfn_spin.density import Density
 from gfn_spin.devices import check_device, resolve_device
 from gfn_spin.policy import Policy
-from samplers.gflownet import GFlowNetSampler
-from selfplay.config import RESUMABLE_FIELDS, AlphaSpinConfig, derive_seed
-from selfplay.data import load_pairs, pairs_fingerprint
-from selfplay.generation import check_context_fits, make_iteration_data
+from selfplay.config import RUN_RESUMABLE_FIELDS, AlphaSpinConfig, derive_seed
+from selfplay.generation import make_iteration_data
+from selfplay.iterate_training import train_iterate
 from selfplay.iterates import freeze, iterate_name, load_iterate, new_iterate, save_iterate
 from selfplay.iteration_data import encode_examples, read_iteration_data, write_iteration_data
-from selfplay.opponents import opponent_sampler
+from selfplay.opponents import OpponentFactory, opponent_sampler
+from selfplay.pairs import load_pairs, pairs_fingerprint
 from selfplay.reference import build_reference
 from selfplay.run_directory import DATA_HASH, RunDirectory
-from selfplay.training import train_iterate
 
 
 @dataclass
@@ -84,6 +84,34 @@ class World(Protocol):
     def evaluator(self) -> Callable[[Density], dict[str, float]]: ...
 
 
+def check_context_fits(
+    prompt_ids: Sequence[Sequence[int]],
+    context: int | None,
+    max_new_tokens: int,
+    max_prompt_length: int,
+) -> None:
+    """Refuse, before any work, prompts plus responses that do not fit the model's context.
+
+    The message names the setting to change: ``max_new_tokens`` when responses alone fill
+    the context, else ``max_prompt_length`` (the longest prompt keeps its last tokens).
+    """
+    if context is None:
+        return
+    if max_new_tokens >= context:
+        raise ValueError(
+            f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's context "
+            f"of {context} tokens; lower --max-new-tokens below {context}"
+        )
+    longest = max(len(p) for p in prompt_ids)
+    if longest + max_new_tokens > context:
+        raise ValueError(
+            f"prompts of up to {longest} tokens (max_prompt_length={max_prompt_length}) "
+            f"plus max_new_tokens={max_new_tokens} exceed the model's context of {context} "
+            f"tokens; lower --max-prompt-length to {context - max_new_tokens} or less (longer "
+            "prompts keep their last tokens), or lower --max-new-tokens"
+        )
+
+
 class AlphaSpinTrainer:
     """Runs α-SPIN iterations for a config; resumable from ``config.output_dir``.
 
@@ -93,12 +121,15 @@ class AlphaSpinTrainer:
             ``Policy.from_pretrained``, or the world's base. The trainer adds adapters to
             its model.
         dataset: (prompt, response) pairs (a ``datasets.Dataset`` or a source for
-            :func:`selfplay.data.load_pairs`); default: ``config.dataset`` or the world's SFT
+            :func:`selfplay.pairs.load_pairs`); default: ``config.dataset`` or the world's SFT
             data.
         world: the world (a :class:`World`, e.g. ``worlds.toy.build_world()``) whose base or
             SFT data is used when no model or no data is given; required then.
         evaluate: ``policy -> {name: float}`` run on π_0 and every new iterate (main process);
             default on a world: its ``evaluator()`` (the tiny world's exact KLs).
+        opponents: builds iteration t's opponent sampler
+            (:class:`~selfplay.opponents.OpponentFactory`); default:
+            :func:`selfplay.opponents.opponent_sampler`, the sampler ``config.sampler`` names.
 
     ``train()`` returns one record per iterate: ``{"iteration": t, "metrics": {...},
     "seconds": {...}}`` (iteration 0 is the base).
@@ -112,9 +143,11 @@ class AlphaSpinTrainer:
         dataset: Any = None,
         world: World | None = None,
         evaluate: Callable[[Density], dict[str, float]] | None = None,
+        opponents: OpponentFactory = opponent_sampler,
     ) -> None:
         config.validate()
         self.config = config
+        self.opponents = opponents
         self.accelerator = make_accelerator(config)
         uses_world = policy is None and config.model is None
         uses_world = uses_world or (dataset is None and config.dataset is None)
@@ -198,7 +231,7 @@ class AlphaSpinTrainer:
         is refused with :class:`gfn_spin.io.DirectoryInUseError`.
         """
         run = RunDirectory(
-            self.config.output_dir, self.identity, self.accelerator, RESUMABLE_FIELDS
+            self.config.output_dir, self.identity, self.accelerator, RUN_RESUMABLE_FIELDS
         )
         try:
             return self._train(run)
@@ -223,7 +256,7 @@ class AlphaSpinTrainer:
             if not run.done(f"data_{t}"):
                 started = time.perf_counter()
                 previous = None if t == 0 else run.opponent_path(t - 1)
-                sampler = opponent_sampler(
+                sampler = self.opponents(
                     cfg,
                     reference,
                     iterates,
@@ -231,10 +264,8 @@ class AlphaSpinTrainer:
                     iteration=t,
                     fit_prompts=self.examples.prompt_ids,
                     warm_start_from=previous if previous and previous.is_dir() else None,
+                    save_to=run.opponent_path(t) if accelerator.is_main_process else None,
                 )
-                if isinstance(sampler, GFlowNetSampler) and accelerator.is_main_process:
-                    # The next iteration warm-starts from it, also after a resume.
-                    sampler.save(run.opponent_path(t))
                 data = make_iteration_data(
                     sampler,
                     reference,
@@ -274,4 +305,4 @@ class AlphaSpinTrainer:
 
 def comparable_config(config: AlphaSpinConfig) -> dict[str, Any]:
     """The config a resume must match: its JSON values without the resumable fields."""
-    return {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_FIELDS}
+    return {k: v for k, v in config.to_dict().items() if k not in RUN_RESUMABLE_FIELDS}

@@ -17,9 +17,9 @@ from gfn_spin.samples import pad_responses
 from samplers.ancestral import AncestralSampler
 from selfplay import AlphaSpinConfig, AlphaSpinTrainer
 from selfplay.config import derive_seed
-from selfplay.data import load_pairs, load_parquet, write_parquet
 from selfplay.iterates import load_iterate
-from selfplay.iteration_data import read_iteration_data
+from selfplay.iteration_data import load_parquet, read_iteration_data, write_parquet
+from selfplay.pairs import load_pairs
 from selfplay.reference import build_reference, history_indices
 from worlds.toy import ToyWorldEvaluator
 
