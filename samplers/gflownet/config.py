@@ -14,6 +14,7 @@ from typing import Any, Literal, get_args
 from gfn_spin.io import dataclass_from_dict
 from gfn_spin.samples import check_count
 from objectives.subtb import TERMINATION_GRADIENTS, WEIGHTINGS
+from samplers.gflownet.registry import PARAMETRIZATIONS
 
 Loss = Literal["subtb", "tb", "log_variance"]
 LrDecay = Literal["cosine", "constant"]
@@ -145,6 +146,7 @@ class GFlowNetConfig:
         ):
             check_count(name, getattr(self, name))
         for name, choices in (
+            ("parametrization", ("auto", *PARAMETRIZATIONS)),
             ("loss", LOSSES),
             ("termination_gradient", TERMINATION_GRADIENTS),
             ("weighting", WEIGHTINGS),
