@@ -17,13 +17,12 @@ from gfn_spin.options import option
 from gfn_spin.samples import check_count
 from gfn_spin.schedules import LR_DECAYS, LrDecay
 from objectives.subtb import TERMINATION_GRADIENTS, WEIGHTINGS
+from samplers.gflownet.registry import PARAMETRIZATIONS
 
-Parametrization = Literal["auto", "lora", "residual", "twist"]
 Loss = Literal["subtb", "tb", "log_variance"]
 Weighting = Literal["batch", "geometric_within"]
 TerminationGradient = Literal["all", "anchor"]
 
-PARAMETRIZATIONS: tuple[str, ...] = get_args(Parametrization)
 LOSSES: tuple[str, ...] = get_args(Loss)
 assert get_args(Weighting) == WEIGHTINGS and get_args(TerminationGradient) == TERMINATION_GRADIENTS
 
@@ -39,13 +38,13 @@ class GFlowNetConfig:
     """Every setting of the GFlowNet sampler and its training (saved with the weights)."""
 
     max_new_tokens: int = option(7, "Length cap L of responses (the stop at L is forced).")
-    parametrization: Parametrization = option(
+    parametrization: str = option(
         "auto",
         '"twist": local product × a twist head on the components\' hidden states (needs a '
         'GeometricMixture of policies); "residual": local product × a LoRA correction (needs a '
         'GeometricMixture); "lora": LoRA on the init policy\'s weights, one model pass per '
-        'token; "auto": twist, else residual, else lora, whichever the target allows '
-        "(docs/gflownet.md).",
+        'token; "auto": twist, else residual, else lora, whichever the target allows; or the '
+        "name of a registered samplers.gflownet.Parametrization (docs/gflownet.md).",
     )
     twist_width: int = option(256, '"twist": hidden width of the twist head (an MLP).')
     twist_depth: int = option(2, '"twist": hidden layers of the twist head.')
@@ -149,7 +148,7 @@ class GFlowNetConfig:
         ):
             check_count(name, getattr(self, name))
         for name, choices in (
-            ("parametrization", PARAMETRIZATIONS),
+            ("parametrization", ("auto", *PARAMETRIZATIONS)),
             ("loss", LOSSES),
             ("termination_gradient", TERMINATION_GRADIENTS),
             ("weighting", WEIGHTINGS),
