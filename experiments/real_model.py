@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -48,18 +48,15 @@ from experiments.common import (
 from gfn_spin.density import PromptLike
 from gfn_spin.devices import resolve_device
 from gfn_spin.mixtures import GeometricMixture
+from gfn_spin.options import option
 from gfn_spin.policy import Policy
-from gfn_spin.toyworld import build_world as build_tiny
 from samplers import AncestralSampler, ImportanceResampler, SMCSampler
 from samplers.accuracy import Estimate, kl_to_target, log_z_error, smc_reference
 from samplers.gflownet import GFlowNetConfig, GFlowNetSampler
 from samplers.weighting import model_tokens
+from worlds.toy import build_world as build_tiny
 
 World = Literal["smollm2", "tiny"]
-
-
-def _help(text: str) -> dict[str, str]:
-    return {"help": " ".join(text.split())}
 
 
 def real_model_gflownet() -> GFlowNetConfig:
@@ -100,81 +97,57 @@ class RealModelConfig:
     }
     """Settings of ``--full`` (for a GPU; each one still at its default takes this value)."""
 
-    output_dir: str = field(
-        default="outputs/real_model",
-        metadata=_help("Directory for results.json, real_model.png and run.log."),
+    output_dir: str = option(
+        "outputs/real_model", "Directory for results.json, real_model.png and run.log."
     )
-    full: bool = field(
-        default=False,
-        metadata=_help(
-            """The full setting (more prompts, particles, runs and GFlowNet steps; for a GPU).
-            The default is the quick setting for 2 CPU cores."""
-        ),
+    full: bool = option(
+        False,
+        """The full setting (more prompts, particles, runs and GFlowNet steps; for a GPU). The
+        default is the quick setting for 2 CPU cores.""",
     )
-    world: World = field(
-        default="smollm2",
-        metadata=_help(
-            """"smollm2": SmolLM2-135M-Instruct and its iterate and style pairs (worlds.smollm,
-            built once into $GFN_SPIN_CACHE); "tiny": the tiny world's base and shifted
-            policies (seconds; for tests)."""
-        ),
+    world: World = option(
+        "smollm2",
+        """"smollm2": SmolLM2-135M-Instruct and its iterate and style pairs (worlds.smollm, built
+        once into $GFN_SPIN_CACHE); "tiny": the tiny world's base and shifted policies
+        (seconds; for tests).""",
     )
-    pairs: tuple[str, ...] = field(
-        default=(),
-        metadata=_help("Pairs of the world to measure (empty: all; smollm2: iterate style)."),
+    pairs: tuple[str, ...] = option(
+        (), "Pairs of the world to measure (empty: all; smollm2: iterate style)."
     )
-    alphas: tuple[float, ...] = field(
-        default=(0.5, 0.95), metadata=_help("α values of the targets π_base^(1-α)·π_other^α.")
+    alphas: tuple[float, ...] = option(
+        (0.5, 0.95), "α values of the targets π_base^(1-α)·π_other^α."
     )
-    max_new_tokens: int = field(
-        default=8, metadata=_help("Length cap L of every response (0: the world's own cap).")
+    max_new_tokens: int = option(8, "Length cap L of every response (0: the world's own cap).")
+    fit_prompts: int = option(
+        2, "Prompts the GFlowNet is fitted on (the world's first training prompts)."
     )
-    fit_prompts: int = field(
-        default=2,
-        metadata=_help("Prompts the GFlowNet is fitted on (the world's first training prompts)."),
+    new_prompts: int = option(2, "Prompts never fitted on (the world's first held-out prompts).")
+    reference_particles: int = option(32, "Particles N of each reference SMC run.")
+    reference_runs: int = option(
+        4, "Independent reference SMC runs per prompt (≥ 2; their Ẑ are averaged)."
     )
-    new_prompts: int = field(
-        default=2,
-        metadata=_help("Prompts never fitted on (the world's first held-out prompts)."),
+    particles: int = option(
+        8, "K of SIR and N of SMC and twisted SMC (equal model tokens per estimate)."
     )
-    reference_particles: int = field(
-        default=32, metadata=_help("Particles N of each reference SMC run.")
+    runs: int = option(
+        4, "Independent log Ẑ estimates per prompt of SIR, SMC and twisted SMC (≥ 2)."
     )
-    reference_runs: int = field(
-        default=4,
-        metadata=_help("Independent reference SMC runs per prompt (≥ 2; their Ẑ are averaged)."),
+    draws: int = option(16, "Draws per prompt of the local product and the GFlowNet, for KL (≥ 2).")
+    gflownet: GFlowNetConfig = option(
+        factory=real_model_gflownet,
+        help="The GFlowNet's fit (real-model preset).",
+        derived=("max_new_tokens", "seed", "adapter_name", "parametrization"),
     )
-    particles: int = field(
-        default=8,
-        metadata=_help("K of SIR and N of SMC and twisted SMC (equal model tokens per estimate)."),
+    batch_size: int = option(
+        64,
+        """Rows per decoding batch of SIR and SMC: bounds memory (on SmolLM2 each row's KV cache
+        and next-token scores take about 2 MB per model; 64 rows peaked at 1.6 GB resident in
+        all, 512 passed 5 GB).""",
     )
-    runs: int = field(
-        default=4,
-        metadata=_help("Independent log Ẑ estimates per prompt of SIR, SMC and twisted SMC (≥ 2)."),
-    )
-    draws: int = field(
-        default=16,
-        metadata=_help("Draws per prompt of the local product and the GFlowNet, for KL (≥ 2)."),
-    )
-    gflownet: GFlowNetConfig = field(
-        default_factory=real_model_gflownet,
-        metadata={
-            "help": "The GFlowNet's fit (real-model preset).",
-            "derived": ("max_new_tokens", "seed", "adapter_name", "parametrization"),
-        },
-    )
-    batch_size: int = field(
-        default=64,
-        metadata=_help(
-            """Rows per decoding batch of SIR and SMC: bounds memory (on SmolLM2 each row's KV
-            cache and next-token scores take about 2 MB per model; 64 rows peaked at 1.6 GB
-            resident in all, 512 passed 5 GB)."""
-        ),
-    )
-    device: str = field(default="auto", metadata=_help('"auto" (CUDA when present), "cpu", ...'))
-    threads: int = field(default=2, metadata=_help("CPU threads for torch (0: torch's default)."))
-    seed: int = field(default=0, metadata=_help("Seed of every sampler and of the fit."))
-    progress: bool = field(default=True, metadata=_help("Show progress bars."))
+    device: str = option("auto", '"auto" (CUDA when present), "cpu", ...')
+    threads: int = option(2, "CPU threads for torch (0: torch's default).")
+    seed: int = option(0, "Seed of every sampler and of the fit.")
+    progress: bool = option(True, "Show progress bars.")
 
     def validate(self) -> None:
         """Raise a ValueError naming the setting, before any model work."""

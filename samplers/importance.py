@@ -113,7 +113,7 @@ class ImportanceResampler(ProposalSampler):
         self, prompt_ids: list[list[int]], num_samples: int, generator: torch.Generator | None
     ) -> Draws:
         if self._decoder is not None:
-            draws = self._decoder.draw(prompt_ids, num_samples, generator)
+            draws = self._decoder.populations(prompt_ids, num_samples, generator)
             keep = ("ess", "ess_fraction", "log_z", "log_z_populations")
             stats = {key: draws.stats[key] for key in keep}
             draws.stats = {**stats, "num_candidates": self.num_candidates}
