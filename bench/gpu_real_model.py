@@ -32,14 +32,13 @@ from pathlib import Path
 
 import torch
 
-from bench._timing import emit, median_seconds
-from bench.sampling import sampling_rates
+from bench._timing import emit
+from bench.sampling import round_robin, sampling_rates
 from experiments.real_model import RealModelConfig, open_world
 from gfn_spin import adapters
 from gfn_spin.mixtures import GeometricMixture
 from gfn_spin.samples import ancestral_sample
 from samplers.gflownet import GFlowNetSampler
-from samplers.weighting import model_tokens
 
 #: The job's flags with ``--tiny`` (seconds on a CPU).
 TINY_JOB = [
@@ -100,19 +99,17 @@ def bench_fit_step(world, args: argparse.Namespace) -> None:
     local = target.local_product()
 
     def sample_pass() -> None:
-        with torch.no_grad():
-            ancestral_sample(local, rows, 1, max_new_tokens=args.new_tokens, generator=0)
+        ancestral_sample(local, rows, 1, max_new_tokens=args.new_tokens, generator=0)
 
     def step() -> None:
-        sampler.train_step(prompt_ids)
+        with torch.enable_grad():  # round_robin times under no_grad
+            sampler.train_step(prompt_ids)
 
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated() if args.device.startswith("cuda") else 0
-    tokens = model_tokens(target)
-    step_s = median_seconds(step, args.repeats)
-    step_tokens = (model_tokens(target) - tokens) / (args.repeats + 1)
-    pass_s = median_seconds(sample_pass, args.repeats)
+    medians, _ = round_robin({"step": step, "pass": sample_pass}, args.repeats, args.device)
+    step_s, pass_s = medians["step"], medians["pass"]
     cropped = equal_length_prompts(world, base, len(rows))
     with adapters.route(base.model, None):
         rate, _ = sampling_rates(base.model, base.tokenizer, cropped, args.new_tokens, 1, False)
@@ -127,7 +124,6 @@ def bench_fit_step(world, args: argparse.Namespace) -> None:
         ratio_step_over_pass=step_s / pass_s,
         hf_generate_one_model_s=hf_s,
         ratio_step_over_hf=step_s / hf_s,
-        model_tokens_per_step=step_tokens,
         **(
             {"peak_memory_gb": (torch.cuda.max_memory_allocated() - before) / 2**30}
             if args.device.startswith("cuda")

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -65,6 +66,31 @@ def build(args: argparse.Namespace) -> tuple[GPT2LMHeadModel, PreTrainedTokenize
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def round_robin(
+    contenders: dict[str, Callable[[], Any]], repeats: int, device: str
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Median seconds of each contender over ``repeats`` round-robin rounds (load from other
+    processes hits every contender alike), after one untimed first call each (whose seconds
+    come back too: the static cache's compilation); under ``no_grad``."""
+    first_call: dict[str, float] = {}
+    seconds: dict[str, list[float]] = {name: [] for name in contenders}
+    with torch.no_grad():
+        for name, fn in contenders.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            first_call[name] = time.perf_counter() - start
+        for _ in range(repeats):
+            for name, fn in contenders.items():
+                sync(device)
+                start = time.perf_counter()
+                fn()
+                sync(device)
+                seconds[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in seconds.items()}, first_call
 
 
 def sampling_rates(
@@ -109,25 +135,10 @@ def sampling_rates(
     policy._mask_cache[policy.device] = mask  # keyed by the resolved device (cuda:0, not cuda)
 
     contenders = {"hf_dynamic": lambda: hf(None), "ours": ours}
-    first_call: dict[str, float] = {}
     if static:
         contenders["hf_static"] = lambda: hf("static")
-    seconds: dict[str, list[float]] = {name: [] for name in contenders}
-    with torch.no_grad():
-        for name, fn in contenders.items():
-            sync(device)
-            start = time.perf_counter()
-            fn()  # warm-up (for the static cache: compilation)
-            sync(device)
-            first_call[name] = time.perf_counter() - start
-        for _ in range(repeats):
-            for name, fn in contenders.items():
-                sync(device)
-                start = time.perf_counter()
-                fn()
-                sync(device)
-                seconds[name].append(time.perf_counter() - start)
-    rate = {name: generated[name] / statistics.median(times) for name, times in seconds.items()}
+    medians, first_call = round_robin(contenders, repeats, device)
+    rate = {name: generated[name] / medians[name] for name in contenders}
     return rate, first_call
 
 

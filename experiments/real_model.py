@@ -184,6 +184,8 @@ def open_world(config: RealModelConfig, device: torch.device) -> OpenWorld:
         pairs = {"shifted": (base, shifted)}
         fit, new, cap = tiny.train_prompts, tiny.eval_prompts, tiny.max_new_tokens
     else:
+        # Not at module level: worlds.smollm comes with the real-model world's branch, and
+        # --world tiny (the tests) must run where that world is not installed.
         from worlds.smollm import build_world as build_smollm
 
         smol = build_smollm(device=device, progress=config.progress)
