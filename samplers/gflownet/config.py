@@ -87,9 +87,14 @@ class GFlowNetConfig:
     twist_updates: int = _help(
         8,
         '"twist": head updates per rollout; the first uses the fresh batch, the others stored '
-        "batches (the components are frozen, so stored features stay exact).",
+        "batches, whose component scores and features are recomputed by a teacher-forced "
+        "no-grad pass (the components are frozen, so they are exact).",
     )
-    twist_buffer: int = _help(64, '"twist": training batches kept for the extra head updates.')
+    twist_buffer: int = _help(
+        64,
+        '"twist": training batches kept for the extra head updates (token ids, lengths and '
+        "rewards: nothing that scales with the vocabulary).",
+    )
     weighting: Weighting = _help(
         "batch", 'SubTB normalization: "batch" (published LM recipe) or "geometric_within".'
     )
