@@ -54,8 +54,9 @@ from worlds.toy import numbered_tokenizer
 STEPS = ("project", "published")
 
 
-def build(args: argparse.Namespace) -> tuple[GFlowNetSampler, list[list[int]]]:
-    """The sampler (its LoRA policy and target) and the prompts of one batch."""
+def random_mixture(args: argparse.Namespace) -> GeometricMixture:
+    """The target π_ref^(1-α) π_t^α of two Llama-shaped LMs with random weights (seeds 0 and
+    1), of ``args``' vocabulary, width, layers and heads (float32 on CPU, bf16 elsewhere)."""
     tokenizer = numbered_tokenizer(args.vocab)
     config = LlamaConfig(
         vocab_size=args.vocab,
@@ -75,11 +76,22 @@ def build(args: argparse.Namespace) -> tuple[GFlowNetSampler, list[list[int]]]:
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config).to(device=args.device, dtype=dtype).eval()
         policies.append(Policy(model, tokenizer))
-    reference, current = policies
-    target = GeometricMixture([reference, current], [1 - args.alpha, args.alpha])
+    return GeometricMixture(policies, [1 - args.alpha, args.alpha])
+
+
+def random_prompts(args: argparse.Namespace) -> list[list[int]]:
+    """``args.prompts`` random prompts of ``args.prompt_tokens`` tokens (no EOS, no PAD)."""
+    gen = torch.Generator().manual_seed(0)
+    prompts = torch.randint(2, args.vocab, (args.prompts, args.prompt_tokens), generator=gen)
+    return prompts.tolist()
+
+
+def build(args: argparse.Namespace) -> tuple[GFlowNetSampler, list[list[int]]]:
+    """The sampler (its LoRA policy and target) and the prompts of one batch."""
+    target = random_mixture(args)
     sampler = GFlowNetSampler(
         target,
-        current,
+        target.components[1],
         max_new_tokens=args.new_tokens,
         prompts_per_step=args.prompts,
         samples_per_prompt=args.samples,
@@ -92,9 +104,7 @@ def build(args: argparse.Namespace) -> tuple[GFlowNetSampler, list[list[int]]]:
         learning_rate=1e-4,
         seed=0,
     )
-    gen = torch.Generator().manual_seed(0)
-    prompts = torch.randint(2, args.vocab, (args.prompts, args.prompt_tokens), generator=gen)
-    return sampler, prompts.tolist()
+    return sampler, random_prompts(args)
 
 
 def published_rollout(
@@ -180,7 +190,8 @@ def check_same_objective(sampler: GFlowNetSampler, rows: list[list[int]], rtol: 
     return gaps
 
 
-def _status_bytes(key: str) -> int:
+def status_bytes(key: str) -> int:
+    """``key`` of /proc/self/status (``VmRSS``, ``VmHWM``) in bytes."""
     with open("/proc/self/status") as status:
         for line in status:
             if line.startswith(key):
@@ -212,9 +223,9 @@ def measure_peak_memory(args: argparse.Namespace, which: str) -> int:
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as refs:
         refs.write("5")  # reset the peak RSS (VmHWM) to the current RSS
-    before = _status_bytes("VmRSS")
+    before = status_bytes("VmRSS")
     step()
-    return _status_bytes("VmHWM") - before
+    return status_bytes("VmHWM") - before
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

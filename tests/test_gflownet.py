@@ -159,22 +159,38 @@ def _model_calls(sampler, models, prompts) -> list[tuple[bool, int]]:
     return calls
 
 
-def test_twist_training_step_runs_the_models_only_to_decode(world):
-    """The twist form learns from what the rollout computed: every model call is a no-grad
-    decoding call (one prefill per distinct prompt, then one token at a time)."""
+def test_twist_training_step_runs_the_models_without_gradients(world):
+    """The twist form learns from what the rollout computed: with one head update per rollout
+    every model call is a no-grad decoding call (one prefill per distinct prompt, then one
+    token at a time); a stored batch used again adds one teacher-forced no-grad pass per
+    component (its prefill and one pass over the responses), never a gradient in a model."""
     shifted, target = _setup(world)
-    sampler = GFlowNetSampler(
-        target, shifted, max_new_tokens=L, parametrization="twist", twist_updates=2, **FAST
-    )
-    before = [p.detach().clone() for p in sampler.head.parameters()]
-    calls = _model_calls(sampler, (shifted.model, world.base.model), world.train_prompts[:4])
-    assert not any(grad for grad, _ in calls), calls
+    calls, heads = {}, {}
+    for updates in (1, 2):
+        sampler = GFlowNetSampler(
+            target,
+            shifted,
+            max_new_tokens=L,
+            parametrization="twist",
+            twist_updates=updates,
+            **FAST,
+        )
+        before = [p.detach().clone() for p in sampler.head.parameters()]
+        models = (shifted.model, world.base.model)
+        calls[updates] = _model_calls(sampler, models, world.train_prompts[:4])
+        heads[updates] = any(
+            not torch.equal(a, b) for a, b in zip(before, sampler.head.parameters(), strict=True)
+        )
+    assert heads == {1: True, 2: True}
+    decoding, more = calls[1], calls[2]
+    assert not any(grad for grad, _ in more), more
     # Two prefills (one per component), then single tokens only: no teacher-forced pass.
-    assert len(calls) > 2 and all(width > 1 for _, width in calls[:2]), calls
-    assert all(width == 1 for _, width in calls[2:]), calls
-    assert any(
-        not torch.equal(a, b) for a, b in zip(before, sampler.head.parameters(), strict=True)
-    )
+    assert len(decoding) > 2 and all(width > 1 for _, width in decoding[:2]), decoding
+    assert all(width == 1 for _, width in decoding[2:]), decoding
+    # The same rollout (same seed), then the stored batch's pass: wider calls, two per component.
+    assert more[: len(decoding)] == decoding
+    extra = more[len(decoding) :]
+    assert len(extra) == 4 and all(width > 1 for _, width in extra), extra
 
 
 def test_training_step_carries_no_gradient_through_sampling(world):
@@ -483,3 +499,41 @@ def test_the_documented_new_parametrization_is_one_class_that_fits_saves_and_loa
             assert torch.equal(value, after[key])
     finally:
         PARAMETRIZATIONS.pop(name, None)
+
+
+def _tensors(value):
+    """Every tensor inside nested dicts, lists and dataclass-free containers."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _tensors(item)
+
+
+def test_nothing_a_twist_fit_keeps_across_steps_scales_with_the_vocabulary(world, tmp_path):
+    """The batch buffer keeps token ids, lengths, rewards and groups: no tensor with a
+    vocabulary-sized dimension, in memory or in a checkpoint, whose trainer state is then the
+    head's two Adam moments plus a few bytes per stored state."""
+    shifted, target = _setup(world)
+    vocab = target.vocab_size
+    # The check means something only if no other dimension is the vocabulary's.
+    assert vocab not in (L, L + 1, 16) and all(c.hidden_size != vocab for c in target.components)
+    sampler = GFlowNetSampler(
+        target, shifted, max_new_tokens=L, parametrization="twist", twist_updates=2, steps=3, **FAST
+    )
+    sampler.fit(world.train_prompts[:4], progress=False, checkpoint_dir=tmp_path / "fit")
+    kept = list(_tensors(sampler.trainer.state_dict()["batches"]))
+    assert len(sampler.trainer.batches) == 3 and kept
+    assert [t.shape for t in kept if vocab in t.shape] == []
+    checkpoint = latest_checkpoint(tmp_path / "fit")
+    saved = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
+    assert [t.shape for t in _tensors(saved["batches"]) if vocab in t.shape] == []
+    weights = (checkpoint / "twist_head.safetensors").stat().st_size
+    # Per stored state: its token id (8 bytes), its reward (4), and the serialization's overhead
+    # per tensor and per prompt row (well under 1 KiB per row of 8 states).
+    rows = 3 * FAST["prompts_per_step"] * FAST["samples_per_prompt"]
+    bound = 2 * weights + rows * (L + 1) * 12 + rows * 1024
+    assert (checkpoint / "trainer_state.pt").stat().st_size < bound

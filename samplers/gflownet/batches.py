@@ -2,8 +2,10 @@
 
 For the trainer and the parametrizations: a :class:`TrainingBatch` is what a loss on the
 policy needs from one batch of responses (the target's rewards, and what the parametrization
-reads to score the policy); a :class:`FeatureBuffer` keeps the last few of them for a form
-whose stored batches stay exact (the twist head reads frozen components' features).
+reads to score the policy); a :class:`BatchBuffer` keeps the last few of them, as the
+parametrization stores them (token ids, lengths and rewards: nothing that scales with the
+vocabulary), for a form whose stored batches can be scored again exactly (the twist head reads
+frozen components).
 """
 
 from __future__ import annotations
@@ -49,6 +51,12 @@ class TrainingBatch:
             {name: [t[index] for t in tensors] for name, tensors in self.inputs.items()},
         )
 
+    def without_inputs(self) -> TrainingBatch:
+        """The batch without its inputs (what a buffer keeps when they can be recomputed)."""
+        return TrainingBatch(
+            self.rows, self.response_ids, self.lengths, self.log_reward, self.group
+        )
+
     def detach(self) -> TrainingBatch:
         """The same batch with every tensor detached (what a buffer keeps)."""
         return TrainingBatch(
@@ -83,13 +91,14 @@ class TrainingBatch:
         )
 
 
-class FeatureBuffer:
+class BatchBuffer:
     """The last ``capacity`` training batches of a GFlowNet whose trainable part reads frozen
-    features (the twist head).
+    components (the twist head), as ``Parametrization.kept`` returns them.
 
-    The components never change, so a stored batch's inputs stay exact, and each rollout can
-    feed several updates (SubTB is off-policy). A batch is kept whole, so the rows of one
-    prompt stay together (what a per-prompt batch log Z needs).
+    The components never change, so a stored batch's inputs, recomputed when it is used again
+    (``Parametrization.restored``), are exact, and each rollout can feed several updates (SubTB
+    is off-policy). A batch is kept whole, so the rows of one prompt stay together (what a
+    per-prompt batch log Z needs).
     """
 
     def __init__(self, capacity: int) -> None:
@@ -113,7 +122,7 @@ class FeatureBuffer:
     def sample(self, rng: random.Random) -> TrainingBatch:
         """One stored batch, uniformly."""
         if not self._batches:
-            raise RuntimeError("the feature buffer is empty: add a batch first")
+            raise RuntimeError("the batch buffer is empty: add a batch first")
         return self._batches[rng.randrange(len(self._batches))]
 
     def state_dict(self) -> dict[str, Any]:

@@ -89,9 +89,14 @@ class GFlowNetConfig:
     twist_updates: int = option(
         8,
         '"twist": head updates per rollout; the first uses the fresh batch, the others stored '
-        "batches (the components are frozen, so stored features stay exact).",
+        "batches, whose component scores and features are recomputed by a teacher-forced "
+        "no-grad pass (the components are frozen, so they are exact).",
     )
-    twist_buffer: int = option(64, '"twist": training batches kept for the extra head updates.')
+    twist_buffer: int = option(
+        64,
+        '"twist": training batches kept for the extra head updates (token ids, lengths and '
+        "rewards: nothing that scales with the vocabulary).",
+    )
     weighting: Weighting = option(
         "batch", 'SubTB normalization: "batch" (published LM recipe) or "geometric_within".'
     )

@@ -61,8 +61,9 @@ class Parametrization(ABC):
     name: ClassVar[str]
     #: The safetensors file (in a saved sampler or checkpoint) holding the trainable tensors.
     weights_file: ClassVar[str]
-    #: True when a stored :class:`TrainingBatch` stays exact as the weights move (the
-    #: trainable part reads frozen inputs), so one rollout feeds ``twist_updates`` updates.
+    #: True when a stored :class:`TrainingBatch` can be scored again exactly as the weights
+    #: move (the trainable part reads frozen inputs), so one rollout feeds ``twist_updates``
+    #: updates: the buffer keeps :meth:`kept`, an update uses :meth:`restored`.
     reuses_batches: ClassVar[bool] = False
 
     policy: Density
@@ -111,6 +112,15 @@ class Parametrization(ABC):
     @abstractmethod
     def scores(self, batch: TrainingBatch) -> TokenScores:
         """q's token scores of the batch, with gradients through the trainable weights."""
+
+    def kept(self, batch: TrainingBatch) -> TrainingBatch:
+        """What a buffer keeps of a batch across steps: nothing that scales with the
+        vocabulary (the batch itself for a form that stores no inputs)."""
+        return batch
+
+    def restored(self, batch: TrainingBatch) -> TrainingBatch:
+        """A kept batch, ready for :meth:`scores` again (its inputs recomputed)."""
+        return batch
 
     def rollout_reader(self) -> Callable[[Any], Sequence[torch.Tensor]] | None:
         """What to keep from each decoding state of a rollout of q (``[rows, ...]`` tensors),
@@ -211,8 +221,11 @@ def log_reward_from_steps(
 class TwistParametrization(Parametrization):
     """``"twist"``: the local product times a twist head on the components' hidden states.
 
-    The head reads what the components computed at each state, so a rollout's component
-    scores and features are kept as the batch's inputs, and a stored batch stays exact.
+    The head reads what the components computed at each state: a fresh batch's inputs are
+    what its rollout computed (every component's step scores ``[B, L+1, V]`` and features
+    ``[B, L+1, H_c]``). A stored batch keeps only its token ids, lengths and rewards; its
+    inputs are recomputed by one teacher-forced no-grad pass per component when it is used
+    again (exact, the components being frozen, up to float rounding against decoding).
     """
 
     name = "twist"
@@ -253,6 +266,17 @@ class TwistParametrization(Parametrization):
 
     def rollout_reader(self) -> Callable[[Any], Sequence[torch.Tensor]]:
         return lambda state: state.component_outputs()
+
+    def kept(self, batch: TrainingBatch) -> TrainingBatch:
+        return batch.without_inputs()
+
+    def restored(self, batch: TrainingBatch) -> TrainingBatch:
+        steps, features = self.policy.component_outputs(
+            batch.rows, batch.response_ids, batch.lengths
+        )
+        restored = batch.without_inputs()
+        restored.inputs = {"steps": list(steps), "features": list(features)}
+        return restored
 
     def trainable_module(self) -> torch.nn.Module:
         return self.head

@@ -17,7 +17,8 @@ its resumable state :meth:`GFlowNetTrainer.state_dict`. One step, top to bottom 
 4. the loss, one of :data:`samplers.gflownet.losses.OBJECTIVES` or any
    :data:`~samplers.gflownet.losses.LossFunction` (flows derived from the rewards);
 5. an optimizer step with gradient clipping (the twist form adds ``twist_updates − 1`` head
-   updates on stored batches).
+   updates on stored batches, which keep token ids and rewards only and are scored again
+   after a teacher-forced no-grad pass of the components).
 
 Gradients never flow through sampling: the objectives are off-policy, so the no-grad rollout
 followed by one teacher-forced pass is the same objective as the published token-by-token
@@ -50,7 +51,7 @@ from gfn_spin.samples import Samples, ancestral_sample, pad_responses
 from gfn_spin.schedules import lr_factor, lr_schedule
 from gfn_spin.scores import TokenScores
 from objectives.distill import distillation_loss
-from samplers.gflownet.batches import FeatureBuffer, TrainingBatch
+from samplers.gflownet.batches import BatchBuffer, TrainingBatch
 from samplers.gflownet.config import LR_FLOOR, GFlowNetConfig
 from samplers.gflownet.losses import OBJECTIVES, LossFunction
 from samplers.gflownet.parametrization import Parametrization
@@ -237,7 +238,7 @@ class GFlowNetTrainer:
             parametrization.use_prepared(self.module)
         else:
             self.optimizer = accelerator.prepare(optimizer)
-        self.features = FeatureBuffer(config.twist_buffer)
+        self.batches = BatchBuffer(config.twist_buffer)
         self.state = TrainState()
         self.rng = random.Random(config.seed)
         self.generator = torch.Generator(device=parametrization.init.device).manual_seed(
@@ -345,14 +346,14 @@ class GFlowNetTrainer:
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed fit needs besides the trainable weights: the optimizer, both random
-        generators, the batch source's and the feature buffer's contents, the step and the
+        generators, the batch source's and the batch buffer's contents, the step and the
         metrics. Tensors and plain values only (read back with ``weights_only=True``)."""
         return {
             "optimizer": self.optimizer.state_dict(),
             "torch_rng": self.generator.get_state(),
             "python_rng": self.rng.getstate(),
             "replay": self.source.state_dict(),
-            "features": self.features.state_dict(),
+            "batches": self.batches.state_dict(),
             "step": self.state.step,
             "metrics": self.state.metrics,
         }
@@ -363,7 +364,7 @@ class GFlowNetTrainer:
         self.generator.set_state(state["torch_rng"])
         self.rng.setstate(state["python_rng"])
         self.source.load_state_dict(state["replay"])
-        self.features.load_state_dict(state["features"])
+        self.batches.load_state_dict(state["batches"])
         self.state = TrainState(step=int(state["step"]), metrics=list(state["metrics"]))
 
     # -- schedules ---------------------------------------------------------------------------
@@ -452,13 +453,16 @@ class GFlowNetTrainer:
         group = torch.tensor([keys.setdefault(tuple(r), len(keys)) for r in rows])
         recorded = None if recorder is None else recorder.values
         scored = form.training_batch(self.target, rows, ids, lengths, group, recorded)
+        log_reward = scored.log_reward
         if form.reuses_batches:
-            self.features.add(scored)
+            self.batches.add(form.kept(scored))
         loss = self._update(scored, reward_temperature)
+        # The rollout's vocabulary-sized tensors live for the fresh batch's update only.
+        del recorder, recorded, scored
         if form.reuses_batches:
             for _ in range(cfg.twist_updates - 1):
-                self._update(self.features.sample(self.rng), reward_temperature)
-        log_reward = scored.log_reward
+                stored = self.batches.sample(self.rng)
+                self._update(form.restored(stored), reward_temperature)
         final = log_reward.gather(1, lengths.to(log_reward.device)[:, None]).squeeze(1)
         self.source.add(cfg, batch, final)
         finite = final[torch.isfinite(final)]
