@@ -122,6 +122,9 @@ class AblationConfig(EvaluationConfig):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         gfn_config(self, "", 0.5, 7)
+        for field in dataclasses.fields(self):
+            if field.metadata.get("flat"):  # a study's own options, checked against this config
+                getattr(self, field.name).validate(self)
 
 
 def gfn_config(config: AblationConfig, variant: str, alpha: float, cap: int) -> GFlowNetConfig:
@@ -171,7 +174,14 @@ class Setup:
 
 
 Study = Callable[[Any, Setup, Any], list[dict[str, Any]]]
-"""One study's section: (its config, the setup, a logger) → its rows."""
+"""One study's section: (a config holding its options, the setup, a logger) → its rows."""
+
+
+def study_options(cls: type, help: str) -> Any:  # noqa: A002 -- option's own keyword
+    """The field of a config that holds one study's options (``cls``, a dataclass with a
+    ``validate(config)``): its flags keep their own names (``flat``, :mod:`experiments.cli`), so
+    a config composing several studies offers every study's flags unchanged."""
+    return option(factory=cls, help=help, flat=True)
 
 
 def run_studies(

@@ -18,11 +18,27 @@ from typing import Any, ClassVar
 import torch
 from tqdm.auto import tqdm
 
-from experiments.studies import AblationConfig, Setup, gfn_config, run_studies
+from experiments.studies import AblationConfig, Setup, gfn_config, run_studies, study_options
 from gfn_spin.exact import divergences, exact_distribution, response_alphabet
 from gfn_spin.mixtures import GeometricMixture
 from gfn_spin.options import option
 from samplers.gflownet import GFlowNetSampler
+
+
+@dataclass
+class TorchgfnOptions:
+    """The torchgfn comparison's own settings."""
+
+    torchgfn_steps: int = option(
+        300,
+        "Training steps of both GFlowNets in the torchgfn comparison (one batch of "
+        "the base setting's size each).",
+    )
+
+    def validate(self, config: AblationConfig) -> None:
+        """Raise on bad values before any model work (``config``: the one holding these)."""
+        if self.torchgfn_steps < 1:
+            raise ValueError(f"torchgfn_steps={self.torchgfn_steps} must be >= 1")
 
 
 @dataclass
@@ -36,17 +52,9 @@ class TorchgfnConfig(AblationConfig):
         "outputs/torchgfn_baseline",
         "Directory for ablation.csv, results.json, ablation.png and run.log.",
     )
-    torchgfn_steps: int = option(
-        300,
-        "Training steps of both GFlowNets in the torchgfn comparison (one batch of "
-        "the base setting's size each).",
+    torchgfn_options: TorchgfnOptions = study_options(
+        TorchgfnOptions, "The torchgfn comparison's own settings."
     )
-
-    def validate(self) -> None:
-        """Raise on bad values before any model work."""
-        super().validate()
-        if self.torchgfn_steps < 1:
-            raise ValueError(f"torchgfn_steps={self.torchgfn_steps} must be >= 1")
 
 
 def _token_sequence_env(target, prompt: list[int], alphabet: list[int], cap: int):
@@ -160,7 +168,7 @@ def torchgfn_logprobs(pf, responses: list[tuple[int, ...]], alphabet: list[int],
 
 
 def torchgfn_alpha(
-    config: TorchgfnConfig, setup: Setup, alpha: float, logger: Any
+    config: AblationConfig, setup: Setup, alpha: float, logger: Any
 ) -> list[dict[str, Any]]:
     """torchgfn SubTB vs our GFlowNet on one eval prompt, equal target evaluations."""
     from gfn.estimators import DiscretePolicyEstimator, ScalarEstimator
@@ -175,7 +183,7 @@ def torchgfn_alpha(
         (1 - alpha) * base_exact.logprobs + alpha * shifted_exact.logprobs, 0
     )
     alphabet = response_alphabet(target)
-    gfn = gfn_config(config, f"steps={config.torchgfn_steps}", alpha, cap)
+    gfn = gfn_config(config, f"steps={config.torchgfn_options.torchgfn_steps}", alpha, cap)
     batch = gfn.prompts_per_step * gfn.samples_per_prompt
     rows = []
 
@@ -188,7 +196,9 @@ def torchgfn_alpha(
     gflownet = SubTBGFlowNet(pf, None, log_flow, constant_pb=True)  # tree: P_B = 1
     optimizer = torch.optim.Adam(gflownet.parameters(), lr=1e-3)
     started = time.perf_counter()
-    for _ in tqdm(range(config.torchgfn_steps), desc="torchgfn", disable=not config.progress):
+    for _ in tqdm(
+        range(config.torchgfn_options.torchgfn_steps), desc="torchgfn", disable=not config.progress
+    ):
         trajectories = gflownet.sample_trajectories(env, n=batch, save_logprobs=True)
         loss = gflownet.loss_from_trajectories(env, trajectories)
         optimizer.zero_grad()
@@ -202,11 +212,11 @@ def torchgfn_alpha(
             "section": "torchgfn",
             "alpha": alpha,
             "name": "torchgfn SubTBGFlowNet (MLP, geometric_within λ=0.9)",
-            "setting": f"{config.torchgfn_steps} steps x {batch} trajectories, lr 1e-3",
+            "setting": f"{config.torchgfn_options.torchgfn_steps} steps x {batch} trajectories, lr 1e-3",
             "measure": "exact",
             "tv": d["tv"],
             "kl": d["kl_pq"],
-            "train_steps": config.torchgfn_steps,
+            "train_steps": config.torchgfn_options.torchgfn_steps,
             "train_seconds": seconds,
             "target_evaluations": env.target_evaluations,
         }
@@ -251,7 +261,7 @@ def torchgfn_alpha(
     return rows
 
 
-def torchgfn_comparison(config: TorchgfnConfig, setup: Setup, logger: Any) -> list[dict[str, Any]]:
+def torchgfn_comparison(config: AblationConfig, setup: Setup, logger: Any) -> list[dict[str, Any]]:
     """The comparison at every α of ``config``."""
     return [row for alpha in config.alphas for row in torchgfn_alpha(config, setup, alpha, logger)]
 
