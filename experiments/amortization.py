@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 
 from experiments.evaluation import Entry, enumerate_components, evaluate_exact
-from experiments.studies import AblationConfig, Setup, gfn_config, run_studies, study_options
+from experiments.studies import AblationConfig, Setup, gfn_config, study_main, study_options
 from gfn_spin.exact import ExactDistribution, exact_distribution
 from gfn_spin.mixtures import GeometricMixture
 from gfn_spin.options import option
@@ -166,16 +166,8 @@ def amortization(config: AblationConfig, setup: Setup, logger: Any) -> list[dict
     ]
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run the study; returns the results dict (also written to ``output_dir``)."""
-    return run_studies(
-        AmortizationConfig,
-        argv,
-        lambda config: [amortization],
-        "experiments.amortization",
-        __doc__.split("\n\n")[0],
-    )
-
+main = study_main(AmortizationConfig, amortization, "experiments.amortization", __doc__)
+"""Run the study alone: ``main(argv=None)`` → the results dict (also in ``--output-dir``)."""
 
 if __name__ == "__main__":
     main()

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from experiments.studies import AblationConfig, Setup, gfn_config, run_studies, study_options
+from experiments.studies import AblationConfig, Setup, gfn_config, study_main, study_options
 from gfn_spin.mixtures import GeometricMixture
 from gfn_spin.options import option
 from gfn_spin.policy import Policy
@@ -281,16 +281,8 @@ def large_setting(config: AblationConfig, setup: Setup, logger: Any) -> list[dic
     return rows
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run the study; returns the results dict (also written to ``output_dir``)."""
-    return run_studies(
-        LargeConfig,
-        argv,
-        lambda config: [large_setting],
-        "experiments.large_models",
-        __doc__.split("\n\n")[0],
-    )
-
+main = study_main(LargeConfig, large_setting, "experiments.large_models", __doc__)
+"""Run the study alone: ``main(argv=None)`` → the results dict (also in ``--output-dir``)."""
 
 if __name__ == "__main__":
     main()

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         argv,
         studies,
         "experiments.sampler_ablation",
-        (__doc__ or "").split("\n\n")[0],
+        __doc__,
     )
 
 

@@ -22,7 +22,7 @@ from experiments.studies import (
     Setup,
     base_setting,
     gfn_config,
-    run_studies,
+    study_main,
     study_options,
 )
 from gfn_spin.mixtures import GeometricMixture
@@ -168,16 +168,8 @@ def sweep_alpha(
     return rows
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run the sweep; returns the results dict (also written to ``output_dir``)."""
-    return run_studies(
-        SweepConfig,
-        argv,
-        lambda config: [sweep],
-        "experiments.sampler_sweep",
-        __doc__.split("\n")[0],
-    )
-
+main = study_main(SweepConfig, sweep, "experiments.sampler_sweep", __doc__)
+"""Run the study alone: ``main(argv=None)`` → the results dict (also in ``--output-dir``)."""
 
 if __name__ == "__main__":
     main()

@@ -189,10 +189,12 @@ def run_studies(
     argv: list[str] | None,
     studies: Callable[[Any], list[Study]],
     tool: str,
-    description: str,
+    doc: str | None,
 ) -> dict[str, Any]:
-    """Parse ``argv`` into ``cls``, run the studies it selects, write every output; the results."""
-    config = parse_config(cls, argv, description=description)
+    """Parse ``argv`` into ``cls``, run the studies it selects, write every output; the results.
+    ``tool`` is the study's module name, ``doc`` its docstring (whose first paragraph
+    ``--help`` shows)."""
+    config = parse_config(cls, argv, description=(doc or "").split("\n\n")[0])
     config.validate()
     output_dir = prepare_output_dir(config.output_dir, tool=tool)
     logger = setup_logging(output_dir, tool)
@@ -215,6 +217,18 @@ def run_studies(
     write_results(results, output_dir, config)
     plot(rows, output_dir / "ablation.png")
     return results
+
+
+def study_main(
+    cls: type[AblationConfig], study: Study, tool: str, doc: str | None
+) -> Callable[..., dict[str, Any]]:
+    """``main(argv=None)`` of a module that runs one study alone (see :func:`run_studies`)."""
+
+    def main(argv: list[str] | None = None) -> dict[str, Any]:
+        """Run the study; returns the results dict (also written to ``output_dir``)."""
+        return run_studies(cls, argv, lambda config: [study], tool, doc)
+
+    return main
 
 
 # -- output ---------------------------------------------------------------------------------

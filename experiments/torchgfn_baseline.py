@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 from tqdm.auto import tqdm
 
-from experiments.studies import AblationConfig, Setup, gfn_config, run_studies, study_options
+from experiments.studies import AblationConfig, Setup, gfn_config, study_main, study_options
 from gfn_spin.exact import divergences, exact_distribution, response_alphabet
 from gfn_spin.mixtures import GeometricMixture
 from gfn_spin.options import option
@@ -271,16 +271,8 @@ def torchgfn_comparison(config: AblationConfig, setup: Setup, logger: Any) -> li
     return [row for alpha in config.alphas for row in torchgfn_alpha(config, setup, alpha, logger)]
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run the comparison; returns the results dict (also written to ``output_dir``)."""
-    return run_studies(
-        TorchgfnConfig,
-        argv,
-        lambda config: [torchgfn_comparison],
-        "experiments.torchgfn_baseline",
-        __doc__.split("\n\n")[0],
-    )
-
+main = study_main(TorchgfnConfig, torchgfn_comparison, "experiments.torchgfn_baseline", __doc__)
+"""Run the study alone: ``main(argv=None)`` → the results dict (also in ``--output-dir``)."""
 
 if __name__ == "__main__":
     main()
