@@ -264,6 +264,35 @@ def _pair_sums(
     return weighted, normalizer, anchor, anchor_weight
 
 
+def _anchor_stop_terms(
+    weighted: torch.Tensor,
+    anchor: torch.Tensor,
+    anchor_weight: torch.Tensor,
+    log_pterm: torch.Tensor,
+    state_valid: torch.Tensor,
+    lengths: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``termination_gradient="anchor"``: the stop terms (detached everywhere else) put back into
+    the full window's residual r_{0,n_b} = log F̂(s_0) + log q(y_b) − log R(s_{n_b}⊤)/T; returns
+    the weighted sums ``[B]`` and r_{0,n_b} ``[B]``, their values unchanged.
+
+    The token log-probabilities and the rewards keep the gradient of every window; the gradient
+    with respect to log_pterm is exactly that of λ^(n_b-1) r_{0,n_b}² / normalizer summed over b
+    (same normalizer as the loss), so it is nonzero only at k = 0 and k = n_b. This is a
+    semi-gradient: it still vanishes at balance, where every residual is 0.
+    """
+    # ∂r_{0,n}/∂log q(⊤|s_0) = −1 and ∂r_{0,n}/∂log q(⊤|s_n) = +1. Adding (x − x.detach()) leaves
+    # every value as it is (x is finite after the clamp, so x − x is exactly 0) and restores the
+    # gradient. The added term is built on the detached residual, so it sends gradient to the
+    # stop terms only and the token and reward gradients stay those of the plain loss.
+    stops = torch.where(state_valid, log_pterm, 0.0).clamp_min(POLICY_LOGPROB_FLOOR)
+    shift = stops.gather(1, lengths.long().unsqueeze(1)).squeeze(1) - stops[:, 0]
+    shift = shift - shift.detach()
+    frozen = anchor.detach()
+    weighted = weighted + anchor_weight * ((frozen + shift).square() - frozen.square())
+    return weighted, anchor + shift
+
+
 def _check_options(
     subtb_lambda: float, weighting: str, termination_gradient: str, tb_anchor_weight: float
 ) -> None:
@@ -305,17 +334,9 @@ def modified_subtb_loss(
     derived flows of all the windows that start or end at s_k, so one shift of
     a stop logit can shrink many residuals at once, whatever the rest of the
     policy does. ``termination_gradient`` decides which windows may move it:
-
-    - "all": every window (the plain gradient of the loss).
-    - "anchor": only the full-trajectory window (0, n_b), whose residual
-      r_{0,n_b} = log F̂(s_0) + log q(y_b) − log R(s_{n_b}⊤)/T is trajectory
-      balance with log Z = log F̂(s_0). In every other window log q(⊤|s_k) is
-      a constant (detached). The token log-probabilities and the rewards keep
-      the gradient of every window. The loss value is unchanged (bit for bit);
-      the gradient with respect to log_pterm is exactly that of
-      λ^(n_b-1) r_{0,n_b}² / normalizer summed over b (same normalizer as the
-      loss), so it is nonzero only at k = 0 and k = n_b. This is a
-      semi-gradient: it still vanishes at balance, where every residual is 0.
+    "all", every window (the plain gradient of the loss); "anchor", only the
+    full-trajectory window (0, n_b), trajectory balance with log Z = log F̂(s_0)
+    (:func:`_anchor_stop_terms`; the loss value is unchanged bit for bit).
 
     Args:
         log_pf, log_pterm, log_reward, lengths: see the module docstring.
@@ -354,17 +375,9 @@ def modified_subtb_loss(
         anchored or tb_anchor_weight > 0,
     )
     if anchored:
-        # Put the stop terms back into this one window: ∂r_{0,n}/∂log q(⊤|s_0) = −1 and
-        # ∂r_{0,n}/∂log q(⊤|s_n) = +1. Adding (x − x.detach()) leaves every value as it is
-        # (x is finite after the clamp, so x − x is exactly 0) and restores the gradient.
-        # The added term is built on the detached residual, so it sends gradient to the
-        # stop terms only and the token and reward gradients stay those of the plain loss.
-        stops = torch.where(state_valid, log_pterm, 0.0).clamp_min(POLICY_LOGPROB_FLOOR)
-        shift = stops.gather(1, lengths.long().unsqueeze(1)).squeeze(1) - stops[:, 0]
-        shift = shift - shift.detach()
-        frozen = anchor.detach()
-        weighted = weighted + anchor_weight * ((frozen + shift).square() - frozen.square())
-        anchor = anchor + shift
+        weighted, anchor = _anchor_stop_terms(
+            weighted, anchor, anchor_weight, log_pterm, state_valid, lengths
+        )
     # Any normalizer with a pair holds a weight equal to 1 (see subtb_pair_weights),
     # so clamping at 1 only turns 0/0 (no pair at all) into 0.
     has_pair = (lengths >= 1).sum().clamp_min(1)
