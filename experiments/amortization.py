@@ -17,12 +17,27 @@ from typing import Any, ClassVar
 import torch
 
 from experiments.evaluation import Entry, enumerate_components, evaluate_exact
-from experiments.studies import AblationConfig, Setup, gfn_config, run_studies
+from experiments.studies import AblationConfig, Setup, gfn_config, study_main, study_options
 from gfn_spin.exact import ExactDistribution, exact_distribution
 from gfn_spin.mixtures import GeometricMixture
 from gfn_spin.options import option
 from gfn_spin.samples import pad_responses
 from samplers.gflownet import GFlowNetSampler
+
+
+@dataclass
+class AmortizationOptions:
+    """The amortization study's own settings."""
+
+    amortization_steps: tuple[int, ...] = option(
+        (500, 2000, 6000),
+        "Cumulative training steps at which the amortization study measures both fits.",
+    )
+
+    def validate(self, config: AblationConfig) -> None:
+        """Raise on bad values before any model work (``config``: the one holding these)."""
+        if not self.amortization_steps or min(self.amortization_steps) < 1:
+            raise ValueError(f"amortization_steps={self.amortization_steps} must be >= 1")
 
 
 @dataclass
@@ -36,16 +51,9 @@ class AmortizationConfig(AblationConfig):
         "outputs/amortization",
         "Directory for ablation.csv, results.json, ablation.png and run.log.",
     )
-    amortization_steps: tuple[int, ...] = option(
-        (500, 2000, 6000),
-        "Cumulative training steps at which the amortization study measures both fits.",
+    amortization_options: AmortizationOptions = study_options(
+        AmortizationOptions, "The amortization study's own settings."
     )
-
-    def validate(self) -> None:
-        """Raise on bad values before any model work."""
-        super().validate()
-        if not self.amortization_steps or min(self.amortization_steps) < 1:
-            raise ValueError(f"amortization_steps={self.amortization_steps} must be >= 1")
 
 
 def likelihood_fit(
@@ -85,7 +93,7 @@ def likelihood_fit(
 
 
 def amortization_alpha(
-    config: AmortizationConfig, setup: Setup, alpha: float, logger: Any
+    config: AblationConfig, setup: Setup, alpha: float, logger: Any
 ) -> list[dict[str, Any]]:
     """The base GFlowNet setting fitted on the train prompts vs on the eval prompts themselves.
 
@@ -122,7 +130,7 @@ def amortization_alpha(
         sampler = GFlowNetSampler(target, world.shifted, gfn)
         generator, exact = torch.Generator().manual_seed(config.seed), {}
         seconds = 0.0
-        for steps in sorted(config.amortization_steps):
+        for steps in sorted(config.amortization_options.amortization_steps):
             started = time.perf_counter()
             if oracle:
                 likelihood_fit(sampler, prompts, steps, generator, exact)
@@ -151,23 +159,15 @@ def amortization_alpha(
     return rows
 
 
-def amortization(config: AmortizationConfig, setup: Setup, logger: Any) -> list[dict[str, Any]]:
+def amortization(config: AblationConfig, setup: Setup, logger: Any) -> list[dict[str, Any]]:
     """The amortization study at every α of ``config``."""
     return [
         row for alpha in config.alphas for row in amortization_alpha(config, setup, alpha, logger)
     ]
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run the study; returns the results dict (also written to ``output_dir``)."""
-    return run_studies(
-        AmortizationConfig,
-        argv,
-        lambda config: [amortization],
-        "experiments.amortization",
-        __doc__.split("\n\n")[0],
-    )
-
+main = study_main(AmortizationConfig, amortization, "experiments.amortization", __doc__)
+"""Run the study alone: ``main(argv=None)`` → the results dict (also in ``--output-dir``)."""
 
 if __name__ == "__main__":
     main()

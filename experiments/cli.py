@@ -10,7 +10,9 @@ space-separated values, ``X | None``); this module adds what it lacks:
 - **nested configs**: a field whose type is a dataclass (a study's ``GFlowNetConfig``) is
   exposed field by field under its name, ``--gflownet.learning-rate``, with the study's default
   instance giving each default; the nested field's ``metadata["derived"]`` names the fields the
-  study sets itself (the length cap, the seed, the adapter name), which get no flag;
+  study sets itself (the length cap, the seed, the adapter name), which get no flag; a nested
+  field with ``metadata["flat"]`` is exposed under its fields' own names instead (a study's
+  options held by a config that composes several studies, ``--torchgfn-steps``);
 - **tuples**: a tuple field is given as space-separated values and comes back a tuple;
 - **one ``--quick`` convention**: a config with a ``quick`` field declares
   ``QUICK: ClassVar[dict]`` (flag destination → value, ``"gflownet.steps"`` for a nested
@@ -127,13 +129,18 @@ def _flags(cls: type, prefix: str = "", defaults: Any = None) -> list[tuple[str,
             derived = set(field.metadata.get("derived", ()))
             nested = [
                 flag
-                for flag in _flags(hint, f"{prefix}{field.name}.", default)
-                if flag[0].rsplit(".", 1)[1] not in derived
+                for flag in _flags(hint, _nested_prefix(field, prefix), default)
+                if flag[0].rsplit(".", 1)[-1] not in derived
             ]
             out += nested
             continue
         out.append((prefix + field.name, hint, default, docs.get(field.name, "")))
     return out
+
+
+def _nested_prefix(field: dataclasses.Field, prefix: str) -> str:
+    """The destination prefix of a nested config's flags: ``name.``, or none when it is flat."""
+    return prefix if field.metadata.get("flat") else f"{prefix}{field.name}."
 
 
 def build_parser(cls: type, description: str | None = None) -> HfArgumentParser:
@@ -177,7 +184,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "", defaults: Any = 
         hint, key = hints[field.name], prefix + field.name
         if dataclasses.is_dataclass(hint):
             nested = _default(field) if defaults is None else getattr(defaults, field.name)
-            kwargs[field.name] = _build(hint, values, key + ".", nested)
+            kwargs[field.name] = _build(hint, values, _nested_prefix(field, prefix), nested)
         elif key in values:
             kwargs[field.name] = _restore(values[key], hint)
     if defaults is not None:  # a nested config: the study's instance with the given changes

@@ -34,10 +34,6 @@ small budgets for a first look.
 With ``--model``/``--base`` (HF names or local paths) nothing is enumerated; ESS, log Ẑ and the
 ELBO gap KL(q‖target) ≈ log Ẑ − E_q[log G̃ − log q] are reported instead.
 
-This file runs past 400 lines because its config documents each of its flags in place (the
-``--help`` text); the measuring is :mod:`experiments.evaluation`, the output
-:mod:`experiments.reporting`.
-
 Why one module: a study is one module (docs/layering.md): its config (most of the length:
 every flag's documented field), the samplers it compares, and its run; shared evaluation
 and reporting live in :mod:`experiments.evaluation` and :mod:`experiments.reporting`.

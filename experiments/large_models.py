@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from experiments.studies import AblationConfig, Setup, gfn_config, run_studies
+from experiments.studies import AblationConfig, Setup, gfn_config, study_main, study_options
 from gfn_spin.mixtures import GeometricMixture
 from gfn_spin.options import option
 from gfn_spin.policy import Policy
@@ -33,16 +33,9 @@ LARGE_ALPHA = 0.5
 
 
 @dataclass
-class LargeConfig(AblationConfig):
-    """ESS per model token and the GFlowNet's KL(q‖target) on two random Llama models."""
+class LargeOptions:
+    """The large study's own settings: the random Llamas, the samplers' budgets."""
 
-    QUICK: ClassVar[dict[str, Any]] = {"large_gfn_steps": 30, "large_reference_particles": 128}
-    """Settings of ``--quick`` (each one still at its default takes this value)."""
-
-    output_dir: str = option(
-        "outputs/large_models",
-        "Directory for ablation.csv, results.json, ablation.png and run.log.",
-    )
     large_vocab: int = option(256, "Vocabulary of the random Llama models (≥ 256).")
     large_cap: int = option(32, "Length cap L of the large study (≥ 32).")
     large_perturbation: float = option(
@@ -72,9 +65,8 @@ class LargeConfig(AblationConfig):
             KL.""",
     )
 
-    def validate(self) -> None:
-        """Raise on bad values before any model work."""
-        super().validate()
+    def validate(self, config: AblationConfig) -> None:
+        """Raise on bad values before any model work (``config``: the one holding these)."""
         for name in ("large_gfn_steps", "large_draws"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
@@ -86,17 +78,32 @@ class LargeConfig(AblationConfig):
             raise ValueError("large_vocab must be >= 256 and large_cap >= 32 (not enumerable)")
 
 
-def random_llama_pair(config: LargeConfig) -> tuple[Policy, Policy]:
+@dataclass
+class LargeConfig(AblationConfig):
+    """ESS per model token and the GFlowNet's KL(q‖target) on two random Llama models."""
+
+    QUICK: ClassVar[dict[str, Any]] = {"large_gfn_steps": 30, "large_reference_particles": 128}
+    """Settings of ``--quick`` (each one still at its default takes this value)."""
+
+    output_dir: str = option(
+        "outputs/large_models",
+        "Directory for ablation.csv, results.json, ablation.png and run.log.",
+    )
+    large_options: LargeOptions = study_options(LargeOptions, "The large study's own settings.")
+
+
+def random_llama_pair(config: AblationConfig) -> tuple[Policy, Policy]:
     """Two random Llama policies: the second is the first with perturbed weights."""
-    tokenizer = numbered_tokenizer(config.large_vocab)
+    large = config.large_options
+    tokenizer = numbered_tokenizer(large.large_vocab)
     llama = LlamaConfig(
-        vocab_size=config.large_vocab,
+        vocab_size=large.large_vocab,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=4,
-        max_position_embeddings=config.large_cap + 32,
+        max_position_embeddings=large.large_cap + 32,
         eos_token_id=1,
         pad_token_id=0,
         bos_token_id=None,
@@ -104,12 +111,12 @@ def random_llama_pair(config: LargeConfig) -> tuple[Policy, Policy]:
     torch.manual_seed(config.seed)
     first = LlamaForCausalLM(llama).eval()
     with torch.no_grad():
-        first.lm_head.weight.mul_(config.large_sharpness)
+        first.lm_head.weight.mul_(large.large_sharpness)
         first.lm_head.weight[1].mul_(0.1)  # EOS rarer than a typical token: long responses
     second = copy.deepcopy(first)
     with torch.no_grad():
         for param in second.parameters():
-            param.add_(config.large_perturbation * param.std() * torch.randn_like(param))
+            param.add_(large.large_perturbation * param.std() * torch.randn_like(param))
     return Policy(first, tokenizer), Policy(second, tokenizer)
 
 
@@ -127,15 +134,16 @@ def kl_to_target(log_z: torch.Tensor, samples: Samples) -> dict[str, float]:
 
 
 def reference_log_z(
-    config: LargeConfig, target: GeometricMixture, prompts: list[list[int]]
+    config: AblationConfig, target: GeometricMixture, prompts: list[list[int]]
 ) -> tuple[torch.Tensor, float]:
     """``[P]`` reference log Z of ``target`` per prompt: the mean of two independent SMC
     estimates, whose mean gap (returned too) says how far to trust KL = log Z − ELBO (the ELBO
     itself needs no reference: compare it across rows)."""
+    large = config.large_options
     references = [
-        SMCSampler(
-            target, config.large_reference_particles, max_new_tokens=config.large_cap
-        ).sample(prompts, 1, generator=config.seed + offset)
+        SMCSampler(target, large.large_reference_particles, max_new_tokens=large.large_cap).sample(
+            prompts, 1, generator=config.seed + offset
+        )
         for offset in (0, 1)
     ]
     estimates = torch.tensor(
@@ -172,7 +180,7 @@ def large_row(
 
 
 def gflownet_rows(
-    config: LargeConfig,
+    config: AblationConfig,
     target: GeometricMixture,
     model: Policy,
     train: list[list[int]],
@@ -182,14 +190,15 @@ def gflownet_rows(
 ) -> list[dict[str, Any]]:
     """The GFlowNet's rows: untrained (the local product for residual) once, then trained with
     each SubTB λ of ``large_subtb_lambdas``."""
-    cap, draws, rows = config.large_cap, config.large_draws, []
-    for index, subtb_lambda in enumerate(config.large_subtb_lambdas):
-        gfn = gfn_config(config, f"steps={config.large_gfn_steps}", LARGE_ALPHA, cap)
+    large = config.large_options
+    cap, draws, rows = large.large_cap, large.large_draws, []
+    for index, subtb_lambda in enumerate(large.large_subtb_lambdas):
+        gfn = gfn_config(config, f"steps={large.large_gfn_steps}", LARGE_ALPHA, cap)
         gfn = dataclasses.replace(
             gfn,
             prompts_per_step=8,
             samples_per_prompt=4,
-            learning_rate=config.large_learning_rate,
+            learning_rate=large.large_learning_rate,
             subtb_lambda=subtb_lambda,
             adapter_name=f"large_{index}",
         )
@@ -240,26 +249,27 @@ def log_rows(rows: list[dict[str, Any]], logger: Any) -> None:
         )
 
 
-def large_setting(config: LargeConfig, setup: Setup, logger: Any) -> list[dict[str, Any]]:
+def large_setting(config: AblationConfig, setup: Setup, logger: Any) -> list[dict[str, Any]]:
     """ESS per model token of SIR, SMC and a GFlowNet; the GFlowNet's KL(q‖target).
 
     ``setup`` is unused: nothing here is enumerable, so no tiny world is built.
     """
-    cap, draws = config.large_cap, config.large_draws
+    large = config.large_options
+    cap, draws = large.large_cap, large.large_draws
     base, model = random_llama_pair(config)
     target = GeometricMixture([base, model], [1 - LARGE_ALPHA, LARGE_ALPHA])
     generator = torch.Generator().manual_seed(config.seed)
-    prompts = torch.randint(2, config.large_vocab, (10, 6), generator=generator).tolist()
+    prompts = torch.randint(2, large.large_vocab, (10, 6), generator=generator).tolist()
     train, evaluation = prompts[:8], prompts[8:]
     log_z, log_z_spread = reference_log_z(config, target, evaluation)
     rows = []
-    for k in config.large_sir_candidates:
+    for k in large.large_sir_candidates:
         sampler = ImportanceResampler(target, None, k, max_new_tokens=cap)
         samples = sampler.sample(evaluation, draws, generator=1)
         rows.append(
             large_row(f"SIR K={k}", "local product proposal", samples, k, 1, samples.stats["ess"])
         )
-    for n in config.large_smc_particles:
+    for n in large.large_smc_particles:
         sampler = SMCSampler(target, n, max_new_tokens=cap)
         samples = sampler.sample(evaluation, draws, generator=1)
         rows.append(
@@ -267,20 +277,12 @@ def large_setting(config: LargeConfig, setup: Setup, logger: Any) -> list[dict[s
         )
     rows += gflownet_rows(config, target, model, train, evaluation, log_z, log_z_spread)
     log_rows(rows, logger)
-    logger.info("large: log Z from SMC N=%d: %s", config.large_reference_particles, log_z.tolist())
+    logger.info("large: log Z from SMC N=%d: %s", large.large_reference_particles, log_z.tolist())
     return rows
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run the study; returns the results dict (also written to ``output_dir``)."""
-    return run_studies(
-        LargeConfig,
-        argv,
-        lambda config: [large_setting],
-        "experiments.large_models",
-        __doc__.split("\n\n")[0],
-    )
-
+main = study_main(LargeConfig, large_setting, "experiments.large_models", __doc__)
+"""Run the study alone: ``main(argv=None)`` → the results dict (also in ``--output-dir``)."""
 
 if __name__ == "__main__":
     main()

@@ -14,16 +14,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from experiments.amortization import AmortizationConfig, amortization
-from experiments.large_models import LargeConfig, large_setting
-from experiments.sampler_sweep import SweepConfig, sweep
-from experiments.studies import Study, run_studies
-from experiments.torchgfn_baseline import TorchgfnConfig, torchgfn_comparison
+from experiments.amortization import AmortizationConfig, AmortizationOptions, amortization
+from experiments.large_models import LargeConfig, LargeOptions, large_setting
+from experiments.sampler_sweep import SweepConfig, SweepOptions, sweep
+from experiments.studies import AblationConfig, Study, run_studies, study_options
+from experiments.torchgfn_baseline import TorchgfnConfig, TorchgfnOptions, torchgfn_comparison
 from gfn_spin.options import option
 
 
 @dataclass
-class SamplerAblationConfig(SweepConfig, TorchgfnConfig, AmortizationConfig, LargeConfig):
+class SamplerAblationConfig(AblationConfig):
     """Sweep sampler settings on the tiny world; optional torchgfn, amortization and large
     studies."""
 
@@ -46,6 +46,16 @@ class SamplerAblationConfig(SweepConfig, TorchgfnConfig, AmortizationConfig, Lar
         "eval prompts, and the maximum-likelihood oracle (the longest study).",
     )
     large: bool = option(True, "Run the large (non-enumerable) random-Llama study.")
+    # Each study's own options, their flags under their own names (validated even when the
+    # study is not selected, so a bad value fails before any model work).
+    sweep_options: SweepOptions = study_options(SweepOptions, "The sweep's own settings.")
+    torchgfn_options: TorchgfnOptions = study_options(
+        TorchgfnOptions, "The torchgfn comparison's own settings."
+    )
+    amortization_options: AmortizationOptions = study_options(
+        AmortizationOptions, "The amortization study's own settings."
+    )
+    large_options: LargeOptions = study_options(LargeOptions, "The large study's own settings.")
 
 
 def studies(config: SamplerAblationConfig) -> list[Study]:
@@ -67,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         argv,
         studies,
         "experiments.sampler_ablation",
-        (__doc__ or "").split("\n\n")[0],
+        __doc__,
     )
 
 

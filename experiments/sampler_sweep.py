@@ -17,7 +17,14 @@ import torch
 from tqdm.auto import tqdm
 
 from experiments.evaluation import Entry, evaluate_exact
-from experiments.studies import AblationConfig, Setup, base_setting, gfn_config, run_studies
+from experiments.studies import (
+    AblationConfig,
+    Setup,
+    base_setting,
+    gfn_config,
+    study_main,
+    study_options,
+)
 from gfn_spin.mixtures import GeometricMixture
 from gfn_spin.options import option
 from samplers import ImportanceResampler, SMCSampler
@@ -25,23 +32,9 @@ from samplers.gflownet import GFlowNetSampler
 
 
 @dataclass
-class SweepConfig(AblationConfig):
-    """SIR's K, SMC's N and GFlowNet settings one at a time, against the exact target."""
+class SweepOptions:
+    """The sweep's own settings: SIR's K, SMC's N, the GFlowNet settings besides the base."""
 
-    QUICK: ClassVar[dict[str, Any]] = {
-        "num_eval_prompts": 2,
-        "draws": 32,
-        "sir_candidates": (1, 4, 16),
-        "smc_particles": (4, 16),
-        "gflownet.steps": 40,
-        "gfn_variants": ("twist_updates=1", "loss=log_variance", "parametrization=residual"),
-    }
-    """Settings of ``--quick`` (each one still at its default takes this value)."""
-
-    output_dir: str = option(
-        "outputs/sampler_sweep",
-        "Directory for ablation.csv, results.json, ablation.png and run.log.",
-    )
     sir_candidates: tuple[int, ...] = option(
         (1, 4, 16, 64), "K values of SIR from the local product (K=1 is the local product itself)."
     )
@@ -67,19 +60,39 @@ class SweepConfig(AblationConfig):
             low:high).""",
     )
 
-    def validate(self) -> None:
-        """Raise on bad values before any model work."""
-        super().validate()
+    def validate(self, config: AblationConfig) -> None:
+        """Raise on bad values before any model work (``config``: the one holding these)."""
         if any(k < 1 for k in (*self.sir_candidates, *self.smc_particles)):
             raise ValueError("SIR candidates and SMC particles must be >= 1")
         for spec in self.gfn_variants:
-            gfn_config(self, spec, 0.5, 7)  # every setting parses and validates up front
+            gfn_config(config, spec, 0.5, 7)  # every setting parses and validates up front
 
 
-def sweep(config: SweepConfig, setup: Setup, logger: Any) -> list[dict[str, Any]]:
-    """The sweep at every α of ``config``."""
+@dataclass
+class SweepConfig(AblationConfig):
+    """SIR's K, SMC's N and GFlowNet settings one at a time, against the exact target."""
+
+    QUICK: ClassVar[dict[str, Any]] = {
+        "num_eval_prompts": 2,
+        "draws": 32,
+        "sir_candidates": (1, 4, 16),
+        "smc_particles": (4, 16),
+        "gflownet.steps": 40,
+        "gfn_variants": ("twist_updates=1", "loss=log_variance", "parametrization=residual"),
+    }
+    """Settings of ``--quick`` (each one still at its default takes this value)."""
+
+    output_dir: str = option(
+        "outputs/sampler_sweep",
+        "Directory for ablation.csv, results.json, ablation.png and run.log.",
+    )
+    sweep_options: SweepOptions = study_options(SweepOptions, "The sweep's own settings.")
+
+
+def sweep(config: AblationConfig, setup: Setup, logger: Any) -> list[dict[str, Any]]:
+    """The sweep at every α of ``config`` (one holding ``sweep_options``)."""
     rows = []
-    units = len(config.alphas) * (2 + len(config.gfn_variants))
+    units = len(config.alphas) * (2 + len(config.sweep_options.gfn_variants))
     with tqdm(total=units, desc="sweep", disable=not config.progress) as bar:
         for alpha in config.alphas:
             rows += sweep_alpha(config, setup, alpha, logger, bar)
@@ -87,7 +100,7 @@ def sweep(config: SweepConfig, setup: Setup, logger: Any) -> list[dict[str, Any]
 
 
 def sweep_alpha(
-    config: SweepConfig, setup: Setup, alpha: float, logger: Any, bar: Any
+    config: AblationConfig, setup: Setup, alpha: float, logger: Any, bar: Any
 ) -> list[dict[str, Any]]:
     """SIR/SMC over their budgets, then every GFlowNet setting, against the exact target."""
     world, components, eval_prompts = setup.world, setup.components, setup.eval_prompts
@@ -103,10 +116,10 @@ def sweep_alpha(
             local,
             k,
         )
-        for k in config.sir_candidates
+        for k in config.sweep_options.sir_candidates
     ] + [
         Entry(f"SMC N={n}", SMCSampler(target, n, max_new_tokens=cap), None, f"N={n}")
-        for n in config.smc_particles
+        for n in config.sweep_options.smc_particles
     ]
     rows = evaluate_exact(
         config, world.shifted, cap, alpha, entries, components, eval_prompts, logger
@@ -124,7 +137,7 @@ def sweep_alpha(
             error = estimate - torch.stack(log_z)
             row["log_z_error"] = float(error.abs().mean())
     bar.update(1)
-    for variant in ("", *config.gfn_variants):
+    for variant in ("", *config.sweep_options.gfn_variants):
         gfn = gfn_config(config, variant, alpha, cap)
         gflownet = GFlowNetSampler(target, world.shifted, gfn)
         started = time.perf_counter()
@@ -155,16 +168,8 @@ def sweep_alpha(
     return rows
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run the sweep; returns the results dict (also written to ``output_dir``)."""
-    return run_studies(
-        SweepConfig,
-        argv,
-        lambda config: [sweep],
-        "experiments.sampler_sweep",
-        __doc__.split("\n")[0],
-    )
-
+main = study_main(SweepConfig, sweep, "experiments.sampler_sweep", __doc__)
+"""Run the study alone: ``main(argv=None)`` → the results dict (also in ``--output-dir``)."""
 
 if __name__ == "__main__":
     main()

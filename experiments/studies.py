@@ -122,6 +122,9 @@ class AblationConfig(EvaluationConfig):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         gfn_config(self, "", 0.5, 7)
+        for field in dataclasses.fields(self):
+            if field.metadata.get("flat"):  # a study's own options, checked against this config
+                getattr(self, field.name).validate(self)
 
 
 def gfn_config(config: AblationConfig, variant: str, alpha: float, cap: int) -> GFlowNetConfig:
@@ -171,7 +174,14 @@ class Setup:
 
 
 Study = Callable[[Any, Setup, Any], list[dict[str, Any]]]
-"""One study's section: (its config, the setup, a logger) → its rows."""
+"""One study's section: (a config holding its options, the setup, a logger) → its rows."""
+
+
+def study_options(cls: type, help: str) -> Any:  # noqa: A002 -- option's own keyword
+    """The field of a config that holds one study's options (``cls``, a dataclass with a
+    ``validate(config)``): its flags keep their own names (``flat``, :mod:`experiments.cli`), so
+    a config composing several studies offers every study's flags unchanged."""
+    return option(factory=cls, help=help, flat=True)
 
 
 def run_studies(
@@ -179,10 +189,12 @@ def run_studies(
     argv: list[str] | None,
     studies: Callable[[Any], list[Study]],
     tool: str,
-    description: str,
+    doc: str | None,
 ) -> dict[str, Any]:
-    """Parse ``argv`` into ``cls``, run the studies it selects, write every output; the results."""
-    config = parse_config(cls, argv, description=description)
+    """Parse ``argv`` into ``cls``, run the studies it selects, write every output; the results.
+    ``tool`` is the study's module name, ``doc`` its docstring (whose first paragraph
+    ``--help`` shows)."""
+    config = parse_config(cls, argv, description=(doc or "").split("\n\n")[0])
     config.validate()
     output_dir = prepare_output_dir(config.output_dir, tool=tool)
     logger = setup_logging(output_dir, tool)
@@ -205,6 +217,18 @@ def run_studies(
     write_results(results, output_dir, config)
     plot(rows, output_dir / "ablation.png")
     return results
+
+
+def study_main(
+    cls: type[AblationConfig], study: Study, tool: str, doc: str | None
+) -> Callable[..., dict[str, Any]]:
+    """``main(argv=None)`` of a module that runs one study alone (see :func:`run_studies`)."""
+
+    def main(argv: list[str] | None = None) -> dict[str, Any]:
+        """Run the study; returns the results dict (also written to ``output_dir``)."""
+        return run_studies(cls, argv, lambda config: [study], tool, doc)
+
+    return main
 
 
 # -- output ---------------------------------------------------------------------------------

@@ -18,11 +18,27 @@ from typing import Any, ClassVar
 import torch
 from tqdm.auto import tqdm
 
-from experiments.studies import AblationConfig, Setup, gfn_config, run_studies
+from experiments.studies import AblationConfig, Setup, gfn_config, study_main, study_options
 from gfn_spin.exact import divergences, exact_distribution, response_alphabet
 from gfn_spin.mixtures import GeometricMixture
 from gfn_spin.options import option
 from samplers.gflownet import GFlowNetSampler
+
+
+@dataclass
+class TorchgfnOptions:
+    """The torchgfn comparison's own settings."""
+
+    torchgfn_steps: int = option(
+        300,
+        "Training steps of both GFlowNets in the torchgfn comparison (one batch of "
+        "the base setting's size each).",
+    )
+
+    def validate(self, config: AblationConfig) -> None:
+        """Raise on bad values before any model work (``config``: the one holding these)."""
+        if self.torchgfn_steps < 1:
+            raise ValueError(f"torchgfn_steps={self.torchgfn_steps} must be >= 1")
 
 
 @dataclass
@@ -36,17 +52,9 @@ class TorchgfnConfig(AblationConfig):
         "outputs/torchgfn_baseline",
         "Directory for ablation.csv, results.json, ablation.png and run.log.",
     )
-    torchgfn_steps: int = option(
-        300,
-        "Training steps of both GFlowNets in the torchgfn comparison (one batch of "
-        "the base setting's size each).",
+    torchgfn_options: TorchgfnOptions = study_options(
+        TorchgfnOptions, "The torchgfn comparison's own settings."
     )
-
-    def validate(self) -> None:
-        """Raise on bad values before any model work."""
-        super().validate()
-        if self.torchgfn_steps < 1:
-            raise ValueError(f"torchgfn_steps={self.torchgfn_steps} must be >= 1")
 
 
 def _token_sequence_env(target, prompt: list[int], alphabet: list[int], cap: int):
@@ -159,14 +167,33 @@ def torchgfn_logprobs(pf, responses: list[tuple[int, ...]], alphabet: list[int],
     return out
 
 
-def torchgfn_alpha(
-    config: TorchgfnConfig, setup: Setup, alpha: float, logger: Any
-) -> list[dict[str, Any]]:
-    """torchgfn SubTB vs our GFlowNet on one eval prompt, equal target evaluations."""
+def train_torchgfn(env: Any, cap: int, symbols: int, steps: int, batch: int, progress: bool):
+    """torchgfn's SubTBGFlowNet (MLPs over one-hot prefixes, Adam at 1e-3) trained on ``env``
+    for ``steps`` batches of ``batch`` trajectories; its forward policy and the seconds taken."""
     from gfn.estimators import DiscretePolicyEstimator, ScalarEstimator
     from gfn.gflownet import SubTBGFlowNet
     from gfn.utils.modules import MLP
 
+    preprocessor = _one_hot_preprocessor(cap, symbols)
+    width = preprocessor.output_dim
+    pf = DiscretePolicyEstimator(MLP(width, env.n_actions), env.n_actions, preprocessor)
+    log_flow = ScalarEstimator(MLP(width, 1), preprocessor)
+    gflownet = SubTBGFlowNet(pf, None, log_flow, constant_pb=True)  # tree: P_B = 1
+    optimizer = torch.optim.Adam(gflownet.parameters(), lr=1e-3)
+    started = time.perf_counter()
+    for _ in tqdm(range(steps), desc="torchgfn", disable=not progress):
+        trajectories = gflownet.sample_trajectories(env, n=batch, save_logprobs=True)
+        loss = gflownet.loss_from_trajectories(env, trajectories)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return pf, time.perf_counter() - started
+
+
+def torchgfn_alpha(
+    config: AblationConfig, setup: Setup, alpha: float, logger: Any
+) -> list[dict[str, Any]]:
+    """torchgfn SubTB vs our GFlowNet on one eval prompt, equal target evaluations."""
     world = setup.world
     cap = world.max_new_tokens
     target = GeometricMixture([world.base, world.shifted], [1 - alpha, alpha])
@@ -175,26 +202,14 @@ def torchgfn_alpha(
         (1 - alpha) * base_exact.logprobs + alpha * shifted_exact.logprobs, 0
     )
     alphabet = response_alphabet(target)
-    gfn = gfn_config(config, f"steps={config.torchgfn_steps}", alpha, cap)
+    steps = config.torchgfn_options.torchgfn_steps
+    gfn = gfn_config(config, f"steps={steps}", alpha, cap)
     batch = gfn.prompts_per_step * gfn.samples_per_prompt
     rows = []
 
     torch.manual_seed(config.seed)
     env = _token_sequence_env(target, prompt, alphabet, cap)
-    preprocessor = _one_hot_preprocessor(cap, len(alphabet))
-    width = preprocessor.output_dim
-    pf = DiscretePolicyEstimator(MLP(width, env.n_actions), env.n_actions, preprocessor)
-    log_flow = ScalarEstimator(MLP(width, 1), preprocessor)
-    gflownet = SubTBGFlowNet(pf, None, log_flow, constant_pb=True)  # tree: P_B = 1
-    optimizer = torch.optim.Adam(gflownet.parameters(), lr=1e-3)
-    started = time.perf_counter()
-    for _ in tqdm(range(config.torchgfn_steps), desc="torchgfn", disable=not config.progress):
-        trajectories = gflownet.sample_trajectories(env, n=batch, save_logprobs=True)
-        loss = gflownet.loss_from_trajectories(env, trajectories)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    seconds = time.perf_counter() - started
+    pf, seconds = train_torchgfn(env, cap, len(alphabet), steps, batch, config.progress)
     q_lp = torchgfn_logprobs(pf, base_exact.responses, alphabet, cap)
     d = divergences(target_lp, q_lp)
     rows.append(
@@ -202,11 +217,11 @@ def torchgfn_alpha(
             "section": "torchgfn",
             "alpha": alpha,
             "name": "torchgfn SubTBGFlowNet (MLP, geometric_within λ=0.9)",
-            "setting": f"{config.torchgfn_steps} steps x {batch} trajectories, lr 1e-3",
+            "setting": f"{steps} steps x {batch} trajectories, lr 1e-3",
             "measure": "exact",
             "tv": d["tv"],
             "kl": d["kl_pq"],
-            "train_steps": config.torchgfn_steps,
+            "train_steps": steps,
             "train_seconds": seconds,
             "target_evaluations": env.target_evaluations,
         }
@@ -251,21 +266,13 @@ def torchgfn_alpha(
     return rows
 
 
-def torchgfn_comparison(config: TorchgfnConfig, setup: Setup, logger: Any) -> list[dict[str, Any]]:
+def torchgfn_comparison(config: AblationConfig, setup: Setup, logger: Any) -> list[dict[str, Any]]:
     """The comparison at every α of ``config``."""
     return [row for alpha in config.alphas for row in torchgfn_alpha(config, setup, alpha, logger)]
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run the comparison; returns the results dict (also written to ``output_dir``)."""
-    return run_studies(
-        TorchgfnConfig,
-        argv,
-        lambda config: [torchgfn_comparison],
-        "experiments.torchgfn_baseline",
-        __doc__.split("\n\n")[0],
-    )
-
+main = study_main(TorchgfnConfig, torchgfn_comparison, "experiments.torchgfn_baseline", __doc__)
+"""Run the study alone: ``main(argv=None)`` → the results dict (also in ``--output-dir``)."""
 
 if __name__ == "__main__":
     main()

@@ -25,7 +25,7 @@ from torch import nn
 from gfn_spin.density import Density, PromptLike, scores_from_steps
 from gfn_spin.mixtures import LocalProduct
 from gfn_spin.policy import Policy, PolicyState
-from gfn_spin.scores import TokenScores, weighted_logsum
+from gfn_spin.scores import TokenScores, position_mask, weighted_logsum
 
 ComponentOutputs = tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]
 
@@ -197,8 +197,8 @@ class TwistedLocalProduct(Density):
     ) -> TokenScores:
         """Token scores from the components' stored outputs (no model pass)."""
         width = response_ids.shape[1]
-        positions = torch.arange(width + 1, device=lengths.device)
-        steps = self._combine(*outputs, valid=positions[None, :] <= lengths[:, None])
+        # steps k = 0..n of each response (the EOS step at k = n included)
+        steps = self._combine(*outputs, valid=position_mask(lengths + 1, width + 1))
         return scores_from_steps(
             steps, response_ids.to(steps.device), lengths.to(steps.device), self.eos_token_id
         )

@@ -223,6 +223,93 @@ def subtb_pair_weights(
     return pair_weights, torch.where(end_valid, torch.pow(shrink, steps_to_longest), 0.0)
 
 
+def _pair_sums(
+    potentials: torch.Tensor,
+    state_valid: torch.Tensor,
+    lengths: torch.Tensor,
+    width: int,
+    subtb_lambda: float,
+    weighting: str,
+    with_anchor: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Per trajectory ``[B]``: Σ_{i<j≤n_b} w_ij r_ij² and its normalizer Σ w_ij e_j; with
+    ``with_anchor`` also the full window's residual r_{0,n_b} and its weight (else None)."""
+    ends = lengths.long().unsqueeze(1)
+    anchor = anchor_weight = None
+    # Σ_{i<j} w_ij e_j (A_i − A_j)², expanded so that no [B, L+1, L+1] tensor is built:
+    #   Σ_i A_i² (e Wᵀ)_i + Σ_j e_j A_j² colsum(W)_j − 2 Σ_j e_j A_j (A W)_j.
+    # The expansion cancels when the A_k are large next to their differences; centring each
+    # trajectory on its valid states (residuals are shift-invariant) bounds the terms by the
+    # residuals themselves. The centre is detached: a common shift has zero gradient.
+    centre = potentials.detach().sum(dim=1, keepdim=True) / state_valid.sum(dim=1, keepdim=True)
+    # CUDA may run float32 products in TF32 (10-bit mantissa) and autocast in bf16: these
+    # products are tiny, so they run in float64 there, and never under autocast.
+    dtype = torch.float64 if potentials.device.type == "cuda" else potentials.dtype
+    with torch.autocast(potentials.device.type, enabled=False):
+        centred = (potentials - centre).to(dtype)
+        pair_weights, end_weights = subtb_pair_weights(
+            lengths, width, subtb_lambda, weighting, dtype=dtype
+        )
+        start_totals = end_weights @ pair_weights.T  # [B, L+1]: Σ_j w_ij e_j per start i
+        end_totals = end_weights * pair_weights.sum(dim=0)  # [B, L+1]: e_j Σ_i w_ij per end j
+        cross = centred @ pair_weights  # [B, L+1]: Σ_i w_ij A_i per end j
+        per_state = centred * (start_totals + end_totals) - 2.0 * end_weights * cross
+        weighted = (centred * per_state).sum(dim=1).to(potentials.dtype)  # [B]
+        normalizer = end_totals.sum(dim=1).to(potentials.dtype)  # [B]
+        if with_anchor:
+            # r_{0,n_b} = A_0 − A_{n_b}; its window weight λ^(n_b-1) (rescaled like the rest).
+            anchor = (centred[:, 0] - centred.gather(1, ends).squeeze(1)).to(potentials.dtype)
+            anchor_weight = (pair_weights[0] * end_weights).gather(1, ends).squeeze(1)
+            anchor_weight = anchor_weight.to(potentials.dtype)
+    return weighted, normalizer, anchor, anchor_weight
+
+
+def _anchor_stop_terms(
+    weighted: torch.Tensor,
+    anchor: torch.Tensor,
+    anchor_weight: torch.Tensor,
+    log_pterm: torch.Tensor,
+    state_valid: torch.Tensor,
+    lengths: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``termination_gradient="anchor"``: the stop terms (detached everywhere else) put back into
+    the full window's residual r_{0,n_b} = log F̂(s_0) + log q(y_b) − log R(s_{n_b}⊤)/T; returns
+    the weighted sums ``[B]`` and r_{0,n_b} ``[B]``, their values unchanged.
+
+    The token log-probabilities and the rewards keep the gradient of every window; the gradient
+    with respect to log_pterm is exactly that of λ^(n_b-1) r_{0,n_b}² / normalizer summed over b
+    (same normalizer as the loss), so it is nonzero only at k = 0 and k = n_b. This is a
+    semi-gradient: it still vanishes at balance, where every residual is 0.
+    """
+    # ∂r_{0,n}/∂log q(⊤|s_0) = −1 and ∂r_{0,n}/∂log q(⊤|s_n) = +1. Adding (x − x.detach()) leaves
+    # every value as it is (x is finite after the clamp, so x − x is exactly 0) and restores the
+    # gradient. The added term is built on the detached residual, so it sends gradient to the
+    # stop terms only and the token and reward gradients stay those of the plain loss.
+    stops = torch.where(state_valid, log_pterm, 0.0).clamp_min(POLICY_LOGPROB_FLOOR)
+    shift = stops.gather(1, lengths.long().unsqueeze(1)).squeeze(1) - stops[:, 0]
+    shift = shift - shift.detach()
+    frozen = anchor.detach()
+    weighted = weighted + anchor_weight * ((frozen + shift).square() - frozen.square())
+    return weighted, anchor + shift
+
+
+def _check_options(
+    subtb_lambda: float, weighting: str, termination_gradient: str, tb_anchor_weight: float
+) -> None:
+    """Raise on an option of :func:`modified_subtb_loss` outside its range."""
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}; got {weighting!r}")
+    if not (subtb_lambda >= 0 and math.isfinite(subtb_lambda)):
+        raise ValueError(f"subtb_lambda must be finite and >= 0; got {subtb_lambda}")
+    if termination_gradient not in TERMINATION_GRADIENTS:
+        raise ValueError(
+            f"termination_gradient must be one of {TERMINATION_GRADIENTS}; "
+            f"got {termination_gradient!r}"
+        )
+    if not (tb_anchor_weight >= 0 and math.isfinite(tb_anchor_weight)):
+        raise ValueError(f"tb_anchor_weight must be finite and >= 0; got {tb_anchor_weight}")
+
+
 def modified_subtb_loss(
     log_pf: torch.Tensor,
     log_pterm: torch.Tensor,
@@ -247,17 +334,9 @@ def modified_subtb_loss(
     derived flows of all the windows that start or end at s_k, so one shift of
     a stop logit can shrink many residuals at once, whatever the rest of the
     policy does. ``termination_gradient`` decides which windows may move it:
-
-    - "all": every window (the plain gradient of the loss).
-    - "anchor": only the full-trajectory window (0, n_b), whose residual
-      r_{0,n_b} = log F̂(s_0) + log q(y_b) − log R(s_{n_b}⊤)/T is trajectory
-      balance with log Z = log F̂(s_0). In every other window log q(⊤|s_k) is
-      a constant (detached). The token log-probabilities and the rewards keep
-      the gradient of every window. The loss value is unchanged (bit for bit);
-      the gradient with respect to log_pterm is exactly that of
-      λ^(n_b-1) r_{0,n_b}² / normalizer summed over b (same normalizer as the
-      loss), so it is nonzero only at k = 0 and k = n_b. This is a
-      semi-gradient: it still vanishes at balance, where every residual is 0.
+    "all", every window (the plain gradient of the loss); "anchor", only the
+    full-trajectory window (0, n_b), trajectory balance with log Z = log F̂(s_0)
+    (:func:`_anchor_stop_terms`; the loss value is unchanged bit for bit).
 
     Args:
         log_pf, log_pterm, log_reward, lengths: see the module docstring.
@@ -276,17 +355,7 @@ def modified_subtb_loss(
         A scalar tensor. When no trajectory has a pair (all n_b = 0) it is 0,
         still connected to the inputs' graph.
     """
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"weighting must be one of {WEIGHTINGS}; got {weighting!r}")
-    if not (subtb_lambda >= 0 and math.isfinite(subtb_lambda)):
-        raise ValueError(f"subtb_lambda must be finite and >= 0; got {subtb_lambda}")
-    if termination_gradient not in TERMINATION_GRADIENTS:
-        raise ValueError(
-            f"termination_gradient must be one of {TERMINATION_GRADIENTS}; "
-            f"got {termination_gradient!r}"
-        )
-    if not (tb_anchor_weight >= 0 and math.isfinite(tb_anchor_weight)):
-        raise ValueError(f"tb_anchor_weight must be finite and >= 0; got {tb_anchor_weight}")
+    _check_options(subtb_lambda, weighting, termination_gradient, tb_anchor_weight)
     anchored = termination_gradient == "anchor"
     potentials, state_valid = balance_potentials(
         log_pf,
@@ -296,45 +365,19 @@ def modified_subtb_loss(
         reward_temperature=reward_temperature,
         log_reward_floor=log_reward_floor,
     )
-    ends = lengths.long().unsqueeze(1)
-    # Σ_{i<j} w_ij e_j (A_i − A_j)², expanded so that no [B, L+1, L+1] tensor is built:
-    #   Σ_i A_i² (e Wᵀ)_i + Σ_j e_j A_j² colsum(W)_j − 2 Σ_j e_j A_j (A W)_j.
-    # The expansion cancels when the A_k are large next to their differences; centring each
-    # trajectory on its valid states (residuals are shift-invariant) bounds the terms by the
-    # residuals themselves. The centre is detached: a common shift has zero gradient.
-    centre = potentials.detach().sum(dim=1, keepdim=True) / state_valid.sum(dim=1, keepdim=True)
-    # CUDA may run float32 products in TF32 (10-bit mantissa) and autocast in bf16: these
-    # products are tiny, so they run in float64 there, and never under autocast.
-    dtype = torch.float64 if potentials.device.type == "cuda" else potentials.dtype
-    with torch.autocast(potentials.device.type, enabled=False):
-        centred = (potentials - centre).to(dtype)
-        pair_weights, end_weights = subtb_pair_weights(
-            lengths, log_pf.shape[1], subtb_lambda, weighting, dtype=dtype
+    weighted, normalizer, anchor, anchor_weight = _pair_sums(
+        potentials,
+        state_valid,
+        lengths,
+        log_pf.shape[1],
+        subtb_lambda,
+        weighting,
+        anchored or tb_anchor_weight > 0,
+    )
+    if anchored:
+        weighted, anchor = _anchor_stop_terms(
+            weighted, anchor, anchor_weight, log_pterm, state_valid, lengths
         )
-        start_totals = end_weights @ pair_weights.T  # [B, L+1]: Σ_j w_ij e_j per start i
-        end_totals = end_weights * pair_weights.sum(dim=0)  # [B, L+1]: e_j Σ_i w_ij per end j
-        cross = centred @ pair_weights  # [B, L+1]: Σ_i w_ij A_i per end j
-        per_state = centred * (start_totals + end_totals) - 2.0 * end_weights * cross
-        weighted = (centred * per_state).sum(dim=1).to(potentials.dtype)  # [B]
-        normalizer = end_totals.sum(dim=1).to(potentials.dtype)  # [B]
-        if anchored or tb_anchor_weight > 0:
-            # r_{0,n_b} = A_0 − A_{n_b}; its window weight λ^(n_b-1) (rescaled like the rest).
-            anchor = (centred[:, 0] - centred.gather(1, ends).squeeze(1)).to(potentials.dtype)
-            anchor_weight = (pair_weights[0] * end_weights).gather(1, ends).squeeze(1)
-            anchor_weight = anchor_weight.to(potentials.dtype)
-    if anchored or tb_anchor_weight > 0:
-        if anchored:
-            # Put the stop terms back into this one window: ∂r_{0,n}/∂log q(⊤|s_0) = −1 and
-            # ∂r_{0,n}/∂log q(⊤|s_n) = +1. Adding (x − x.detach()) leaves every value as it is
-            # (x is finite after the clamp, so x − x is exactly 0) and restores the gradient.
-            # The added term is built on the detached residual, so it sends gradient to the
-            # stop terms only and the token and reward gradients stay those of the plain loss.
-            stops = torch.where(state_valid, log_pterm, 0.0).clamp_min(POLICY_LOGPROB_FLOOR)
-            shift = stops.gather(1, ends).squeeze(1) - stops[:, 0]
-            shift = shift - shift.detach()
-            frozen = anchor.detach()
-            weighted = weighted + anchor_weight * ((frozen + shift).square() - frozen.square())
-            anchor = anchor + shift
     # Any normalizer with a pair holds a weight equal to 1 (see subtb_pair_weights),
     # so clamping at 1 only turns 0/0 (no pair at all) into 0.
     has_pair = (lengths >= 1).sum().clamp_min(1)

@@ -45,7 +45,7 @@ import torch
 
 from gfn_spin.density import Density, PromptLike
 from gfn_spin.samples import check_count
-from gfn_spin.scores import weighted_logsum
+from gfn_spin.scores import position_mask, weighted_logsum
 from samplers.base import Draws, ProposalSampler, encode_checked
 from samplers.smc_twists import Twist, TwistInputs, resolve_twist
 from samplers.weighting import (
@@ -261,9 +261,8 @@ class SMCSampler(ProposalSampler):
             )
         if bool(((lengths < 0) | (lengths > width)).any()):
             raise ValueError(f"lengths must lie in [0, max_new_tokens={width}]")
-        positions = torch.arange(width, device=device)
         forced = torch.where(
-            positions[None, :] < lengths[:, None], response_ids, self.proposal.eos_token_id
+            position_mask(lengths, width), response_ids, self.proposal.eos_token_id
         )
         return self._run(prompt_ids, None, forced=forced)["increments"]
 

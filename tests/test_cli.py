@@ -121,7 +121,7 @@ def test_flag_values_come_back_in_the_fields_own_types():
     study = parse_config(alpha_spin.StudyConfig, ["--quick", "--seeds", "5"])
     assert study.seeds == 5 and study.iterations == alpha_spin.StudyConfig.QUICK["iterations"]
     sweep = parse_config(sampler_sweep.SweepConfig, ["--sir-candidates", "2", "8"])
-    assert sweep.sir_candidates == (2, 8)
+    assert sweep.sweep_options.sir_candidates == (2, 8)
 
 
 def test_alpha_spin_study_reruns_as_a_spawned_workers_main():

@@ -11,7 +11,11 @@ import pytest
 import torch
 
 from experiments import amortization, large_models, sampler_ablation
-from experiments.cli import parse_config
+from experiments.amortization import AmortizationConfig
+from experiments.cli import build_parser, parse_config
+from experiments.large_models import LargeConfig
+from experiments.sampler_sweep import SweepConfig
+from experiments.torchgfn_baseline import TorchgfnConfig
 from gfn_spin.exact import divergences, exact_distribution
 from gfn_spin.mixtures import GeometricMixture
 from samplers import GFlowNetSampler
@@ -90,13 +94,27 @@ def test_quick_keeps_sizes_given_on_the_command_line():
     config = parse_config(sampler_ablation.SamplerAblationConfig, ["--quick", "--draws", "5"])
     assert config.draws == 5 and config.num_eval_prompts == 2
     # every study's quick sizes apply to the umbrella, nested GFlowNet settings included
-    assert config.gflownet.steps == 40 and config.torchgfn_steps == 60
-    assert config.amortization_steps == (100, 300) and config.large_gfn_steps == 30
+    assert config.gflownet.steps == 40 and config.torchgfn_options.torchgfn_steps == 60
+    assert config.amortization_options.amortization_steps == (100, 300)
+    assert config.large_options.large_gfn_steps == 30
     given = parse_config(
         sampler_ablation.SamplerAblationConfig, ["--quick", "--gflownet.steps", "7"]
     )
     assert given.gflownet.steps == 7
     assert parse_config(sampler_ablation.SamplerAblationConfig, []).gflownet.steps == 200
+
+
+def test_the_umbrella_offers_every_flag_of_every_study():
+    """The umbrella composes the studies' options, each study's flags under their own names."""
+    umbrella = set(build_parser(sampler_ablation.SamplerAblationConfig)._option_string_actions)
+    for study in (SweepConfig, TorchgfnConfig, AmortizationConfig, LargeConfig):
+        assert set(build_parser(study)._option_string_actions) <= umbrella, study
+    config = parse_config(
+        sampler_ablation.SamplerAblationConfig, ["--large-vocab", "300", "--sir-candidates", "2"]
+    )
+    assert config.large_options.large_vocab == 300 and config.sweep_options.sir_candidates == (2,)
+    with pytest.raises(ValueError, match="torchgfn_steps"):  # every study's options validate
+        parse_config(sampler_ablation.SamplerAblationConfig, ["--torchgfn-steps", "0"]).validate()
 
 
 @pytest.mark.parametrize(
@@ -197,4 +215,7 @@ def test_one_study_runs_alone(tmp_path):
     ]  # fmt: skip
     results = large_models.main(argv)
     assert {row["section"] for row in results["rows"]} == {"large"}
-    assert json.loads((out / "results.json").read_text())["config"]["large_draws"] == 2
+    assert (
+        json.loads((out / "results.json").read_text())["config"]["large_options"]["large_draws"]
+        == 2
+    )

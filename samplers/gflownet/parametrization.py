@@ -12,6 +12,9 @@ and a config into one. The forms and the ``auto`` choice are described in docs/g
 - ``"lora"``: :class:`LoraParametrization`, a LoRA adapter on the init policy's weights; one
   model pass per token, saved as a standard peft adapter
   (``Policy.from_pretrained(base, adapter=dir)`` loads it).
+
+Why one module over 400 lines: the forms implement one interface side by side, and two of them
+share the adapter plumbing (``AdapterParametrization``, ``LoraAdapter``) and its file checks.
 """
 
 from __future__ import annotations

@@ -31,6 +31,9 @@ process. A twist head update then backpropagates through its process's share of 
 only (:meth:`GFlowNetTrainer.batch_loss`) and the prepared head averages the shares'
 gradients; distillation, and the lora and residual forms (whose forward runs inside a Policy),
 take the whole batch's gradient on every process.
+
+Why one module over 400 lines: the fit, its step and the batch sources share one state (the
+optimizer, generators, buffers and schedules that ``state_dict`` saves whole).
 """
 
 from __future__ import annotations
