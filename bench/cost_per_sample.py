@@ -330,6 +330,16 @@ def matched(rows: list[Row], error: str, cost: str) -> list[tuple[Row, Row, floa
     return sorted(out, key=lambda item: item[2])
 
 
+def _break_even(row: Row, baseline: Row, cost: str, prompts: int) -> float:
+    """Draws per prompt after which ``row``'s fit has paid for itself against ``baseline``,
+    matched on ``cost`` (per draw, or per effective sample: the baseline's price of the
+    effective samples one of the row's draws gives)."""
+    per_draw = baseline.total_tokens_per_draw
+    if cost.endswith("ess"):
+        per_draw = row.ess_per_draw * getattr(baseline, cost)
+    return break_even_draws_per_prompt(row.fit_tokens, prompts, row.tokens_per_draw, per_draw)
+
+
 def _print_world(
     name: str,
     world: ToyWorld,
@@ -353,6 +363,25 @@ def _print_world(
             f"{r.total_tokens_per_draw:10.1f} {r.ess_per_draw:9.2f} {r.tokens_per_ess:9.1f} "
             f"{r.log_z_error:9.4f} {tv} {r.seconds:6.1f}"
         )
+    # Every GFlowNet-based row, fit included: matched on exact TV where it has a law, else on
+    # |Δlog Z| per effective sample.
+    by_tv = {r.name: pair for r, *pair in matched(rows + curve, "tv", "total_tokens_per_draw")}
+    by_z = {r.name: pair for r, *pair in matched(rows, "log_z_error", "tokens_per_ess")}
+    print(
+        f"{'fit included':>18} {'matched on':>10} {'baseline':>28} {'ratio':>7} {'break-even':>11}"
+    )
+    for r in rows:
+        if r.family != "gflownet" or (r.name not in by_tv and r.name not in by_z):
+            continue
+        on, cost_name = (
+            ("TV", "total_tokens_per_draw")
+            if r.name in by_tv
+            else ("|Δlog Z|/ESS", "tokens_per_ess")
+        )
+        baseline, ratio, bound = (by_tv if r.name in by_tv else by_z)[r.name]
+        even = format_break_even(_break_even(r, baseline, cost_name, args.prompts))
+        more = " (more exact than every baseline)" if bound else ""
+        print(f"{r.name:>18} {on:>10} {baseline.name:>28} {ratio:7.3f} {even:>11}{more}")
     draws = f"{args.draws} draws per prompt"
     for error, cost, sampling_cost, label in (
         ("tv", "total_tokens_per_draw", "tokens_per_draw", "exact TV, tokens per draw"),
@@ -374,13 +403,7 @@ def _print_world(
                 continue
             row, baseline, ratio, bound = pairs[0]
             note = ", more exact than every baseline" if bound else ""
-            # What the baseline spends for what one of the row's draws gives.
-            per_draw = baseline.total_tokens_per_draw
-            if cost_name.endswith("ess"):
-                per_draw = row.ess_per_draw * getattr(baseline, cost_name)
-            even = break_even_draws_per_prompt(
-                row.fit_tokens, args.prompts, row.tokens_per_draw, per_draw
-            )
+            even = _break_even(row, baseline, cost_name, args.prompts)
             fit = f", fit included ({draws})" if not leaves_out else ""
             verdict = f"{1 / ratio:.2f}x fewer" if ratio <= 1 else f"{ratio:.2f}x more"
             print(
