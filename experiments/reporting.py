@@ -167,8 +167,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         ax.set_xlabel("model tokens per draw")
         if exact_world:
             ax.set_xlabel(
-                "model tokens per draw, fit included (fitted samplers: ○ sampling only, "
-                "● with the fit spread over the draws made)"
+                "model tokens per draw\n(fitted samplers: ○ sampling only, ● fit spread over "
+                "the draws made)",
+                fontsize=8,
             )
             exact = [r for r in block if r["measure"] in EXACT_MEASURES]
             families = list(dict.fromkeys(_family(r["name"]) for r in exact))
