@@ -10,7 +10,9 @@ from the local product is enough, nor run SIR where it needs K in the hundreds.
 2. **SIR's K** for the accuracy (the mean exact TV of one draw's law to the target, over
    prompts), by :func:`sir_candidates_for`. K = 1 is the local product alone.
 3. **A GFlowNet**, when one is given, or fitted by ``fit_gflownet`` when SIR would need more
-   than ``max_candidates`` or an ``expected_fit_tokens`` says a fit may be cheaper: a pilot of
+   than ``max_candidates`` and a fit may pay: its ``fit_rollouts`` draws cost at least as many
+   local-product candidates, so a GFlowNet whose total is above SIR's even with that fit and
+   the local product's price per draw is never fitted. A pilot of
    its own draws gives its χ² and tokens per draw; its TV is bounded by ``½·√χ²`` (or
    ``√(KL/2)`` from a given ``gflownet_kl``, Pinsker); SIR with it as proposal gets its K by
    the same rule. Their fit tokens are spread over ``len(prompts) × draws_per_prompt`` draws.
@@ -149,7 +151,7 @@ def choose_sampler(
     gflownet_fit_tokens: int = 0,
     gflownet_kl: float | None = None,
     fit_gflownet: Callable[[], tuple[GFlowNetSampler, int]] | None = None,
-    expected_fit_tokens: int | None = None,
+    fit_rollouts: int = 0,
     generator: torch.Generator | int | None = None,
 ) -> SamplerChoice:
     """The cheapest sampler of ``target`` whose pilot says it reaches ``accuracy`` (module docstring).
@@ -166,9 +168,10 @@ def choose_sampler(
         gflownet: an already fitted GFlowNet to compare, with its ``gflownet_fit_tokens``.
         gflownet_kl: an exact or estimated KL between the target and the GFlowNet's law (either
             direction; it bounds the TV by Pinsker); None: bounded from its pilot's χ².
-        fit_gflownet: called (at most once, only when SIR is not enough or ``expected_fit_tokens``
-            says a fit may pay) to fit a GFlowNet; returns it and its fit's model tokens.
-        expected_fit_tokens: the model tokens a fit is expected to cost (e.g. the last one's).
+        fit_gflownet: called (at most once, only when SIR needs more than ``max_candidates``
+            and a fit may pay) to fit a GFlowNet; returns it and its fit's model tokens.
+        fit_rollouts: responses that fit draws (steps × prompts per step × samples per
+            prompt; 0: unknown), each priced at least one local-product candidate.
         generator: seed or generator of the pilots.
     """
     if draws_per_prompt < 1:
@@ -216,10 +219,8 @@ def choose_sampler(
         )
     sir_total = options[-1][0].total_tokens_per_draw
     notes = []
-    may_pay = expected_fit_tokens is not None and (
-        total_tokens_per_draw(per_candidate, expected_fit_tokens, draws) < sir_total
-    )
-    if gflownet is None and fit_gflownet is not None and (k > max_candidates or may_pay):
+    may_pay = total_tokens_per_draw(per_candidate, fit_rollouts * per_candidate, draws) < sir_total
+    if gflownet is None and fit_gflownet is not None and k > max_candidates and may_pay:
         gflownet, gflownet_fit_tokens = fit_gflownet()
         notes.append(f"fitted a GFlowNet ({gflownet_fit_tokens:,} model tokens)")
     if gflownet is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -10,6 +12,10 @@ from gfn_spin.exact import divergences, exact_distribution, sir_output_laws
 from gfn_spin.mixtures import GeometricMixture
 from samplers import AncestralSampler, GFlowNetSampler, ImportanceResampler
 from samplers.choice import choose_sampler, sir_candidates_for, sir_tv_bound
+from samplers.gflownet import GFlowNetConfig
+from selfplay import AlphaSpinConfig
+from selfplay.config import derive_seed
+from selfplay.opponents import opponent_sampler
 
 
 def first_order_coefficient(q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -138,3 +144,42 @@ def test_choose_sampler_fits_a_gflownet_only_when_sir_is_not_enough(world, targe
     assert {o.name for o in dear.options} >= {"GFlowNet", dear.chosen.name}
     totals = [o.total_tokens_per_draw for o in dear.options if o.meets_accuracy]
     assert dear.chosen.total_tokens_per_draw == min(totals)
+    # A fit drawing k rollouts per served draw costs at least k local-product candidates per
+    # draw, as much as SIR with K = k: it cannot pay, so it is never started.
+    futile = choose_sampler(
+        target,
+        prompts,
+        draws_per_prompt=2,
+        max_candidates=k - 1,
+        fit_gflownet=fit(1),
+        fit_rollouts=k * 4 * 2,
+        **common,
+    )
+    assert fits == [1000, 10**9] and futile.chosen.name == f"SIR K={k}"
+
+
+def test_alpha_spin_auto_opponent_is_the_pilots_choice(world, target, tmp_path):
+    """sampler="auto": the opponent is what choose_sampler picks from the same pilot; a
+    GFlowNet is fitted (and saved for the next iteration's warm start) only past
+    auto_max_candidates."""
+    prompts = [list(p) for p in world.train_prompts[:8]]
+    cap = world.max_new_tokens
+    small = GFlowNetConfig(steps=2, prompts_per_step=4, samples_per_prompt=2, twist_width=16)
+    config = AlphaSpinConfig(alpha=0.95, history=1, auto_accuracy=0.002, gflownet=small)
+    common = {"max_new_tokens": cap, "iteration": 1, "fit_prompts": prompts}
+    iterates = [world.base, world.shifted]
+    chosen = opponent_sampler(config, target, iterates, save_to=tmp_path / "a", **common)
+    expected = choose_sampler(
+        target,
+        prompts,
+        accuracy=0.002,
+        draws_per_prompt=1,
+        max_new_tokens=cap,
+        generator=derive_seed(config.seed, "pilot", 1),
+    )
+    assert isinstance(chosen, ImportanceResampler)
+    assert chosen.num_candidates == expected.sampler.num_candidates
+    assert not (tmp_path / "a").exists()  # K ≤ 64: no fit
+    tight = dataclasses.replace(config, auto_max_candidates=1)
+    opponent_sampler(tight, target, iterates, save_to=tmp_path / "b", **common)
+    assert (tmp_path / "b").is_dir()  # past auto_max_candidates, with a fit that may pay
