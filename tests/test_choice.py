@@ -118,43 +118,31 @@ def test_choose_sampler_fits_a_gflownet_only_when_sir_is_not_enough(world, targe
     k = enough.sampler.num_candidates
     # SIR would need more than max_candidates: a GFlowNet is fitted. An exact-enough GFlowNet
     # (its KL given) with a cheap fit over many draws wins; the same with a huge fit loses.
-    cheap = choose_sampler(
-        target,
-        prompts,
-        draws_per_prompt=10_000,
-        max_candidates=k - 1,
-        fit_gflownet=fit(1000),
-        gflownet_kl=1e-8,
-        **common,
-    )
+
+    def past_max(draws: int, fit_tokens: int, **more):
+        return choose_sampler(
+            target,
+            prompts,
+            draws_per_prompt=draws,
+            max_candidates=k - 1,
+            fit_gflownet=fit(fit_tokens),
+            **common,
+            **more,
+        )
+
+    cheap = past_max(10_000, 1000, gflownet_kl=1e-8)
     assert fits == [1000] and cheap.chosen.name == "GFlowNet"
     assert isinstance(cheap.sampler, GFlowNetSampler)
     gfn = cheap.chosen
     assert gfn.total_tokens_per_draw == pytest.approx(gfn.tokens_per_draw + 1000 / (4 * 10_000))
-    dear = choose_sampler(
-        target,
-        prompts,
-        draws_per_prompt=2,
-        max_candidates=k - 1,
-        fit_gflownet=fit(10**9),
-        gflownet_kl=1e-8,
-        **common,
-    )
+    dear = past_max(2, 10**9, gflownet_kl=1e-8)
     assert fits == [1000, 10**9] and dear.chosen.name.startswith("SIR K=")
     assert {o.name for o in dear.options} >= {"GFlowNet", dear.chosen.name}
     totals = [o.total_tokens_per_draw for o in dear.options if o.meets_accuracy]
     assert dear.chosen.total_tokens_per_draw == min(totals)
     # A fit drawing k rollouts per served draw costs at least k local-product candidates per
     # draw, as much as SIR with K = k: it cannot pay, so it is never started.
-    futile = choose_sampler(
-        target,
-        prompts,
-        draws_per_prompt=2,
-        max_candidates=k - 1,
-        fit_gflownet=fit(1),
-        fit_rollouts=k * 4 * 2,
-        **common,
-    )
+    futile = past_max(2, 1, fit_rollouts=k * 4 * 2)
     assert fits == [1000, 10**9] and futile.chosen.name == f"SIR K={k}"
 
 
