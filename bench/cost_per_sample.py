@@ -7,16 +7,18 @@ world (``build_world()``, policies that barely overlap) and the overlapping worl
 - SIR (K candidates) and SMC (N particles) from the local product, the baselines;
 - the GFlowNet itself (``GFlowNetSampler`` from ``GFlowNetConfig`` defaults, with
   ``--parametrization``, fitted on the measured prompts, as SIR and SMC run on them
-  (``--fit-prompts train``: on the world's train prompts, amortized); the fit is a one-time
-  cost, reported apart);
+  (``--fit-prompts train``: on the world's train prompts, amortized));
 - SIR with the GFlowNet's policy as proposal;
 - GFlowNet-twisted SMC (the policy as proposal, its prefix flow as the look-ahead potential).
 
 Columns, per sampler (means over prompts):
 
-- ``tok/draw``: model tokens evaluated per output draw (every forward token of every distinct
-  policy; the GFlowNet's own draws: its sampling passes only);
-- ``ESS/draw`` and ``tok/ESS``. ESS is each sampler's own and they are not the same quantity:
+- ``tok/draw``: model tokens evaluated per output draw to sample (every forward token of every
+  distinct policy; the GFlowNet's own draws: its sampling passes only);
+- ``fit/draw`` and ``total/draw``: the model tokens of every fit the sampler needs (the
+  GFlowNet's; the one-pass form's distillation on top of it) spread over the draws it made
+  (prompts × draws), and ``tok/draw`` plus that (:mod:`samplers.costs`);
+- ``ESS/draw`` and ``tok/ESS`` (total tokens, fit included, per ESS). ESS is each sampler's own and they are not the same quantity:
   for SIR/SMC it is the ESS of the weighted population behind each draw (K candidates, N
   particles; an SMC population's final ESS ignores the diversity lost to resampling), though
   only one draw comes out of it; for the GFlowNet it is ESS/N of the weights G̃/q over its draws
@@ -31,11 +33,14 @@ Columns, per sampler (means over prompts):
   ``log Ẑ`` between settings that should agree (a few 1e-3 on these worlds).
 
 Matching rules of the printed ratios ("best GFlowNet-based ÷ best of SIR and SMC from the local
-product", at equal or lower error). Each GFlowNet-based sampler is matched with the cheapest
+product", at equal or lower error, total tokens: fit included). Each GFlowNet-based sampler is matched with the cheapest
 local-product setting that is at least as exact on the same error (what a user pays for that
 accuracy without a GFlowNet); when no setting is as exact, with the most exact one (the
 GFlowNet-based sampler is then more exact too, said on the line). The printed ratio is the
-lowest over the GFlowNet-based samplers:
+lowest over the GFlowNet-based samplers, with its break-even: the draws per prompt after which
+the fit has paid for itself against that match (``never`` when the match costs no more per
+draw than the sampler's sampling alone). The same ratio counting sampling only is printed
+below it, said so on its line:
 
 1. exact TV of a draw, cost per output draw: the GFlowNet's own draws and SIR with it as
    proposal against SIR from the local product (each draw an independent draw of a known law,
@@ -67,6 +72,7 @@ from experiments.geometric_mixture import GeometricMixtureConfig
 from gfn_spin.exact import divergences, exact_distribution, sir_output_laws
 from gfn_spin.mixtures import GeometricMixture
 from samplers import ImportanceResampler, SMCSampler
+from samplers.costs import break_even_draws_per_prompt, format_break_even, total_tokens_per_draw
 from samplers.gflownet import PARAMETRIZATIONS, GFlowNetConfig, GFlowNetSampler
 from samplers.weighting import model_tokens
 from worlds.toy import ToyWorld, ToyWorldConfig, build_world
@@ -91,10 +97,23 @@ class Row:
     tv: float | None
     weighted: bool  # its draws come out of weighted populations (SIR, SMC): it has a Ẑ
     seconds: float
+    fit_tokens: int = 0  # model tokens of every fit it needs before drawing
+    draws: int = 1  # draws it made (prompts × draws per prompt), over which the fit is spread
+
+    @property
+    def total_tokens_per_draw(self) -> float:
+        """Sampling tokens per draw plus the fit spread over the draws made."""
+        return total_tokens_per_draw(self.tokens_per_draw, self.fit_tokens, self.draws)
+
+    @property
+    def sampling_tokens_per_ess(self) -> float:
+        """Sampling tokens per effective sample, the fit left out."""
+        return self.tokens_per_draw / self.ess_per_draw if self.ess_per_draw > 0 else math.inf
 
     @property
     def tokens_per_ess(self) -> float:
-        return self.tokens_per_draw / self.ess_per_draw if self.ess_per_draw > 0 else math.inf
+        """Total tokens (fit included) per effective sample."""
+        return self.total_tokens_per_draw / self.ess_per_draw if self.ess_per_draw > 0 else math.inf
 
 
 def _counts(text: str) -> list[int]:
@@ -141,6 +160,7 @@ def run_world(name: str, world: ToyWorld, args: argparse.Namespace) -> list[Row]
         f"tokens, {fit_seconds:.1f} s",
         flush=True,
     )
+    fits = {"GFlowNet": fit_tokens}  # every fit a GFlowNet-based sampler needs, in model tokens
     with torch.no_grad():
         gfn_laws = [exact_distribution(gfn.policy, p, cap) for p in prompts]
     assert all(q.responses == e.responses for q, e in zip(gfn_laws, exact, strict=True))
@@ -155,10 +175,13 @@ def run_world(name: str, world: ToyWorld, args: argparse.Namespace) -> list[Row]
             target, world.shifted, recipe, adapter_name=f"bench_cost_onepass_{name}"
         )
         started = time.perf_counter()
+        before = model_tokens(target, onepass.policy)
         onepass.fit(fit_prompts, args.onepass_steps, progress=False, teacher=gfn.policy)
+        distill_tokens = model_tokens(target, onepass.policy) - before
+        fits["GFlowNet one-pass"] = fit_tokens + distill_tokens  # it distils from the fit
         print(
-            f"[{name}] one-pass form distilled: {args.onepass_steps} steps, "
-            f"{time.perf_counter() - started:.1f} s",
+            f"[{name}] one-pass form distilled: {args.onepass_steps} steps, {distill_tokens:,} "
+            f"model tokens, {time.perf_counter() - started:.1f} s",
             flush=True,
         )
         with torch.no_grad():
@@ -231,6 +254,8 @@ def run_world(name: str, world: ToyWorld, args: argparse.Namespace) -> list[Row]
                 tv=tv.get(label),
                 weighted=sampler is not gfn,
                 seconds=seconds,
+                fit_tokens=fits.get(label, fit_tokens) if family == "gflownet" else 0,
+                draws=len(prompts) * draws,
             )
         )
     local_tv = _mean_tv(exact, local_laws)
@@ -258,6 +283,8 @@ def run_world(name: str, world: ToyWorld, args: argparse.Namespace) -> list[Row]
             sampler=row.name,
             alpha=args.alpha,
             tokens_per_draw=row.tokens_per_draw,
+            fit_tokens=row.fit_tokens,
+            total_tokens_per_draw=row.total_tokens_per_draw,
             tokens_per_ess=row.tokens_per_ess,
             ess_per_draw=row.ess_per_draw,
             log_z_error=row.log_z_error,
@@ -279,8 +306,9 @@ def run_world(name: str, world: ToyWorld, args: argparse.Namespace) -> list[Row]
 def matched(rows: list[Row], error: str, cost: str) -> list[tuple[Row, Row, float, bool]]:
     """GFlowNet-based rows with their matched baselines and cost ratios (module docstring).
 
-    ``error``: "tv" (rows with an exact law) or "log_z_error" (weighted rows); ``cost``:
-    "tokens_per_ess" or "tokens_per_draw". Returns (row, baseline, row cost ÷ baseline cost,
+    ``error``: "tv" (rows with an exact law) or "log_z_error" (weighted rows); ``cost``: a
+    :class:`Row` cost ("total_tokens_per_draw", "tokens_per_ess", or their sampling-only
+    "tokens_per_draw", "sampling_tokens_per_ess"). Returns (row, baseline, row cost ÷ baseline cost,
     bound) sorted by ratio; ``bound`` is True when no baseline is as exact as the row (the
     baseline is then the most exact one, and the row is also more exact than it).
     """
@@ -302,6 +330,16 @@ def matched(rows: list[Row], error: str, cost: str) -> list[tuple[Row, Row, floa
     return sorted(out, key=lambda item: item[2])
 
 
+def _break_even(row: Row, baseline: Row, cost: str, prompts: int) -> float:
+    """Draws per prompt after which ``row``'s fit has paid for itself against ``baseline``,
+    matched on ``cost`` (per draw, or per effective sample: the baseline's price of the
+    effective samples one of the row's draws gives)."""
+    per_draw = baseline.total_tokens_per_draw
+    if cost.endswith("ess"):
+        per_draw = row.ess_per_draw * getattr(baseline, cost)
+    return break_even_draws_per_prompt(row.fit_tokens, prompts, row.tokens_per_draw, per_draw)
+
+
 def _print_world(
     name: str,
     world: ToyWorld,
@@ -315,41 +353,78 @@ def _print_world(
         f"L = {world.max_new_tokens}; local product exact TV {local_tv:.4f}"
     )
     print(
-        f"{'sampler':>18} {'tok/draw':>9} {'ESS/draw':>9} {'tok/ESS':>9} {'|Δlog Z|':>9} "
-        f"{'TV':>7} {'s':>6}"
+        f"{'sampler':>18} {'tok/draw':>9} {'fit/draw':>9} {'total/draw':>10} {'ESS/draw':>9} "
+        f"{'tok/ESS':>9} {'|Δlog Z|':>9} {'TV':>7} {'s':>6}"
     )
     for r in rows:
         tv = f"{r.tv:7.4f}" if r.tv is not None else f"{'-':>7}"
         print(
-            f"{r.name:>18} {r.tokens_per_draw:9.1f} {r.ess_per_draw:9.2f} "
-            f"{r.tokens_per_ess:9.1f} {r.log_z_error:9.4f} {tv} {r.seconds:6.1f}"
+            f"{r.name:>18} {r.tokens_per_draw:9.1f} {r.fit_tokens / r.draws:9.1f} "
+            f"{r.total_tokens_per_draw:10.1f} {r.ess_per_draw:9.2f} {r.tokens_per_ess:9.1f} "
+            f"{r.log_z_error:9.4f} {tv} {r.seconds:6.1f}"
         )
-    for error, cost, label in (
-        ("tv", "tokens_per_draw", "exact TV, tokens per draw"),
-        ("log_z_error", "tokens_per_ess", "|Δlog Z|, tokens per effective sample (population)"),
-        ("log_z_error", "tokens_per_draw", "|Δlog Z|, tokens per draw"),
-    ):
-        pairs = matched(rows + curve if error == "tv" else rows, error, cost)
-        if not pairs:
+    # Every GFlowNet-based row, fit included: matched on exact TV where it has a law, else on
+    # |Δlog Z| per effective sample.
+    by_tv = {r.name: pair for r, *pair in matched(rows + curve, "tv", "total_tokens_per_draw")}
+    by_z = {r.name: pair for r, *pair in matched(rows, "log_z_error", "tokens_per_ess")}
+    print(
+        f"{'fit included':>18} {'matched on':>10} {'baseline':>28} {'ratio':>7} {'break-even':>11}"
+    )
+    for r in rows:
+        if r.family != "gflownet" or (r.name not in by_tv and r.name not in by_z):
             continue
-        row, baseline, ratio, bound = pairs[0]
-        note = ", more exact than every baseline" if bound else ""
-        print(
-            f"[{name}] {label}: best GFlowNet-based ÷ matched local-product = {row.name} "
-            f"{getattr(row, cost):.1f} ÷ {baseline.name} {getattr(baseline, cost):.1f} = "
-            f"{ratio:.3f} ({1 / ratio:.2f}x fewer; {error} {getattr(row, error):.4f} vs "
-            f"{getattr(baseline, error):.4f}{note})"
+        on, cost_name = (
+            ("TV", "total_tokens_per_draw")
+            if r.name in by_tv
+            else ("|Δlog Z|/ESS", "tokens_per_ess")
         )
-        emit(
-            "cost_per_sample_ratio",
-            world=name,
-            error=error,
-            cost=cost,
-            sampler=row.name,
-            baseline=baseline.name,
-            ratio=ratio,
-            more_exact_than_every_baseline=bound,
-        )
+        baseline, ratio, bound = (by_tv if r.name in by_tv else by_z)[r.name]
+        even = format_break_even(_break_even(r, baseline, cost_name, args.prompts))
+        more = " (more exact than every baseline)" if bound else ""
+        print(f"{r.name:>18} {on:>10} {baseline.name:>28} {ratio:7.3f} {even:>11}{more}")
+    draws = f"{args.draws} draws per prompt"
+    for error, cost, sampling_cost, label in (
+        ("tv", "total_tokens_per_draw", "tokens_per_draw", "exact TV, tokens per draw"),
+        (
+            "log_z_error",
+            "tokens_per_ess",
+            "sampling_tokens_per_ess",
+            "|Δlog Z|, tokens per effective sample (population)",
+        ),
+        ("log_z_error", "total_tokens_per_draw", "tokens_per_draw", "|Δlog Z|, tokens per draw"),
+    ):
+        candidates = rows + curve if error == "tv" else rows
+        for cost_name, leaves_out in (
+            (cost, ""),
+            (sampling_cost, "; sampling only: the fit left out"),
+        ):
+            pairs = matched(candidates, error, cost_name)
+            if not pairs:
+                continue
+            row, baseline, ratio, bound = pairs[0]
+            note = ", more exact than every baseline" if bound else ""
+            even = _break_even(row, baseline, cost_name, args.prompts)
+            fit = f", fit included ({draws})" if not leaves_out else ""
+            verdict = f"{1 / ratio:.2f}x fewer" if ratio <= 1 else f"{ratio:.2f}x more"
+            print(
+                f"[{name}] {label}{fit}: best GFlowNet-based ÷ matched local-product = "
+                f"{row.name} {getattr(row, cost_name):.1f} ÷ {baseline.name} "
+                f"{getattr(baseline, cost_name):.1f} = {ratio:.3f} ({verdict}; {error} "
+                f"{getattr(row, error):.4f} vs {getattr(baseline, error):.4f}{note}; break-even "
+                f"{format_break_even(even)} draws per prompt){leaves_out}"
+            )
+            emit(
+                "cost_per_sample_ratio",
+                world=name,
+                error=error,
+                cost=cost_name,
+                fit_included=not leaves_out,
+                sampler=row.name,
+                baseline=baseline.name,
+                ratio=ratio,
+                break_even_draws_per_prompt=None if math.isinf(even) else even,
+                more_exact_than_every_baseline=bound,
+            )
 
 
 def main(argv: list[str] | None = None) -> dict[str, list[Row]]:

@@ -70,9 +70,10 @@ class StudyConfig:
     )
     iterations: int = option(3, "Self-play iterations per run.")
     sampler: Literal["auto", "importance", "smc", "gflownet", "ancestral"] = option(
-        "auto",
-        """Opponent sampler when α < 1: "importance" (auto), "smc", "gflownet" or
-            "ancestral" (α = 1 is always sampled exactly).""",
+        "importance",
+        """Opponent sampler when α < 1: "importance" (SIR from M_h with num_candidates),
+            "smc", "gflownet", "ancestral" or "auto" (chosen at each iteration from a pilot,
+            selfplay.AlphaSpinConfig.auto_accuracy); α = 1 is always sampled exactly.""",
     )
     num_candidates: int = option(16, "K of the importance sampler.")
     num_particles: int = option(16, "N of the SMC sampler.")
@@ -192,7 +193,6 @@ def markdown(table: dict[str, Any], study: StudyConfig) -> str:
     lines = [
         f"Exact KL(p_data‖π_t) and drift KL(π_t‖π_0) on the tiny world, mean ± std over "
         f"{study.seeds} seeds; α < 1 opponents: sampler={study.sampler}"
-        + (" (importance, SIR)" if study.sampler == "auto" else "")
         + f"; α = 1 and t = 0 sampled exactly; drift on {study.drift_prompts} prompts.",
         "",
         "| variant | "

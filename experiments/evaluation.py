@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from gfn_spin.exact import ExactDistribution, divergences, exact_distribution, s
 from gfn_spin.options import option
 from gfn_spin.policy import Policy
 from samplers.base import Sampler, Samples
+from samplers.costs import break_even_draws_per_prompt, total_tokens_per_draw
 from samplers.gflownet import GFlowNetSampler
 from samplers.weighting import ess_fraction, model_tokens
 
@@ -86,7 +88,10 @@ class Entry:
 
     ``density`` is set when the sampler's own law can be enumerated (π_t, q_loc, the GFlowNet);
     ``proposal`` and ``num_candidates`` when it is SIR (its exact law follows from the
-    proposal's); neither for SMC (only ``|Δlog Z|`` and ESS are measured).
+    proposal's); neither for SMC (only ``|Δlog Z|`` and ESS are measured). ``fit_tokens``:
+    the model tokens spent before the sampler could draw (a GFlowNet's fit, every fit it
+    depends on and any per-prompt refinement included), spread over its draws in the row's
+    total cost.
     """
 
     name: str
@@ -95,6 +100,7 @@ class Entry:
     budget: str
     proposal: Density | None = None
     num_candidates: int | None = None
+    fit_tokens: int = 0
 
     @property
     def kind(self) -> str:
@@ -301,8 +307,15 @@ def evaluate_exact(
     components: list[tuple[Any, Any]],
     prompts: list[list[int]],
     logger: Any,
+    *,
+    baseline: Density | None = None,
 ) -> list[dict[str, Any]]:
-    """Every sampler's error to the enumerated target on ``prompts`` (see the module docstring)."""
+    """Every sampler's error to the enumerated target on ``prompts`` (see the module docstring).
+
+    With ``baseline`` (a proposal with no fit, e.g. the local product, whose SIR entries are
+    among ``entries``) every row also gets its total cost, fit included, and every entry with
+    ``fit_tokens`` its match at equal exact TV (:func:`add_total_costs`).
+    """
     unnormalized = [
         (1 - alpha) * base.logprobs + alpha * shifted.logprobs for base, shifted in components
     ]
@@ -343,7 +356,116 @@ def evaluate_exact(
         )
         logger.debug("α=%s %s: %.1f s", alpha, entry.name, time.perf_counter() - started)
         rows.append(row)
+    if baseline is not None:
+
+        def sir_tv(ks: list[int]) -> dict[int, float]:
+            """Mean over prompts of the exact TV of SIR's law from ``baseline``, for each K."""
+            total = dict.fromkeys(ks, 0.0)
+            for q_lp, g, p_lp in zip(law_of(baseline), unnormalized, target_logprobs, strict=True):
+                for k, law in zip(ks, sir_output_laws(q_lp, g, ks, rtol=MATCH_RTOL), strict=True):
+                    total[k] += divergences(p_lp, law.logprobs)["tv"] / len(prompts)
+            return total
+
+        t0 = time.perf_counter()
+        add_total_costs(rows, entries, baseline, sir_tv, len(prompts) * config.draws, len(prompts))
+        logger.debug("α=%s: total costs matched in %.1f s", alpha, time.perf_counter() - t0)
     return rows
+
+
+MATCH_RTOL = 1e-6
+"""Relative precision of the SIR laws searched for a fitted sampler's match (TV to ±1e-6)."""
+
+
+def smallest_sir_ks(
+    tv_at: Callable[[list[int]], dict[int, float]],
+    targets: list[float],
+    known: dict[int, float],
+) -> list[tuple[int, float]]:
+    """For each TV in ``targets``, the smallest K whose SIR law has a mean exact TV at most it,
+    and that TV.
+
+    ``known`` maps K to its TV (K = 1, the proposal itself, must be there); ``tv_at(ks)`` gives
+    the TV of more K, all of one round in one call. Every answer is checked on exact laws: its
+    TV is at most the target and that of K − 1 is above it (SIR's TV falls as K grows). Where
+    to look comes from ``K·TV(p_K)`` rising slowly toward its limit (first order ``TV ∝ 1/K``;
+    observed on every tiny world): between known ``K_lo`` (too few) and ``K_hi`` (enough), the
+    answer lies in ``[K_lo·TV(K_lo)/t, K_hi·TV(K_hi)/t]``, usually one or two K wide. When that
+    guess is wrong the search falls back to bisection, and beyond the largest known K to
+    doubling, so it ends either way.
+    """
+    if 1 not in known:
+        raise ValueError("known must hold K = 1 (the proposal's own TV)")
+    if any(t <= 0 for t in targets):
+        raise ValueError(f"targets={targets}: SIR reaches TV 0 only as K → ∞")
+    tv = dict(known)
+    answers: list[int | None] = [None] * len(targets)
+    while any(a is None for a in answers):
+        wanted: set[int] = set()
+        for i, target in enumerate(targets):
+            if answers[i] is not None:
+                continue
+            enough = [k for k in tv if tv[k] <= target]
+            hi = min(enough) if enough else None
+            lo = max(k for k in tv if tv[k] > target and (hi is None or k < hi)) if hi != 1 else 0
+            if hi is not None and hi == lo + 1:
+                answers[i] = hi
+                continue
+            first = max(lo + 1, math.ceil(lo * tv[lo] / target))
+            last = math.ceil((hi * tv[hi] if hi else 1.25 * lo * tv[lo]) / target)
+            last = max(first, last if hi is None else min(last, hi))
+            if last - first < 4:
+                guesses = set(range(max(lo + 1, first - 1), last + 1))
+            else:
+                guesses = {first + (last - first) * j // 3 for j in range(4)}
+            guesses -= tv.keys()
+            if not guesses:  # the guess was wrong: bisect, or double past the largest K
+                guesses = {(lo + hi) // 2} if hi is not None else {2 * lo}
+            wanted |= guesses
+        if wanted:
+            tv.update(tv_at(sorted(wanted)))
+    return [(int(k), tv[int(k)]) for k in answers]  # type: ignore[arg-type]
+
+
+def add_total_costs(
+    rows: list[dict[str, Any]],
+    entries: list[Entry],
+    baseline: Density,
+    sir_tv: Callable[[list[int]], dict[int, float]],
+    draws: int,
+    num_prompts: int,
+) -> None:
+    """Add to ``rows`` (one per entry) each sampler's total cost, fit included.
+
+    Every row gets ``fit_tokens``, ``fit_draws`` (the ``draws`` its sampler made, over which
+    the fit is spread) and ``total_tokens_per_draw`` (:mod:`samplers.costs`). Every row with a fit and an exact TV also gets
+    ``matched``, the cheapest sampler from ``baseline`` with no fit as exact as it (SIR with
+    the smallest K whose exact TV is at most the row's, found by :func:`smallest_sir_ks`;
+    K = 1: ``baseline`` itself; cost: K × the tokens per candidate measured on the SIR rows
+    from ``baseline``), ``total_ratio`` (its total ÷ the match's) and
+    ``break_even_draws_per_prompt`` (None: never). SMC has no exact TV, so it is never a match.
+    """
+    by_entry = list(zip(entries, rows, strict=True))
+    sir = [(e.num_candidates, r) for e, r in by_entry if e.kind == "sir" and e.proposal is baseline]
+    own = [r for e, r in by_entry if e.density is baseline]
+    if not sir:
+        raise ValueError("add_total_costs needs SIR entries from the baseline proposal")
+    per_candidate = sum(r["tokens_per_draw"] / k for k, r in sir) / len(sir)
+    known = {k: r["tv"] for k, r in sir} | sir_tv([1])
+    fitted = [(e, r) for e, r in by_entry if e.fit_tokens > 0 and r["tv"] is not None]
+    matches = smallest_sir_ks(sir_tv, [r["tv"] for _, r in fitted], known)
+    for entry, row in by_entry:
+        row["fit_tokens"] = entry.fit_tokens
+        row["fit_draws"] = draws
+        row["total_tokens_per_draw"] = total_tokens_per_draw(
+            row["tokens_per_draw"], entry.fit_tokens, draws
+        )
+    for (entry, row), (k, tv) in zip(fitted, matches, strict=True):
+        cost = own[0]["tokens_per_draw"] if k == 1 and own else k * per_candidate
+        name = "local product" if k == 1 and own else f"SIR K={k}"
+        row["matched"] = {"name": name, "num_candidates": k, "tv": tv, "tokens_per_draw": cost}
+        row["total_ratio"] = row["total_tokens_per_draw"] / cost
+        n = break_even_draws_per_prompt(entry.fit_tokens, num_prompts, row["tokens_per_draw"], cost)
+        row["break_even_draws_per_prompt"] = None if math.isinf(n) else n
 
 
 def evaluate_estimated(

@@ -68,7 +68,7 @@ from experiments.evaluation import (
     evaluate_exact,
     fit_sampler,
 )
-from experiments.reporting import format_table, plot
+from experiments.reporting import format_cost_table, format_table, plot
 from gfn_spin.devices import resolve_device
 from gfn_spin.mixtures import GeometricMixture
 from gfn_spin.options import option
@@ -285,8 +285,15 @@ def build_samplers(
     gflownet: GFlowNetSampler,
     max_new_tokens: int,
     onepass: GFlowNetSampler | None = None,
+    *,
+    fit_tokens: tuple[int, int] = (0, 0),
 ) -> list[Entry]:
-    """The compared samplers, in table order."""
+    """The compared samplers, in table order; the GFlowNet-based ones carry their fit.
+
+    ``fit_tokens``: model tokens of the GFlowNet's fit and of the one-pass distillation. The
+    one-pass form pays both (it distils from the fitted GFlowNet); SIR(GFlowNet) the first.
+    """
+    gfn_fit, onepass_fit = fit_tokens
     local = target.local_product()
     cap = {"max_new_tokens": max_new_tokens}
     entries = [
@@ -298,15 +305,16 @@ def build_samplers(
         entries.append(Entry(f"SIR K={k}", sampler, None, f"K={k}", local, k))
     for n in config.smc_particles:
         entries.append(Entry(f"SMC N={n}", SMCSampler(target, n, **cap), None, f"N={n}"))
-    entries.append(
-        Entry("GFlowNet", gflownet, gflownet.policy, f"{gflownet.config.steps} train steps")
-    )
+    budget = f"{gflownet.config.steps} train steps"
+    entries.append(Entry("GFlowNet", gflownet, gflownet.policy, budget, fit_tokens=gfn_fit))
     if onepass is not None:
         budget = f"{onepass.config.steps} distillation steps"
-        entries.append(Entry("GFlowNet one-pass", onepass, onepass.policy, budget))
+        fit = gfn_fit + onepass_fit
+        entries.append(Entry("GFlowNet one-pass", onepass, onepass.policy, budget, fit_tokens=fit))
     k = config.gfn_sir_candidates
     sampler = ImportanceResampler(target, gflownet.policy, k, **cap)
-    entries.append(Entry(f"SIR(GFlowNet) K={k}", sampler, None, f"K={k}", gflownet.policy, k))
+    name = f"SIR(GFlowNet) K={k}"
+    entries.append(Entry(name, sampler, None, f"K={k}", gflownet.policy, k, fit_tokens=gfn_fit))
     return entries
 
 
@@ -432,11 +440,23 @@ def _run(
             config, target, model, fit_prompts, alpha, cap, output_dir, logger
         )
         training.append(record)
-        entries = build_samplers(config, target, model, gflownet, cap, onepass)
+        fit_tokens = (record["model_tokens"], record.get("onepass", {}).get("model_tokens", 0))
+        entries = build_samplers(
+            config, target, model, gflownet, cap, onepass, fit_tokens=fit_tokens
+        )
         t0 = time.perf_counter()
         if world is not None:
             block = evaluate_exact(
-                config, model, cap, alpha, entries, components, eval_prompts, logger
+                config,
+                model,
+                cap,
+                alpha,
+                entries,
+                components,
+                eval_prompts,
+                logger,
+                # SIR from the local product: the match at equal TV of every fitted sampler.
+                baseline=next(e.density for e in entries if e.name == "local product"),
             )
         else:
             block = evaluate_estimated(config, alpha, entries, eval_prompts)
@@ -444,9 +464,13 @@ def _run(
         rows.extend(block)
 
     table = format_table(rows)
+    cost_table = format_cost_table(rows)
     total = time.perf_counter() - started
     print(table)
     logger.debug("\n%s", table)
+    if cost_table:
+        print(f"\n{cost_table}")
+        logger.debug("\n%s", cost_table)
     logger.info("total %.1f s", total)
     results = {
         "rows": rows,
@@ -458,6 +482,7 @@ def _run(
             (r["law_precision"] for r in rows if r["measure"] == "exact SIR law"), default=None
         ),
         "table": table,
+        "cost_table": cost_table,
     }
     write_results(results, output_dir, config)
     plot(rows, output_dir / "error_vs_cost.png")

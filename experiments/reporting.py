@@ -10,6 +10,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from samplers.costs import format_break_even
+
 EXACT_MEASURES = ("exact", "exact SIR law")
 
 
@@ -94,6 +96,39 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n\n".join(blocks)
 
 
+def format_cost_table(rows: list[dict[str, Any]]) -> str:
+    """Total cost of every fitted sampler against its match at equal exact TV ("" if none).
+
+    Rows are those :func:`experiments.evaluation.add_total_costs` completed: total tokens per
+    draw (sampling plus the fit spread over the draws made), the cheapest sampler with no fit
+    as exact, total ÷ match, and the break-even in draws per prompt.
+    """
+    fitted = [r for r in rows if r.get("matched")]
+    if not fitted:
+        return ""
+    lines = [
+        f"{row['alpha']:>5g} {row['name']:<20} {_num(row['tv'], 9, 3, 'g')} "
+        f"{_num(row['tokens_per_draw'], 9, 1)} {row['fit_tokens']:>10,} {row['fit_draws']:>6} "
+        f"{_num(row['total_tokens_per_draw'], 10, 1)}  {row['matched']['name']:<14}"
+        f"{_num(row['matched']['tv'], 9, 3, 'g')} {_num(row['matched']['tokens_per_draw'], 9, 1)} "
+        f"{_num(row['total_ratio'], 8, 2)} {format_break_even(row['break_even_draws_per_prompt']):>11}"
+        for row in fitted
+    ]
+    lines.append(
+        "total/draw = tok/draw + fit tokens ÷ draws; matched: the cheapest SIR from the local "
+        "product (no fit) whose exact TV is at most the row's (SMC has no exact TV: not "
+        "matched); break-even: draws per prompt after which the fit has paid for itself "
+        "against the match"
+    )
+    return _block(
+        "Total cost, fit included (model tokens; the fit spread over the draws made)",
+        f"{'α':>5} {'sampler':<20} {'TV':>9} {'tok/draw':>9} {'fit tokens':>10} {'draws':>6} "
+        f"{'total/draw':>10}  {'matched':<14}{'TV':>9} {'tok/draw':>9} {'÷ match':>8} "
+        f"{'break-even':>11}",
+        lines,
+    )
+
+
 def _family(name: str) -> str:
     """Series a row belongs to in the plot: SIR from q_loc, SIR from the GFlowNet, or itself."""
     if name.startswith("SIR(GFlowNet)"):
@@ -101,8 +136,14 @@ def _family(name: str) -> str:
     return name.split(" ")[0] if name.startswith(("SIR", "SMC")) else name
 
 
+def _total(row: dict[str, Any]) -> float:
+    """Model tokens per draw with the fit spread over the draws made (rows without: sampling)."""
+    return row.get("total_tokens_per_draw", row["tokens_per_draw"])
+
+
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    """Per α: exact TV and KL against model tokens per draw; SMC's |Δlog Z| in its own panel.
+    """Per α: exact TV and KL against model tokens per draw, fit included (a fitted sampler's
+    sampling cost alone is a hollow point joined to it); SMC's |Δlog Z| in its own panel.
 
     Real models (nothing enumerable): the ELBO gap of samplers with a density, one panel per α.
     """
@@ -125,21 +166,39 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         ax.set_yscale("log")
         ax.set_xlabel("model tokens per draw")
         if exact_world:
+            ax.set_xlabel(
+                "model tokens per draw\n(fitted samplers: ○ sampling only, ● fit spread over "
+                "the draws made)",
+                fontsize=8,
+            )
             exact = [r for r in block if r["measure"] in EXACT_MEASURES]
             families = list(dict.fromkeys(_family(r["name"]) for r in exact))
             for i, family in enumerate(families):
                 series = [r for r in exact if _family(r["name"]) == family]
-                series.sort(key=lambda r: r["tokens_per_draw"])
+                series.sort(key=_total)
                 colour = colours[i % len(colours)]
-                x = [r["tokens_per_draw"] for r in series]
+                x = [_total(r) for r in series]
                 ax.plot(x, [r["tv"] for r in series], "o-", color=colour, label=family)
                 positive = [(xi, r["kl"]) for xi, r in zip(x, series, strict=True) if r["kl"] > 0]
                 if positive:
                     ax.plot(*zip(*positive, strict=True), "s--", color=colour, mfc="none")
                 for r in series:
                     label = r["budget"] if r["name"].startswith("SIR") else ""
+                    if r.get("fit_tokens"):
+                        # The sampling cost alone, hollow, joined to the total it leaves out.
+                        ax.plot(
+                            [r["tokens_per_draw"], _total(r)],
+                            [r["tv"], r["tv"]],
+                            "o:",
+                            color=colour,
+                            mfc="none",
+                            markevery=[0],
+                        )
+                        if "matched" in r:
+                            even = format_break_even(r["break_even_draws_per_prompt"])
+                            label = f"{label} break-even {even} draws/prompt".strip()
                     if label:
-                        ax.annotate(label, (r["tokens_per_draw"], r["tv"]), fontsize=7)
+                        ax.annotate(label, (_total(r), r["tv"]), fontsize=7)
             ax.set_ylabel("exact error to the target (● TV, □ KL(target‖sampler))")
             ax.set_title(f"α = {alpha:g}: exact laws")
             ax.legend(fontsize=7)
@@ -160,7 +219,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
             ax2.set_xscale("log")
             ax2.set_yscale("log")
             ax2.set_xlim(ax.get_xlim())  # the same cost axis as the exact panel
-            ax2.set_xlabel("model tokens per draw")
+            ax2.set_xlabel("model tokens per draw (no fit)")
             ax2.set_ylabel("SMC: mean |log Ẑ − log Z| per run (± SE)")
             ax2.set_title(f"α = {alpha:g}: SMC (no computable law)")
         else:

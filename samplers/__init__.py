@@ -28,11 +28,13 @@ the model tokens it spent in ``stats["tokens"]``. Which to use:
 
 Rule of thumb: α = 1 → ArithmeticMixtureSampler; ESS/K of SIR with the local product above
 ~0.5 → ImportanceResampler with small K; otherwise SMCSampler, or train a GFlowNet and use it
-as the proposal.
+as the proposal. :func:`choose_sampler` makes that choice from a pilot, for a requested
+accuracy, comparing whole costs (a GFlowNet's fit included).
 """
 
 from samplers.ancestral import AncestralSampler, ArithmeticMixtureSampler
 from samplers.base import Sampler, Samples
+from samplers.choice import SamplerChoice, SamplerOption, choose_sampler
 from samplers.enumerated import ExactSampler
 from samplers.gflownet import GFlowNetSampler
 from samplers.importance import ImportanceResampler
@@ -47,8 +49,11 @@ __all__ = [
     "ImportanceResampler",
     "SMCSampler",
     "Sampler",
+    "SamplerChoice",
+    "SamplerOption",
     "Samples",
     "Twist",
     "TwistInputs",
+    "choose_sampler",
     "flow_twist",
 ]

@@ -86,8 +86,21 @@ class AlphaSpinConfig:
         'Opponent sampler: "exact" (α = 1: the arithmetic mixture sampled '
         'exactly), "ancestral" (y\' ~ π_t, the cheap baseline for α < 1), '
         '"importance" (SIR), "smc", "gflownet"; "auto" = "exact" when α = 1, else '
-        '"importance". A normalized π_ref (α = 1, or t = 0 where π_ref = π_0) is '
+        "chosen at each iteration from a pilot (samplers.choose_sampler): the local product, "
+        "SIR from it with the K the pilot says reaches auto_accuracy, or a GFlowNet when SIR "
+        "would need more than auto_max_candidates and the GFlowNet's total cost, fit included, "
+        "is lower. A normalized π_ref (α = 1, or t = 0 where π_ref = π_0) is "
         "always sampled exactly.",
+    )
+    auto_accuracy: float = option(
+        0.01,
+        'sampler="auto": the mean exact TV of one opponent draw to π_ref (over prompts) the '
+        "pilot's choice must reach.",
+    )
+    auto_max_candidates: int = option(
+        64,
+        'sampler="auto": above this K a GFlowNet is fitted and compared with SIR (fit '
+        "included); at or below it SIR from the local product is used without a fit.",
     )
     proposal: Literal["history", "local", "current"] = option(
         "history",
@@ -216,7 +229,11 @@ class AlphaSpinConfig:
             raise ValueError(f"warmup_ratio={self.warmup_ratio!r} must be in [0, 1)")
         if self.max_grad_norm is not None:
             _check_number(self, "max_grad_norm", 0.0, low_open=True)
+        _check_number(self, "auto_accuracy", 0.0, low_open=True, high=1.0)
+        if self.auto_accuracy == 1.0:
+            raise ValueError(f"auto_accuracy={self.auto_accuracy!r} must be in (0, 1)")
         for name in (
+            "auto_max_candidates",
             "num_candidates",
             "num_particles",
             "generation_chunk",
@@ -258,10 +275,11 @@ class AlphaSpinConfig:
             check_device(self.device, "device")
 
     def resolved_sampler(self) -> str:
-        """The sampler actually used for a geometric-mixture reference."""
+        """The sampler used for a geometric-mixture reference ("auto" at α < 1: the one a
+        pilot picks at each iteration, :func:`selfplay.opponents.opponent_sampler`)."""
         if self.sampler != "auto":
             return self.sampler
-        return "exact" if self.alpha in (0.0, 1.0) else "importance"
+        return "exact" if self.alpha in (0.0, 1.0) else "auto"
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as JSON values (the nested GFlowNet config as a dict, tuples as lists),

@@ -17,9 +17,11 @@ from gfn_spin.mixtures import ArithmeticMixture
 from gfn_spin.policy import Policy
 from samplers.ancestral import AncestralSampler, ArithmeticMixtureSampler
 from samplers.base import Sampler
+from samplers.choice import choose_sampler
 from samplers.gflownet import GFlowNetSampler
 from samplers.importance import ImportanceResampler
 from samplers.smc import SMCSampler
+from samplers.weighting import model_tokens
 from selfplay.config import AlphaSpinConfig, derive_seed
 from selfplay.reference import history_mixture
 
@@ -61,7 +63,10 @@ def opponent_sampler(
 
     "ancestral" draws from π_t (reference log-probs still come from π_ref), "importance"
     resamples K proposals (M_h, the local product or π_t), "smc" runs N particles from the
-    local product, "gflownet" fits a GFlowNet on ``fit_prompts`` first: from the weights of
+    local product, "auto" (α < 1) takes what :func:`samplers.choose_sampler` picks for
+    ``config.auto_accuracy`` from a pilot on ``fit_prompts`` (each sampled once), fitting the
+    GFlowNet below only when SIR would need more than ``config.auto_max_candidates``;
+    "gflownet" fits a GFlowNet on ``fit_prompts`` first: from the weights of
     ``warm_start_from`` (the previous iteration's GFlowNet, a sampler or a saved folder) for
     ``config.gflownet_warm_steps`` steps at ``config.gflownet_warm_learning_rate`` when
     ``config.gflownet_warm_start`` allows it (see
@@ -93,7 +98,11 @@ def opponent_sampler(
         )
     if kind == "smc":
         return SMCSampler(reference, config.num_particles, max_new_tokens=max_new_tokens)
-    if kind == "gflownet":
+    if kind not in ("gflownet", "auto"):
+        raise ValueError(f"sampler={kind!r} cannot sample a geometric-mixture reference")
+
+    def fitted() -> tuple[GFlowNetSampler, int]:
+        """The GFlowNet opponent, fitted (warm when possible) and saved; its fit's tokens."""
         gflownet = GFlowNetSampler(
             reference,
             iterates[-1],  # a LoRA iterate carries the GFlowNet's adapter stacked on its own
@@ -104,11 +113,41 @@ def opponent_sampler(
                 seed=derive_seed(config.seed, "gflownet", iteration),
             ),
         )
+        before = model_tokens(reference, gflownet.policy)
         fit_opponent_gflownet(config, gflownet, fit_prompts, warm_start_from)
         if save_to is not None:
             gflownet.save(save_to)
-        return gflownet
-    raise ValueError(f"sampler={kind!r} cannot sample a geometric-mixture reference")
+        return gflownet, model_tokens(reference, gflownet.policy) - before
+
+    if kind == "gflownet":
+        return fitted()[0]
+    # "auto": every prompt of the iteration is sampled once; a fit draws this many rollouts.
+    warm = config.gflownet_warm_start and warm_start_from is not None
+    steps = config.gflownet.steps
+    if warm and config.gflownet_warm_steps is not None:
+        steps = config.gflownet_warm_steps
+    rollouts = steps * config.gflownet.prompts_per_step * config.gflownet.samples_per_prompt
+    choice = choose_sampler(
+        reference,
+        list(fit_prompts),
+        accuracy=config.auto_accuracy,
+        draws_per_prompt=1,
+        max_new_tokens=max_new_tokens,
+        max_candidates=config.auto_max_candidates,
+        fit_gflownet=fitted,
+        fit_rollouts=rollouts,
+        generator=derive_seed(config.seed, "pilot", iteration),
+    )
+    logger.info(
+        "iteration %d: sampler auto chose %s (total %.1f model tokens per draw, fit included) "
+        "among %s; pilot %d tokens",
+        iteration,
+        choice.chosen.name,
+        choice.chosen.total_tokens_per_draw,
+        ", ".join(f"{o.name}: {o.total_tokens_per_draw:.1f}" for o in choice.options),
+        choice.pilot_tokens,
+    )
+    return choice.sampler
 
 
 def fit_opponent_gflownet(

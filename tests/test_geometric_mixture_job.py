@@ -10,7 +10,7 @@ import torch
 
 from experiments import evaluation, geometric_mixture
 from experiments.cli import build_parser, field_docs, parse_config
-from gfn_spin.exact import divergences, exact_distribution
+from gfn_spin.exact import divergences, exact_distribution, sir_output_law
 from gfn_spin.mixtures import GeometricMixture
 from tests.stats import tv_deviation_bound
 
@@ -93,6 +93,38 @@ def test_main_job_smoke(world, tmp_path, capsys):
     # The target is not trivial: π_t's exact TV to it exceeds how far the empirical TV of the
     # job's draws (8 per prompt) strays from its mean (McDiarmid, tests/stats.py).
     assert rows["ancestral π_t"]["tv"] > tv_deviation_bound(draws)
+    # Total cost, fit included: each fitted row pays its training record's fit (the one-pass
+    # form the GFlowNet's too), spread over the 2 × 8 draws it made; its match is SIR from the
+    # local product with the smallest K as exact, checked here on exact laws K − 1 and K; its
+    # break-even is where the running totals cross, n* = F / (P·(b − c)).
+    record = results["training"][0]
+    fits = {"GFlowNet": record["model_tokens"], "SIR(GFlowNet) K=2": record["model_tokens"]}
+    fits["GFlowNet one-pass"] = record["model_tokens"] + record["onepass"]["model_tokens"]
+    pairs = [
+        (
+            exact_distribution(target, prompt, world.max_new_tokens).logprobs,
+            exact_distribution(target.local_product(), prompt, world.max_new_tokens).logprobs,
+        )
+        for prompt in world.eval_prompts[:2]
+    ]
+
+    def sir_tv(k: int) -> float:
+        return sum(divergences(p, sir_output_law(q, p, k).logprobs)["tv"] for p, q in pairs) / 2
+
+    for name, fit in fits.items():
+        row = rows[name]
+        assert row["fit_tokens"] == fit > 0 and row["fit_draws"] == draws
+        assert row["total_tokens_per_draw"] == pytest.approx(row["tokens_per_draw"] + fit / draws)
+        k = row["matched"]["num_candidates"]
+        assert row["matched"]["tv"] == pytest.approx(sir_tv(k), abs=2e-6) and sir_tv(k) <= row["tv"]
+        assert k == 1 or sir_tv(k - 1) > row["tv"]
+        cost = row["matched"]["tokens_per_draw"]
+        assert row["total_ratio"] == pytest.approx(row["total_tokens_per_draw"] / cost)
+        saving = cost - row["tokens_per_draw"]
+        expected = fit / (2 * saving) if saving > 0 else None
+        assert row["break_even_draws_per_prompt"] == pytest.approx(expected)
+    assert rows["SIR K=4"]["fit_tokens"] == 0 and "matched" not in rows["SIR K=4"]
+    assert rows["SIR K=4"]["total_tokens_per_draw"] == rows["SIR K=4"]["tokens_per_draw"]
     assert results["world"] == ["shift_rule=symbol"]
     saved = json.loads((out / "results.json").read_text())
     assert saved["config"]["alphas"] == [0.5]
@@ -107,6 +139,7 @@ def test_main_job_smoke(world, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "SIR(GFlowNet) K=2" in printed and "SMC (no computable law)" in printed
     assert "relative precision" in printed
+    assert "Total cost, fit included" in printed and saved["cost_table"] in printed
 
 
 def test_every_flag_is_documented():

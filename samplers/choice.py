@@ -1,0 +1,256 @@
+"""Pick the cheapest sampler of a geometric mixture for a requested accuracy, from a pilot.
+
+For users who want draws at a given exactness and do not want to pay for a GFlowNet where SIR
+from the local product is enough, nor run SIR where it needs K in the hundreds.
+:func:`choose_sampler` measures, then compares whole costs (fit included, :mod:`samplers.costs`):
+
+1. **Pilot** (on up to ``pilot_prompts`` of the prompts): SIR from the local product with
+   ``pilot_draws`` candidates, one draw per prompt. Its weights give each prompt's ESS/N, so
+   ``χ² = N/ESS − 1`` (``χ²(target‖q_loc)``), and its tokens the cost of one candidate.
+2. **SIR's K** for the accuracy (the mean exact TV of one draw's law to the target, over
+   prompts), by :func:`sir_candidates_for`. K = 1 is the local product alone.
+3. **A GFlowNet**, when one is given, or fitted by ``fit_gflownet`` when SIR would need more
+   than ``max_candidates`` and a fit may pay: its ``fit_rollouts`` draws cost at least as many
+   local-product candidates, so a GFlowNet whose total is above SIR's even with that fit and
+   the local product's price per draw is never fitted. A pilot of
+   its own draws gives its χ² and tokens per draw; its TV is bounded by ``½·√χ²`` (or
+   ``√(KL/2)`` from a given ``gflownet_kl``, Pinsker); SIR with it as proposal gets its K by
+   the same rule. Their fit tokens are spread over ``len(prompts) × draws_per_prompt`` draws.
+4. The option that meets the accuracy at the fewest total tokens per draw wins; every option
+   compared comes back with its figures.
+
+**The rule for K** (:func:`sir_tv_bound`). SIR's output law is ``p_K(y) = K·q(y)·w(y)·
+E[1/(w(y) + S)]`` (``gfn_spin.exact.sir_output_law``), ``w = p/q`` with ``E_q[w] = 1`` and ``S``
+the sum of K − 1 weights. Expanding ``1/(w + S)`` around ``S ≈ K − 1`` gives
+``p_K(y)/p(y) = 1 + (m − w(y))/K + O(K⁻²)`` with ``m = E_p[w] = 1 + χ²``, so
+``TV(p_K, p) ≈ c/K`` with ``c = ½·E_p|w − m| = E_q[w·(m − w)⁺]``. From χ² alone:
+
+- ``E_q[w·(m − w)⁺] ≤ m·E_q[(m − w)⁺] = (m/2)·(E_q|w − m| + χ²) ≤ (m/2)·(√(χ²·m) + χ²)``
+  (Cauchy-Schwarz, ``E_q(w − m)² = χ²·m``): ``≈ ½·√χ²`` for a good proposal;
+- ``w·(m − w) ≤ m²/4`` and ``w·(m − w)⁺ ≤ m·w``: ``c ≤ m·min(1, m/4)`` for a poor one.
+
+The rule takes ``K = ⌈mean_prompts c(χ²) / accuracy⌉``, and K = 1 when the local product's own
+bound ``½·mean √χ²`` (``E_q|w − 1| ≤ √χ²``) meets the accuracy. On the tiny worlds ``K·TV(p_K)``
+rises toward ``c`` as K grows, so ``c/K`` bounds the exact TV at every K there. K is at most
+twice the smallest K that meets the accuracy once that K is in the first-order regime (K ≥ 16
+there), and up to 4× where ``K·TV(p_K)`` is still far below ``c`` (a few candidates on the
+stress world at α = 0.5); ``tests/test_choice.py`` checks both against SIR's exact law. The
+pilot's χ² comes from
+``pilot_draws`` weights per prompt: where weights are heavy-tailed it is an underestimate, and
+so is K; raise ``pilot_draws`` there.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from gfn_spin.density import Density, PromptLike
+from samplers.ancestral import AncestralSampler
+from samplers.base import Sampler
+from samplers.costs import total_tokens_per_draw
+from samplers.gflownet import GFlowNetSampler
+from samplers.importance import ImportanceResampler
+
+
+def sir_tv_bound(chi_square: torch.Tensor) -> torch.Tensor:
+    """Per prompt, the bound ``c(χ²)`` on ``lim K·TV(p_K, p)`` of SIR (module docstring).
+
+    ``chi_square``: ``[P]`` ``χ²(target‖proposal) = 1/(ESS/N) − 1``. Returns ``[P]`` float64.
+    """
+    chi = chi_square.double().clamp(min=0.0)
+    m = 1.0 + chi
+    return torch.minimum(0.5 * m * (torch.sqrt(chi * m) + chi), m * torch.clamp(m / 4, max=1.0))
+
+
+def sir_candidates_for(ess_fraction: torch.Tensor, accuracy: float) -> tuple[int, float]:
+    """The K of SIR whose mean TV over prompts the rule bounds by ``accuracy``, and that bound.
+
+    ``ess_fraction``: ``[P]`` ESS/N of the proposal's importance weights, one per prompt. K = 1
+    (the proposal alone) when ``½·mean √χ²`` meets ``accuracy``; otherwise
+    ``⌈mean c(χ²) / accuracy⌉`` (:func:`sir_tv_bound`).
+    """
+    if not 0.0 < accuracy < 1.0:
+        raise ValueError(f"accuracy={accuracy} must be in (0, 1): a mean TV to reach")
+    if ess_fraction.numel() == 0 or bool((ess_fraction <= 0).any()):
+        raise ValueError("ess_fraction must be positive for every prompt (no pilot weight was)")
+    chi = 1.0 / ess_fraction.double() - 1.0
+    alone = 0.5 * float(chi.clamp(min=0.0).sqrt().mean())
+    if alone <= accuracy:
+        return 1, alone
+    coefficient = float(sir_tv_bound(chi).mean())
+    k = max(2, math.ceil(coefficient / accuracy))
+    return k, coefficient / k
+
+
+@dataclass(frozen=True)
+class SamplerOption:
+    """One sampler :func:`choose_sampler` compared, with what its pilot measured.
+
+    Attributes:
+        name: "local product", "SIR K=<k>", "GFlowNet" or "SIR(GFlowNet) K=<k>".
+        predicted_tv: the pilot's bound on the mean exact TV of one draw to the target.
+        tokens_per_draw: model tokens per draw to sample (measured on the pilot; SIR(GFlowNet):
+            K × (a GFlowNet draw + a local-product candidate, the scoring pass's price)).
+        fit_tokens: model tokens of the fit it needs (0 without one).
+        total_tokens_per_draw: ``tokens_per_draw`` plus the fit spread over the draws asked for.
+        meets_accuracy: ``predicted_tv`` is at most the accuracy asked for.
+    """
+
+    name: str
+    predicted_tv: float
+    tokens_per_draw: float
+    fit_tokens: int
+    total_tokens_per_draw: float
+    meets_accuracy: bool
+
+
+@dataclass
+class SamplerChoice:
+    """What :func:`choose_sampler` picked and why.
+
+    Attributes:
+        sampler: the chosen sampler, ready to ``sample``.
+        chosen: its :class:`SamplerOption`.
+        options: every option compared, cheapest total first among those meeting the accuracy.
+        ess_fraction: ``[P']`` the local product's ESS/N on each pilot prompt.
+        pilot_tokens: model tokens the pilots spent (not in any option's totals: every option
+            paid them).
+        notes: what the choice did beyond the pilot (a GFlowNet fitted for it).
+    """
+
+    sampler: Sampler
+    chosen: SamplerOption
+    options: list[SamplerOption]
+    ess_fraction: torch.Tensor
+    pilot_tokens: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def pilot_subset(prompts: Sequence[PromptLike], size: int) -> list[PromptLike]:
+    """``size`` prompts spread evenly over ``prompts`` (all of them when there are fewer)."""
+    if len(prompts) <= size:
+        return list(prompts)
+    return [prompts[i * len(prompts) // size] for i in range(size)]
+
+
+def choose_sampler(
+    target: Density,
+    prompts: Sequence[PromptLike],
+    *,
+    accuracy: float,
+    draws_per_prompt: int,
+    max_new_tokens: int,
+    pilot_prompts: int = 16,
+    pilot_draws: int = 16,
+    max_candidates: int = 64,
+    gflownet: GFlowNetSampler | None = None,
+    gflownet_fit_tokens: int = 0,
+    gflownet_kl: float | None = None,
+    fit_gflownet: Callable[[], tuple[GFlowNetSampler, int]] | None = None,
+    fit_rollouts: int = 0,
+    generator: torch.Generator | int | None = None,
+) -> SamplerChoice:
+    """The cheapest sampler of ``target`` whose pilot says it reaches ``accuracy`` (module docstring).
+
+    Args:
+        target: a geometric mixture (its local product is the baseline proposal).
+        prompts: the prompts the sampler will serve; pilots run on ``pilot_prompts`` of them.
+        accuracy: the mean exact TV of one draw's law to the target, over prompts, wanted.
+        draws_per_prompt: draws the caller will make per prompt: a fit is spread over
+            ``len(prompts) × draws_per_prompt`` draws.
+        max_new_tokens: the length cap L.
+        pilot_prompts, pilot_draws: the pilot's size (weights per prompt: ``pilot_draws``).
+        max_candidates: above this K, SIR is "in the hundreds": ``fit_gflownet`` is tried.
+        gflownet: an already fitted GFlowNet to compare, with its ``gflownet_fit_tokens``.
+        gflownet_kl: an exact or estimated KL between the target and the GFlowNet's law (either
+            direction; it bounds the TV by Pinsker); None: bounded from its pilot's χ².
+        fit_gflownet: called (at most once, only when SIR needs more than ``max_candidates``
+            and a fit may pay) to fit a GFlowNet; returns it and its fit's model tokens.
+        fit_rollouts: responses that fit draws (steps × prompts per step × samples per
+            prompt; 0: unknown), each priced at least one local-product candidate.
+        generator: seed or generator of the pilots.
+    """
+    if draws_per_prompt < 1:
+        raise ValueError(f"draws_per_prompt={draws_per_prompt} must be >= 1")
+    if pilot_draws < 2 or pilot_prompts < 1:
+        raise ValueError(
+            f"pilot_draws={pilot_draws} must be >= 2 and pilot_prompts={pilot_prompts} >= 1"
+        )
+    local_product = getattr(target, "local_product", None)
+    if local_product is None:
+        raise ValueError("choose_sampler needs a GeometricMixture target (its local product)")
+    local = local_product()
+    subset = pilot_subset(prompts, pilot_prompts)
+    draws = len(prompts) * draws_per_prompt
+    cap = {"max_new_tokens": max_new_tokens}
+
+    pilot = ImportanceResampler(target, local, pilot_draws, **cap).sample(
+        subset, 1, generator=generator
+    )
+    ess = pilot.stats.ess_fraction.double().cpu()
+    per_candidate = pilot.stats.tokens / (len(subset) * pilot_draws)
+    pilot_tokens = pilot.stats.tokens
+    options: list[tuple[SamplerOption, Callable[[], Sampler]]] = []
+
+    def add(name: str, tv: float, tokens: float, fit: int, build: Callable[[], Sampler]) -> None:
+        total = total_tokens_per_draw(tokens, fit, draws)
+        options.append((SamplerOption(name, tv, tokens, fit, total, tv <= accuracy), build))
+
+    k, bound = sir_candidates_for(ess, accuracy)
+    if k == 1:
+        add(
+            "local product",
+            bound,
+            per_candidate,
+            0,
+            lambda: AncestralSampler(local, target=target, **cap),
+        )
+    else:
+        add(
+            f"SIR K={k}",
+            bound,
+            k * per_candidate,
+            0,
+            lambda: ImportanceResampler(target, local, k, **cap),
+        )
+    sir_total = options[-1][0].total_tokens_per_draw
+    notes = []
+    may_pay = total_tokens_per_draw(per_candidate, fit_rollouts * per_candidate, draws) < sir_total
+    if gflownet is None and fit_gflownet is not None and k > max_candidates and may_pay:
+        gflownet, gflownet_fit_tokens = fit_gflownet()
+        notes.append(f"fitted a GFlowNet ({gflownet_fit_tokens:,} model tokens)")
+    if gflownet is not None:
+        own = gflownet.sample(subset, pilot_draws, generator=generator)
+        pilot_tokens += own.stats.tokens
+        gfn_ess = own.stats.ess_fraction.double().cpu()
+        gfn_tokens = own.stats.tokens / (len(subset) * pilot_draws)
+        chi = 1.0 / gfn_ess - 1.0
+        tv = (
+            math.sqrt(gflownet_kl / 2)
+            if gflownet_kl is not None
+            else 0.5 * float(chi.clamp(min=0.0).sqrt().mean())
+        )
+        add("GFlowNet", tv, gfn_tokens, gflownet_fit_tokens, lambda: gflownet)
+        k_gfn, bound_gfn = sir_candidates_for(gfn_ess, accuracy)
+        if k_gfn > 1:
+            add(
+                f"SIR(GFlowNet) K={k_gfn}",
+                bound_gfn,
+                k_gfn * (gfn_tokens + per_candidate),
+                gflownet_fit_tokens,
+                lambda: ImportanceResampler(target, gflownet.policy, k_gfn, **cap),
+            )
+    options.sort(key=lambda item: (not item[0].meets_accuracy, item[0].total_tokens_per_draw))
+    chosen, build = options[0]
+    return SamplerChoice(
+        sampler=build(),
+        chosen=chosen,
+        options=[option for option, _ in options],
+        ess_fraction=ess,
+        pilot_tokens=pilot_tokens,
+        notes=notes,
+    )
