@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import torch
 
 from experiments.ablation import AblationConfig, Setup, gfn_config, run_studies
+from experiments.cli import run_command
 from experiments.evaluation import Entry, enumerate_components, evaluate_exact
 from gfn_spin.exact import ExactDistribution, exact_distribution
 from gfn_spin.mixtures import GeometricMixture
@@ -171,4 +172,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -53,7 +53,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from experiments.cli import parse_config
+from experiments.cli import parse_config, run_command
 from experiments.common import (
     check_alphas,
     output_set,
@@ -514,4 +514,4 @@ def _run(
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

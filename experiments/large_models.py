@@ -20,6 +20,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from experiments.ablation import AblationConfig, Setup, gfn_config, run_studies
+from experiments.cli import run_command
 from gfn_spin.mixtures import GeometricMixture
 from gfn_spin.policy import Policy
 from gfn_spin.samples import Samples
@@ -261,4 +262,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

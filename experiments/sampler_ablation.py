@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 from experiments.ablation import Study, run_studies
 from experiments.amortization import AmortizationConfig, amortization
+from experiments.cli import run_command
 from experiments.large_models import LargeConfig, large_setting
 from experiments.sampler_sweep import SweepConfig, sweep
 from experiments.torchgfn_baseline import TorchgfnConfig, torchgfn_comparison
@@ -77,4 +78,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from experiments.ablation import AblationConfig, Setup, base_setting, gfn_config, run_studies
+from experiments.cli import run_command
 from experiments.evaluation import Entry, evaluate_exact
 from gfn_spin.mixtures import GeometricMixture
 from samplers import ImportanceResampler, SMCSampler
@@ -170,4 +171,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from experiments.ablation import AblationConfig, Setup, gfn_config, run_studies
+from experiments.cli import run_command
 from gfn_spin.exact import divergences, exact_distribution, response_alphabet
 from gfn_spin.mixtures import GeometricMixture
 from samplers.gflownet import GFlowNetSampler
@@ -265,4 +266,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -8,7 +8,8 @@ for ``checkpoint_dir``, and self-play's run directory can share it. What it guar
   folder of another tool, is refused before anything is written, so no user file is touched;
 - a checkpoint ``step_NNNNNNN/`` appears complete under its final name or not at all (written
   to a temporary sibling, then renamed); older ones are removed only once a newer one exists,
-  and only folders named as this module names them;
+  and only folders named as this module names them, and of those only the files a save
+  wrote (a user's file in a checkpoint folder stays, with its folder);
 - a resume is checked against the job's identity (the settings that shape its trajectory):
   :func:`identity_differences` names every setting that differs, and
   :meth:`CheckpointDirectory.check_identity` refuses with them.
@@ -18,14 +19,18 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from filelock import FileLock
 
-from gfn_spin.io import atomic_directory, claim_run_directory
+from gfn_spin.io import (
+    atomic_directory,
+    claim_run_directory,
+    is_complete_directory,
+    remove_owned,
+)
 
 _CHECKPOINT = re.compile(r"step_(\d{7,})")
 
@@ -118,11 +123,11 @@ class CheckpointDirectory:
             write(tmp)
         complete = [p for p in checkpoints(self.root) if p != final and self._complete(p)]
         for old in sorted(complete, key=_step, reverse=True)[self.keep - 1 :]:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_owned(old)
         return final
 
     def _complete(self, path: Path) -> bool:
-        return all((path / name).is_file() for name in self.required)
+        return _complete(path, self.required)
 
     def check_identity(
         self,
@@ -164,8 +169,13 @@ def checkpoints(root: str | os.PathLike) -> list[Path]:
 
 def latest_checkpoint(root: str | os.PathLike, required: Sequence[str] = ()) -> Path | None:
     """The checkpoint of ``root`` with the highest step that holds every ``required`` file."""
-    found = [p for p in checkpoints(root) if all((p / name).is_file() for name in required)]
+    found = [p for p in checkpoints(root) if _complete(p, required)]
     return max(found, key=_step) if found else None
+
+
+def _complete(path: Path, required: Sequence[str]) -> bool:
+    """Every required file is there, and no save into the folder was cut short."""
+    return all((path / name).is_file() for name in required) and is_complete_directory(path)
 
 
 def _step(path: Path) -> int:

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
-from gfn_spin.data import first_problems
+from gfn_spin.data import first_problems, is_blank
 from gfn_spin.io import atomic_path
 
 #: File suffixes ``datasets`` loads by builder name.
@@ -112,7 +112,7 @@ def _check_fields(prompts: Sequence[Any], responses: Sequence[Any]) -> None:
     for row, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
         if not isinstance(prompt, str):
             bad.append(f"row {row}: prompt is {prompt!r:.60} ({type(prompt).__name__})")
-        elif not prompt.strip():
+        elif is_blank(prompt):
             bad.append(f"row {row}: prompt is empty")
         if not isinstance(response, str):
             bad.append(f"row {row}: response is {response!r:.60} ({type(response).__name__})")

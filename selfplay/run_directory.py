@@ -26,6 +26,7 @@ from gfn_spin.io import (
     claim_run_directory,
     is_temporary_of,
     make_directory,
+    remove_owned,
     write_json_atomic,
 )
 from selfplay.iterates import iterate_name
@@ -173,7 +174,7 @@ class RunDirectory:
         an ``iter_N`` folder inside ``iterates/``.
         """
 
-        def remove(entry: Path) -> None:
+        def remove(entry: Path) -> None:  # a temporary of this run's own writers
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
             else:
@@ -198,7 +199,7 @@ class RunDirectory:
                     continue  # not a name this run writes: leave it alone
                 if entry.name == final:
                     if f"train_{final}" not in self.manifest["done"]:
-                        remove(entry)
+                        remove_owned(entry)  # the iterate's files; a user's file there stays
                 elif is_temporary_of(entry.name, final):
                     remove(entry)
         opponents = self.root / "opponents"
