@@ -67,6 +67,7 @@ from experiments.common import (
 from experiments.evaluation import (
     Entry,
     EvaluationConfig,
+    claim_checkpoint_root,
     enumerate_components,
     evaluate_estimated,
     evaluate_exact,
@@ -79,6 +80,8 @@ from gfn_spin.policy import Policy
 from samplers import AncestralSampler, ImportanceResampler, SMCSampler
 from samplers.gflownet import GFlowNetConfig, GFlowNetSampler
 
+#: The length cap L on real models when --max-new-tokens is not given.
+REAL_MODEL_CAP = 32
 DEFAULT_PROMPTS = ("a b", "c d a", "b b c d", "d a")
 WORLD_PRESETS: dict[str, tuple[str, ...]] = {
     "overlap": ("shift_rule=style", "sft_examples=8192"),
@@ -189,9 +192,9 @@ class GeometricMixtureConfig(EvaluationConfig):
             "Real models only: a text file of prompts, one per line (the last quarter is held out)."
         ),
     )
-    max_new_tokens: int = field(
-        default=32,
-        metadata=_help("Real models only: the length cap L (the tiny world's cap is 7)."),
+    max_new_tokens: int | None = field(
+        default=None,
+        metadata=_help("Real models only: the length cap L (default 32; the tiny world's is 7)."),
     )
     num_eval_prompts: int = field(
         default=16, metadata=_help("Held-out prompts evaluated (at most the world's 16).")
@@ -263,7 +266,6 @@ class GeometricMixtureConfig(EvaluationConfig):
         for name in (
             "draws",
             "num_eval_prompts",
-            "max_new_tokens",
             "gfn_sir_candidates",
             "smc_runs",
         ):
@@ -275,6 +277,19 @@ class GeometricMixtureConfig(EvaluationConfig):
             raise ValueError("give both --model and --base (real models), or neither (tiny world)")
         if self.model is not None and self.world:
             raise ValueError("--world sets up the tiny world; it does not apply with --model")
+        if self.model is None:
+            # Settings of real models would be recorded in results.json yet never used.
+            for flag, value in (
+                ("prompts-file", self.prompts_file),
+                ("max-new-tokens", self.max_new_tokens),
+            ):
+                if value is not None:
+                    raise ValueError(
+                        f"--{flag} applies to real models (--model and --base); the tiny world "
+                        "has its own prompts and length cap: drop it, or give --model and --base"
+                    )
+        elif self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
         if self.smc_max_runs < self.smc_runs:
             raise ValueError(
                 f"smc_max_runs={self.smc_max_runs} must be >= smc_runs={self.smc_runs}"
@@ -393,7 +408,8 @@ def _load_models(config: GeometricMixtureConfig, device: torch.device, logger: A
     else:
         prompts = list(DEFAULT_PROMPTS)
     train, evaluation = split_train_eval(prompts)
-    return None, base, model, train, evaluation[: config.num_eval_prompts], config.max_new_tokens
+    cap = REAL_MODEL_CAP if config.max_new_tokens is None else config.max_new_tokens
+    return None, base, model, train, evaluation[: config.num_eval_prompts], cap
 
 
 def fit_gflownets(
@@ -442,6 +458,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if config.prompts_file is not None:
         read_prompts_file(config.prompts_file)  # a missing or too-short file fails before work
     root = prepare_output_dir(config.output_dir)
+    if config.checkpoint_dir is not None:
+        claim_checkpoint_root(config.checkpoint_dir)  # refused before any work, not at the fit
     # Every output of this run is published together; an older run's never sits beside them.
     with output_set(root) as output_dir:
         logger = setup_logging(output_dir, "experiments.geometric_mixture", append=False)

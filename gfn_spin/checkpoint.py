@@ -17,6 +17,7 @@ for ``checkpoint_dir``, and self-play's run directory can share it. What it guar
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -171,6 +172,48 @@ def latest_checkpoint(root: str | os.PathLike, required: Sequence[str] = ()) -> 
     """The checkpoint of ``root`` with the highest step that holds every ``required`` file."""
     found = [p for p in checkpoints(root) if _complete(p, required)]
     return max(found, key=_step) if found else None
+
+
+def checkpoint_step(path: str | os.PathLike) -> int:
+    """The step a checkpoint folder was taken at, from its name (``step_0000002`` → 2)."""
+    return _step(Path(path))
+
+
+def read_step_log(path: str | os.PathLike) -> tuple[int, list[dict[str, Any]]]:
+    """``(step, metrics)`` of a checkpoint's metrics file (``{"step": N, "metrics": [...]}``).
+
+    For a resume, which restarts the step counter from it: the step must be the one the
+    checkpoint folder is named after (the file is the only thing that could say otherwise,
+    and a step no checkpoint backs would skip training it never did).
+
+    Raises:
+        ValueError: the file is not JSON of that shape, or its step differs from the folder's;
+            the message names the file and the fix.
+    """
+    path = Path(path)
+    expected = checkpoint_step(path.parent)
+    try:
+        log = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(log, dict):
+            raise ValueError(f"it holds a JSON {type(log).__name__}, not an object")
+        step, metrics = log.get("step"), log.get("metrics")
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise ValueError(f"step is {step!r}, not an integer")
+        if not isinstance(metrics, list) or not all(isinstance(m, dict) for m in metrics):
+            raise ValueError("metrics is not a list of records")
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"{str(path)!r} is corrupted ({' '.join(str(error).split())[:200]}); delete the "
+            "checkpoint folder that holds it (the fit then resumes from an earlier one or "
+            "from scratch)"
+        ) from error
+    if step != expected:
+        raise ValueError(
+            f"{str(path)!r} says step {step}, but it is in the checkpoint of step {expected} "
+            f"({path.parent.name}); no checkpoint backs step {step}, so the file was edited: "
+            "delete that checkpoint folder, or restore the file"
+        )
+    return step, metrics
 
 
 def _complete(path: Path, required: Sequence[str]) -> bool:
