@@ -105,6 +105,10 @@ def lora_target_modules(model: torch.nn.Module, output_layer: bool) -> str | lis
     return sorted(names)
 
 
+#: The longest adapter name (peft saves an adapter into a folder of its name).
+MAX_ADAPTER_NAME = 100
+
+
 def check_adapter_name(name: object) -> str:
     """Refuse an adapter name that is not a plain identifier (letters, digits, ``_``).
 
@@ -116,6 +120,11 @@ def check_adapter_name(name: object) -> str:
         raise ValueError(
             f"adapter name {name!r} is not a plain identifier (letters, digits and _, not "
             "starting with a digit); a name is not a path: name the adapter like 'iter_1'"
+        )
+    if len(name) > MAX_ADAPTER_NAME:  # it becomes a folder name when saved
+        raise ValueError(
+            f"adapter name {name[:20]!r}... has {len(name)} characters; use at most "
+            f"{MAX_ADAPTER_NAME}"
         )
     return name
 

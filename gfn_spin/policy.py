@@ -61,6 +61,13 @@ def check_saved_adapter(path: str | os.PathLike, argument: str = "adapter") -> N
         if not weights.is_file():
             return
     tensors = _read_adapter_weights(weights)
+    if not tensors or not all(t.is_floating_point() for t in tensors.values()):
+        kinds = sorted({str(t.dtype) for t in tensors.values()})
+        raise ValueError(
+            f"{str(weights)!r} holds no LoRA weights ({len(tensors)} tensors of {kinds or 'no'} "
+            "dtype); loading it would leave the adapter at its initial, untrained values: "
+            "give the adapter saved for this model"
+        )
     bad = [
         name
         for name, tensor in tensors.items()

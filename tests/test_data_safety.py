@@ -105,14 +105,28 @@ def test_an_adapter_name_that_is_a_path_is_refused(world, tmp_path):
     (user / "adapter_config.json").write_text('{"mine": true}')
     files["adapter_config.json"] = b'{"mine": true}'
     policy = world.load_policy("base", device="cpu", dtype=torch.float32)
-    for name in (str(user), "../user", "a/b", "", "1x"):
-        with pytest.raises(ValueError, match="not a plain identifier"):
+    for name in (str(user), "../user", "a/b", "", "1x", "x" * 101):
+        with pytest.raises(ValueError, match="not a plain identifier|characters; use at most"):
             policy.add_adapter(name)
     with pytest.raises(ValueError, match="not a plain identifier"):
         policy.load_adapter(tmp_path, str(user))
     with pytest.raises(ValueError, match="not a plain identifier"):
         GFlowNetConfig(adapter_name=str(user))
     assert _kept(user, files) and sorted(p.name for p in user.iterdir()) == sorted(["adapter_config.json", "data", "draft.tmp", "notes.txt"])  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["no tensors", "integer tensors"])
+def test_an_adapter_file_without_lora_weights_is_refused(world, tmp_path, kind):
+    """Found by the fuzz pass: peft loads such a file and leaves the adapter untrained."""
+    policy = world.load_policy("base", device="cpu", dtype=torch.float32)
+    policy.add_adapter("x").save_pretrained(tmp_path / "adapter")
+    folder = next((tmp_path / "adapter").rglob("adapter_config.json")).parent
+    weights = folder / "adapter_model.safetensors"
+    tensors = {k: v.long() for k, v in load_file(weights).items()} if kind != "no tensors" else {}
+    save_file(tensors, weights)
+    fresh = world.load_policy("base", device="cpu", dtype=torch.float32)
+    with pytest.raises(ValueError, match="holds no LoRA weights"):
+        fresh.load_adapter(folder, "x")
 
 
 def test_the_main_jobs_checkpoint_dir_follows_the_rule_of_fit(world, tmp_path):
