@@ -825,14 +825,9 @@ def cli_cases() -> list[Case]:
         for k, v in geo_bad.items()
     ]
     spin = [
-        "--output-dir",
-        "{F}/run",
-        "--max-examples",
-        "32",
-        "--batch-size",
-        "16",
-        "--no-progress",
-    ]  # noqa: E501
+        *("--output-dir", "{F}/run", "--max-examples", "32", "--batch-size", "16"),
+        *("--no-progress", "--iterations", "1", "--gflownet.steps", "2"),
+    ]
     spin_bad = {
         "learning-rate inf": ["--learning-rate", "inf"],
         "beta nan": ["--beta", "nan"],
