@@ -258,18 +258,25 @@ class RunDirectory:
                 f"output_dir={str(self.root)!r} has a corrupted {MANIFEST} ({CONTENT_HASHES} is "
                 "not an object); delete the run directory to start over, or choose a new output_dir"
             )
+        for step in self.manifest["done"]:
+            path = self._written_by(step)
+            if path is not None and not path.exists():
+                raise ValueError(
+                    f"output_dir={str(self.root)!r}: {MANIFEST} lists step {step} as done, but "
+                    f"{path.relative_to(self.root)} is missing (removed, or the manifest was "
+                    "edited). Restore it, or start the run afresh in a new output_dir"
+                )
         for step, recorded in sorted(hashes.items()):
             path = self._written_by(step)
             if path is None or step not in self.manifest["done"]:
                 continue
-            now = content_sha256(path) if path.exists() else None
+            now = content_sha256(path)
             if now != recorded:
-                found = "is missing" if now is None else f"has sha256 {now[:12]}…"
                 raise ValueError(
                     f"output_dir={str(self.root)!r}: {path.relative_to(self.root)} differs from "
                     f"what the run wrote at step {step} (sha256 {str(recorded)[:12]}…; it now "
-                    f"{found}): it was edited, replaced or removed since. Restore it, or start "
-                    "the run afresh in a new output_dir"
+                    f"has sha256 {now[:12]}…): it was edited or replaced since. Restore it, or "
+                    "start the run afresh in a new output_dir"
                 )
 
     def done(self, step: str) -> bool:

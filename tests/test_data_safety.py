@@ -157,6 +157,9 @@ def test_an_iterate_edited_after_the_run_wrote_it_is_refused_on_resume(world, tm
     (tmp_path / "run" / "data" / "iteration_0.parquet").write_bytes(b"PAR1")
     with pytest.raises(ValueError, match=r"data/iteration_0.parquet differs from what the run"):
         AlphaSpinTrainer(longer, world=world, evaluate=lambda p: {}).train()
+    (tmp_path / "run" / "data" / "iteration_0.parquet").unlink()
+    with pytest.raises(ValueError, match=r"step data_0 as done, but data/iteration_0.parquet is missing"):  # fmt: skip
+        AlphaSpinTrainer(longer, world=world, evaluate=lambda p: {}).train()
 
 
 @pytest.mark.parametrize("split", ["test", "bogus"])
