@@ -87,11 +87,16 @@ class Case:
     user_dir: str = "."  # where the user's files sit, relative to the case folder
 
 
-def _plant(folder: Path) -> dict[str, str]:
+#: Every user file planted in the running case (path, text): checked after the case.
+_PLANTED: list[tuple[Path, str]] = []
+
+
+def _plant(folder: Path) -> None:
+    """Put a user's files into ``folder`` (also inside folders the toolkit writes)."""
     for name, text in USER_FILES.items():
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_text(text)
-    return dict(USER_FILES)
+        _PLANTED.append((folder / name, text))
 
 
 def _clear(message: str) -> bool:
@@ -102,7 +107,8 @@ def classify(case: Case, root: Path) -> tuple[str, str]:
     folder = Path(tempfile.mkdtemp(dir=root, prefix="case_"))
     user = folder / case.user_dir
     user.mkdir(parents=True, exist_ok=True)
-    planted = _plant(user)
+    _PLANTED.clear()
+    _plant(user)
     marker = folder / "PWNED"
     os.environ["FUZZ_MARKER"] = str(marker)
     err = io.StringIO()
@@ -143,7 +149,7 @@ def classify(case: Case, root: Path) -> tuple[str, str]:
     except Exception as error:  # noqa: BLE001 -- what the fuzz pass looks for
         outcome, detail = "raw traceback", f"{type(error).__name__}: {str(error)[:160]}"
     lost = [
-        n for n, t in planted.items() if not (user / n).is_file() or (user / n).read_text() != t
+        str(p.relative_to(folder)) for p, t in _PLANTED if not p.is_file() or p.read_text() != t
     ]
     if lost:
         outcome, detail = "data loss", f"lost {lost}"
@@ -475,6 +481,8 @@ def checkpoint_cases() -> list[Case]:
             def resume(folder: Path, damage=damage, parametrization=parametrization):
                 step = fitted(folder, parametrization=parametrization)
                 damage(step)
+                _plant(folder / "ck")
+                _plant(step)
                 sampler = gflownet(parametrization=parametrization)
                 sampler.fit(
                     world().train_prompts[:4],
@@ -490,14 +498,12 @@ def checkpoint_cases() -> list[Case]:
                 # it resumed and never touched files outside the folder.
                 return sampler.state.step == 3 and finite_weights(sampler)
 
-            ok = label in ("marker points outside", "marker garbage", "metrics step -1") and False
             check = (
                 resumed_right
                 if label in ("marker points outside", "marker garbage", "marker unfinished")
                 else None
             )  # noqa: E501
-            cases.append(Case(f"resume {parametrization} {label}", resume, check, user_dir="ck"))
-            del ok
+            cases.append(Case(f"resume {parametrization} {label}", resume, check))
 
             def load(folder: Path, damage=damage, parametrization=parametrization):
                 step = fitted(folder, parametrization=parametrization)

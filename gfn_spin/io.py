@@ -167,6 +167,20 @@ def dataclass_from_dict(cls: type[T], values: dict[str, Any]) -> T:
     return cls(**values)
 
 
+def settings_as_applied(config: Any) -> dict[str, Any]:
+    """A config dataclass as a dict of the settings it applies, for the records a run writes
+    (a manifest, results.json): the fields of a nested config that the owner sets itself
+    (listed in the nested field's ``metadata["derived"]``, such as a GFlowNet's length cap,
+    adapter name and seed) are left out, so that no record shows a value that was not used."""
+    values = dataclasses.asdict(config)
+    for field in dataclasses.fields(config):
+        nested = values.get(field.name)
+        for name in field.metadata.get("derived", ()):
+            if isinstance(nested, dict):
+                nested.pop(name, None)
+    return values
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary file path; on success it is renamed to ``path`` (replacing it)."""
