@@ -241,7 +241,7 @@ def test_a_refused_resume_names_only_the_differing_fields(world, tmp_path):
     [
         ("empty.jsonl", b"", "is an empty file"),
         ("cut.jsonl", b'{"prompt": "a", "response": "b"}\n{"prompt": "a", "resp', "could not be read"),
-        ("latin1.csv", "prompt,response\nd\xe9j\xe0,vu\n".encode("latin-1"), "could not be read"),
+        ("latin1.csv", "prompt,response\nd\xe9j\xe0,vu\n".encode("latin-1"), "is not UTF-8 text"),
         ("columnar.json", b'{"prompt": ["a", "b"], "response": ["c", "d"]}', r"row 0: prompt is \['a', 'b'\]"),
         ("types.jsonl", b'{"prompt": 1, "response": 2}\n', r"row 0: prompt is 1 \(int\)"),
     ],
