@@ -166,7 +166,7 @@ _WORLD: dict[str, Any] = {}
 
 def world():
     if "w" not in _WORLD:
-        from gfn_spin.toyworld import build_world
+        from worlds.toy import build_world
 
         _WORLD["w"] = build_world()
     return _WORLD["w"]
@@ -634,7 +634,7 @@ def fit_cases() -> list[Case]:
 
 
 def data_cases() -> list[Case]:
-    from selfplay.data import load_pairs
+    from selfplay.pairs import load_pairs
 
     def rows(text: str | bytes, suffix: str = ".jsonl", split: str = "train"):
         def run(folder: Path):

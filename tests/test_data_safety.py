@@ -28,7 +28,7 @@ from gfn_spin.data import UnknownTokenWarning
 from samplers import AncestralSampler, GFlowNetSampler
 from samplers.gflownet import GFlowNetConfig
 from selfplay import AlphaSpinConfig, AlphaSpinTrainer
-from selfplay.data import load_pairs
+from selfplay.pairs import load_pairs
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {"max_new_tokens": 7, "prompts_per_step": 2, "samples_per_prompt": 2, "warmup_steps": 1}
