@@ -8,7 +8,8 @@ creation proves that code ran); its outcome is classified as one of :data:`OUTCO
 
 - clear early error: a ValueError/TypeError/OSError-family refusal (or argparse's usage
   error) whose message is the toolkit's own, raised before any training work;
-- correct: the call succeeded and its result passed the case's check;
+- correct: the call succeeded and its result passed the case's check, or a fit that
+  diverged stopped with a FloatingPointError naming the step;
 - silent-wrong: it succeeded but the check failed (a setting ignored, NaN weights saved);
 - raw traceback: another exception type, or a library's message passed through;
 - late refusal: a refusal of something knowable up front, after training work started;
@@ -144,6 +145,8 @@ def classify(case: Case, root: Path) -> tuple[str, str]:
             outcome, detail = "raw traceback", f"{type(error).__name__}: {message[:160]}"
         elif case.worked is not None and case.worked(folder):
             outcome, detail = "late refusal", message[:160]
+        elif isinstance(error, FloatingPointError):
+            outcome, detail = "correct", f"stopped: {message[:150]}"  # divergence, step named
         else:
             outcome, detail = "clear early error", message[:160]
     except Exception as error:  # noqa: BLE001 -- what the fuzz pass looks for
@@ -209,7 +212,7 @@ def config_cases() -> list[Case]:
         "lora_alpha": lambda v: math.isfinite(v) and v > 0,
         "weight_decay": lambda v: math.isfinite(v) and v >= 0,
         "subtb_lambda": lambda v: math.isfinite(v) and v >= 0,
-        "max_grad_norm": lambda v: math.isfinite(v) and v >= 0,
+        "max_grad_norm": lambda v: math.isfinite(v) and v > 0,
         "reward_temperature_start": lambda v: math.isfinite(v) and v > 0,
         "reward_temperature_end": lambda v: math.isfinite(v) and v > 0,
         "explore_prob": lambda v: 0 <= v <= 1,
@@ -873,6 +876,75 @@ def cli_cases() -> list[Case]:
     return cases
 
 
+def subprocess_cases() -> list[Case]:
+    """The real ``python -m`` entries under ``timeout``: refusals, and reruns of a finished run
+    on the same folder after a user put files inside the folders it wrote."""
+    import subprocess
+
+    def command(module: str, argv: list[str], expect_ok: bool) -> Callable[[Path], Any]:
+        def run(folder: Path):
+            args = [a.replace("{F}", str(folder)) for a in argv]
+            done = subprocess.run(
+                ["timeout", "900", sys.executable, "-m", module, *args],
+                capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"},
+            )  # fmt: skip
+            if done.returncode == 0:
+                return done
+            sys.stderr.write(done.stderr)
+            raise SystemExit(done.returncode)
+
+        return run
+
+    def rerun(module: str, argv: list[str], inside: str) -> Callable[[Path], Any]:
+        first = command(module, argv, True)
+
+        def run(folder: Path):
+            first(folder)
+            _plant(folder / inside)
+            return first(folder)
+
+        return run
+
+    geo = ["--quick", "--no-progress", "--output-dir", "{F}/out"]
+    spin = [
+        *("--output-dir", "{F}/run", "--max-examples", "32", "--batch-size", "16"),
+        *("--no-progress", "--iterations", "1"),
+    ]
+    ok = lambda done, _: done is not None and done.returncode == 0  # noqa: E731
+    return [
+        Case(
+            "python -m geometric_mixture alphas 2",
+            command("experiments.geometric_mixture", [*geo, "--alphas", "2"], False),
+        ),  # noqa: E501
+        Case(
+            "python -m train_alpha_spin beta nan",
+            command("experiments.train_alpha_spin", [*spin, "--beta", "nan"], False),
+        ),  # noqa: E501
+        Case(
+            "python -m train_alpha_spin gflownet lr inf",
+            command(
+                "experiments.train_alpha_spin",
+                [*spin, "--sampler", "gflownet", "--gflownet.learning-rate", "inf"],
+                False,
+            ),
+        ),  # noqa: E501
+        Case(
+            "python -m geometric_mixture rerun, user file in its adapter folder",
+            rerun(
+                "experiments.geometric_mixture",
+                [*geo, "--checkpoint-dir", "{F}/ck", "--resume"],
+                "out/gflownet_alpha_0_5",
+            ),
+            ok,
+        ),  # noqa: E501
+        Case(
+            "python -m train_alpha_spin rerun, user file in its iterate",
+            rerun("experiments.train_alpha_spin", spin, "run/iterates/iter_1"),
+            ok,
+        ),  # noqa: E501
+    ]
+
+
 def main(argv: list[str] | None = None) -> dict[str, int]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", default=None, help="run the cases whose name holds this text")
@@ -890,6 +962,7 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
         *checkpoint_cases(),
         *run_folder_cases(),
         *cli_cases(),
+        *subprocess_cases(),
     ]
     if args.only:
         cases = [c for c in cases if args.only in c.name]

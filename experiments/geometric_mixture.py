@@ -80,6 +80,7 @@ from gfn_spin.options import option
 from gfn_spin.policy import Policy
 from samplers import AncestralSampler, ImportanceResampler, SMCSampler
 from samplers.gflownet import GFlowNetConfig, GFlowNetSampler
+from samplers.gflownet.config import RUN_DERIVED_FIELDS
 
 #: The length cap L on real models when --max-new-tokens is not given.
 REAL_MODEL_CAP = 32
@@ -186,7 +187,7 @@ class GeometricMixtureConfig(EvaluationConfig):
     gflownet: GFlowNetConfig = option(
         factory=main_job_gflownet,
         help="The main job's GFlowNet recipe, one flag per field (--gflownet.NAME).",
-        derived=("max_new_tokens", "adapter_name", "seed"),
+        derived=RUN_DERIVED_FIELDS,
     )
     onepass_steps: int = option(
         300,

@@ -201,6 +201,12 @@ def read_step_log(path: str | os.PathLike) -> tuple[int, list[dict[str, Any]]]:
             raise ValueError(f"step is {step!r}, not an integer")
         if not isinstance(metrics, list) or not all(isinstance(m, dict) for m in metrics):
             raise ValueError("metrics is not a list of records")
+    except UnicodeDecodeError:
+        raise ValueError(
+            f"{str(path)!r} is not UTF-8 text, so not the JSON a checkpoint writes; delete the "
+            "checkpoint folder that holds it (the fit then resumes from an earlier one or from "
+            "scratch)"
+        ) from None
     except (OSError, ValueError) as error:
         raise ValueError(
             f"{str(path)!r} is corrupted ({' '.join(str(error).split())[:200]}); delete the "

@@ -32,6 +32,7 @@ from gfn_spin.io import (
     remove_owned,
     write_json_atomic,
 )
+from samplers.gflownet.config import RUN_DERIVED_FIELDS
 from selfplay.iterates import iterate_name
 
 #: The run's manifest: identity, completed steps and per-iterate records.
@@ -74,6 +75,16 @@ def _data_change(old: Any, new: Any) -> str:
         f"the dataset's content differs from the run's: sha256 {str(old)[:12]}…, now "
         f"{str(new)[:12]}…; rows were edited, added or removed since the run started"
     )
+
+
+def _forget_derived(identity: dict[str, Any]) -> None:
+    """Drop the GFlowNet settings the run sets itself from a run recorded before they were
+    left out of the record (they were never applied), so that such a run still resumes."""
+    config = identity.get("config")
+    gflownet = config.get("gflownet") if isinstance(config, dict) else None
+    if isinstance(gflownet, dict):
+        for name in RUN_DERIVED_FIELDS:
+            gflownet.pop(name, None)
 
 
 def _run_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -134,6 +145,8 @@ class RunDirectory:
             )
         try:
             manifest = self._read_manifest()
+            if manifest is not None:
+                _forget_derived(manifest["identity"])
             if manifest is not None and DATA_HASH not in manifest["identity"]:
                 # A run recorded without the data's hash: trust the data once, record it now.
                 manifest["identity"][DATA_HASH] = identity.get(DATA_HASH)

@@ -16,11 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate import PartialState
 from datasets import Dataset, DatasetDict
 from safetensors.torch import load_file, save_file
 
 from experiments import geometric_mixture
 from experiments.cli import DEBUG_ENV, parse_config, run_command
+from experiments.common import to_jsonable
 from experiments.evaluation import claim_checkpoint_root
 from experiments.run_outputs import output_set, prepare_output_dir
 from gfn_spin import GeometricMixture
@@ -29,6 +31,7 @@ from samplers import AncestralSampler, GFlowNetSampler
 from samplers.gflownet import GFlowNetConfig
 from selfplay import AlphaSpinConfig, AlphaSpinTrainer
 from selfplay.pairs import load_pairs
+from selfplay.run_directory import MANIFEST, RunDirectory
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {"max_new_tokens": 7, "prompts_per_step": 2, "samples_per_prompt": 2, "warmup_steps": 1}
@@ -277,3 +280,110 @@ def test_a_non_utf8_jsonl_is_refused_with_a_value_error(tmp_path):
     path.write_bytes(b'{"prompt": "a b", "response": "c d"}\n{"prompt": "a \xff b", "response": "c"}\n')  # fmt: skip
     with pytest.raises(ValueError, match=r"is not UTF-8 text \(line 2"):
         load_pairs(path)
+
+
+# -- the GFlowNet fit: divergence, checkpoints read back, settings recorded --------------------
+
+
+@pytest.mark.parametrize("parametrization", ["residual", "lora"])
+def test_a_diverged_fit_stops_and_names_the_step(world, tmp_path, parametrization):
+    sampler = _gflownet(world, parametrization=parametrization, learning_rate=1e30)
+    with pytest.raises(FloatingPointError, match=r"not finite after step \d+ of 3.*learning_rate"):
+        sampler.fit(world.train_prompts[:4], steps=3, checkpoint_dir=tmp_path, progress=False)
+    assert not list(tmp_path.glob("step_*"))  # nothing diverged was saved
+
+
+@pytest.mark.parametrize(
+    ("step", "message"),
+    [
+        (999, r"says step 999, but it is in the checkpoint of step 2"),
+        ("abc", r"metrics.json' is corrupted \(step is 'abc', not an integer\)"),
+        (-1, r"says step -1"),
+        (1.5, r"step is 1.5, not an integer"),
+        (None, r"step is None"),
+    ],
+)
+def test_a_metrics_step_that_no_checkpoint_backs_is_refused(world, tmp_path, step, message):
+    prompts = world.train_prompts[:4]
+    _gflownet(world).fit(prompts, steps=2, checkpoint_dir=tmp_path, progress=False)
+    path = tmp_path / "step_0000002" / "metrics.json"
+    log = json.loads(path.read_text())
+    if step is None:
+        del log["step"]
+    else:
+        log["step"] = step
+    path.write_text(json.dumps(log))
+    resumed = _gflownet(world)
+    with pytest.raises(ValueError, match=message):
+        resumed.fit(prompts, steps=3, checkpoint_dir=tmp_path, resume=True, progress=False)
+    assert resumed.state.step == 0
+
+
+@pytest.mark.parametrize("damage", ["missing keys", "a tensor"])
+def test_a_trainer_state_of_another_shape_is_refused(world, tmp_path, damage):
+    prompts = world.train_prompts[:4]
+    _gflownet(world).fit(prompts, steps=2, checkpoint_dir=tmp_path, progress=False)
+    state = tmp_path / "step_0000002" / "trainer_state.pt"
+    torch.save({"optimizer": {}} if damage == "missing keys" else torch.zeros(3), state)
+    resumed = _gflownet(world)
+    with pytest.raises(ValueError, match=r"trainer_state.pt. is corrupted.*delete that"):
+        resumed.fit(prompts, steps=3, checkpoint_dir=tmp_path, resume=True, progress=False)
+    assert resumed.state.step == 0
+
+
+@pytest.mark.parametrize("parametrization", ["residual", "lora"])
+def test_lora_weights_of_another_shape_get_a_clear_message(world, tmp_path, parametrization):
+    prompts = world.train_prompts[:4]
+    _gflownet(world, parametrization=parametrization).fit(
+        prompts, steps=2, checkpoint_dir=tmp_path, progress=False
+    )
+    step = tmp_path / "step_0000002"
+    weights = next(step.glob("*.safetensors"))
+    save_file({k: torch.zeros(v.shape[0] + 1, *v.shape[1:]) for k, v in load_file(weights).items()}, weights)  # fmt: skip
+    message = r"differ in name or shape from this sampler's: \d+ tensor"
+    with pytest.raises(ValueError, match=message):
+        _gflownet(world, parametrization=parametrization).fit(
+            prompts, steps=3, checkpoint_dir=tmp_path, resume=True, progress=False
+        )
+    with pytest.raises(ValueError, match=message):
+        GFlowNetSampler.load(step, *_target_and_init(world))
+
+
+def test_fit_steps_must_be_an_integer(world):
+    with pytest.raises(ValueError, match=r"steps=2.5 must be an integer >= 0"):
+        _gflownet(world).fit(world.train_prompts[:2], steps=2.5, progress=False)
+
+
+def test_only_applied_gflownet_settings_are_offered_and_recorded():
+    """The run sets the opponent's length cap, adapter name and seed itself."""
+    with pytest.raises(SystemExit):
+        parse_config(AlphaSpinConfig, ["--sampler", "gflownet", "--gflownet.max-new-tokens", "40"])
+    recorded = AlphaSpinConfig(sampler="gflownet").to_dict()["gflownet"]
+    assert not {"max_new_tokens", "adapter_name", "seed"} & set(recorded)
+    assert AlphaSpinConfig.from_dict(AlphaSpinConfig(sampler="gflownet").to_dict()).gflownet
+    results = to_jsonable(geometric_mixture.GeometricMixtureConfig())["gflownet"]
+    assert not {"max_new_tokens", "adapter_name", "seed"} & set(results)
+
+
+def test_a_run_recorded_with_the_derived_gflownet_settings_still_resumes(world, tmp_path):
+    """Manifests written before the derived settings were left out hold them."""
+    config = AlphaSpinConfig(output_dir=str(tmp_path / "run"), **RUN)
+    trainer = AlphaSpinTrainer(config, world=world, evaluate=lambda p: {})
+    run = RunDirectory(tmp_path / "run", trainer.identity, PartialState(cpu=True))
+    run.complete("eval_0", {"iteration": 0, "metrics": {}})
+    run.close()
+    manifest = json.loads((tmp_path / "run" / MANIFEST).read_text())
+    manifest["identity"]["config"]["gflownet"].update(max_new_tokens=7, adapter_name="gflownet", seed=0)  # fmt: skip
+    (tmp_path / "run" / MANIFEST).write_text(json.dumps(manifest))
+    RunDirectory(tmp_path / "run", trainer.identity, PartialState(cpu=True)).close()
+
+
+def test_an_alpha_spin_run_whose_gflownet_opponent_diverges_stops(world, tmp_path):
+    config = AlphaSpinConfig(
+        output_dir=str(tmp_path / "run"), alpha=0.5, iterations=2, sampler="gflownet",
+        gflownet=GFlowNetConfig(steps=3, learning_rate=1e30, parametrization="residual"), **RUN,
+    )  # fmt: skip
+    with pytest.raises(FloatingPointError, match=r"not finite after step"):
+        AlphaSpinTrainer(config, world=world, evaluate=lambda p: {}).train()
+    # π_1's opponent is π_0 itself; π_2's is the first GFlowNet, which diverged: not saved.
+    assert not (tmp_path / "run" / "opponents" / "gflownet_1").exists()

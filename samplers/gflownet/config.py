@@ -29,6 +29,9 @@ assert get_args(Weighting) == WEIGHTINGS and get_args(TerminationGradient) == TE
 
 #: Config fields a resumed fit may change (they do not change the trajectory of the steps done).
 RESUMABLE_FIELDS = ("steps", "checkpoint_every")
+#: Fields a run that fits GFlowNets sets itself (its length cap, one adapter name and seed per
+#: fit): a study's or α-SPIN's nested GFlowNet config offers no flag for them and records none.
+RUN_DERIVED_FIELDS = ("max_new_tokens", "adapter_name", "seed")
 
 
 #: What 0 means for the count fields that may be 0.
