@@ -381,7 +381,7 @@ class GFlowNetSampler(Sampler):
             raise corrupted(directory / TRAINER_STATE, error) from error
         missing = sorted(set(TRAINER_STATE_KEYS) - set(state if isinstance(state, dict) else ()))
         if missing:
-            error = KeyError(f"it lacks {missing}")
+            error = ValueError(f"it lacks {missing}")
             raise corrupted(directory / TRAINER_STATE, error) from None
         step, metrics = read_step_log(directory / METRICS_FILE)  # the step its folder names
         weights = self.weights.read(directory)
