@@ -693,7 +693,7 @@ def run_folder_cases() -> list[Case]:
 
     def finished(folder: Path) -> Path:
         if "run" not in cache:
-            base = Path(tempfile.mkdtemp(prefix="fuzz_run_"))
+            base = Path(tempfile.mkdtemp(prefix="fuzz_run_", dir=os.environ["FUZZ_ROOT"]))
             config = AlphaSpinConfig(output_dir=str(base / "run"), iterations=1, **run_kwargs)
             AlphaSpinTrainer(config, world=world(), evaluate=lambda p: {}).train()
             cache["run"] = base / "run"
@@ -967,6 +967,7 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
     if args.only:
         cases = [c for c in cases if args.only in c.name]
     root = Path(tempfile.mkdtemp(prefix="gfn_fuzz_"))
+    os.environ["FUZZ_ROOT"] = str(root)  # the shared finished α-SPIN run goes there too
     counts: Counter[str] = Counter()
     rows = []
     started = time.perf_counter()
