@@ -26,7 +26,7 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
-from experiments.cli import parse_config
+from experiments.cli import parse_config, run_command
 from experiments.common import (
     prepare_output_dir,
     setup_logging,
@@ -274,4 +274,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

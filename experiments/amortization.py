@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from experiments.cli import run_command
 from experiments.evaluation import Entry, enumerate_components, evaluate_exact
 from experiments.studies import AblationConfig, Setup, gfn_config, study_main, study_options
 from gfn_spin.exact import ExactDistribution, exact_distribution
@@ -170,4 +171,4 @@ main = study_main(AmortizationConfig, amortization, "experiments.amortization", 
 """Run the study alone: ``main(argv=None)`` → the results dict (also in ``--output-dir``)."""
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

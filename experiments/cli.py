@@ -31,9 +31,12 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import os
+import sys
 import textwrap
 import types
 import typing
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from transformers import HfArgumentParser
@@ -190,3 +193,36 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "", defaults: Any = 
     if defaults is not None:  # a nested config: the study's instance with the given changes
         return dataclasses.replace(defaults, **kwargs)
     return cls(**kwargs)
+
+
+#: Set to 1 to see the Python traceback of a refused command (like ``--debug``).
+DEBUG_ENV = "GFN_SPIN_DEBUG"
+
+
+def run_command(main: Callable[[list[str]], Any], argv: list[str] | None = None) -> None:
+    """Run a study's ``main`` as a command line: a refusal or failure ends in one line on
+    stderr (the program and the error, which names the argument and the fix) and exit status
+    1, instead of a Python traceback. ``--debug`` (taken out of the arguments) or
+    ``GFN_SPIN_DEBUG=1`` lets the exception through with its traceback."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in args or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
+    args = [a for a in args if a != "--debug"]
+    if debug:
+        main(args)
+        return
+    program = os.path.basename(sys.argv[0]) if argv is None else "gfn-spin"
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    program = getattr(spec, "name", None) or program
+    try:
+        main(args)
+    except KeyboardInterrupt:
+        print(f"{program}: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as error:  # noqa: BLE001 -- every failure becomes one line; --debug shows it
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(
+            f"{program}: error: {message} [{type(error).__name__}; for the traceback rerun with "
+            f"--debug or {DEBUG_ENV}=1]",
+            file=sys.stderr,
+        )
+        raise SystemExit(1) from None

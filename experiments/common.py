@@ -26,7 +26,7 @@ from transformers.hf_argparser import string_to_bool
 
 from experiments.run_outputs import output_set as output_set  # re-exported for studies
 from experiments.run_outputs import prepare_output_dir as prepare_output_dir
-from gfn_spin.io import write_text_atomic
+from gfn_spin.io import settings_as_applied, write_text_atomic
 
 DEFAULT_PACKAGES = (
     "gfn-spin",
@@ -235,9 +235,10 @@ def environment(packages: tuple[str, ...] = DEFAULT_PACKAGES) -> dict[str, Any]:
 
 
 def to_jsonable(value: Any) -> Any:
-    """Dataclasses, paths, tensors and numpy values as plain JSON types (inf/nan kept as floats)."""
+    """Dataclasses (as :func:`gfn_spin.io.settings_as_applied`), paths, tensors and numpy values
+    as plain JSON types (inf/nan kept as floats)."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return to_jsonable(dataclasses.asdict(value))
+        return to_jsonable(settings_as_applied(value))  # settings its owner derives left out
     if isinstance(value, dict):
         return {str(k): to_jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):

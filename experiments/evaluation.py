@@ -23,6 +23,7 @@ rule, for one report (:mod:`experiments.reporting`).
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,11 +34,12 @@ import torch
 
 from gfn_spin.density import Density
 from gfn_spin.exact import ExactDistribution, divergences, exact_distribution, sir_output_laws
+from gfn_spin.io import claim_run_directory
 from gfn_spin.options import option
 from gfn_spin.policy import Policy
 from samplers.base import Sampler, Samples
 from samplers.costs import break_even_draws_per_prompt, total_tokens_per_draw
-from samplers.gflownet import GFlowNetSampler
+from samplers.gflownet import GFlowNetSampler, latest_checkpoint
 from samplers.weighting import ess_fraction, model_tokens
 
 
@@ -504,6 +506,27 @@ def evaluate_estimated(
     return rows
 
 
+#: The tool named in the marker of a study's ``--checkpoint-dir`` (one GFlowNet checkpoint
+#: folder per adapter inside it).
+CHECKPOINT_ROOT_TOOL = "experiments.checkpoint_root"
+
+
+def claim_checkpoint_root(checkpoint_root: str | os.PathLike) -> Path:
+    """Claim a study's ``--checkpoint-dir`` by the rule of every folder gfn-spin writes into
+    (:func:`gfn_spin.io.claim_run_directory`, as ``GFlowNetSampler.fit`` claims its
+    ``checkpoint_dir``): created when missing, refused when it holds files gfn-spin did not
+    write or is another tool's folder, locked while the study runs. A folder of per-adapter
+    checkpoint folders written before roots were marked counts as an earlier run."""
+
+    def earlier(root: Path) -> bool:
+        return any(latest_checkpoint(entry) for entry in root.iterdir() if entry.is_dir())
+
+    root, _ = claim_run_directory(
+        checkpoint_root, "checkpoint_dir", tool=CHECKPOINT_ROOT_TOOL, is_earlier_run=earlier
+    )
+    return root
+
+
 def fit_sampler(
     sampler: GFlowNetSampler,
     prompts: list,
@@ -519,7 +542,7 @@ def fit_sampler(
     Checkpoints go to ``checkpoint_root/<adapter name>`` when a root is given.
     """
     name = sampler.config.adapter_name
-    checkpoint = None if checkpoint_root is None else Path(checkpoint_root) / name
+    checkpoint = None if checkpoint_root is None else claim_checkpoint_root(checkpoint_root) / name
     t0 = time.perf_counter()
     tokens0 = model_tokens(sampler.target, sampler.policy)
     sampler.fit(

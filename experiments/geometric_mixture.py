@@ -49,7 +49,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from experiments.cli import parse_config
+from experiments.cli import parse_config, run_command
 from experiments.common import (
     check_alphas,
     output_set,
@@ -63,6 +63,7 @@ from experiments.common import (
 from experiments.evaluation import (
     Entry,
     EvaluationConfig,
+    claim_checkpoint_root,
     enumerate_components,
     evaluate_estimated,
     evaluate_exact,
@@ -75,7 +76,10 @@ from gfn_spin.options import option
 from gfn_spin.policy import Policy
 from samplers import AncestralSampler, ImportanceResampler, SMCSampler
 from samplers.gflownet import GFlowNetConfig, GFlowNetSampler
+from samplers.gflownet.config import RUN_DERIVED_FIELDS
 
+#: The length cap L on real models when --max-new-tokens is not given.
+REAL_MODEL_CAP = 32
 DEFAULT_PROMPTS = ("a b", "c d a", "b b c d", "d a")
 WORLD_PRESETS: dict[str, tuple[str, ...]] = {
     "overlap": ("shift_rule=style", "sft_examples=8192"),
@@ -160,8 +164,8 @@ class GeometricMixtureConfig(EvaluationConfig):
         None,
         "Real models only: a text file of prompts, one per line (the last quarter is held out).",
     )
-    max_new_tokens: int = option(
-        32, "Real models only: the length cap L (the tiny world's cap is 7)."
+    max_new_tokens: int | None = option(
+        None, "Real models only: the length cap L (default 32; the tiny world's is 7)."
     )
     num_eval_prompts: int = option(16, "Held-out prompts evaluated (at most the world's 16).")
     sir_candidates: tuple[int, ...] = option((4, 16, 64), "K values of SIR from the local product.")
@@ -179,7 +183,7 @@ class GeometricMixtureConfig(EvaluationConfig):
     gflownet: GFlowNetConfig = option(
         factory=main_job_gflownet,
         help="The main job's GFlowNet recipe, one flag per field (--gflownet.NAME).",
-        derived=("max_new_tokens", "adapter_name", "seed"),
+        derived=RUN_DERIVED_FIELDS,
     )
     onepass_steps: int = option(
         300,
@@ -214,7 +218,6 @@ class GeometricMixtureConfig(EvaluationConfig):
         for name in (
             "draws",
             "num_eval_prompts",
-            "max_new_tokens",
             "gfn_sir_candidates",
             "smc_runs",
         ):
@@ -226,6 +229,19 @@ class GeometricMixtureConfig(EvaluationConfig):
             raise ValueError("give both --model and --base (real models), or neither (tiny world)")
         if self.model is not None and self.world:
             raise ValueError("--world sets up the tiny world; it does not apply with --model")
+        if self.model is None:
+            # Settings of real models would be recorded in results.json yet never used.
+            for flag, value in (
+                ("prompts-file", self.prompts_file),
+                ("max-new-tokens", self.max_new_tokens),
+            ):
+                if value is not None:
+                    raise ValueError(
+                        f"--{flag} applies to real models (--model and --base); the tiny world "
+                        "has its own prompts and length cap: drop it, or give --model and --base"
+                    )
+        elif self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
         if self.smc_max_runs < self.smc_runs:
             raise ValueError(
                 f"smc_max_runs={self.smc_max_runs} must be >= smc_runs={self.smc_runs}"
@@ -352,7 +368,8 @@ def _load_models(config: GeometricMixtureConfig, device: torch.device, logger: A
     else:
         prompts = list(DEFAULT_PROMPTS)
     train, evaluation = split_train_eval(prompts)
-    return None, base, model, train, evaluation[: config.num_eval_prompts], config.max_new_tokens
+    cap = REAL_MODEL_CAP if config.max_new_tokens is None else config.max_new_tokens
+    return None, base, model, train, evaluation[: config.num_eval_prompts], cap
 
 
 def fit_gflownets(
@@ -401,6 +418,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if config.prompts_file is not None:
         read_prompts_file(config.prompts_file)  # a missing or too-short file fails before work
     root = prepare_output_dir(config.output_dir)
+    if config.checkpoint_dir is not None:
+        claim_checkpoint_root(config.checkpoint_dir)  # refused before any work, not at the fit
     # Every output of this run is published together; an older run's never sits beside them.
     with output_set(root) as output_dir:
         logger = setup_logging(output_dir, "experiments.geometric_mixture", append=False)
@@ -490,4 +509,4 @@ def _run(
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from experiments.cli import run_command
 from experiments.studies import AblationConfig, Setup, gfn_config, study_main, study_options
 from gfn_spin.mixtures import GeometricMixture
 from gfn_spin.options import option
@@ -285,4 +286,4 @@ main = study_main(LargeConfig, large_setting, "experiments.large_models", __doc_
 """Run the study alone: ``main(argv=None)`` → the results dict (also in ``--output-dir``)."""
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -28,7 +28,6 @@ with a one-line error before any model work.
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -37,7 +36,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from tqdm.auto import tqdm
 
-from experiments.cli import parse_config
+from experiments.cli import parse_config, run_command
 from experiments.common import (
     check_alphas,
     output_set,
@@ -437,20 +436,17 @@ def run(config: RealModelConfig, output_dir: Path, logger: Any) -> dict[str, Any
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the job; returns the results (also written to ``output_dir``). A bad setting or a
-    missing model exits with a one-line error."""
-    try:
-        config = parse_config(RealModelConfig, argv, description=__doc__.split("\n")[0])
-        config.validate()
-        resolve_device(config.device)
-        root = prepare_output_dir(config.output_dir)
-        with output_set(root) as output_dir:
-            logger = setup_logging(output_dir, "experiments.real_model", append=False)
-            results = run(config, output_dir, logger)
-            logger.info("results in %s", root)
-        return results
-    except (ValueError, FileNotFoundError, ModuleNotFoundError, RuntimeError) as error:
-        sys.exit(f"error: {' '.join(str(error).split())}")
+    missing model is refused (one line through run_command)."""
+    config = parse_config(RealModelConfig, argv, description=__doc__.split("\n")[0])
+    config.validate()
+    resolve_device(config.device)
+    root = prepare_output_dir(config.output_dir)
+    with output_set(root) as output_dir:
+        logger = setup_logging(output_dir, "experiments.real_model", append=False)
+        results = run(config, output_dir, logger)
+        logger.info("results in %s", root)
+    return results
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -19,10 +19,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from gfn_spin.io import (
+    LOCK_FILE,
     RUN_MARKER,
     TMP_SUFFIX,
     claim_run_directory,
     is_temporary_of,
+    publish_files,
+    staged_files,
+    unowned_destinations,
     write_json_atomic,
 )
 
@@ -69,14 +73,27 @@ def prepare_output_dir(
 STAGING = ".run-outputs"
 
 
-def _recorded_outputs(output_dir: Path) -> list[str]:
-    """Names of the outputs that the last published run wrote (from the folder's marker)."""
+def _read_marker(output_dir: Path) -> dict:
     try:
         marker = json.loads((output_dir / RUN_MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return []
-    names = marker.get("outputs", []) if isinstance(marker, dict) else []
-    return [n for n in names if isinstance(n, str) and "/" not in n and n not in ("", ".", "..")]
+        return {}
+    return marker if isinstance(marker, dict) else {}
+
+
+def _recorded_files(output_dir: Path, marker: dict, produced: list[str]) -> set[str]:
+    """The files (relative paths) the last published run wrote, from the folder's marker.
+
+    A marker of an older version lists only top-level names: its top-level files count as
+    written by it, and inside its folders only the files this run writes again (a file a user
+    added there stays)."""
+    files = marker.get("files")
+    if isinstance(files, list):
+        return {name for name in files if isinstance(name, str)}
+    names = marker.get("outputs", [])
+    names = [n for n in names if isinstance(n, str) and "/" not in n and n not in ("", ".", "..")]
+    recorded = {n for n in names if (output_dir / n).is_file() or (output_dir / n).is_symlink()}
+    return recorded | {f for f in produced if f.split("/", 1)[0] in names}
 
 
 @contextmanager
@@ -85,12 +102,14 @@ def output_set(output_dir: str | os.PathLike) -> Iterator[Path]:
 
     For a study that writes several outputs (results, plots, adapters, ``run.log``) into a
     folder prepared by :func:`prepare_output_dir`: write every output into the yielded staging
-    folder. On success the outputs the previous run published (recorded in the folder's
-    marker) are moved out, the staged ones moved in (renames only), and the marker lists the
-    new set, so an older run's files never sit beside new results and ``run.log`` holds this
-    run only. A name in the folder that no earlier run recorded is never replaced:
-    FileExistsError before anything moves. On failure the previous outputs stay as they were
-    and the staging folder stays (with its ``run.log``) until the next run in this folder.
+    folder. On success each staged file replaces its namesake by one atomic rename, the files
+    the previous run published (listed in the folder's marker) that this run does not write
+    again are removed, and the marker lists the new set, so an older run's files never sit
+    beside new results and ``run.log`` holds this run only. A file no earlier run recorded
+    (a user's, also inside an adapter folder of an earlier run) is never replaced, moved or
+    removed: one that this run would replace is refused with FileExistsError before anything
+    moves. On failure the previous outputs stay as they were and the staging folder stays
+    (with its ``run.log``) until the next run in this folder.
 
     A study's ``main`` uses it as::
 
@@ -101,32 +120,22 @@ def output_set(output_dir: str | os.PathLike) -> Iterator[Path]:
     """
     root = Path(output_dir)
     for entry in root.iterdir():
-        if is_temporary_of(entry.name, STAGING):  # also matches the ".old" trash folders
+        if is_temporary_of(entry.name, STAGING):  # also matches older versions' ".old" folders
             shutil.rmtree(entry, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=STAGING + ".", suffix=TMP_SUFFIX, dir=root))
     yield staging
-    previous = set(_recorded_outputs(root))
-    produced = sorted(entry.name for entry in staging.iterdir())
-    foreign = [n for n in produced if (root / n).exists() and n not in previous]
+    marker = _read_marker(root)
+    produced = staged_files(staging)
+    previous = _recorded_files(root, marker, produced) - {RUN_MARKER, LOCK_FILE}
+    foreign = unowned_destinations(produced, root, previous)
     if foreign:
         raise FileExistsError(
-            f"output_dir={str(root)!r} already holds {foreign}, which no earlier run recorded "
-            f"as its output, so they are not replaced; this run's outputs stay in "
+            f"output_dir={str(root)!r} already holds {foreign[:5]}, which no earlier run "
+            f"recorded as its output, so they are not replaced; this run's outputs stay in "
             f"{str(staging)!r} until the next run in this folder: move those files away and "
             "rerun, or choose a new output_dir"
         )
-    trash = Path(tempfile.mkdtemp(prefix=STAGING + ".old.", suffix=TMP_SUFFIX, dir=root))
-    for name in sorted(previous):
-        if (root / name).exists() or (root / name).is_symlink():
-            os.replace(root / name, trash / name)
-    for name in produced:
-        os.replace(staging / name, root / name)
-    marker = {}
-    try:
-        marker = json.loads((root / RUN_MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        pass
-    marker = marker if isinstance(marker, dict) else {}
-    write_json_atomic({**marker, "outputs": produced}, root / RUN_MARKER)
-    shutil.rmtree(trash, ignore_errors=True)
+    published = publish_files(staging, root, previous)
+    outputs = sorted({name.split("/", 1)[0] for name in published})
+    write_json_atomic({**marker, "outputs": outputs, "files": published}, root / RUN_MARKER)
     shutil.rmtree(staging, ignore_errors=True)

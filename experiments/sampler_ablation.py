@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from experiments.amortization import AmortizationConfig, AmortizationOptions, amortization
+from experiments.cli import run_command
 from experiments.large_models import LargeConfig, LargeOptions, large_setting
 from experiments.sampler_sweep import SweepConfig, SweepOptions, sweep
 from experiments.studies import AblationConfig, Study, run_studies, study_options
@@ -82,4 +83,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

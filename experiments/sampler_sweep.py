@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import torch
 from tqdm.auto import tqdm
 
+from experiments.cli import run_command
 from experiments.evaluation import Entry, evaluate_exact
 from experiments.studies import (
     AblationConfig,
@@ -172,4 +173,4 @@ main = study_main(SweepConfig, sweep, "experiments.sampler_sweep", __doc__)
 """Run the study alone: ``main(argv=None)`` → the results dict (also in ``--output-dir``)."""
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

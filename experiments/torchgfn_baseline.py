@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import torch
 from tqdm.auto import tqdm
 
+from experiments.cli import run_command
 from experiments.studies import AblationConfig, Setup, gfn_config, study_main, study_options
 from gfn_spin.exact import divergences, exact_distribution, response_alphabet
 from gfn_spin.mixtures import GeometricMixture
@@ -275,4 +276,4 @@ main = study_main(TorchgfnConfig, torchgfn_comparison, "experiments.torchgfn_bas
 """Run the study alone: ``main(argv=None)`` → the results dict (also in ``--output-dir``)."""
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from experiments.cli import parse_config
+from experiments.cli import parse_config, run_command
 from experiments.common import prepare_output_dir, setup_logging, write_results
 from selfplay import AlphaSpinConfig, AlphaSpinTrainer
 from selfplay.run_directory import MANIFEST, RUN_TOOL
@@ -43,4 +43,4 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

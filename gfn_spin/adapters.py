@@ -105,12 +105,37 @@ def lora_target_modules(model: torch.nn.Module, output_layer: bool) -> str | lis
     return sorted(names)
 
 
+#: The longest adapter name (peft saves an adapter into a folder of its name).
+MAX_ADAPTER_NAME = 100
+
+
+def check_adapter_name(name: object) -> str:
+    """Refuse an adapter name that is not a plain identifier (letters, digits, ``_``).
+
+    peft saves a named adapter into a subfolder of that name: a name that is a path (an
+    absolute path to a user's folder, ``../x``) would make ``save_pretrained`` write into, and
+    move files out of, that folder.
+    """
+    if not (isinstance(name, str) and name.isascii() and name.isidentifier()):
+        raise ValueError(
+            f"adapter name {name!r} is not a plain identifier (letters, digits and _, not "
+            "starting with a digit); a name is not a path: name the adapter like 'iter_1'"
+        )
+    if len(name) > MAX_ADAPTER_NAME:  # it becomes a folder name when saved
+        raise ValueError(
+            f"adapter name {name[:20]!r}... has {len(name)} characters; use at most "
+            f"{MAX_ADAPTER_NAME}"
+        )
+    return name
+
+
 def add_adapter(model: torch.nn.Module, name: str, config: LoraConfig) -> PeftModel:
     """Add a new trainable adapter ``name``; wraps a plain model in a ``PeftModel`` first.
 
     Returns the ``PeftModel`` (the same object when ``model`` already is one). Other adapters
     keep their ``requires_grad`` flags.
     """
+    check_adapter_name(name)
     if isinstance(model, PeftModel):
         if name in model.peft_config:
             raise ValueError(f"adapter name {name!r} is already loaded; pick another name")
@@ -126,6 +151,7 @@ def load_adapter(
     model: torch.nn.Module, path: str, name: str, *, is_trainable: bool = False
 ) -> PeftModel:
     """Load an adapter saved by ``save_pretrained`` under ``name``; frozen unless trainable."""
+    check_adapter_name(name)
     if isinstance(model, PeftModel):
         flags = [(p, p.requires_grad) for p in model.parameters()]
         model.load_adapter(path, adapter_name=name, is_trainable=is_trainable)

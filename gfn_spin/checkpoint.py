@@ -8,7 +8,8 @@ for ``checkpoint_dir``, and self-play's run directory can share it. What it guar
   folder of another tool, is refused before anything is written, so no user file is touched;
 - a checkpoint ``step_NNNNNNN/`` appears complete under its final name or not at all (written
   to a temporary sibling, then renamed); older ones are removed only once a newer one exists,
-  and only folders named as this module names them;
+  and only folders named as this module names them, and of those only the files a save
+  wrote (a user's file in a checkpoint folder stays, with its folder);
 - a resume is checked against the job's identity (the settings that shape its trajectory):
   :func:`identity_differences` names every setting that differs, and
   :meth:`CheckpointDirectory.check_identity` refuses with them.
@@ -16,16 +17,21 @@ for ``checkpoint_dir``, and self-play's run directory can share it. What it guar
 
 from __future__ import annotations
 
+import json
 import os
 import re
-import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from filelock import FileLock
 
-from gfn_spin.io import atomic_directory, claim_run_directory
+from gfn_spin.io import (
+    atomic_directory,
+    claim_run_directory,
+    is_complete_directory,
+    remove_owned,
+)
 
 _CHECKPOINT = re.compile(r"step_(\d{7,})")
 
@@ -118,11 +124,11 @@ class CheckpointDirectory:
             write(tmp)
         complete = [p for p in checkpoints(self.root) if p != final and self._complete(p)]
         for old in sorted(complete, key=_step, reverse=True)[self.keep - 1 :]:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_owned(old)
         return final
 
     def _complete(self, path: Path) -> bool:
-        return all((path / name).is_file() for name in self.required)
+        return _complete(path, self.required)
 
     def check_identity(
         self,
@@ -164,8 +170,61 @@ def checkpoints(root: str | os.PathLike) -> list[Path]:
 
 def latest_checkpoint(root: str | os.PathLike, required: Sequence[str] = ()) -> Path | None:
     """The checkpoint of ``root`` with the highest step that holds every ``required`` file."""
-    found = [p for p in checkpoints(root) if all((p / name).is_file() for name in required)]
+    found = [p for p in checkpoints(root) if _complete(p, required)]
     return max(found, key=_step) if found else None
+
+
+def checkpoint_step(path: str | os.PathLike) -> int:
+    """The step a checkpoint folder was taken at, from its name (``step_0000002`` → 2)."""
+    return _step(Path(path))
+
+
+def read_step_log(path: str | os.PathLike) -> tuple[int, list[dict[str, Any]]]:
+    """``(step, metrics)`` of a checkpoint's metrics file (``{"step": N, "metrics": [...]}``).
+
+    For a resume, which restarts the step counter from it: the step must be the one the
+    checkpoint folder is named after (the file is the only thing that could say otherwise,
+    and a step no checkpoint backs would skip training it never did).
+
+    Raises:
+        ValueError: the file is not JSON of that shape, or its step differs from the folder's;
+            the message names the file and the fix.
+    """
+    path = Path(path)
+    expected = checkpoint_step(path.parent)
+    try:
+        log = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(log, dict):
+            raise ValueError(f"it holds a JSON {type(log).__name__}, not an object")
+        step, metrics = log.get("step"), log.get("metrics")
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise ValueError(f"step is {step!r}, not an integer")
+        if not isinstance(metrics, list) or not all(isinstance(m, dict) for m in metrics):
+            raise ValueError("metrics is not a list of records")
+    except UnicodeDecodeError:
+        raise ValueError(
+            f"{str(path)!r} is not UTF-8 text, so not the JSON a checkpoint writes; delete the "
+            "checkpoint folder that holds it (the fit then resumes from an earlier one or from "
+            "scratch)"
+        ) from None
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"{str(path)!r} is corrupted ({' '.join(str(error).split())[:200]}); delete the "
+            "checkpoint folder that holds it (the fit then resumes from an earlier one or "
+            "from scratch)"
+        ) from error
+    if step != expected:
+        raise ValueError(
+            f"{str(path)!r} says step {step}, but it is in the checkpoint of step {expected} "
+            f"({path.parent.name}); no checkpoint backs step {step}, so the file was edited: "
+            "delete that checkpoint folder, or restore the file"
+        )
+    return step, metrics
+
+
+def _complete(path: Path, required: Sequence[str]) -> bool:
+    """Every required file is there, and no save into the folder was cut short."""
+    return all((path / name).is_file() for name in required) and is_complete_directory(path)
 
 
 def _step(path: Path) -> int:

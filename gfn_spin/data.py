@@ -8,8 +8,41 @@ builds the turns it and the SPIN-style ``real``/``generated`` columns use.
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from collections.abc import Sequence
 from typing import Any
+
+
+class UnknownTokenWarning(UserWarning):
+    """A prompt holds text the tokenizer cannot spell; it was encoded as the unknown token."""
+
+
+def is_blank(prompt: str) -> bool:
+    """The one rule for prompts given as text, for datasets and samplers alike: a prompt that
+    is empty or only whitespace is refused (it gives the model nothing to respond to)."""
+    return not prompt.strip()
+
+
+# Tokenizers already warned about: the warning is shown once per tokenizer, not per prompt.
+_WARNED: weakref.WeakSet = weakref.WeakSet()
+
+
+def warn_unknown_tokens(tokenizer: Any, ids: Sequence[int], prompt: str) -> None:
+    """Warn (once per tokenizer) when ``prompt`` was encoded with the unknown token, so that
+    words outside the vocabulary do not silently become ``[UNK]``."""
+    unknown = getattr(tokenizer, "unk_token_id", None)
+    if unknown is None or unknown not in ids or tokenizer in _WARNED:
+        return
+    _WARNED.add(tokenizer)
+    warnings.warn(
+        UnknownTokenWarning(
+            f"the prompt {prompt!r:.80} holds text this tokenizer cannot spell; it was encoded "
+            f"as {tokenizer.unk_token!r} (token {unknown}), which the model reads as one "
+            "unknown word. Write prompts in the model's vocabulary (this warning is shown once)"
+        ),
+        stacklevel=3,
+    )
 
 
 def chat_messages(prompt: str, response: str | None = None) -> list[dict[str, str]]:
@@ -89,6 +122,7 @@ def encode_prompt(
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     else:
         ids = tokenizer(prompt)["input_ids"]
+    warn_unknown_tokens(tokenizer, ids, prompt)
     if max_prompt_length is not None and len(ids) > max_prompt_length:
         ids = ids[-max_prompt_length:]
     return list(ids)

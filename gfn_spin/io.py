@@ -167,6 +167,20 @@ def dataclass_from_dict(cls: type[T], values: dict[str, Any]) -> T:
     return cls(**values)
 
 
+def settings_as_applied(config: Any) -> dict[str, Any]:
+    """A config dataclass as a dict of the settings it applies, for the records a run writes
+    (a manifest, results.json): the fields of a nested config that the owner sets itself
+    (listed in the nested field's ``metadata["derived"]``, such as a GFlowNet's length cap,
+    adapter name and seed) are left out, so that no record shows a value that was not used."""
+    values = dataclasses.asdict(config)
+    for field in dataclasses.fields(config):
+        nested = values.get(field.name)
+        for name in field.metadata.get("derived", ()):
+            if isinstance(nested, dict):
+                nested.pop(name, None)
+    return values
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary file path; on success it is renamed to ``path`` (replacing it)."""
@@ -196,18 +210,161 @@ def write_json_atomic(value: Any, path: str | os.PathLike) -> Path:
     return write_text_atomic(json.dumps(value, indent=2) + "\n", path)
 
 
-#: Written into every directory :func:`atomic_directory` publishes: proof that this package
-#: wrote it, so that a later save may replace it.
+#: Written into every directory :func:`atomic_directory` publishes: the JSON list of the files
+#: this package wrote there (``{"files": [...], "complete": true}``), so that a later save
+#: replaces or removes those files and no other. An empty marker (older versions) proves the
+#: folder is gfn-spin's but lists nothing: a save then replaces only the names it writes.
 DIRECTORY_MARKER = ".gfn-spin-dir"
+
+
+def owned_files(folder: str | os.PathLike) -> set[str] | None:
+    """The files (paths relative to ``folder``, ``/``-separated) that gfn-spin recorded as
+    its own in ``folder``'s :data:`DIRECTORY_MARKER`; None when the folder has no marker or
+    its marker lists nothing (an older version's)."""
+    marker = _read_directory_marker(Path(folder))
+    files = None if marker is None else marker.get("files")
+    if not isinstance(files, list):
+        return None
+    return {name for name in files if isinstance(name, str) and _safe_relative(name)}
+
+
+def is_complete_directory(folder: str | os.PathLike) -> bool:
+    """False when a save into ``folder`` started replacing its files and did not finish (its
+    marker says so): the folder then mixes two saves and must not be loaded."""
+    marker = _read_directory_marker(Path(folder))
+    return marker is None or marker.get("complete", True) is not False
+
+
+def _read_directory_marker(folder: Path) -> dict[str, Any] | None:
+    try:
+        text = (folder / DIRECTORY_MARKER).read_text(encoding="utf-8")
+        value = json.loads(text) if text.strip() else {}
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _safe_relative(name: str) -> bool:
+    """A recorded name that stays inside its folder (a tampered marker cannot point outside)."""
+    parts = Path(name).parts
+    return bool(parts) and not Path(name).is_absolute() and ".." not in parts
+
+
+def _files_under(folder: Path) -> list[str]:
+    """Every file below ``folder`` (symlinks count as files, never followed), relative, sorted."""
+    found = []
+    for directory, subdirs, files in os.walk(folder):
+        base = Path(directory).relative_to(folder)
+        found += [(base / name).as_posix() for name in files]
+        found += [
+            (base / name).as_posix() for name in subdirs if (Path(directory) / name).is_symlink()
+        ]
+    return sorted(found)
+
+
+def staged_files(staged: Path) -> list[str]:
+    """The files a staged folder will publish (its own marker aside), relative, sorted."""
+    return [name for name in _files_under(staged) if name != DIRECTORY_MARKER]
+
+
+def unowned_destinations(files: list[str], final: Path, owned: set[str] | None) -> list[str]:
+    """Which of ``files`` (relative to ``final``) would replace something gfn-spin did not write
+    there: an existing file not in ``owned`` (any name may be replaced when ``owned`` is None),
+    a folder where a file goes, or a path through a symlink or a file."""
+    conflicts = []
+    for name in files:
+        destination = final / name
+        parents = [final / p for p in Path(name).parents if str(p) != "."]
+        if any(p.is_symlink() or (p.exists() and not p.is_dir()) for p in parents):
+            conflicts.append(name)
+        elif destination.is_dir() and not destination.is_symlink():
+            conflicts.append(name)
+        elif destination.exists() or destination.is_symlink():
+            if owned is not None and name not in owned:
+                conflicts.append(name)
+    return conflicts
+
+
+def publish_files(
+    staged: Path,
+    final: Path,
+    owned: set[str] | None,
+    before_moving: Callable[[list[str]], None] | None = None,
+) -> list[str]:
+    """Move every file of the folder ``staged`` into ``final`` at the same relative path, each
+    by one atomic rename, and remove the files of ``owned`` that this set does not rewrite.
+
+    For any save into a folder gfn-spin wrote before: ``owned`` names the files the earlier
+    save wrote (None: unknown, then only names written again are replaced and nothing is
+    removed). A file a user added to the folder is never replaced, moved or removed: a
+    destination that exists but is not in ``owned`` (or is a folder or a symlinked folder
+    where a file goes) is refused with FileExistsError before anything moves. Once the set is
+    known to be publishable, ``before_moving(files)`` runs (to mark the folder as being
+    written). Folders left empty by a removal are removed. Returns the files now published,
+    relative, sorted.
+    """
+    produced = staged_files(staged)
+    conflicts = unowned_destinations(produced, final, owned)
+    if conflicts:
+        raise FileExistsError(
+            f"{str(final)!r} holds {conflicts[:5]}, which gfn-spin did not write there; a save "
+            "never replaces a file it did not write: move those files away, or save elsewhere"
+        )
+    if before_moving is not None:
+        before_moving(produced)
+    for name in produced:
+        (final / name).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staged / name, final / name)
+    for name in sorted((owned or set()) - set(produced) - {DIRECTORY_MARKER}):
+        _remove_file(final, name)
+    return produced
+
+
+def _remove_file(root: Path, name: str) -> None:
+    """Unlink ``root/name`` (a file or a link, never what a link points to; no path through a
+    symlinked folder), then the folders it leaves empty below ``root``."""
+    path = root / name
+    if any((root / p).is_symlink() for p in Path(name).parents if str(p) != "."):
+        return
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+        _prune_empty(path.parent, root)
+
+
+def _prune_empty(directory: Path, root: Path) -> None:
+    """Remove ``directory`` and its parents up to (not including) ``root`` while they are empty."""
+    while directory != root and root in directory.parents:
+        try:
+            directory.rmdir()
+        except OSError:  # not empty (a user's file, say) or gone: leave it
+            return
+        directory = directory.parent
+
+
+def remove_owned(folder: str | os.PathLike) -> None:
+    """Remove what gfn-spin wrote into ``folder`` (the files its :data:`DIRECTORY_MARKER`
+    lists, then the marker), and ``folder`` itself once it is empty. A file a user added stays,
+    with the folders that hold it; a folder without such a list is left as it is."""
+    folder = Path(folder)
+    owned = owned_files(folder)
+    if owned is None or folder.is_symlink():
+        return
+    for name in sorted(owned):
+        _remove_file(folder, name)
+    (folder / DIRECTORY_MARKER).unlink(missing_ok=True)
+    _prune_empty(folder, folder.parent)
 
 
 @contextmanager
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory; on success it replaces ``path`` as a whole.
+    """Yield a temporary directory; on success its files are published at ``path``.
 
-    An existing ``path`` is replaced only when it is empty or was itself written here (it
-    holds :data:`DIRECTORY_MARKER`); any other folder is refused with FileExistsError before
-    the work inside the block starts, so a user's folder is never moved or deleted.
+    A new (or empty) ``path`` appears whole, by one rename. An existing folder is written into
+    only when gfn-spin wrote it (it holds :data:`DIRECTORY_MARKER`), and then only its own
+    files are replaced, each by an atomic rename (:func:`publish_files`); a file a user added
+    there stays as it was. Any other folder is refused with FileExistsError before the work
+    inside the block starts. While files are being replaced the marker says so, so that a kill
+    in between leaves a folder :func:`is_complete_directory` reports as unfinished.
     """
     final = Path(path)
     make_directory(final.parent)
@@ -216,30 +373,34 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     if final.is_dir() and any(final.iterdir()) and not (final / DIRECTORY_MARKER).is_file():
         raise FileExistsError(
             f"{str(final)!r} holds files that gfn-spin did not write (no {DIRECTORY_MARKER}); "
-            "it never replaces such a folder: choose a new path, or move that folder away"
+            "it never writes into such a folder: choose a new path, or move that folder away"
         )
     tmp = Path(tempfile.mkdtemp(prefix=final.name + ".", suffix=TMP_SUFFIX, dir=final.parent))
     try:
         yield tmp
-        (tmp / DIRECTORY_MARKER).touch()
-        if final.exists():
-            # A directory cannot be renamed over a non-empty one: move the old one aside first.
-            old = Path(
-                tempfile.mkdtemp(prefix=final.name + ".old.", suffix=TMP_SUFFIX, dir=final.parent)
-            )
-            os.replace(final, old / "previous")
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
+        if not final.exists() or not any(final.iterdir()):
+            produced = staged_files(tmp)
+            write_json_atomic({"files": produced, "complete": True}, tmp / DIRECTORY_MARKER)
+            os.replace(tmp, final)  # a directory may replace an empty one
         else:
-            os.replace(tmp, final)
+            owned = owned_files(final)
+            marker = final / DIRECTORY_MARKER
+
+            def mark_unfinished(files: list[str]) -> None:
+                listed = sorted((owned or set()) | set(files))
+                write_json_atomic({"files": listed, "complete": False}, marker)
+
+            produced = publish_files(tmp, final, owned, mark_unfinished)
+            write_json_atomic({"files": produced, "complete": True}, marker)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_pretrained_atomic(model: Any, path: str | os.PathLike) -> Path:
-    """``model.save_pretrained`` (a Policy, a transformers or peft model) into ``path`` as
-    one atomic folder (:func:`atomic_directory`): a kill leaves the old folder or the new one."""
+    """``model.save_pretrained`` (a Policy, a transformers or peft model) into ``path`` with
+    :func:`atomic_directory`: a new folder appears whole; an earlier save's files are replaced
+    one atomic rename each, and a user's files there are kept."""
     with atomic_directory(path) as tmp:
         model.save_pretrained(tmp)
     return Path(path)

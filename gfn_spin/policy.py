@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import operator
 import os
+import re
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from pickle import UnpicklingError  # the error class only: nothing is unpickled here
 from typing import Any
 
 import torch
@@ -26,7 +28,12 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from gfn_spin import adapters
-from gfn_spin.data import check_no_special_tokens, encode_prompt
+from gfn_spin.data import (
+    check_no_special_tokens,
+    encode_prompt,
+    is_blank,
+    warn_unknown_tokens,
+)
 from gfn_spin.density import Density, PromptLike, scores_from_steps
 from gfn_spin.devices import default_device, default_dtype
 from gfn_spin.io import make_directory
@@ -37,28 +44,30 @@ from gfn_spin.scores import TokenScores, position_mask
 def check_saved_adapter(path: str | os.PathLike, argument: str = "adapter") -> None:
     """Refuse a saved LoRA adapter that is missing, truncated or holds non-finite weights.
 
-    Read before peft loads it (safetensors: no code runs), so a corrupted adapter never
-    changes a model. A folder with only ``adapter_model.bin`` is left to peft, which reads it
-    with ``torch.load(weights_only=True)``.
+    Read before peft loads it (no code runs), so a corrupted adapter never changes a model:
+    ``adapter_model.safetensors`` with safetensors; a folder with only ``adapter_model.bin``
+    (a pickle) with ``torch.load(weights_only=True)``, refused for safety when the pickle holds
+    anything but tensors.
     """
-    from safetensors.torch import load_file
-
     folder = Path(path)
-    weights = folder / "adapter_model.safetensors"
     if not (folder / "adapter_config.json").is_file():
         raise FileNotFoundError(
             f"{argument}={str(path)!r} holds no adapter_config.json; give a folder written by "
             "Policy.save_pretrained for a policy that reads an adapter"
         )
+    weights = folder / "adapter_model.safetensors"
     if not weights.is_file():
-        return
-    try:
-        tensors = load_file(str(weights))
-    except Exception as error:
+        weights = folder / "adapter_model.bin"
+        if not weights.is_file():
+            return
+    tensors = _read_adapter_weights(weights)
+    if not tensors or not all(t.is_floating_point() for t in tensors.values()):
+        kinds = sorted({str(t.dtype) for t in tensors.values()})
         raise ValueError(
-            f"{str(weights)!r} is corrupted or truncated ({type(error).__name__}: "
-            f"{str(error)[:200]}); save the adapter again"
-        ) from error
+            f"{str(weights)!r} holds no LoRA weights ({len(tensors)} tensors of {kinds or 'no'} "
+            "dtype); loading it would leave the adapter at its initial, untrained values: "
+            "give the adapter saved for this model"
+        )
     bad = [
         name
         for name, tensor in tensors.items()
@@ -72,13 +81,60 @@ def check_saved_adapter(path: str | os.PathLike, argument: str = "adapter") -> N
         )
 
 
+def _read_adapter_weights(weights: Path) -> dict[str, torch.Tensor]:
+    """The tensors of an adapter's weights file, read without running any code in it."""
+    from safetensors.torch import load_file
+
+    try:
+        if weights.suffix == ".safetensors":
+            tensors = load_file(str(weights))
+        else:
+            tensors = torch.load(weights, weights_only=True, map_location="cpu")
+    except UnpicklingError as error:
+        raise ValueError(
+            f"{str(weights)!r} is not a plain tensor file: it holds Python objects that could "
+            "run code when loaded, so it was refused for safety and nothing in it was loaded. "
+            "Use an adapter saved as adapter_model.safetensors (Policy.save_pretrained)"
+        ) from error
+    except Exception as error:
+        raise ValueError(
+            f"{str(weights)!r} is corrupted or truncated ({type(error).__name__}: "
+            f"{str(error)[:200]}); save the adapter again"
+        ) from error
+    if not isinstance(tensors, dict) or not all(
+        isinstance(t, torch.Tensor) for t in tensors.values()
+    ):
+        raise ValueError(f"{str(weights)!r} does not hold tensors by name; save the adapter again")
+    return tensors
+
+
+#: peft's (torch's) report of one tensor of another shape.
+_SIZE_MISMATCH = re.compile(
+    r"size mismatch for (\S+): copying a param with shape (torch\.Size\(\[[^\]]*\]\)) "
+    r"from checkpoint, the shape in current model is (torch\.Size\(\[[^\]]*\]\))"
+)
+
+
 def _adapter_error(argument: str, path: str | os.PathLike, error: BaseException) -> ValueError:
+    mismatches = _SIZE_MISMATCH.findall(str(error))
+    if mismatches:
+        name, saved, expected = mismatches[0]
+        return ValueError(
+            f"{argument}={str(path)!r} holds LoRA tensors shaped for another model or rank: "
+            f"{len(mismatches)} tensor(s) differ, e.g. {name} is {list(_size(saved))} in "
+            f"the file but {list(_size(expected))} in this model. Give the adapter saved "
+            "for this base model (with the same lora rank)"
+        )
     return ValueError(
         f"{argument}={str(path)!r} could not be loaded as a LoRA adapter of this model "
         f"({type(error).__name__}: {' '.join(str(error).split())[:300]}); it was saved for "
-        "another model (tensor shapes differ) or is damaged: give the adapter saved for this "
-        "base model"
+        "another model or is damaged: give the adapter saved for this base model"
     )
+
+
+def _size(text: str) -> tuple[int, ...]:
+    """``torch.Size([4, 64])`` (as torch prints it) → ``(4, 64)``."""
+    return tuple(int(n) for n in re.findall(r"\d+", text))
 
 
 @dataclass
@@ -257,6 +313,7 @@ class Policy(Density):
             FileNotFoundError, ValueError: the folder holds no adapter, or its weights are
                 truncated, non-finite or shaped for another model (the path is named).
         """
+        adapters.check_adapter_name(name)
         check_saved_adapter(path, "path")
         try:
             self.model = adapters.load_adapter(self.model, str(path), name, is_trainable=trainable)
@@ -325,6 +382,14 @@ class Policy(Density):
         if isinstance(prompts, str):
             raise TypeError("prompts must be a list of strings or of token-id lists, not a str")
         texts = [(i, p) for i, p in enumerate(prompts) if isinstance(p, str)]
+        blank = [i for i, p in texts if is_blank(p)] + [
+            i for i, p in enumerate(prompts) if not isinstance(p, str) and len(p) == 0
+        ]
+        if blank:
+            raise ValueError(
+                f"prompts{sorted(blank)[:5]} are empty; every prompt must hold text (or at "
+                "least one token id), as in a dataset: drop or fill these prompts"
+            )
         if texts:
             check_no_special_tokens(
                 self._tokenizer,
@@ -340,6 +405,7 @@ class Policy(Density):
                     encoded.append(encode_prompt(self._tokenizer, prompt))
                 else:
                     encoded.append(self._tokenizer(prompt)["input_ids"])
+                    warn_unknown_tokens(self._tokenizer, encoded[-1], prompt)
             else:
                 try:
                     ids = [operator.index(t) for t in prompt]

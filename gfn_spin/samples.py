@@ -235,7 +235,15 @@ def ancestral_sample(
         if on_state is not None:
             on_state(step, active, state)
         logprobs = _sampling_logprobs(state.next_logprobs, temperature, top_p)
-        token = torch.multinomial(logprobs.exp(), 1, generator=generator).squeeze(1)
+        try:
+            token = torch.multinomial(logprobs.exp(), 1, generator=generator).squeeze(1)
+        except RuntimeError as error:  # torch's "probability tensor contains inf/nan"
+            if bool(torch.isfinite(logprobs).any(-1).all()):
+                raise
+            raise FloatingPointError(
+                f"the density's next-token probabilities are NaN or inf at response position "
+                f"{step}: its weights (or a component's) are not finite or far too large"
+            ) from error
         log_q[active] += logprobs.gather(1, token[:, None]).squeeze(1)
         going_on = token != eos
         response_ids[active[going_on], step] = token[going_on]

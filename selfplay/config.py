@@ -9,16 +9,17 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Literal, get_args, get_type_hints
 
 from gfn_spin.devices import check_device
-from gfn_spin.io import dataclass_from_dict
+from gfn_spin.io import dataclass_from_dict, settings_as_applied
 from gfn_spin.options import option
 from gfn_spin.samples import check_count
 from gfn_spin.schedules import LrDecay
 from objectives.spin import LOSS_TYPES
 from samplers.gflownet import GFlowNetConfig
+from samplers.gflownet.config import RUN_DERIVED_FIELDS
 
 #: α-SPIN run fields that may differ when a run is resumed (they do not change its results);
 #: a GFlowNet fit has its own, samplers.gflownet.config.RESUMABLE_FIELDS.
@@ -115,6 +116,7 @@ class AlphaSpinConfig:
         factory=opponent_gflownet_config,
         help="Settings of the GFlowNet opponent, fitted on the prompts at every "
         "iteration (its max_new_tokens, adapter_name and seed are set by the run).",
+        derived=RUN_DERIVED_FIELDS,
     )
     gflownet_warm_start: bool = option(
         True,
@@ -282,9 +284,10 @@ class AlphaSpinConfig:
         return "exact" if self.alpha in (0.0, 1.0) else "auto"
 
     def to_dict(self) -> dict[str, Any]:
-        """The settings as JSON values (the nested GFlowNet config as a dict, tuples as lists),
-        so that a config read back from a manifest compares equal to a fresh one."""
-        return json.loads(json.dumps(asdict(self)))
+        """The settings as JSON values (the nested GFlowNet config as a dict without the fields
+        the run sets itself, tuples as lists), so that a config read back from a manifest
+        compares equal to a fresh one and records only settings that are applied."""
+        return json.loads(json.dumps(settings_as_applied(self)))
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> AlphaSpinConfig:

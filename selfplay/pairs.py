@@ -8,6 +8,7 @@ parquet file is :mod:`selfplay.iteration_data`'s.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
@@ -17,7 +18,7 @@ from typing import Any
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
-from gfn_spin.data import first_problems
+from gfn_spin.data import first_problems, is_blank
 
 #: File suffixes ``datasets`` loads by builder name.
 _BUILDERS = {
@@ -70,6 +71,9 @@ def _load_source(source: str | os.PathLike, split: str) -> Dataset:
             )
         if path.stat().st_size == 0:
             raise ValueError(f"dataset={str(source)!r} is an empty file; give a file with rows")
+        _check_single_split(source, split, "a single file")
+        if builder in ("json", "csv"):
+            _check_utf8(path, source)
         try:
             return load_dataset(builder, data_files=str(path), split="train")
         except Exception as error:  # datasets/pyarrow raise many types for damaged files
@@ -88,6 +92,7 @@ def _load_source(source: str | os.PathLike, split: str) -> Dataset:
                     f"splits: {sorted(saved)}"
                 )
             return saved[split]
+        _check_single_split(source, split, "a folder of one dataset (no splits)")
         return saved
     # A folder of data files or a hub name: the ordinary loader (no network in tests).
     try:
@@ -96,6 +101,42 @@ def _load_source(source: str | os.PathLike, split: str) -> Dataset:
         if not path.is_dir():
             raise  # a hub name: the loader's own message (network, missing repository)
         raise _unreadable(source, error, f"as a folder of data files (split={split!r})") from error
+
+
+def _check_utf8(path: Path, source: Any) -> None:
+    """Refuse a text file that is not UTF-8, naming the line: the json and csv loaders accept
+    such a file and fail only when a column is read, with the codec's bare message."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line = 1
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as error:
+                line += block[: error.start].count(b"\n")
+                raise ValueError(
+                    f"dataset={str(source)!r} is not UTF-8 text (line {line}: {error.reason} at "
+                    f"byte {error.object[error.start : error.start + 1]!r}); save it as UTF-8"
+                ) from None
+            line += block.count(b"\n")
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise ValueError(
+                f"dataset={str(source)!r} is not UTF-8 text (it ends inside a character); save "
+                "it as UTF-8"
+            ) from None
+
+
+def _check_single_split(source: Any, split: str, what: str) -> None:
+    """A source without named splits loads as its one split "train"; any other split name
+    would be ignored (and recorded in the run's manifest as if it were read): refuse it."""
+    if split != "train":
+        raise ValueError(
+            f"dataset_split={split!r} does not apply to dataset={str(source)!r}, which is {what} "
+            "and loads as its one split 'train'; drop --dataset-split, or give a dataset that "
+            f"has a split named {split!r}"
+        )
 
 
 def _check_fields(prompts: Sequence[Any], responses: Sequence[Any]) -> None:
@@ -107,7 +148,7 @@ def _check_fields(prompts: Sequence[Any], responses: Sequence[Any]) -> None:
     for row, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
         if not isinstance(prompt, str):
             bad.append(f"row {row}: prompt is {prompt!r:.60} ({type(prompt).__name__})")
-        elif not prompt.strip():
+        elif is_blank(prompt):
             bad.append(f"row {row}: prompt is empty")
         if not isinstance(response, str):
             bad.append(f"row {row}: response is {response!r:.60} ({type(response).__name__})")

@@ -10,6 +10,7 @@ writers name them, and ``iterates/iter_N`` folders the manifest does not list.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -22,12 +23,16 @@ from accelerate import PartialState
 
 from gfn_spin.checkpoint import identity_differences
 from gfn_spin.io import (
+    DIRECTORY_MARKER,
     RUN_MARKER,
     claim_run_directory,
     is_temporary_of,
     make_directory,
+    owned_files,
+    remove_owned,
     write_json_atomic,
 )
+from samplers.gflownet.config import RUN_DERIVED_FIELDS
 from selfplay.iterates import iterate_name
 
 #: The run's manifest: identity, completed steps and per-iterate records.
@@ -36,6 +41,33 @@ MANIFEST = "manifest.json"
 DATA_HASH = "data_sha256"
 #: The tool named in an α-SPIN run folder's marker (:data:`gfn_spin.io.RUN_MARKER`).
 RUN_TOOL = "selfplay.AlphaSpinTrainer"
+#: Manifest key of the SHA-256 of what each completed step wrote (data files, iterates).
+CONTENT_HASHES = "content_sha256"
+
+
+def content_sha256(path: Path) -> str:
+    """SHA-256 of a file, or of a folder's files (relative names and contents, in name order;
+    the folder's :data:`gfn_spin.io.DIRECTORY_MARKER` and files a user added are left out
+    when the marker lists what gfn-spin wrote)."""
+    digest = hashlib.sha256()
+    if path.is_file():
+        files = [path]
+    else:
+        owned = owned_files(path)
+        files = sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file()
+            and p.name != DIRECTORY_MARKER
+            and (owned is None or p.relative_to(path).as_posix() in owned)
+        )
+    for file in files:
+        digest.update(file.relative_to(path).as_posix().encode() if file != path else b"")
+        digest.update(b"\0")
+        with open(file, "rb") as stream:
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def _data_change(old: Any, new: Any) -> str:
@@ -43,6 +75,16 @@ def _data_change(old: Any, new: Any) -> str:
         f"the dataset's content differs from the run's: sha256 {str(old)[:12]}…, now "
         f"{str(new)[:12]}…; rows were edited, added or removed since the run started"
     )
+
+
+def _forget_derived(identity: dict[str, Any]) -> None:
+    """Drop the GFlowNet settings the run sets itself from a run recorded before they were
+    left out of the record (they were never applied), so that such a run still resumes."""
+    config = identity.get("config")
+    gflownet = config.get("gflownet") if isinstance(config, dict) else None
+    if isinstance(gflownet, dict):
+        for name in RUN_DERIVED_FIELDS:
+            gflownet.pop(name, None)
 
 
 def _run_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -103,6 +145,8 @@ class RunDirectory:
             )
         try:
             manifest = self._read_manifest()
+            if manifest is not None:
+                _forget_derived(manifest["identity"])
             if manifest is not None and DATA_HASH not in manifest["identity"]:
                 # A run recorded without the data's hash: trust the data once, record it now.
                 manifest["identity"][DATA_HASH] = identity.get(DATA_HASH)
@@ -116,6 +160,7 @@ class RunDirectory:
             self.manifest = manifest or {"identity": identity, "done": [], "records": []}
             if state.is_main_process:
                 self._clean()
+                self._check_contents()
                 if manifest is not None:
                     # metrics.json mirrors the manifest's records: rewrite it, whatever it holds.
                     write_json_atomic(self.manifest, self.path)
@@ -173,7 +218,7 @@ class RunDirectory:
         an ``iter_N`` folder inside ``iterates/``.
         """
 
-        def remove(entry: Path) -> None:
+        def remove(entry: Path) -> None:  # a temporary of this run's own writers
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
             else:
@@ -198,7 +243,7 @@ class RunDirectory:
                     continue  # not a name this run writes: leave it alone
                 if entry.name == final:
                     if f"train_{final}" not in self.manifest["done"]:
-                        remove(entry)
+                        remove_owned(entry)  # the iterate's files; a user's file there stays
                 elif is_temporary_of(entry.name, final):
                     remove(entry)
         opponents = self.root / "opponents"
@@ -208,14 +253,57 @@ class RunDirectory:
                 if _OPPONENT.fullmatch(final) and is_temporary_of(entry.name, final):
                     remove(entry)
 
+    def _written_by(self, step: str) -> Path | None:
+        """What a completed step wrote: ``data_t`` its parquet, ``train_iter_t`` its iterate."""
+        if re.fullmatch(r"data_\d+", step):
+            return self.data_path(int(step[5:]))
+        if re.fullmatch(r"train_iter_\d+", step):
+            return self.iterate_path(int(step[11:]))
+        return None
+
+    def _check_contents(self) -> None:
+        """Refuse a run whose saved data or iterates differ from what it wrote (edited,
+        replaced by zeros, swapped with another run's): each was hashed when its step was
+        recorded, and a resume would otherwise train on, or score against, something else."""
+        hashes = self.manifest.get(CONTENT_HASHES, {})
+        if not isinstance(hashes, dict):
+            raise ValueError(
+                f"output_dir={str(self.root)!r} has a corrupted {MANIFEST} ({CONTENT_HASHES} is "
+                "not an object); delete the run directory to start over, or choose a new output_dir"
+            )
+        for step in self.manifest["done"]:
+            path = self._written_by(step)
+            if path is not None and not path.exists():
+                raise ValueError(
+                    f"output_dir={str(self.root)!r}: {MANIFEST} lists step {step} as done, but "
+                    f"{path.relative_to(self.root)} is missing (removed, or the manifest was "
+                    "edited). Restore it, or start the run afresh in a new output_dir"
+                )
+        for step, recorded in sorted(hashes.items()):
+            path = self._written_by(step)
+            if path is None or step not in self.manifest["done"]:
+                continue
+            now = content_sha256(path)
+            if now != recorded:
+                raise ValueError(
+                    f"output_dir={str(self.root)!r}: {path.relative_to(self.root)} differs from "
+                    f"what the run wrote at step {step} (sha256 {str(recorded)[:12]}…; it now "
+                    f"has sha256 {now[:12]}…): it was edited or replaced since. Restore it, or "
+                    "start the run afresh in a new output_dir"
+                )
+
     def done(self, step: str) -> bool:
         return step in self.manifest["done"]
 
     def complete(self, step: str, record: dict[str, Any] | None = None) -> None:
-        """Mark ``step`` done (and append its record) with one atomic manifest write."""
+        """Mark ``step`` done (and append its record, and the content hash of what it wrote)
+        with one atomic manifest write."""
         if record is not None:
             self.manifest["records"].append(record)
         self.manifest["done"].append(step)
+        written = self._written_by(step)
+        if self.state.is_main_process and written is not None and written.exists():
+            self.manifest.setdefault(CONTENT_HASHES, {})[step] = content_sha256(written)
         if self.state.is_main_process:
             write_json_atomic(self.manifest, self.path)
             write_json_atomic(self.manifest["records"], self.root / "metrics.json")

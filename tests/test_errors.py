@@ -283,6 +283,7 @@ def test_main_job_missing_prompts_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="prompts_file=.*is not a file"):
         geometric_mixture.main(
             ["--output-dir", str(tmp_path), "--prompts-file", str(tmp_path / "none.txt")]
+            + ["--model", str(tmp_path / "m"), "--base", str(tmp_path / "m")]  # real models only
         )
     assert not (tmp_path / "results.json").exists()
 

@@ -29,7 +29,7 @@ from experiments.common import (
     split_train_eval,
 )
 from gfn_spin import GeometricMixture, Policy
-from gfn_spin.io import LOCK_FILE, RUN_MARKER, DirectoryInUseError
+from gfn_spin.io import DIRECTORY_MARKER, LOCK_FILE, RUN_MARKER, DirectoryInUseError
 from samplers import GFlowNetSampler
 from samplers.gflownet import TRAINER_STATE
 from selfplay import AlphaSpinConfig, AlphaSpinTrainer
@@ -119,7 +119,7 @@ def test_malicious_pickled_model_and_adapter_weights_do_not_run(world, tmp_path)
         _malicious_pickle(weights.with_suffix(".bin"), marker)
     folder = next(adapter_dir.rglob("adapter_config.json")).parent
     fresh = world.load_policy("base", device="cpu", dtype=torch.float32)
-    with pytest.raises(ValueError, match="could not be loaded as a LoRA adapter"):
+    with pytest.raises(ValueError, match="not a plain tensor file.*refused for safety"):
         fresh.load_adapter(folder, "x")
     assert not marker.exists()
 
@@ -237,6 +237,9 @@ def test_a_resumed_run_removes_only_its_own_leftovers(world, tmp_path):
     for name in own:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("partial")
+    # The unlisted iterate was published whole, with the list of the files its save wrote.
+    listing = {"files": ["adapter_config.json"], "complete": True}
+    (tmp_path / "iterates" / "iter_1" / DIRECTORY_MARKER).write_text(json.dumps(listing))
     run = RunDirectory(tmp_path, trainer.identity, PartialState(cpu=True))
     run.close()
     assert _unchanged(tmp_path, files)

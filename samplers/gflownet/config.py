@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
+from gfn_spin.adapters import check_adapter_name
 from gfn_spin.io import dataclass_from_dict
 from gfn_spin.options import option
 from gfn_spin.samples import check_count
@@ -28,6 +29,30 @@ assert get_args(Weighting) == WEIGHTINGS and get_args(TerminationGradient) == TE
 
 #: Config fields a resumed fit may change (they do not change the trajectory of the steps done).
 RESUMABLE_FIELDS = ("steps", "checkpoint_every")
+#: Fields a run that fits GFlowNets sets itself (its length cap, one adapter name and seed per
+#: fit): a study's or α-SPIN's nested GFlowNet config offers no flag for them and records none.
+RUN_DERIVED_FIELDS = ("max_new_tokens", "adapter_name", "seed")
+
+
+#: What 0 means for the count fields that may be 0.
+_ZERO = {
+    "steps": "no training",
+    "warmup_steps": "no warmup",
+    "eval_every": "never",
+    "checkpoint_every": "only at the end",
+}
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_real(name: str, value: Any, low: float, open_low: bool) -> None:
+    """Refuse a setting that is not a finite number above ``low`` (or at least ``low``)."""
+    if not (_is_real(value) and (value > low if open_low else value >= low)):
+        bound = f"> {low:g}" if open_low else f">= {low:g}"
+        raise ValueError(f"{name}={value!r} must be a finite number {bound}")
+
 
 #: Where the "cosine" and "linear" decays of a GFlowNet fit end, as a fraction of the peak.
 LR_FLOOR = 0.05
@@ -161,26 +186,41 @@ class GFlowNetConfig:
         ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be one of {choices}")
-        if self.steps < 0 or self.warmup_steps < 0:
-            raise ValueError("steps and warmup_steps must be >= 0")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate={self.learning_rate} must be > 0")
-        if self.max_grad_norm is not None and not 0 < self.max_grad_norm < math.inf:
+        for name in ("steps", "warmup_steps", "eval_every", "checkpoint_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name}={value!r} must be an integer >= 0 (0: {_ZERO[name]})")
+        for name in ("eval_prompts", "eval_samples"):
+            check_count(name, getattr(self, name))
+        # Finite and in range: a NaN or inf here ends in a diverged fit or in torch's
+        # "probability tensor contains inf/nan" far from the setting that caused it.
+        for name, low, open_low in (
+            ("learning_rate", 0.0, True),
+            ("lora_alpha", 0.0, True),  # 0 scales the update to nothing: nothing is trained
+            ("weight_decay", 0.0, False),
+            ("subtb_lambda", 0.0, False),
+            ("reward_temperature_start", 0.0, True),
+            ("reward_temperature_end", 0.0, True),
+        ):
+            _check_real(name, getattr(self, name), low, open_low)
+        if self.max_grad_norm is not None and not (
+            _is_real(self.max_grad_norm) and self.max_grad_norm > 0
+        ):
             raise ValueError(
-                f"max_grad_norm={self.max_grad_norm} must be a finite number > 0, or None for no "
-                "clipping"
+                f"max_grad_norm={self.max_grad_norm!r} must be a finite number > 0, or None for "
+                "no clipping"
             )
         for name in ("explore_prob", "replay_prob"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1]")
+            value = getattr(self, name)
+            if not (_is_real(value) and 0.0 <= value <= 1.0):
+                raise ValueError(f"{name}={value!r} must be a number in [0, 1]")
         low, high = self.explore_temperature
-        if not 0 < low <= high:
+        if not (math.isfinite(low) and math.isfinite(high) and 0 < low <= high):
             raise ValueError(
-                f"explore_temperature={self.explore_temperature} must be (low, high), 0 < low <= high"
+                f"explore_temperature={self.explore_temperature} must be (low, high), finite, "
+                "0 < low <= high"
             )
-        for name in ("reward_temperature_start", "reward_temperature_end"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        check_adapter_name(self.adapter_name)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> GFlowNetConfig:

@@ -151,6 +151,23 @@ class Parametrization(ABC):
             if k not in state or k not in mine or state[k].shape != mine[k].shape
         )
 
+    def check_shapes(self, state: dict[str, torch.Tensor], source: str) -> None:
+        """Refuse tensors of other names or shapes than this form's, naming ``source``, one
+        tensor's shapes and the fix (before anything is loaded)."""
+        wrong = self.mismatches(state)
+        if not wrong:
+            return
+        mine = self.state_dict()
+        name = wrong[0]
+        found = list(state[name].shape) if name in state else "missing"
+        wanted = list(mine[name].shape) if name in mine else "not a tensor of this form"
+        raise ValueError(
+            f"the {self.name} weights in {source} differ in name or shape from this sampler's: "
+            f"{len(wrong)} tensor(s), e.g. {name} is {found} there but {wanted} here; they were "
+            "saved with other settings (lora_rank, twist_width, ...) or for another model: load "
+            "them with the settings they were saved with"
+        )
+
     def write(self, directory: Path) -> None:
         """Write the trainable tensors into ``directory``."""
         save_file(
@@ -260,11 +277,7 @@ class TwistParametrization(Parametrization):
         return self.head.state_dict()
 
     def load_state_dict(self, state: dict[str, torch.Tensor], source: str) -> None:
-        wrong = self.mismatches(state)
-        if wrong:
-            raise ValueError(
-                f"twist head weights in {source} do not match this config: {wrong[:3]}"
-            )
+        self.check_shapes(state, source)
         self.head.load_state_dict(state)
 
     def rollout_reader(self) -> Callable[[Any], Sequence[torch.Tensor]]:
@@ -330,6 +343,7 @@ class AdapterParametrization(Parametrization):
         return self.adapter.state_dict()
 
     def load_state_dict(self, state: dict[str, torch.Tensor], source: str) -> None:
+        self.check_shapes(state, source)  # peft's own refusal is a size-mismatch dump
         self.adapter.load_state_dict(state, source)
 
     def write(self, directory: Path) -> None:

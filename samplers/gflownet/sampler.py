@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from accelerate.utils import broadcast
 
-from gfn_spin.checkpoint import CheckpointDirectory, check_identity
+from gfn_spin.checkpoint import CheckpointDirectory, check_identity, read_step_log
 from gfn_spin.checkpoint import latest_checkpoint as latest_in
 from gfn_spin.density import Density, PromptLike
 from gfn_spin.io import atomic_directory
@@ -44,6 +44,8 @@ from samplers.gflownet.trainer import GFlowNetTrainer, TrainState
 CONFIG_FILE = "gflownet_config.json"
 TRAINER_STATE = "trainer_state.pt"
 METRICS_FILE = "metrics.json"
+#: What a checkpoint's trainer state holds (the trainer's state_dict less step and metrics).
+TRAINER_STATE_KEYS = ("optimizer", "torch_rng", "python_rng", "replay", "features")
 #: The tool named in a GFlowNet checkpoint folder's marker.
 CHECKPOINT_TOOL = "samplers.GFlowNetSampler"
 
@@ -377,13 +379,18 @@ class GFlowNetSampler(Sampler):
             ) from error
         except Exception as error:
             raise corrupted(directory / TRAINER_STATE, error) from error
-        try:
-            log = json.loads((directory / METRICS_FILE).read_text())
-        except ValueError as error:
-            raise corrupted(directory / METRICS_FILE, error) from error
+        missing = sorted(set(TRAINER_STATE_KEYS) - set(state if isinstance(state, dict) else ()))
+        if missing:
+            error = ValueError(f"it lacks {missing}")
+            raise corrupted(directory / TRAINER_STATE, error) from None
+        step, metrics = read_step_log(directory / METRICS_FILE)  # the step its folder names
         weights = self.weights.read(directory)
+        self.weights.check_shapes(weights, str(directory))
+        try:
+            self.trainer.load_state_dict({**state, "step": step, "metrics": metrics})
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as error:
+            raise corrupted(directory / TRAINER_STATE, error) from error
         self.weights.load_state_dict(weights, str(directory))
-        self.trainer.load_state_dict({**state, "step": log["step"], "metrics": log["metrics"]})
 
 
 def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:

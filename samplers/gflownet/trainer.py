@@ -38,6 +38,7 @@ optimizer, generators, buffers and schedules that ``state_dict`` saves whole).
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -265,9 +266,10 @@ class GFlowNetTrainer:
         """The fit's steps and schedule length (defaults resolved), refused when negative, a
         schedule shorter than the fit, or a teacher that cannot be distilled."""
         total = self.config.steps if steps is None else steps
-        if total < 0:
-            raise ValueError(f"steps={total} must be >= 0")
         horizon = total if schedule_steps is None else schedule_steps
+        for name, value in (("steps", total), ("schedule_steps", horizon)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name}={value!r} must be an integer >= 0")
         if horizon < total:
             raise ValueError(
                 f"schedule_steps={schedule_steps} must be at least the fit's steps ({total})"
@@ -317,10 +319,14 @@ class GFlowNetTrainer:
             step = self.state.step
             lr = self.optimizer.param_groups[0]["lr"]
             temp = self.reward_temperature(step, horizon)
-            if source is None:
-                record = self.train_step(prompt_ids, temp)
-            else:
-                record = self.distill_step(prompt_ids, source)
+            try:
+                if source is None:
+                    record = self.train_step(prompt_ids, temp)
+                else:
+                    record = self.distill_step(prompt_ids, source)
+            except FloatingPointError as error:  # the batch's draw from q already diverged
+                self.diverged(step, total, lr, str(error))
+            self.check_finite(record["loss"], step + 1, total, lr)
             scheduler.step()
             self.state.step += 1
             done = self.state.step
@@ -346,6 +352,28 @@ class GFlowNetTrainer:
         if checkpoint is not None:
             checkpoint()
         return self.state.metrics
+
+    def check_finite(self, loss: float, step: int, total: int, lr: float) -> None:
+        """Stop a diverged fit at the step it diverged, before anything of it is saved or
+        sampled: a NaN or inf loss, or trainable weights that are no longer finite (a loss can
+        stay finite for a step after the weights turn NaN)."""
+        params = self.parametrization.trainable_parameters
+        # One reduction per tensor and one host sync per step.
+        finite = torch.stack([torch.isfinite(p.detach()).all() for p in params])
+        if math.isfinite(loss) and bool(finite.all()):
+            return
+        bad = int((~finite).sum())
+        what = f"loss {loss:.4g}; {bad} of {len(params)} trainable tensors hold NaN or inf"
+        self.diverged(step, total, lr, what)
+
+    @staticmethod
+    def diverged(step: int, total: int, lr: float, what: str) -> None:
+        """Raise the FloatingPointError of a fit that diverged after ``step`` steps."""
+        raise FloatingPointError(
+            f"the GFlowNet fit is not finite after step {step} of {total} ({what}); nothing "
+            f"of it is saved from here on. Lower learning_rate (the step ran at {lr:.3g}), "
+            "raise the reward temperatures, or clip gradients with max_grad_norm"
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed fit needs besides the trainable weights: the optimizer, both random
