@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[Row]]:
     parser.add_argument(
         "--parametrization",
         default="auto",
-        choices=PARAMETRIZATIONS,
+        choices=["auto", *PARAMETRIZATIONS],
         help="GFlowNetConfig.parametrization (auto); every other setting is the config default",
     )
     parser.add_argument(

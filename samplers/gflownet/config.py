@@ -15,13 +15,11 @@ from gfn_spin.io import dataclass_from_dict
 from gfn_spin.samples import check_count
 from objectives.subtb import TERMINATION_GRADIENTS, WEIGHTINGS
 
-Parametrization = Literal["auto", "lora", "residual", "twist"]
 Loss = Literal["subtb", "tb", "log_variance"]
 LrDecay = Literal["cosine", "constant"]
 Weighting = Literal["batch", "geometric_within"]
 TerminationGradient = Literal["all", "anchor"]
 
-PARAMETRIZATIONS: tuple[str, ...] = get_args(Parametrization)
 LOSSES: tuple[str, ...] = get_args(Loss)
 LR_DECAYS: tuple[str, ...] = get_args(LrDecay)
 assert get_args(Weighting) == WEIGHTINGS and get_args(TerminationGradient) == TERMINATION_GRADIENTS
@@ -39,13 +37,13 @@ class GFlowNetConfig:
     """Every setting of the GFlowNet sampler and its training (saved with the weights)."""
 
     max_new_tokens: int = _help(7, "Length cap L of responses (the stop at L is forced).")
-    parametrization: Parametrization = _help(
+    parametrization: str = _help(
         "auto",
         '"twist": local product × a twist head on the components\' hidden states (needs a '
         'GeometricMixture of policies); "residual": local product × a LoRA correction (needs a '
         'GeometricMixture); "lora": LoRA on the init policy\'s weights, one model pass per '
-        'token; "auto": twist, else residual, else lora, whichever the target allows '
-        "(docs/gflownet.md).",
+        'token; "auto": twist, else residual, else lora, whichever the target allows; or the '
+        "name of a registered samplers.gflownet.Parametrization (docs/gflownet.md).",
     )
     twist_width: int = _help(256, '"twist": hidden width of the twist head (an MLP).')
     twist_depth: int = _help(2, '"twist": hidden layers of the twist head.')
@@ -147,7 +145,6 @@ class GFlowNetConfig:
         ):
             check_count(name, getattr(self, name))
         for name, choices in (
-            ("parametrization", PARAMETRIZATIONS),
             ("loss", LOSSES),
             ("termination_gradient", TERMINATION_GRADIENTS),
             ("weighting", WEIGHTINGS),
