@@ -47,6 +47,11 @@ class GFlowNetConfig:
     )
     twist_width: int = _help(256, '"twist": hidden width of the twist head (an MLP).')
     twist_depth: int = _help(2, '"twist": hidden layers of the twist head.')
+    prompt_attention: int = _help(
+        64,
+        "\"prompt_twist\": width of the head's attention over the prompt's hidden states (4 "
+        "heads).",
+    )
     lora_rank: int = _help(32, "LoRA rank r (the published LM recipe uses 64).")
     lora_alpha: float = _help(
         32.0, "LoRA scaling numerator (the update is scaled by lora_alpha / lora_rank)."
@@ -137,6 +142,7 @@ class GFlowNetConfig:
             "lora_rank",
             "twist_width",
             "twist_depth",
+            "prompt_attention",
             "prompts_per_step",
             "samples_per_prompt",
             "replay_capacity",
