@@ -61,6 +61,11 @@ class GFlowNetConfig:
         "Also put LoRA on the output (LM head) layer, besides every attention and MLP projection.",
     )
     steps: int = _help(1000, "Optimizer steps of `fit` (when `fit` is not given `steps`).")
+    refine_steps: int = _help(
+        50,
+        "Steps of `refine`: a semi-amortized fit on the prompts about to be served, started "
+        "from the amortized weights.",
+    )
     learning_rate: float = _help(
         2e-3, "Peak AdamW learning rate (the published 1e-4 is for GPT-2-size models)."
     )
@@ -143,6 +148,7 @@ class GFlowNetConfig:
             "twist_width",
             "twist_depth",
             "prompt_attention",
+            "refine_steps",
             "prompts_per_step",
             "samples_per_prompt",
             "replay_capacity",
