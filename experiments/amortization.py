@@ -10,21 +10,22 @@ the eval prompts and (for the amortized fits) on as many train prompts, beside t
 maximum-likelihood oracle. Each amortized fit is then refined on the eval prompts for
 ``refine_steps`` (semi-amortized: warm-started from it). Every row carries its fit's model
 tokens (``fit_tokens``; a refinement's include the amortized fit's). Outputs:
-:mod:`experiments.ablation`.
+:mod:`experiments.studies`.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
-from experiments.ablation import AblationConfig, Setup, gfn_config, run_studies
 from experiments.evaluation import Entry, enumerate_components, evaluate_exact
+from experiments.studies import AblationConfig, Setup, gfn_config, run_studies
 from gfn_spin.exact import ExactDistribution, exact_distribution
 from gfn_spin.mixtures import GeometricMixture
+from gfn_spin.options import option
 from gfn_spin.samples import pad_responses
 from samplers.gflownet import GFlowNetSampler
 from samplers.weighting import model_tokens
@@ -41,30 +42,23 @@ class AmortizationConfig(AblationConfig):
     }
     """Settings of ``--quick`` (each one still at its default takes this value)."""
 
-    output_dir: str = field(
-        default="outputs/amortization",
-        metadata={"help": "Directory for ablation.csv, results.json, ablation.png and run.log."},
+    output_dir: str = option(
+        "outputs/amortization",
+        "Directory for ablation.csv, results.json, ablation.png and run.log.",
     )
-    amortization_steps: tuple[int, ...] = field(
-        default=(500, 2000, 6000),
-        metadata={
-            "help": "Cumulative training steps at which the amortization study measures both fits."
-        },
+    amortization_steps: tuple[int, ...] = option(
+        (500, 2000, 6000),
+        "Cumulative training steps at which the amortization study measures both fits.",
     )
-
-    amortization_forms: tuple[str, ...] = field(
-        default=("twist", "prompt_twist"),
-        metadata={
-            "help": "GFlowNet parametrizations fitted on the train prompts (each measured on "
-            "train and eval prompts)."
-        },
+    amortization_forms: tuple[str, ...] = option(
+        ("twist", "prompt_twist"),
+        "GFlowNet parametrizations fitted on the train prompts (each measured on train and eval "
+        "prompts).",
     )
-    refine_steps: int = field(
-        default=50,
-        metadata={
-            "help": "Steps of semi-amortized refinement on the eval prompts, warm-started from "
-            "each amortized fit after its last amortization_steps (0: none)."
-        },
+    refine_steps: int = option(
+        50,
+        "Steps of semi-amortized refinement on the eval prompts, warm-started from each "
+        "amortized fit after its last amortization_steps (0: none).",
     )
 
     def validate(self) -> None:

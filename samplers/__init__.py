@@ -33,7 +33,7 @@ as the proposal.
 
 from samplers.ancestral import AncestralSampler, ArithmeticMixtureSampler
 from samplers.base import Sampler, Samples
-from samplers.exact import ExactSampler
+from samplers.enumerated import ExactSampler
 from samplers.gflownet import GFlowNetSampler
 from samplers.importance import ImportanceResampler
 from samplers.smc import SMCSampler

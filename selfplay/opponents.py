@@ -10,6 +10,7 @@ import dataclasses
 import logging
 import os
 from collections.abc import Sequence
+from typing import Protocol
 
 from gfn_spin.density import Density
 from gfn_spin.mixtures import ArithmeticMixture
@@ -25,6 +26,25 @@ from selfplay.reference import history_mixture
 logger = logging.getLogger(__name__)
 
 
+class OpponentFactory(Protocol):
+    """What :class:`selfplay.AlphaSpinTrainer` calls to get iteration t's opponent sampler:
+    :func:`opponent_sampler`'s arguments and meaning (a benchmark may wrap it to time the
+    opponents it builds)."""
+
+    def __call__(
+        self,
+        config: AlphaSpinConfig,
+        reference: Density,
+        iterates: Sequence[Policy],
+        *,
+        max_new_tokens: int,
+        iteration: int,
+        fit_prompts: Sequence[Sequence[int]],
+        warm_start_from: str | os.PathLike | None,
+        save_to: str | os.PathLike | None,
+    ) -> Sampler: ...
+
+
 def opponent_sampler(
     config: AlphaSpinConfig,
     reference: Density,
@@ -34,8 +54,10 @@ def opponent_sampler(
     iteration: int,
     fit_prompts: Sequence[Sequence[int]] = (),
     warm_start_from: GFlowNetSampler | str | os.PathLike | None = None,
+    save_to: str | os.PathLike | None = None,
 ) -> Sampler:
-    """The sampler drawing y' for iteration t (``iterates = [π_0, ..., π_t]``).
+    """The sampler drawing y' for iteration t (``iterates = [π_0, ..., π_t]``); the default
+    :class:`OpponentFactory` of :class:`selfplay.AlphaSpinTrainer`.
 
     "ancestral" draws from π_t (reference log-probs still come from π_ref), "importance"
     resamples K proposals (M_h, the local product or π_t), "smc" runs N particles from the
@@ -43,7 +65,10 @@ def opponent_sampler(
     ``warm_start_from`` (the previous iteration's GFlowNet, a sampler or a saved folder) for
     ``config.gflownet_warm_steps`` steps at ``config.gflownet_warm_learning_rate`` when
     ``config.gflownet_warm_start`` allows it (see
-    :func:`fit_opponent_gflownet`), else from fresh weights for ``config.gflownet.steps``.
+    :func:`fit_opponent_gflownet`), else from fresh weights for ``config.gflownet.steps``;
+    the fitted GFlowNet is then saved to ``save_to`` when given, so that the next iteration
+    warm-starts from it, also after a resume. The other samplers learn nothing and save
+    nothing.
     """
     kind = config.resolved_sampler()
     if reference.normalized:
@@ -80,6 +105,8 @@ def opponent_sampler(
             ),
         )
         fit_opponent_gflownet(config, gflownet, fit_prompts, warm_start_from)
+        if save_to is not None:
+            gflownet.save(save_to)
         return gflownet
     raise ValueError(f"sampler={kind!r} cannot sample a geometric-mixture reference")
 

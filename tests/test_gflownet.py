@@ -41,7 +41,15 @@ def _batch(world, prompt, count: int = 6, seed: int = 0):
 
 
 def test_target_is_not_trivial(world):
-    """≥ 10^4 responses per prompt; at α = 0.5 base and π_t are both TV ≥ 0.15 from the target."""
+    """≥ 10^4 responses per prompt, and the α = 0.5 target is neither component.
+
+    The geometric mixtures p_α ∝ base^(1−α)·π_t^α are an exponential family in α, so
+    ``KL(p_α‖base)`` grows strictly with α (its derivative is ``α·Var_{p_α}[log π_t − log
+    base]``, zero only where π_t = base) and ``KL(p_α‖π_t)`` falls strictly to 0 at α = 1.
+    Checked on α ∈ {0, 0.25, 0.5} (and mirrored), with α = 0 (and 1) as the control that
+    reads 0: the target sits strictly between two different policies. The tests that fit
+    toward it compare exact divergences (no noise), so a strict gap is what they need; a
+    chosen TV floor would add nothing derived."""
     prompts = sorted(world.eval_prompts, key=len)
     for prompt in (prompts[0], prompts[-1]):
         base = exact_distribution(world.base, prompt, L)
@@ -53,8 +61,16 @@ def test_target_is_not_trivial(world):
         mixture = GeometricMixture([world.base, world.shifted], [0.5, 0.5])
         direct = exact_distribution(mixture, prompt, L)
         assert torch.allclose(direct.logprobs, target, atol=1e-9)
-        assert divergences(target, base.logprobs)["tv"] >= 0.15
-        assert divergences(target, shifted.logprobs)["tv"] >= 0.15
+
+        laws = {
+            alpha: torch.log_softmax((1 - alpha) * base.logprobs + alpha * shifted.logprobs, 0)
+            for alpha in (0.0, 0.25, 0.5, 0.75, 1.0)
+        }
+        from_base = [divergences(laws[a], base.logprobs)["kl_pq"] for a in (0.0, 0.25, 0.5)]
+        from_shifted = [divergences(laws[a], shifted.logprobs)["kl_pq"] for a in (1.0, 0.75, 0.5)]
+        for kls in (from_base, from_shifted):
+            assert abs(kls[0]) < 1e-12  # the control: the component itself
+            assert kls[0] < kls[1] < kls[2], kls
 
 
 @pytest.mark.parametrize("parametrization", ["lora", "residual"])

@@ -26,7 +26,7 @@ from typing import Literal
 
 import torch
 
-from gfn_spin.toyworld import ToyWorld, ToyWorldConfig, build_world
+from worlds.toy import ToyWorld, ToyWorldConfig, build_world
 
 Preset = Literal["overlap", "stress"]
 #: The toy world's shift rule behind each preset.

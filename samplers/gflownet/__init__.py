@@ -6,12 +6,8 @@ pluggable loss and batch source), and the sampler that fits, samples and checkpo
 from samplers.gflownet.batches import TrainingBatch
 from samplers.gflownet.config import LOSSES, GFlowNetConfig
 from samplers.gflownet.losses import OBJECTIVES, LossFunction
-from samplers.gflownet.parametrization import (
-    PARAMETRIZATIONS,
-    Parametrization,
-    build_parametrization,
-    register,
-)
+from samplers.gflownet.parametrization import Parametrization, build_parametrization
+from samplers.gflownet.registry import PARAMETRIZATIONS, register
 from samplers.gflownet.sampler import (
     CONFIG_FILE,
     TRAINER_STATE,

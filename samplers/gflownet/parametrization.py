@@ -1,7 +1,7 @@
 """The GFlowNet's parametrizations: the trainable density q, its weights, and its training data.
 
 For the sampler and its trainer: one :class:`Parametrization` subclass per form, registered by
-name in :data:`PARAMETRIZATIONS`; :func:`build_parametrization` turns a target, an init policy
+name in :data:`samplers.gflownet.registry.PARAMETRIZATIONS`; :func:`build_parametrization` turns a target, an init policy
 and a config into one. The forms and the ``auto`` choice are described in docs/gflownet.md
 (section "Adding a parametrization" shows a new one):
 
@@ -36,6 +36,7 @@ from gfn_spin.scores import TokenScores, weighted_logsum
 from gfn_spin.twisted_local_product import TwistedLocalProduct, TwistHead
 from samplers.gflownet.batches import TrainingBatch
 from samplers.gflownet.config import GFlowNetConfig
+from samplers.gflownet.registry import PARAMETRIZATIONS, register
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 TWIST_WEIGHTS = "twist_head.safetensors"
@@ -49,7 +50,8 @@ class Parametrization(ABC):
     the config's seed), and implements :meth:`trainable_parameters`, :meth:`state_dict`,
     :meth:`load_state_dict`, :meth:`training_batch` and :meth:`scores`; :meth:`write` and
     :meth:`read` store the trainable tensors as safetensors. Decorate it with
-    :func:`register` to make it a ``GFlowNetConfig.parametrization`` choice.
+    :func:`samplers.gflownet.registry.register` to make it a
+    ``GFlowNetConfig.parametrization`` choice.
 
     Attributes:
         policy: q, a normalized density (score it, sample it, enumerate it).
@@ -162,19 +164,6 @@ class Parametrization(ABC):
         return state
 
 
-#: Every form by name, in the order ``auto`` tries them.
-PARAMETRIZATIONS: dict[str, type[Parametrization]] = {}
-
-
-def register(form: type[Parametrization]) -> type[Parametrization]:
-    """Class decorator: make ``form`` the ``GFlowNetConfig.parametrization`` choice
-    ``form.name`` (a name already taken is refused)."""
-    if form.name == "auto" or form.name in PARAMETRIZATIONS:
-        raise ValueError(f"parametrization name {form.name!r} is taken")
-    PARAMETRIZATIONS[form.name] = form
-    return form
-
-
 def auto_parametrization(target: Density) -> str:
     """The first registered form that supports ``target``: twist for a geometric mixture of
     policies (it reads their hidden states), residual for one over other densities, lora for
@@ -191,10 +180,6 @@ def build_parametrization(target: Density, init: Policy, config: GFlowNetConfig)
     name = config.parametrization
     if name == "auto":
         name = auto_parametrization(target)
-    if name not in PARAMETRIZATIONS:
-        raise ValueError(
-            f"parametrization={name!r} must be 'auto' or one of {sorted(PARAMETRIZATIONS)}"
-        )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         return PARAMETRIZATIONS[name](target, init, config)

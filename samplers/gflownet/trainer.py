@@ -34,7 +34,6 @@ take the whole batch's gradient on every process.
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -48,10 +47,11 @@ from tqdm.auto import tqdm
 
 from gfn_spin.density import Density
 from gfn_spin.samples import Samples, ancestral_sample, pad_responses
+from gfn_spin.schedules import lr_factor, lr_schedule
 from gfn_spin.scores import TokenScores
 from objectives.distill import distillation_loss
 from samplers.gflownet.batches import FeatureBuffer, TrainingBatch
-from samplers.gflownet.config import GFlowNetConfig
+from samplers.gflownet.config import LR_FLOOR, GFlowNetConfig
 from samplers.gflownet.losses import OBJECTIVES, LossFunction
 from samplers.gflownet.parametrization import Parametrization
 from samplers.replay import ReplayBuffer
@@ -369,23 +369,31 @@ class GFlowNetTrainer:
     # -- schedules ---------------------------------------------------------------------------
 
     def lr_factor(self, step: int, total: int) -> float:
-        """Learning rate at ``step`` of ``total`` over the peak: linear warmup over
-        ``warmup_steps`` (from 1/warmup at step 0), then constant or cosine to 5% of the peak."""
+        """Learning rate at ``step`` of ``total`` over the peak (:func:`gfn_spin.schedules.lr_factor`):
+        linear warmup over ``warmup_steps`` from 1/warmup at step 0, then ``lr_decay`` to
+        ``LR_FLOOR`` of the peak."""
         cfg = self.config
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.lr_decay == "constant":
-            return 1.0
-        frac = (step - cfg.warmup_steps) / max(total - cfg.warmup_steps, 1)
-        floor = 0.05
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * frac))
+        return lr_factor(
+            step,
+            total,
+            warmup_steps=cfg.warmup_steps,
+            decay=cfg.lr_decay,
+            min_lr_ratio=LR_FLOOR,
+            warmup_from_zero=False,
+        )
 
     def scheduler(self, total: int) -> torch.optim.lr_scheduler.LambdaLR:
         """The LR schedule of a fit of ``total`` steps, positioned at the current step (call
         its ``step()`` after each training step)."""
-        start = self.state.step
-        return torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda i: self.lr_factor(start + i, total)
+        cfg = self.config
+        return lr_schedule(
+            self.optimizer,
+            total,
+            warmup_steps=cfg.warmup_steps,
+            decay=cfg.lr_decay,
+            min_lr_ratio=LR_FLOOR,
+            warmup_from_zero=False,
+            start_step=self.state.step,
         )
 
     def reward_temperature(self, step: int, total: int) -> float:
@@ -410,7 +418,7 @@ class GFlowNetTrainer:
             with accelerator.accumulate(*([self.module] if self.module is not None else [])):
                 self.optimizer.zero_grad(set_to_none=True)
                 accelerator.backward(loss)
-                if self.config.max_grad_norm > 0:
+                if self.config.max_grad_norm is not None:
                     accelerator.clip_grad_norm_(
                         self.parametrization.trainable_parameters, self.config.max_grad_norm
                     )
