@@ -22,12 +22,12 @@ from torch import nn
 
 from gfn_spin.density import PromptLike
 from gfn_spin.policy import PolicyState
-from gfn_spin.scores import weighted_logsum
 from gfn_spin.twisted_local_product import (
     ComponentOutputs,
     TwistedLocalProduct,
     TwistHead,
     TwistState,
+    at_valid_states,
     head_inputs,
 )
 
@@ -122,28 +122,19 @@ class PromptTwistedLocalProduct(TwistedLocalProduct):
     and mask ``[B, P]`` of :func:`prompt_memory`, one per row (not per state).
     """
 
-    def _combine(
-        self,
-        steps: Sequence[torch.Tensor],
-        hidden: Sequence[torch.Tensor],
-        valid: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def _twist(self, hidden: Sequence[torch.Tensor], valid: torch.Tensor | None) -> torch.Tensor:
         count = len(self.components)
-        local = weighted_logsum(steps, self.local.weights)
         device = next(self.head.parameters()).device
         inputs = head_inputs(hidden[:count]).to(device)
         memory, mask = hidden[count].to(device), hidden[count + 1].to(device) > 0
         if inputs.dim() == 2:  # decoding: one state per row
-            twist = self.head(inputs, memory, mask)
-        else:  # [B, L+1, F]: the head runs on the valid states only (padding keeps q_loc)
-            if valid is None:
-                valid = torch.ones(inputs.shape[:2], dtype=torch.bool, device=device)
-            valid = valid.to(device)
-            rows = valid.nonzero()[:, 0]
-            picked = self.head(inputs[valid], memory[rows], mask[rows])
-            twist = picked.new_zeros((*valid.shape, local.shape[-1]))
-            twist = twist.index_put((valid,), picked)
-        return torch.log_softmax(local + twist.to(local.device), dim=-1)
+            return self.head(inputs, memory, mask)
+        # [B, L+1, F]: the head runs on the valid states only (padding keeps q_loc)
+        if valid is None:
+            valid = torch.ones(inputs.shape[:2], dtype=torch.bool, device=device)
+        valid = valid.to(device)
+        rows = valid.nonzero()[:, 0]
+        return at_valid_states(self.head(inputs[valid], memory[rows], mask[rows]), valid)
 
     def component_outputs(
         self, prompts: Sequence[PromptLike], response_ids: torch.Tensor, lengths: torch.Tensor
