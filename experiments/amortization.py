@@ -1,11 +1,16 @@
 """Is the GFlowNet's remaining error a matter of training steps, or of one adapter fitting many
-prompts?  ``python -m experiments.amortization``.
+prompts, and which option transfers to new prompts?  ``python -m experiments.amortization``.
 
 For whoever decides how to train a GFlowNet of the tiny world's geometric mixture
-(docs/toyworld.md): the base setting (``--gflownet.<field>``, constant learning rate) is fitted
-on the train prompts and, as a non-amortized reference, on the eval prompts themselves; exact
-TV after each of ``amortization_steps``, on the eval prompts and (for the amortized fit) on as
-many train prompts, beside the maximum-likelihood oracle. Outputs: :mod:`experiments.studies`.
+(docs/toyworld.md; ``--many_prompt overlap|stress``: the many-prompt world, whose eval prompts
+are new to every fit): the base setting (``--gflownet.<field>``, constant learning rate) is
+fitted on the train prompts in each form of ``amortization_forms``, and, as a non-amortized
+reference, on the eval prompts themselves; exact TV after each of ``amortization_steps``, on
+the eval prompts and (for the amortized fits) on as many train prompts, beside the
+maximum-likelihood oracle. Each amortized fit is then refined on the eval prompts for
+``refine_steps`` (semi-amortized: warm-started from it). Every row carries its fit's model
+tokens (``fit_tokens``; a refinement's include the amortized fit's). Outputs:
+:mod:`experiments.studies`.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from gfn_spin.mixtures import GeometricMixture
 from gfn_spin.options import option
 from gfn_spin.samples import pad_responses
 from samplers.gflownet import GFlowNetSampler
+from samplers.weighting import model_tokens
 
 
 @dataclass
@@ -34,18 +40,36 @@ class AmortizationOptions:
         (500, 2000, 6000),
         "Cumulative training steps at which the amortization study measures both fits.",
     )
+    amortization_forms: tuple[str, ...] = option(
+        ("twist", "prompt_twist"),
+        "GFlowNet parametrizations fitted on the train prompts (each measured on train and eval "
+        "prompts).",
+    )
+    refine_steps: int = option(
+        50,
+        "Steps of semi-amortized refinement on the eval prompts, warm-started from each "
+        "amortized fit after its last amortization_steps (0: none).",
+    )
 
     def validate(self, config: AblationConfig) -> None:
         """Raise on bad values before any model work (``config``: the one holding these)."""
         if not self.amortization_steps or min(self.amortization_steps) < 1:
             raise ValueError(f"amortization_steps={self.amortization_steps} must be >= 1")
+        for form in self.amortization_forms:
+            gfn_config(config, f"parametrization={form}", 0.5, 7)
+        if self.refine_steps < 0:
+            raise ValueError(f"refine_steps={self.refine_steps} must be >= 0")
 
 
 @dataclass
 class AmortizationConfig(AblationConfig):
     """SubTB fitted on the train prompts and on the eval prompts, and the likelihood oracle."""
 
-    QUICK: ClassVar[dict[str, Any]] = {"num_eval_prompts": 2, "amortization_steps": (100, 300)}
+    QUICK: ClassVar[dict[str, Any]] = {
+        "num_eval_prompts": 2,
+        "amortization_steps": (100, 300),
+        "refine_steps": 20,
+    }
     """Settings of ``--quick`` (each one still at its default takes this value)."""
 
     output_dir: str = option(
@@ -96,9 +120,10 @@ def likelihood_fit(
 def amortization_alpha(
     config: AblationConfig, setup: Setup, alpha: float, logger: Any
 ) -> list[dict[str, Any]]:
-    """The base GFlowNet setting fitted on the train prompts vs on the eval prompts themselves.
+    """The base GFlowNet setting fitted on the train prompts (in each form of
+    ``amortization_forms``, then refined on the eval prompts) vs on the eval prompts themselves.
 
-    Both fits run with a constant learning rate so that one fit is measured after each of
+    All fits run with a constant learning rate so that one fit is measured after each of
     ``amortization_steps`` (a cosine schedule depends on the total). If the amortized fit
     stalls while the one on the eval prompts keeps improving, and its TV on train prompts is no better
     than on held-out ones, the limit is fitting many prompts with one adapter, not steps or
@@ -112,25 +137,63 @@ def amortization_alpha(
     train_probe = [list(p) for p in world.train_prompts[::stride][: len(eval_prompts)]]
     train_components = enumerate_components(world.base, world.shifted, train_probe, cap)
     measured = {"eval": (eval_prompts, components), "train": (train_probe, train_components)}
-    # (name, fit prompts, oracle?, prompts measured on): the eval-prompt fit is the
-    # non-amortized reference, so only its own prompts count.
-    fits = (
-        ("GFlowNet fit on train prompts", world.train_prompts, False, ("eval", "train")),
-        ("GFlowNet fit on eval prompts", eval_prompts, False, ("eval",)),
+    # (name, GFlowNet form, fit prompts, oracle?, prompts measured on): the eval-prompt fit is
+    # the non-amortized reference, so only its own prompts count.
+    fits = [
+        (
+            f"GFlowNet ({form}) fit on train prompts",
+            form,
+            world.train_prompts,
+            False,
+            ("eval", "train"),
+        )
+        for form in config.amortization_options.amortization_forms
+    ]
+    fits += [
+        (
+            "GFlowNet fit on eval prompts",
+            config.gflownet.parametrization,
+            eval_prompts,
+            False,
+            ("eval",),
+        ),
         (
             "Likelihood fit on exact target draws (oracle) on train prompts",
+            config.gflownet.parametrization,
             world.train_prompts,
             True,
             ("eval", "train"),
         ),
-    )
-    rows = []
-    for fit_name, prompts, oracle, measured_on in fits:
-        gfn = gfn_config(config, "lr_decay=constant", alpha, cap)
+    ]
+
+    def measure(name, sampler, on, setting, steps, seconds, tokens, evaluations) -> dict:
+        probe, probe_components = measured[on]
+        entry = Entry(f"{name}, TV on {on} prompts", sampler, sampler.policy, "")
+        (row,) = evaluate_exact(
+            config, world.shifted, cap, alpha, [entry], probe_components, probe, logger
+        )
+        row.update(
+            section="amortization",
+            setting=setting,
+            train_steps=steps,
+            train_seconds=seconds,
+            fit_tokens=tokens,
+            target_evaluations=evaluations,
+        )
+        logger.info("α=%g %s, %s: TV %.4f", alpha, entry.name, setting, row["tv"])
+        return row
+
+    def sampler_for(fit_name: str, form: str) -> GFlowNetSampler:
+        gfn = gfn_config(config, f"lr_decay=constant,parametrization={form}", alpha, cap)
         gfn.adapter_name += "_" + "".join(c if c.isalnum() else "_" for c in fit_name.lower())
-        sampler = GFlowNetSampler(target, world.shifted, gfn)
+        return GFlowNetSampler(target, world.shifted, gfn)
+
+    rows = []
+    for fit_name, form, prompts, oracle, measured_on in fits:
+        sampler = sampler_for(fit_name, form)
+        gfn = sampler.config
         generator, exact = torch.Generator().manual_seed(config.seed), {}
-        seconds = 0.0
+        seconds, tokens0 = 0.0, model_tokens(target, sampler.policy)
         for steps in sorted(config.amortization_options.amortization_steps):
             started = time.perf_counter()
             if oracle:
@@ -138,25 +201,41 @@ def amortization_alpha(
             else:
                 sampler.fit(prompts, steps=steps, progress=False)
             seconds += time.perf_counter() - started
-            for on in measured_on:
-                probe, probe_components = measured[on]
-                name = f"{fit_name}, TV on {on} prompts"
-                entry = Entry(name, sampler, sampler.policy, "")
-                (row,) = evaluate_exact(
-                    config, world.shifted, cap, alpha, [entry], probe_components, probe, logger
+            # the oracle reads the enumerated target: no count of evaluations applies
+            evaluations = None if oracle else steps * gfn.prompts_per_step * gfn.samples_per_prompt
+            tokens = None if oracle else model_tokens(target, sampler.policy) - tokens0
+            setting = f"{len(prompts)} fit prompts, {steps} steps"
+            rows += [
+                measure(fit_name, sampler, on, setting, steps, seconds, tokens, evaluations)
+                for on in measured_on
+            ]
+        if config.amortization_options.refine_steps and "train" in measured_on and not oracle:
+            refined = sampler_for(fit_name + " refined", form)
+            refined.warm_start(sampler)
+            started, before = time.perf_counter(), model_tokens(target, refined.policy)
+            refined.fit(
+                eval_prompts, steps=config.amortization_options.refine_steps, progress=False
+            )
+            extra = model_tokens(target, refined.policy) - before
+            setting = (
+                f"{len(prompts)} fit prompts, {steps} steps, then {config.amortization_options.refine_steps} steps "
+                f"on the eval prompts ({extra} tokens)"
+            )
+            rows.append(
+                measure(
+                    f"{fit_name}, refined on eval prompts",
+                    refined,
+                    "eval",
+                    setting,
+                    steps + config.amortization_options.refine_steps,
+                    seconds + time.perf_counter() - started,
+                    tokens + extra,
+                    evaluations
+                    + config.amortization_options.refine_steps
+                    * gfn.prompts_per_step
+                    * gfn.samples_per_prompt,
                 )
-                row.update(
-                    section="amortization",
-                    setting=f"{len(prompts)} fit prompts, {steps} steps",
-                    train_steps=steps,
-                    train_seconds=seconds,
-                    # the oracle reads the enumerated target: no count of evaluations applies
-                    target_evaluations=None
-                    if oracle
-                    else steps * gfn.prompts_per_step * gfn.samples_per_prompt,
-                )
-                logger.info("α=%g %s after %d steps: %.4f", alpha, name, steps, row["tv"])
-                rows.append(row)
+            )
     return rows
 
 

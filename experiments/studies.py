@@ -37,6 +37,7 @@ from experiments.evaluation import Components, EvaluationConfig, enumerate_compo
 from gfn_spin.io import write_text_atomic
 from gfn_spin.options import option
 from samplers.gflownet import GFlowNetConfig
+from worlds.many_prompt import ManyPromptConfig, build_many_prompt_world
 
 CSV_COLUMNS = (
     "section",
@@ -51,6 +52,7 @@ CSV_COLUMNS = (
     "tokens_per_draw",
     "train_steps",
     "train_seconds",
+    "fit_tokens",
     "target_evaluations",
     "log_z_error",
     "ess_per_token",
@@ -101,6 +103,12 @@ class AblationConfig(EvaluationConfig):
             (e.g. shift_rule=style sft_examples=8192: a shifted task that overlaps the base
             task); each distinct world is built once and cached.""",
     )
+    many_prompt: str = option(
+        "",
+        """A preset of the many-prompt world (worlds.many_prompt: "overlap" or "stress") to use
+        instead of the tiny world: its fit prompts are the train prompts, its new prompts (never
+        fitted, never in SFT) the eval prompts; empty: the tiny world.""",
+    )
     num_eval_prompts: int = option(
         4, "Held-out prompts whose target is enumerated (each has 21,845 responses at L=7)."
     )
@@ -117,6 +125,8 @@ class AblationConfig(EvaluationConfig):
     def validate(self) -> None:
         """Raise on bad values before any model work."""
         world_config(self.world)  # a bad --world setting fails here, not after loading
+        if self.many_prompt:
+            ManyPromptConfig(preset=self.many_prompt)
         check_alphas(self.alphas)
         for name in ("num_eval_prompts", "draws", "smc_runs"):
             if getattr(self, name) < 1:
@@ -159,7 +169,11 @@ class Setup:
         from worlds.toy import build_world
 
         started = time.perf_counter()
-        world = build_world(world_config(self.config.world), cache_dir=self.config.world_cache)
+        if self.config.many_prompt:
+            many = ManyPromptConfig(preset=self.config.many_prompt)
+            world = build_many_prompt_world(many, cache_dir=self.config.world_cache).world
+        else:
+            world = build_world(world_config(self.config.world), cache_dir=self.config.world_cache)
         self.logger.info("world ready in %.1f s", time.perf_counter() - started)
         return world
 

@@ -140,13 +140,16 @@ def _size(text: str) -> tuple[int, ...]:
 @dataclass
 class PolicyState:
     """Decoding state of a batch of prefixes: KV cache, mask, next positions, next log-probs,
-    and (when asked for with ``start(..., features=True)``) the last hidden state ``[B, H]``."""
+    and (when asked for with ``start(..., features=True)``) the last hidden state ``[B, H]`` and
+    the prompt's last hidden states ``[B, P, H]`` (left-padded as the first P columns of
+    ``attention_mask``), kept from the prefill for heads that read the whole prompt."""
 
     cache: DynamicCache
     attention_mask: torch.Tensor
     next_position: torch.Tensor
     next_logprobs: torch.Tensor
     next_features: torch.Tensor | None = None
+    prompt_features: torch.Tensor | None = None
 
     def select(self, index: torch.Tensor) -> PolicyState:
         cache = DynamicCache(ddp_cache_data=[(k[index], v[index]) for k, v, *_ in self.cache])
@@ -156,6 +159,7 @@ class PolicyState:
             self.next_position[index],
             self.next_logprobs[index],
             None if self.next_features is None else self.next_features[index],
+            None if self.prompt_features is None else self.prompt_features[index],
         )
 
 
@@ -623,6 +627,7 @@ class Policy(Density):
             prompt_lengths,
             self._log_softmax(out.logits[:, -1]),
             out.hidden_states[-1][:, -1].float() if features else None,
+            out.hidden_states[-1].float() if features else None,
         )
 
     def advance(self, state: PolicyState, tokens: torch.Tensor) -> PolicyState:
@@ -645,4 +650,5 @@ class Policy(Density):
             state.next_position + 1,
             self._log_softmax(out.logits[:, -1]),
             out.hidden_states[-1][:, -1].float() if features else None,
+            state.prompt_features,
         )

@@ -65,6 +65,13 @@ def head_inputs(hidden: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([h.float() for h in hidden], dim=-1)
 
 
+def at_valid_states(picked: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``[N, V]`` values of the ``N`` True entries of ``valid`` placed in a zero tensor of
+    shape ``[*valid.shape, V]``."""
+    twist = picked.new_zeros((*valid.shape, picked.shape[-1]))
+    return twist.index_put((valid,), picked)
+
+
 @dataclass
 class TwistState:
     """The components' decoding states (with features) and the twisted next-token log-probs."""
@@ -157,16 +164,17 @@ class TwistedLocalProduct(Density):
         on those states only and the others keep the local product (padding: half the states
         of a batch of short responses)."""
         local = weighted_logsum(steps, self.local.weights)
-        inputs = head_inputs(hidden).to(next(self.head.parameters()).device)
-        if valid is None:
-            twist = self.head(inputs)
-        else:
-            valid = valid.to(inputs.device)
-            picked = self.head(inputs[valid])  # bf16 under autocast
-            twist = picked.new_zeros((*valid.shape, local.shape[-1]))
-            twist = twist.index_put((valid,), picked)
+        twist = self._twist(hidden, valid)
         # Tokens the local product forbids stay forbidden (-inf + finite).
         return torch.log_softmax(local + twist.to(local.device), dim=-1)
+
+    def _twist(self, hidden: Sequence[torch.Tensor], valid: torch.Tensor | None) -> torch.Tensor:
+        """The head's log-twist at every state (zero at states outside ``valid``)."""
+        inputs = head_inputs(hidden).to(next(self.head.parameters()).device)
+        if valid is None:
+            return self.head(inputs)
+        valid = valid.to(inputs.device)
+        return at_valid_states(self.head(inputs[valid]), valid)  # bf16 under autocast
 
     def component_outputs(
         self, prompts: Sequence[PromptLike], response_ids: torch.Tensor, lengths: torch.Tensor

@@ -42,6 +42,7 @@ def test_tiny_ablation_writes_outputs(world, tmp_path):
             "--large-reference-particles", "8",
             "--amortization", "true",
             "--amortization-steps", "2", "4",
+            "--refine-steps", "2",
             "--progress", "false",
         ]
     )  # fmt: skip
@@ -51,16 +52,20 @@ def test_tiny_ablation_writes_outputs(world, tmp_path):
     amortized = [(r["name"], r["train_steps"]) for r in rows if r["section"] == "amortization"]
     # The amortized fits are measured on eval and train prompts, the reference on its own prompts.
     oracle = "Likelihood fit on exact target draws (oracle) on train prompts"
+    forms = [f"GFlowNet ({form}) fit on train prompts" for form in ("twist", "prompt_twist")]
     assert sorted(amortized) == sorted(
-        (f"{fit}, TV on {on} prompts", steps)
-        for fit, on in (
-            ("GFlowNet fit on train prompts", "eval"),
-            ("GFlowNet fit on train prompts", "train"),
-            ("GFlowNet fit on eval prompts", "eval"),
-            (oracle, "eval"),
-            (oracle, "train"),
-        )
-        for steps in ("2", "4")
+        [
+            (f"{fit}, TV on {on} prompts", steps)
+            for fit, on in (
+                *((form, on) for form in forms for on in ("eval", "train")),
+                ("GFlowNet fit on eval prompts", "eval"),
+                (oracle, "eval"),
+                (oracle, "train"),
+            )
+            for steps in ("2", "4")
+        ]
+        # each amortized form refined 2 steps on the eval prompts after its 4
+        + [(f"{form}, refined on eval prompts, TV on eval prompts", "6") for form in forms]
     )
     gflownet = [r for r in rows if r["section"] == "sweep" and r["name"].startswith("GFlowNet")]
     budgets = [r for r in rows if r["section"] == "sweep" and r["name"][:3] in ("SIR", "SMC")]

@@ -7,6 +7,8 @@ imported by name (nothing is imported here, so ``import worlds.toy`` loads only 
 - :mod:`worlds.scaled`: the scaled world, bounded-context policies (docs/scaled_world.md);
 - :mod:`worlds.bounded_context`: exact ``log Z``, sampling and divergences of bounded-context
   densities, the scaled world's truth beyond enumeration;
+- :mod:`worlds.many_prompt`: 5,120 prompts with a fixed split into fit and new prompts, every
+  response enumerable, for measuring transfer to new prompts (docs/toyworld.md);
 - :mod:`worlds.building`: what every world's build shares (cache by config hash, SFT).
 
 Worlds sit above :mod:`selfplay`: a world may train a policy of its pair with the toolkit's

@@ -73,6 +73,11 @@ class GFlowNetConfig:
     )
     twist_width: int = option(256, '"twist": hidden width of the twist head (an MLP).')
     twist_depth: int = option(2, '"twist": hidden layers of the twist head.')
+    prompt_attention: int = option(
+        64,
+        "\"prompt_twist\": width of the head's attention over the prompt's hidden states (4 "
+        "heads).",
+    )
     lora_rank: int = option(32, "LoRA rank r (the published LM recipe uses 64).")
     lora_alpha: float = option(
         32.0, "LoRA scaling numerator (the update is scaled by lora_alpha / lora_rank)."
@@ -82,6 +87,11 @@ class GFlowNetConfig:
         "Also put LoRA on the output (LM head) layer, besides every attention and MLP projection.",
     )
     steps: int = option(1000, "Optimizer steps of `fit` (when `fit` is not given `steps`).")
+    refine_steps: int = option(
+        50,
+        "Steps of `refine`: a semi-amortized fit on the prompts about to be served, started "
+        "from the amortized weights.",
+    )
     learning_rate: float = option(
         2e-3, "Peak AdamW learning rate (the published 1e-4 is for GPT-2-size models)."
     )
@@ -170,6 +180,8 @@ class GFlowNetConfig:
             "lora_rank",
             "twist_width",
             "twist_depth",
+            "prompt_attention",
+            "refine_steps",
             "prompts_per_step",
             "samples_per_prompt",
             "replay_capacity",

@@ -33,6 +33,7 @@ from gfn_spin import adapters
 from gfn_spin.density import Density, scores_from_steps
 from gfn_spin.mixtures import GeometricMixture
 from gfn_spin.policy import Policy
+from gfn_spin.prompt_twist import PromptAttentionTwistHead, PromptTwistedLocalProduct
 from gfn_spin.residual import ResidualLocalProduct
 from gfn_spin.scores import TokenScores, weighted_logsum
 from gfn_spin.twisted_local_product import TwistedLocalProduct, TwistHead
@@ -482,3 +483,40 @@ def corrupted(path: Path, error: Exception) -> ValueError:
         f"{str(path)!r} is corrupted or truncated ({type(error).__name__}: {error}); delete "
         "that folder (a fit then resumes from scratch) or save the sampler again"
     )
+
+
+@register
+class PromptTwistParametrization(TwistParametrization):
+    """``"prompt_twist"``: the twist head also attends over the prompt's hidden states
+    (:mod:`gfn_spin.prompt_twist`), kept from the rollout's prefill; a batch stores each row's
+    prompt memory once, not once per state."""
+
+    name = "prompt_twist"
+    weights_file = "prompt_twist_head.safetensors"
+
+    def __init__(self, target: Density, init: Policy, config: GFlowNetConfig) -> None:
+        local = geometric_mixture(target, self.name).local_product()
+        self.head = PromptAttentionTwistHead(
+            TwistedLocalProduct.in_features(local),
+            target.vocab_size,
+            width=config.twist_width,
+            depth=config.twist_depth,
+            attention=config.prompt_attention,
+        ).to(init.device)
+        self.policy = PromptTwistedLocalProduct(local, self.head)
+        self.init = init
+
+    def training_batch(
+        self,
+        target: Density,
+        rows: list[list[int]],
+        response_ids: torch.Tensor,
+        lengths: torch.Tensor,
+        group: torch.Tensor,
+        recorded: list[torch.Tensor] | None,
+    ) -> TrainingBatch:
+        if recorded is not None:
+            # The recorder stacks every output per state; the memory is the same at every
+            # state of a row, and s_0 is the one state every row visits.
+            recorded = recorded[:-2] + [r[:, 0] for r in recorded[-2:]]
+        return super().training_batch(target, rows, response_ids, lengths, group, recorded)

@@ -1,0 +1,271 @@
+"""The α-SPIN sampling regime on the many-prompt world: many prompts, 1-2 draws each per
+iteration, warm starts; exact TV and total model tokens of every opponent, fit included.
+
+For whoever chooses α-SPIN's opponent sampler. Per preset of ``worlds.many_prompt`` and per α,
+iterations t = 1..T use the reference ``π_ref,t ∝ π_0^(1-α) π_t^α`` (h = 1). The iterates π_t
+are the weight interpolations ``θ_0 + (t/T)(θ_shifted − θ_0)`` of the world's base and shifted
+policies (π_T is the shifted policy): a sequence of policies moving away from π_0 as self-play
+iterates do, without the cost of training them (what is measured is the opponent, which sees
+only π_ref,t). Each iteration the opponent draws ``--draws`` responses for each of ``--prompts``
+fit prompts (the same prompts every iteration, as SPIN's training set). Opponents:
+
+- GFlowNet (``GFlowNetConfig`` defaults, twist form unless ``--overrides`` says otherwise):
+  fitted on the iteration's prompts, cold at t = 1 (``--cold-steps``), warm-started from
+  iteration t − 1 at t ≥ 2 (``--warm-steps`` at ``--warm-learning-rate``). Its law is exact
+  (enumerated); its tokens are that iteration's fit plus its draws;
+- SIR with K candidates from the local product: exact law (``gfn_spin.exact.sir_output_laws``)
+  for every K of ``--candidates``; tokens measured by running it at each K on ``--cost-prompts``
+  prompts and scaled to all draws. Printed: the cheapest K at equal or lower TV than the
+  GFlowNet's, and the GFlowNet's tokens over its tokens;
+- SMC with N particles from the local product: its law has no closed form, so its TV is the
+  empirical TV of ``--smc-draws`` draws per probe prompt, printed beside the same estimator on as
+  many exact draws (the noise floor: only what lies above it is SMC's error). Tokens measured as
+  SIR's.
+
+TV is the mean over ``--probe`` evenly spaced prompts of those served, with its standard error
+over prompts. ``--quick`` runs a small setting (a few minutes on a CPU).
+
+    python -m bench.alpha_spin_regime --quick
+    python -m bench.alpha_spin_regime --presets stress --alphas 0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from bench._timing import emit
+from bench.alpha_spin_iteration import ReferenceLaw, counts
+from gfn_spin.mixtures import GeometricMixture
+from gfn_spin.policy import Policy
+from samplers import ImportanceResampler, SMCSampler
+from samplers.gflownet import GFlowNetConfig, GFlowNetSampler
+from samplers.weighting import model_tokens
+from worlds.many_prompt import ManyPromptConfig, ManyPromptWorld, build_many_prompt_world
+
+QUICK = {
+    "prompts": 256,
+    "iterations": 3,
+    "cold_steps": 150,
+    "warm_steps": 40,
+    "probe": 4,
+    "candidates": "1,4,16,64",
+    "particles": "4",
+    "smc_draws": 200,
+    "cost_prompts": 16,
+}
+
+
+def iterate(many: ManyPromptWorld, weight: float) -> Policy:
+    """The policy with weights ``(1 − weight)·θ_base + weight·θ_shifted``."""
+    policy = many.world.load_policy("shifted", dtype=torch.float32)
+    base = dict(many.world.base.model.named_parameters())
+    with torch.no_grad():
+        for name, parameter in policy.model.named_parameters():
+            parameter.lerp_(base[name], 1.0 - weight)
+    return policy
+
+
+def mean_and_error(values: Sequence[float]) -> tuple[float, float]:
+    """Mean over prompts and its standard error."""
+    spread = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+    return statistics.fmean(values), spread
+
+
+def per_prompt_tv(law: ReferenceLaw, laws: Sequence[torch.Tensor]) -> list[float]:
+    return [
+        0.5 * float((p.logprobs.exp() - q.exp()).abs().sum())
+        for p, q in zip(law.exact, laws, strict=True)
+    ]
+
+
+def draw_tokens(
+    sampler: Any, prompts: Sequence[Sequence[int]], draws: int, chunk: int = 256
+) -> int:
+    """Model tokens of ``draws`` draws for each prompt (sampled, in chunks)."""
+    before = sampler.tokens_evaluated()
+    for start in range(0, len(prompts), chunk):
+        sampler.sample(prompts[start : start + chunk], draws, generator=start)
+    return sampler.tokens_evaluated() - before
+
+
+def empirical_tv(law: ReferenceLaw, draws: Sequence[Sequence[tuple[int, ...]]]) -> list[float]:
+    """Per probe prompt, the TV between the empirical law of ``draws`` and the reference."""
+    return [
+        0.5 * float((target.empirical_logprobs(d).exp() - target.logprobs.exp()).abs().sum())
+        for target, d in zip(law.exact, draws, strict=True)
+    ]
+
+
+def responses(samples: Any) -> list[tuple[int, ...]]:
+    return [
+        tuple(r[:n])
+        for r, n in zip(samples.response_ids.tolist(), samples.lengths.tolist(), strict=True)
+    ]
+
+
+def regime(args: argparse.Namespace, preset: str, alpha: float) -> list[dict[str, Any]]:
+    """All iterations of one preset and α; one row per iteration."""
+    many = build_many_prompt_world(ManyPromptConfig(preset=preset))
+    cap, base = many.max_new_tokens, many.world.base
+    prompts = many.fit_prompts[: args.prompts]
+    probe = prompts[:: max(1, len(prompts) // args.probe)][: args.probe]
+    served = len(prompts) * args.draws
+    overrides = json.loads(args.overrides)
+    rows, previous = [], None
+    for t in range(1, args.iterations + 1):
+        current = iterate(many, t / args.iterations)
+        reference = GeometricMixture([base, current], [1 - alpha, alpha])
+        local = reference.local_product()
+        law = ReferenceLaw(reference, probe, cap)
+        config = GFlowNetConfig(
+            max_new_tokens=cap, adapter_name=f"regime_{t}", seed=args.seed + t, **overrides
+        )
+        gflownet = GFlowNetSampler(reference, current, config)
+        if previous is not None:
+            gflownet.warm_start(previous, learning_rate=args.warm_learning_rate)
+        fit_before = model_tokens(reference, gflownet.policy)
+        gflownet.fit(prompts, args.warm_steps if previous else args.cold_steps, progress=False)
+        fit_tokens = model_tokens(reference, gflownet.policy) - fit_before
+        gfn_draw_tokens = draw_tokens(gflownet, prompts, args.draws)
+        gfn_tv = mean_and_error(
+            per_prompt_tv(law, [law.law_of(gflownet.policy, p).logprobs for p in probe])
+        )
+        previous = gflownet
+
+        ks = counts(args.candidates)
+        sir_tv = {k: tv for k, tv in law.sir_tvs(local, ks).items()}
+        cost_prompts = prompts[: args.cost_prompts]
+        scale = served / (len(cost_prompts) * args.draws)
+        sir_tokens = {
+            k: draw_tokens(
+                ImportanceResampler(reference, local, k, max_new_tokens=cap),
+                cost_prompts,
+                args.draws,
+            )
+            * scale
+            for k in ks
+        }
+        matched = next((k for k in ks if sir_tv[k] <= gfn_tv[0]), None)
+        smc = {}
+        generator = torch.Generator().manual_seed(args.seed)
+        floor = mean_and_error(
+            empirical_tv(
+                law,
+                [
+                    [
+                        target.responses[i]
+                        for i in target.sample_indices(args.smc_draws, generator).tolist()
+                    ]
+                    for target in law.exact
+                ],
+            )
+        )
+        for n in counts(args.particles):
+            sampler = SMCSampler(reference, n, max_new_tokens=cap)
+            tokens = draw_tokens(sampler, cost_prompts, args.draws) * scale
+            draws = [
+                responses(sampler.sample([p], args.smc_draws, generator=args.seed)) for p in probe
+            ]
+            smc[n] = {"empirical_tv": mean_and_error(empirical_tv(law, draws)), "tokens": tokens}
+        gfn_total = fit_tokens + gfn_draw_tokens
+        row = {
+            "preset": preset,
+            "alpha": alpha,
+            "iteration": t,
+            "prompts": len(prompts),
+            "draws_per_prompt": args.draws,
+            "gflownet": {
+                "tv": gfn_tv,
+                "fit_tokens": fit_tokens,
+                "draw_tokens": gfn_draw_tokens,
+                "total_tokens": gfn_total,
+                "warm": t > 1,
+            },
+            "local_product_tv": sir_tv.get(1),
+            "sir": {k: {"tv": sir_tv[k], "tokens": sir_tokens[k]} for k in ks},
+            "sir_matched_k": matched,
+            "gflownet_over_sir_tokens": None
+            if matched is None
+            else gfn_total / sir_tokens[matched],
+            "smc": smc,
+            "smc_noise_floor_tv": floor,
+        }
+        report(row)
+        emit("alpha_spin_regime", **row)
+        rows.append(row)
+    return rows
+
+
+def report(row: dict[str, Any]) -> None:
+    g = row["gflownet"]
+    matched = row["sir_matched_k"]
+    print(
+        f"{row['preset']} α={row['alpha']} t={row['iteration']} ({row['prompts']} prompts × "
+        f"{row['draws_per_prompt']}): GFlowNet TV {g['tv'][0]:.4f} ± {g['tv'][1]:.4f}, tokens "
+        f"{g['total_tokens']:,} (fit {g['fit_tokens']:,}{', warm' if g['warm'] else ''})",
+        flush=True,
+    )
+    print(
+        "  SIR (local product) TV / tokens by K: "
+        + "; ".join(f"{k}: {v['tv']:.4f} / {v['tokens']:,.0f}" for k, v in row["sir"].items()),
+        flush=True,
+    )
+    if matched is None:
+        print("  no K of the grid reaches the GFlowNet's TV", flush=True)
+    else:
+        print(
+            f"  cheapest SIR at ≤ its TV: K = {matched}; GFlowNet tokens ÷ SIR tokens = "
+            f"{row['gflownet_over_sir_tokens']:.3f}",
+            flush=True,
+        )
+    for n, v in row["smc"].items():
+        print(
+            f"  SMC N = {n}: empirical TV {v['empirical_tv'][0]:.4f} ± {v['empirical_tv'][1]:.4f} "
+            f"(exact draws give {row['smc_noise_floor_tv'][0]:.4f}), tokens {v['tokens']:,.0f}",
+            flush=True,
+        )
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--presets", default="overlap,stress", help="comma-separated presets")
+    parser.add_argument("--alphas", default="0.5,0.95", help="comma-separated α")
+    parser.add_argument("--prompts", type=int, default=2048, help="prompts served per iteration")
+    parser.add_argument("--draws", type=int, default=2, help="draws per prompt per iteration")
+    parser.add_argument("--iterations", type=int, default=3, help="iterations T")
+    parser.add_argument("--cold-steps", type=int, default=1000, help="GFlowNet fit at t = 1")
+    parser.add_argument("--warm-steps", type=int, default=200, help="warm fit at t ≥ 2")
+    parser.add_argument("--warm-learning-rate", type=float, default=1e-3, help="warm peak rate")
+    parser.add_argument("--overrides", default="{}", help="GFlowNetConfig fields as JSON")
+    parser.add_argument("--candidates", default="1,2,4,8,16,32,64,128,256", help="SIR K grid")
+    parser.add_argument("--particles", default="4,16", help="SMC N grid")
+    parser.add_argument("--smc-draws", type=int, default=1000, help="SMC draws per probe prompt")
+    parser.add_argument("--probe", type=int, default=16, help="prompts of the exact TV")
+    parser.add_argument(
+        "--cost-prompts", type=int, default=64, help="prompts of SIR/SMC token counts"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="a small setting (minutes)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        for name, value in QUICK.items():
+            setattr(args, name, value)
+        args.presets, args.alphas = "stress", "0.5"
+    torch.set_num_threads(1)
+    return [
+        row
+        for preset in args.presets.split(",")
+        for alpha in (float(a) for a in args.alphas.split(","))
+        for row in regime(args, preset, alpha)
+    ]
+
+
+if __name__ == "__main__":
+    main()
