@@ -34,6 +34,7 @@ def opponent_sampler(
     iteration: int,
     fit_prompts: Sequence[Sequence[int]] = (),
     warm_start_from: GFlowNetSampler | str | os.PathLike | None = None,
+    progress: bool = False,
 ) -> Sampler:
     """The sampler drawing y' for iteration t (``iterates = [π_0, ..., π_t]``).
 
@@ -43,7 +44,8 @@ def opponent_sampler(
     ``warm_start_from`` (the previous iteration's GFlowNet, a sampler or a saved folder) for
     ``config.gflownet_warm_steps`` steps at ``config.gflownet_warm_learning_rate`` when
     ``config.gflownet_warm_start`` allows it (see
-    :func:`fit_opponent_gflownet`), else from fresh weights for ``config.gflownet.steps``.
+    :func:`fit_opponent_gflownet`), else from fresh weights for ``config.gflownet.steps``;
+    ``progress`` shows the fit's progress bar.
     """
     kind = config.resolved_sampler()
     if reference.normalized:
@@ -79,7 +81,7 @@ def opponent_sampler(
                 seed=derive_seed(config.seed, "gflownet", iteration),
             ),
         )
-        fit_opponent_gflownet(config, gflownet, fit_prompts, warm_start_from)
+        fit_opponent_gflownet(config, gflownet, fit_prompts, warm_start_from, progress=progress)
         return gflownet
     raise ValueError(f"sampler={kind!r} cannot sample a geometric-mixture reference")
 
@@ -89,6 +91,8 @@ def fit_opponent_gflownet(
     gflownet: GFlowNetSampler,
     fit_prompts: Sequence[Sequence[int]],
     warm_start_from: GFlowNetSampler | str | os.PathLike | None,
+    *,
+    progress: bool = False,
 ) -> bool:
     """Fit the opponent GFlowNet, warm-started when possible; returns whether it was.
 
@@ -111,5 +115,5 @@ def fit_opponent_gflownet(
                 "GFlowNet opponent: cold start, the warm start is impossible: %s", reason
             )
     steps = config.gflownet_warm_steps if warm else None
-    gflownet.fit(list(fit_prompts), steps, progress=False)
+    gflownet.fit(list(fit_prompts), steps, progress=progress)
     return warm

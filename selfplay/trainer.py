@@ -23,9 +23,11 @@ training goes through ``accelerate.Accelerator``; every process ends with the sa
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,12 +38,13 @@ from tqdm.auto import tqdm
 from gfn_spin.data import check_no_special_tokens
 from gfn_spin.density import Density
 from gfn_spin.devices import check_device, resolve_device
+from gfn_spin.io import write_json_atomic
 from gfn_spin.policy import Policy
 from gfn_spin.toyworld import ToyWorld, ToyWorldEvaluator, build_world
 from samplers.gflownet import GFlowNetSampler
 from selfplay.config import RESUMABLE_FIELDS, AlphaSpinConfig, derive_seed
 from selfplay.data import load_pairs, pairs_fingerprint
-from selfplay.generation import check_context_fits, make_iteration_data
+from selfplay.generation import check_context_fits, make_iteration_data, opponent_metrics
 from selfplay.iterates import freeze, iterate_name, load_iterate, new_iterate, save_iterate
 from selfplay.iteration_data import encode_examples, read_iteration_data, write_iteration_data
 from selfplay.opponents import opponent_sampler
@@ -205,6 +208,7 @@ class AlphaSpinTrainer:
             if not run.done(f"data_{t}"):
                 started = time.perf_counter()
                 previous = None if t == 0 else run.opponent_path(t - 1)
+                chunk_stats = []
                 sampler = opponent_sampler(
                     cfg,
                     reference,
@@ -213,6 +217,7 @@ class AlphaSpinTrainer:
                     iteration=t,
                     fit_prompts=self.examples.prompt_ids,
                     warm_start_from=previous if previous and previous.is_dir() else None,
+                    progress=self._show(),
                 )
                 if isinstance(sampler, GFlowNetSampler) and accelerator.is_main_process:
                     # The next iteration warm-starts from it, also after a resume.
@@ -226,9 +231,13 @@ class AlphaSpinTrainer:
                     seed=derive_seed(cfg.seed, "generate", t),
                     state=accelerator,
                     progress=self._show(),
+                    on_stats=chunk_stats.append,
                 )
+                opponent = opponent_metrics(chunk_stats, accelerator)
                 if accelerator.is_main_process:
                     write_iteration_data(data, self.examples, self.base.tokenizer, run.data_path(t))
+                    # Kept beside the data, so that a run resumed after it still records them.
+                    write_json_atomic(opponent, _opponent_path(run, t))
                 timer.add("generate", started)
                 run.complete(f"data_{t}")
             data = read_iteration_data(
@@ -243,6 +252,8 @@ class AlphaSpinTrainer:
             )
             freeze(policy, parameters)
             timer.add("train", started)
+            if _opponent_path(run, t).is_file():
+                metrics.update(json.loads(_opponent_path(run, t).read_text(encoding="utf-8")))
             if accelerator.is_main_process:
                 save_iterate(policy, run.iterate_path(t + 1))
             started = time.perf_counter()
@@ -252,6 +263,11 @@ class AlphaSpinTrainer:
             record = {"iteration": t + 1, "metrics": metrics, "seconds": timer.seconds}
             run.complete(f"train_{iterate_name(t + 1)}", record)
         return [r for r in run.records if r["iteration"] <= cfg.iterations]
+
+
+def _opponent_path(run: RunDirectory, t: int) -> Path:
+    """Where iteration t's opponent metrics (:func:`selfplay.generation.opponent_metrics`) go."""
+    return run.data_path(t).with_suffix(".opponent.json")
 
 
 def comparable_config(config: AlphaSpinConfig) -> dict[str, Any]:
