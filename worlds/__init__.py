@@ -1,0 +1,1 @@
+"""Worlds: models and tasks the toolkit measures itself on."""
