@@ -34,7 +34,6 @@ from typing import Any
 
 import torch
 
-import selfplay.trainer
 from bench._timing import emit
 from gfn_spin.density import Density
 from gfn_spin.exact import divergences, exact_distribution, response_alphabet, sir_output_laws
@@ -44,6 +43,7 @@ from selfplay import AlphaSpinConfig, AlphaSpinTrainer
 from selfplay.config import derive_seed
 from selfplay.opponents import opponent_sampler as make_opponent
 from selfplay.reference import history_mixture
+from worlds.toy import build_world
 
 
 def counts(text: str) -> list[int]:
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         gflownet = dataclasses.replace(gflownet, steps=args.gflownet_steps)
     built: list[dict[str, Any]] = []
 
-    def opponent_sampler(cfg: AlphaSpinConfig, reference: Density, iterates: Any, **k: Any) -> Any:
+    def timed_opponent(cfg: AlphaSpinConfig, reference: Density, iterates: Any, **k: Any) -> Any:
         started = time.perf_counter()
         sampler = make_opponent(cfg, reference, iterates, **k)
         if isinstance(sampler, GFlowNetSampler):
@@ -159,28 +159,26 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         return sampler
 
     rows = []
-    selfplay.trainer.opponent_sampler = opponent_sampler
-    try:
-        with tempfile.TemporaryDirectory() as output_dir:
-            config = AlphaSpinConfig(
-                output_dir=output_dir,
-                alpha=args.alpha,
-                sampler="gflownet",
-                gflownet=gflownet,
-                gflownet_warm_start=True,
-                max_examples=args.max_examples,
-                iterations=args.iterations + 1,
-                seed=args.seed,
-                device=args.device,
-                progress=False,
-            )
-            trainer = AlphaSpinTrainer(config)
-            records = trainer.train()
-            seconds = {r["iteration"]: sum(r["seconds"].values()) for r in records}
-            for entry in built:
-                rows.append(measure(args, config, trainer, entry, seconds[entry["t"] + 1]))
-    finally:
-        selfplay.trainer.opponent_sampler = make_opponent
+    with tempfile.TemporaryDirectory() as output_dir:
+        config = AlphaSpinConfig(
+            output_dir=output_dir,
+            alpha=args.alpha,
+            sampler="gflownet",
+            gflownet=gflownet,
+            gflownet_warm_start=True,
+            max_examples=args.max_examples,
+            iterations=args.iterations + 1,
+            seed=args.seed,
+            device=args.device,
+            progress=False,
+        )
+        trainer = AlphaSpinTrainer(
+            config, world=build_world(device="cpu"), opponents=timed_opponent
+        )
+        records = trainer.train()
+        seconds = {r["iteration"]: sum(r["seconds"].values()) for r in records}
+        for entry in built:
+            rows.append(measure(args, config, trainer, entry, seconds[entry["t"] + 1]))
     return rows
 
 

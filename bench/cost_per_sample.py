@@ -66,10 +66,10 @@ from bench._timing import emit
 from experiments.geometric_mixture import GeometricMixtureConfig
 from gfn_spin.exact import divergences, exact_distribution, sir_output_laws
 from gfn_spin.mixtures import GeometricMixture
-from gfn_spin.toyworld import ToyWorld, ToyWorldConfig, build_world
 from samplers import ImportanceResampler, SMCSampler
 from samplers.gflownet import PARAMETRIZATIONS, GFlowNetConfig, GFlowNetSampler
 from samplers.weighting import model_tokens
+from worlds.toy import ToyWorld, ToyWorldConfig, build_world
 
 #: K of SIR from the local product whose exact law is computed for the TV matching rule.
 CURVE_KS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[Row]]:
     parser.add_argument(
         "--parametrization",
         default="auto",
-        choices=PARAMETRIZATIONS,
+        choices=["auto", *PARAMETRIZATIONS],
         help="GFlowNetConfig.parametrization (auto); every other setting is the config default",
     )
     parser.add_argument(

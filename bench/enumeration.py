@@ -16,7 +16,7 @@ import torch
 
 from bench._timing import emit
 from gfn_spin.exact import exact_distribution
-from gfn_spin.toyworld import build_world
+from worlds.toy import build_world
 
 
 def main(argv: list[str] | None = None) -> None:

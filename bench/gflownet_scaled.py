@@ -56,17 +56,17 @@ import torch
 from bench._timing import emit
 from experiments.geometric_mixture import GeometricMixtureConfig
 from gfn_spin.density import Density
-from gfn_spin.exact_dp import (
+from gfn_spin.mixtures import LocalProduct
+from gfn_spin.samples import Samples
+from samplers import GFlowNetSampler, ImportanceResampler, SMCSampler
+from samplers.gflownet import GFlowNetConfig
+from worlds.bounded_context import (
     BoundedContextTarget,
     ContextTables,
     check_bounded_context,
     monte_carlo_kl,
 )
-from gfn_spin.mixtures import LocalProduct
-from gfn_spin.samples import Samples
-from gfn_spin.scaled_world import CONTEXT, PAIRS, ScaledWorld, ScaledWorldConfig, build_world
-from samplers import GFlowNetSampler, ImportanceResampler, SMCSampler
-from samplers.gflownet import GFlowNetConfig
+from worlds.scaled import CONTEXT, PAIRS, ScaledWorld, ScaledWorldConfig, build_world
 
 #: Largest teacher-forced vs table gap accepted as float32 rounding (docs/scaled_world.md).
 BOUNDED_CONTEXT_TOLERANCE = 1e-4

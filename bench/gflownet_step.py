@@ -46,9 +46,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from bench._timing import emit
 from bench.subtb_loss import loop_over_lengths_subtb
 from gfn_spin import GeometricMixture, Policy
-from gfn_spin.toyworld import numbered_tokenizer
+from gfn_spin.scores import position_mask
 from objectives.subtb import modified_subtb_loss
 from samplers import GFlowNetSampler
+from worlds.toy import numbered_tokenizer
 
 STEPS = ("project", "published")
 
@@ -132,7 +133,7 @@ def published_step(sampler: GFlowNetSampler, rows: list[list[int]], generator) -
     log_pf, log_pterm, response, lengths = published_rollout(sampler, rows, generator)
     with torch.no_grad():
         log_reward = sampler.target.score(rows, response, lengths).prefix_terminal_logprobs()
-    valid = torch.arange(log_reward.shape[1], device=lengths.device)[None, :] <= lengths[:, None]
+    valid = position_mask(lengths + 1, log_reward.shape[1])  # states 0..n
     log_reward = torch.where(valid, log_reward, 0.0)
     loss = loop_over_lengths_subtb(log_pf, log_pterm, log_reward, lengths)
     sampler.optimizer.zero_grad(set_to_none=True)
@@ -153,7 +154,7 @@ def check_same_objective(sampler: GFlowNetSampler, rows: list[list[int]], rtol: 
     log_pf, log_pterm, response, lengths = published_rollout(sampler, rows, generator)
     with torch.no_grad():
         log_reward = sampler.target.score(rows, response, lengths).prefix_terminal_logprobs()
-    valid = torch.arange(log_reward.shape[1], device=lengths.device)[None, :] <= lengths[:, None]
+    valid = position_mask(lengths + 1, log_reward.shape[1])  # states 0..n
     log_reward = torch.where(valid, log_reward, 0.0)
     params = sampler.trainable_parameters
     loop_loss = loop_over_lengths_subtb(log_pf, log_pterm, log_reward, lengths)

@@ -39,7 +39,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 from bench._timing import emit
 from gfn_spin import Policy
 from gfn_spin.samples import ancestral_sample
-from gfn_spin.toyworld import numbered_tokenizer
+from worlds.toy import numbered_tokenizer
 
 
 def build(args: argparse.Namespace) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerFast]:

@@ -1,7 +1,7 @@
 """Exact log Z against SMC estimates on the scaled world (256 symbols, cap 32), held-out prompts.
 
 The scaled world's policies read the last two tokens only, so the geometric mixture's
-normalizer is exact there (a dynamic program, ``gfn_spin.exact_dp``). This script measures how
+normalizer is exact there (a dynamic program, ``worlds.bounded_context``). This script measures how
 far SMC's ``log Ẑ`` (local-product proposal, adaptive resampling) lands from it: per particle
 count, the mean ``|Δlog Z|`` over prompts and runs, the bias, the spread over runs (std, mean
 over prompts), model tokens per run and wall time, with ratios against the exact program's
@@ -21,10 +21,10 @@ import time
 import torch
 
 from bench._timing import emit
-from gfn_spin.exact_dp import BoundedContextTarget, ContextTables, check_bounded_context
 from gfn_spin.mixtures import LocalProduct
-from gfn_spin.scaled_world import CONTEXT, PAIRS, ScaledWorldConfig, build_world
 from samplers import SMCSampler
+from worlds.bounded_context import BoundedContextTarget, ContextTables, check_bounded_context
+from worlds.scaled import CONTEXT, PAIRS, ScaledWorldConfig, build_world
 
 
 def main() -> None:

@@ -5,21 +5,22 @@ For whoever decides how to train a GFlowNet of the tiny world's geometric mixtur
 (docs/toyworld.md): the base setting (``--gflownet.<field>``, constant learning rate) is fitted
 on the train prompts and, as a non-amortized reference, on the eval prompts themselves; exact
 TV after each of ``amortization_steps``, on the eval prompts and (for the amortized fit) on as
-many train prompts, beside the maximum-likelihood oracle. Outputs: :mod:`experiments.ablation`.
+many train prompts, beside the maximum-likelihood oracle. Outputs: :mod:`experiments.studies`.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
-from experiments.ablation import AblationConfig, Setup, gfn_config, run_studies
 from experiments.evaluation import Entry, enumerate_components, evaluate_exact
+from experiments.studies import AblationConfig, Setup, gfn_config, run_studies
 from gfn_spin.exact import ExactDistribution, exact_distribution
 from gfn_spin.mixtures import GeometricMixture
+from gfn_spin.options import option
 from gfn_spin.samples import pad_responses
 from samplers.gflownet import GFlowNetSampler
 
@@ -31,15 +32,13 @@ class AmortizationConfig(AblationConfig):
     QUICK: ClassVar[dict[str, Any]] = {"num_eval_prompts": 2, "amortization_steps": (100, 300)}
     """Settings of ``--quick`` (each one still at its default takes this value)."""
 
-    output_dir: str = field(
-        default="outputs/amortization",
-        metadata={"help": "Directory for ablation.csv, results.json, ablation.png and run.log."},
+    output_dir: str = option(
+        "outputs/amortization",
+        "Directory for ablation.csv, results.json, ablation.png and run.log.",
     )
-    amortization_steps: tuple[int, ...] = field(
-        default=(500, 2000, 6000),
-        metadata={
-            "help": "Cumulative training steps at which the amortization study measures both fits."
-        },
+    amortization_steps: tuple[int, ...] = option(
+        (500, 2000, 6000),
+        "Cumulative training steps at which the amortization study measures both fits.",
     )
 
     def validate(self) -> None:

@@ -1,7 +1,7 @@
 """Command lines of the runnable studies, generated from their config dataclasses.
 
-For whoever writes a study: declare one dataclass whose fields carry their documentation in
-``field(metadata={"help": ...})`` and their choices as ``typing.Literal`` types;
+For whoever writes a study: declare one dataclass whose fields carry their documentation
+(``gfn_spin.options.option(default, "help")``, stored in ``metadata["help"]``) and their choices as ``typing.Literal`` types;
 :func:`parse_config` turns it into a ``transformers.HfArgumentParser`` command line, so
 ``--help`` and the code never drift apart. HfArgumentParser maps each field to argparse
 (``Literal`` → choices, ``bool`` → ``--flag`` / ``--flag false`` / ``--no-flag``, lists →

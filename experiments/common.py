@@ -78,7 +78,7 @@ def parse_overrides(cls: type, specs: tuple[str, ...] | list[str]) -> dict[str, 
 
 def world_config(specs: tuple[str, ...] | list[str]) -> Any:
     """The tiny world's ``ToyWorldConfig`` from ``field=value`` settings (a study's ``--world``)."""
-    from gfn_spin.toyworld import ToyWorldConfig
+    from worlds.toy import ToyWorldConfig
 
     return ToyWorldConfig(**parse_overrides(ToyWorldConfig, specs))
 

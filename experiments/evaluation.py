@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +29,9 @@ import torch
 
 from gfn_spin.density import Density
 from gfn_spin.exact import ExactDistribution, divergences, exact_distribution, sir_output_laws
+from gfn_spin.options import option
 from gfn_spin.policy import Policy
-from samplers.base import Sampler
+from samplers.base import Sampler, Samples
 from samplers.gflownet import GFlowNetSampler
 from samplers.weighting import ess_fraction, model_tokens
 
@@ -39,33 +40,23 @@ from samplers.weighting import ess_fraction, model_tokens
 class EvaluationConfig:
     """Settings of the exact evaluation; every study comparing samplers extends this."""
 
-    seed: int = field(
-        default=0, metadata={"help": "Seed of training batches and of every sampler's draws."}
+    seed: int = option(0, "Seed of training batches and of every sampler's draws.")
+    draws: int = option(
+        8,
+        "Draws per eval prompt for every sampler except SMC: they measure model "
+        "tokens per draw and draws per second (errors of samplers with a law come from that "
+        "law, not from these draws).",
     )
-    draws: int = field(
-        default=8,
-        metadata={
-            "help": "Draws per eval prompt for every sampler except SMC: they measure model "
-            "tokens per draw and draws per second (errors of samplers with a law come from that "
-            "law, not from these draws)."
-        },
+    smc_runs: int = option(
+        8, "Independent SMC runs per eval prompt (|Δlog Z| and ESS/N are averaged over them)."
     )
-    smc_runs: int = field(
-        default=8,
-        metadata={
-            "help": "Independent SMC runs per eval prompt (|Δlog Z| and ESS/N are averaged over them)."
-        },
+    smc_max_runs: int = option(
+        256,
+        "Most SMC runs per eval prompt: runs are raised up to this until the standard "
+        "error of each reported mean is at most a quarter of it; a point still above is dropped.",
     )
-    smc_max_runs: int = field(
-        default=256,
-        metadata={
-            "help": "Most SMC runs per eval prompt: runs are raised up to this until the standard "
-            "error of each reported mean is at most a quarter of it; a point still above is dropped."
-        },
-    )
-    sir_rtol: float = field(
-        default=1e-8,
-        metadata={"help": "Relative precision required of SIR's exact output law (per response)."},
+    sir_rtol: float = option(
+        1e-8, "Relative precision required of SIR's exact output law (per response)."
     )
 
 
@@ -208,42 +199,41 @@ def measure_smc(
     }
 
 
-def evaluate_exact(
-    config: EvaluationConfig,
-    init: Policy,
-    cap: int,
-    alpha: float,
-    entries: list[Entry],
-    components: list[tuple[Any, Any]],
-    prompts: list[list[int]],
-    logger: Any,
-) -> list[dict[str, Any]]:
-    """Every sampler's error to the enumerated target on ``prompts`` (see the module docstring)."""
-    unnormalized = [
-        (1 - alpha) * base.logprobs + alpha * shifted.logprobs for base, shifted in components
-    ]
-    target_logprobs = [torch.log_softmax(g, 0) for g in unnormalized]
-    # Exact log Z of each prompt's target (the components' enumerations are normalized).
-    exact_log_z = torch.stack([torch.logsumexp(g, 0) for g in unnormalized])
+class EnumeratedLaws:
+    """Each density's enumerated log-probabilities on the eval prompts, computed once (π_t's
+    are its component enumeration), in the components' response order."""
 
-    enumerated: dict[int, list[torch.Tensor]] = {}
+    def __init__(
+        self, init: Policy, components: list[tuple[Any, Any]], prompts: list[list[int]], cap: int
+    ) -> None:
+        self.init, self.components, self.prompts, self.cap = init, components, prompts, cap
+        self.laws: dict[int, list[torch.Tensor]] = {}
 
-    def law_of(density: Density) -> list[torch.Tensor]:
-        """The density's enumerated log-probabilities on each prompt (computed once)."""
-        if id(density) not in enumerated:
-            if density is init:  # π_t itself: its enumeration is already there
-                enumerated[id(density)] = [shifted.logprobs for _, shifted in components]
+    def __call__(self, density: Density) -> list[torch.Tensor]:
+        if id(density) not in self.laws:
+            if density is self.init:  # π_t itself: its enumeration is already there
+                self.laws[id(density)] = [shifted.logprobs for _, shifted in self.components]
             else:
                 laws = []
-                for prompt, (base, _) in zip(prompts, components, strict=True):
-                    q = exact_distribution(density, prompt, cap)
+                for prompt, (base, _) in zip(self.prompts, self.components, strict=True):
+                    q = exact_distribution(density, prompt, self.cap)
                     if q.responses != base.responses:
                         raise RuntimeError("enumeration orders differ; cannot align supports")
                     laws.append(q.logprobs)
-                enumerated[id(density)] = laws
-        return enumerated[id(density)]
+                self.laws[id(density)] = laws
+        return self.laws[id(density)]
 
-    # SIR's exact laws: every K of one proposal in one pass per prompt.
+
+def sir_laws_of(
+    config: EvaluationConfig,
+    entries: list[Entry],
+    law_of: EnumeratedLaws,
+    unnormalized: list[torch.Tensor],
+    alpha: float,
+    logger: Any,
+) -> dict[tuple[int, int], list[Any]]:
+    """SIR's exact output laws per (proposal id, K) and prompt: every K of one proposal in one
+    pass per prompt."""
     sir_laws: dict[tuple[int, int], list[Any]] = {}
     wanted: dict[int, tuple[Density, list[int]]] = {}
     for entry in entries:
@@ -264,10 +254,60 @@ def evaluate_exact(
             "α=%s: SIR laws K=%s on %d prompts in %.1f s",
             alpha,
             ks,
-            len(prompts),
+            len(law_of.prompts),
             time.perf_counter() - t0,
         )
+    return sir_laws
 
+
+def law_errors(
+    row: dict[str, Any],
+    entry: Entry,
+    samples: Samples,
+    laws: list[torch.Tensor],
+    target_logprobs: list[torch.Tensor],
+    exact_log_z: torch.Tensor,
+) -> tuple[list[float], list[float]]:
+    """Add to ``row`` the ESS/N of one sampler (exact for a density; for SIR the sampled one,
+    with its log Ẑ error); returns the TVs and KLs of its law to the target, per prompt."""
+    tvs, kls, exact_ess = [], [], []
+    for target_lp, q_lp in zip(target_logprobs, laws, strict=True):
+        d = divergences(target_lp, q_lp)
+        tvs.append(d["tv"])
+        kls.append(d["kl_pq"])
+        # ESS/N as N → ∞: 1 / E_q[(p/q)²] = 1 / Σ p²/q, exact from the enumeration.
+        exact_ess.append(float(torch.exp(-torch.logsumexp(2 * target_lp - q_lp, 0))))
+    if entry.kind == "density":
+        row["ess_fraction_sampled"] = row["ess_fraction"]
+        row["ess_fraction"] = sum(exact_ess) / len(exact_ess)
+    else:
+        # SIR's sampled ESS/K and log Ẑ (from the timing draws: kept in results.json only).
+        row["ess_fraction_sampled"] = row.pop("ess_fraction")
+        row["ess_fraction"] = None
+        estimate = torch.as_tensor(samples.stats["log_z"], dtype=torch.float64).cpu()
+        row["log_z_error_sampled"] = float((estimate - exact_log_z).abs().mean())
+    return tvs, kls
+
+
+def evaluate_exact(
+    config: EvaluationConfig,
+    init: Policy,
+    cap: int,
+    alpha: float,
+    entries: list[Entry],
+    components: list[tuple[Any, Any]],
+    prompts: list[list[int]],
+    logger: Any,
+) -> list[dict[str, Any]]:
+    """Every sampler's error to the enumerated target on ``prompts`` (see the module docstring)."""
+    unnormalized = [
+        (1 - alpha) * base.logprobs + alpha * shifted.logprobs for base, shifted in components
+    ]
+    target_logprobs = [torch.log_softmax(g, 0) for g in unnormalized]
+    # Exact log Z of each prompt's target (the components' enumerations are normalized).
+    exact_log_z = torch.stack([torch.logsumexp(g, 0) for g in unnormalized])
+    law_of = EnumeratedLaws(init, components, prompts, cap)
+    sir_laws = sir_laws_of(config, entries, law_of, unnormalized, alpha, logger)
     rows = []
     for entry in entries:
         started = time.perf_counter()
@@ -289,22 +329,7 @@ def evaluate_exact(
             laws = [law.logprobs for law in found]
             precision = max(law.precision for law in found)
             measure = "exact SIR law"
-        tvs, kls, exact_ess = [], [], []
-        for target_lp, q_lp in zip(target_logprobs, laws, strict=True):
-            d = divergences(target_lp, q_lp)
-            tvs.append(d["tv"])
-            kls.append(d["kl_pq"])
-            # ESS/N as N → ∞: 1 / E_q[(p/q)²] = 1 / Σ p²/q, exact from the enumeration.
-            exact_ess.append(float(torch.exp(-torch.logsumexp(2 * target_lp - q_lp, 0))))
-        if entry.kind == "density":
-            row["ess_fraction_sampled"] = row["ess_fraction"]
-            row["ess_fraction"] = sum(exact_ess) / len(exact_ess)
-        else:
-            # SIR's sampled ESS/K and log Ẑ (from the timing draws: kept in results.json only).
-            row["ess_fraction_sampled"] = row.pop("ess_fraction")
-            row["ess_fraction"] = None
-            estimate = torch.as_tensor(samples.stats["log_z"], dtype=torch.float64).cpu()
-            row["log_z_error_sampled"] = float((estimate - exact_log_z).abs().mean())
+        tvs, kls = law_errors(row, entry, samples, laws, target_logprobs, exact_log_z)
         row.update(
             measure=measure,
             tv=sum(tvs) / len(tvs),

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -75,6 +75,7 @@ from experiments.evaluation import (
 from experiments.reporting import format_table, plot
 from gfn_spin.devices import resolve_device
 from gfn_spin.mixtures import GeometricMixture
+from gfn_spin.options import option
 from gfn_spin.policy import Policy
 from samplers import AncestralSampler, ImportanceResampler, SMCSampler
 from samplers.gflownet import GFlowNetConfig, GFlowNetSampler
@@ -85,10 +86,6 @@ WORLD_PRESETS: dict[str, tuple[str, ...]] = {
     "stress": ("shift_rule=symbol",),
 }
 """ToyWorldConfig settings of each ``--world-preset`` (``--world`` adds to them)."""
-
-
-def _help(text: str) -> dict[str, str]:
-    return {"help": " ".join(text.split())}
 
 
 def main_job_gflownet() -> GFlowNetConfig:
@@ -124,132 +121,90 @@ class GeometricMixtureConfig(EvaluationConfig):
     }
     """Settings of ``--quick`` (each one still at its default takes this value)."""
 
-    output_dir: str = field(
-        default="outputs/geometric_mixture",
-        metadata=_help(
-            "Directory for results.json, error_vs_cost.png and run.log (created if missing)."
-        ),
+    output_dir: str = option(
+        "outputs/geometric_mixture",
+        "Directory for results.json, error_vs_cost.png and run.log (created if missing).",
     )
-    quick: bool = field(
-        default=False,
-        metadata=_help("Small budgets for a first look: one α, 4 eval prompts, 40 GFlowNet steps."),
+    quick: bool = option(
+        False, "Small budgets for a first look: one α, 4 eval prompts, 40 GFlowNet steps."
     )
-    alphas: tuple[float, ...] = field(
-        default=(0.5, 0.95),
-        metadata=_help("Values of α; the target is GeometricMixture([base, π_t], [1-α, α])."),
+    alphas: tuple[float, ...] = option(
+        (0.5, 0.95), "Values of α; the target is GeometricMixture([base, π_t], [1-α, α])."
     )
-    device: str = field(
-        default="auto",
-        metadata=_help('"auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:1", ...'),
+    device: str = option(
+        "auto", '"auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:1", ...'
     )
-    threads: int = field(
-        default=1,
-        metadata=_help(
-            "CPU threads for torch (tiny models run fastest single-threaded; 0 keeps torch's default)."
-        ),
+    threads: int = option(
+        1,
+        "CPU threads for torch (tiny models run fastest single-threaded; 0 keeps torch's default).",
     )
-    model: str | None = field(
-        default=None,
-        metadata=_help(
-            "π_t: an HF model name or local path; None uses the tiny world's shifted policy."
-        ),
+    model: str | None = option(
+        None, "π_t: an HF model name or local path; None uses the tiny world's shifted policy."
     )
-    base: str | None = field(
-        default=None,
-        metadata=_help(
-            "π_base: an HF model name or local path; None uses the tiny world's base policy."
-        ),
+    base: str | None = option(
+        None, "π_base: an HF model name or local path; None uses the tiny world's base policy."
     )
-    world_cache: str | None = field(
-        default=None,
-        metadata=_help(
-            "Cache directory of the tiny world (default $GFN_SPIN_CACHE or ~/.cache/gfn_spin)."
-        ),
+    world_cache: str | None = option(
+        None, "Cache directory of the tiny world (default $GFN_SPIN_CACHE or ~/.cache/gfn_spin)."
     )
-    world_preset: Literal["overlap", "stress"] = field(
-        default="overlap",
-        metadata=_help(
-            """Tiny world: "overlap" (π_t writes the base task's symbols with other
+    world_preset: Literal["overlap", "stress"] = option(
+        "overlap",
+        """Tiny world: "overlap" (π_t writes the base task's symbols with other
             probabilities, both policies SFT-trained on 8,192 examples: policies that overlap
             like a self-play iterate and its base) or "stress" (π_t writes the next symbol:
-            policies that barely overlap)."""
-        ),
+            policies that barely overlap).""",
     )
-    world: tuple[str, ...] = field(
-        default=(),
-        metadata=_help(
-            """More tiny-world settings as field=value, fields of
-            gfn_spin.toyworld.ToyWorldConfig, applied on top of world_preset (e.g. seed=1); each
-            distinct world is built once and cached."""
-        ),
+    world: tuple[str, ...] = option(
+        (),
+        """More tiny-world settings as field=value, fields of
+            worlds.toy.ToyWorldConfig, applied on top of world_preset (e.g. seed=1); each
+            distinct world is built once and cached.""",
     )
-    prompts_file: str | None = field(
-        default=None,
-        metadata=_help(
-            "Real models only: a text file of prompts, one per line (the last quarter is held out)."
-        ),
+    prompts_file: str | None = option(
+        None,
+        "Real models only: a text file of prompts, one per line (the last quarter is held out).",
     )
-    max_new_tokens: int = field(
-        default=32,
-        metadata=_help("Real models only: the length cap L (the tiny world's cap is 7)."),
+    max_new_tokens: int = option(
+        32, "Real models only: the length cap L (the tiny world's cap is 7)."
     )
-    num_eval_prompts: int = field(
-        default=16, metadata=_help("Held-out prompts evaluated (at most the world's 16).")
-    )
-    sir_candidates: tuple[int, ...] = field(
-        default=(4, 16, 64), metadata=_help("K values of SIR from the local product.")
-    )
-    smc_particles: tuple[int, ...] = field(
-        default=(16, 64), metadata=_help("N values of SMC from the local product.")
-    )
-    gflownet_prompts: Literal["eval", "train"] = field(
-        default="eval",
-        metadata=_help(
-            """Prompts the GFlowNet and its one-pass form are fit on. "eval": the prompts they
+    num_eval_prompts: int = option(16, "Held-out prompts evaluated (at most the world's 16).")
+    sir_candidates: tuple[int, ...] = option((4, 16, 64), "K values of SIR from the local product.")
+    smc_particles: tuple[int, ...] = option((16, 64), "N values of SMC from the local product.")
+    gflownet_prompts: Literal["eval", "train"] = option(
+        "eval",
+        """Prompts the GFlowNet and its one-pass form are fit on. "eval": the prompts they
             are then asked to sample for, as SIR and SMC are run on them (only the unnormalized
             target is used, never a response; this is how α-SPIN fits its opponent on the
             prompts it samples). "train": amortized over the train prompts and evaluated on
             prompts the fit never saw, which measures how one adapter transfers to new prompts
-            (experiments.amortization studies this)."""
-        ),
+            (experiments.amortization studies this).""",
     )
-    gfn_sir_candidates: int = field(
-        default=4, metadata=_help("K of SIR with the trained GFlowNet as proposal.")
+    gfn_sir_candidates: int = option(4, "K of SIR with the trained GFlowNet as proposal.")
+    gflownet: GFlowNetConfig = option(
+        factory=main_job_gflownet,
+        help="The main job's GFlowNet recipe, one flag per field (--gflownet.NAME).",
+        derived=("max_new_tokens", "adapter_name", "seed"),
     )
-    gflownet: GFlowNetConfig = field(
-        default_factory=main_job_gflownet,
-        metadata={"derived": ("max_new_tokens", "adapter_name", "seed")},
+    onepass_steps: int = option(
+        300,
+        """Steps distilling the GFlowNet into the one-pass form (a LoRA adapter on π_t that
+            HF generate can serve, one model pass per token); 0 skips it.""",
     )
-    onepass_steps: int = field(
-        default=300,
-        metadata=_help(
-            """Steps distilling the GFlowNet into the one-pass form (a LoRA adapter on π_t that
-            HF generate can serve, one model pass per token); 0 skips it."""
-        ),
-    )
-    onepass_samples_per_prompt: int = field(
-        default=2,
-        metadata=_help(
-            """Teacher draws per prompt in one distillation step (prompts per step: the
+    onepass_samples_per_prompt: int = option(
+        2,
+        """Teacher draws per prompt in one distillation step (prompts per step: the
             GFlowNet's). At an equal number of teacher draws, more and smaller steps distil
-            better (the README's main-job section has the figures)."""
-        ),
+            better (the README's main-job section has the figures).""",
     )
-    onepass_learning_rate: float = field(
-        default=1e-2, metadata=_help("Peak learning rate of the one-pass distillation.")
+    onepass_learning_rate: float = option(1e-2, "Peak learning rate of the one-pass distillation.")
+    onepass_rank: int = option(64, "LoRA rank of the one-pass form.")
+    checkpoint_dir: str | None = option(
+        None, "Where GFlowNet checkpoints go (one subdirectory per α); None: no checkpoints."
     )
-    onepass_rank: int = field(default=64, metadata=_help("LoRA rank of the one-pass form."))
-    checkpoint_dir: str | None = field(
-        default=None,
-        metadata=_help(
-            "Where GFlowNet checkpoints go (one subdirectory per α); None: no checkpoints."
-        ),
+    resume: bool = option(
+        False, "Resume GFlowNet training from the latest checkpoint in checkpoint_dir."
     )
-    resume: bool = field(
-        default=False,
-        metadata=_help("Resume GFlowNet training from the latest checkpoint in checkpoint_dir."),
-    )
-    progress: bool = field(default=True, metadata=_help("Show tqdm progress bars."))
+    progress: bool = option(True, "Show tqdm progress bars.")
 
     def validate(self) -> None:
         """Raise on bad values before any model work."""
@@ -365,7 +320,7 @@ def build_samplers(
 def _load_models(config: GeometricMixtureConfig, device: torch.device, logger: Any):
     """(world or None, base, π_t, train prompts, eval prompts, L)."""
     if config.model is None:
-        from gfn_spin.toyworld import build_world
+        from worlds.toy import build_world
 
         started = time.perf_counter()
         world = build_world(

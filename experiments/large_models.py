@@ -5,7 +5,7 @@ For whoever wants sampler costs beyond the tiny world: two random-init Llama mod
 (vocabulary ≥ 256, cap ≥ 32, the second a perturbed copy of the first), whose geometric mixture
 cannot be enumerated: ESS per model token of SIR, SMC and a briefly trained GFlowNet, and the
 GFlowNet's KL(q‖target) = E_q[log q − log G̃] + log Z with log Z from a large SMC run.
-Outputs: :mod:`experiments.ablation`.
+Outputs: :mod:`experiments.studies`.
 """
 
 from __future__ import annotations
@@ -13,23 +13,23 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from experiments.ablation import AblationConfig, Setup, gfn_config, run_studies
+from experiments.studies import AblationConfig, Setup, gfn_config, run_studies
 from gfn_spin.mixtures import GeometricMixture
+from gfn_spin.options import option
 from gfn_spin.policy import Policy
 from gfn_spin.samples import Samples
-from gfn_spin.toyworld import numbered_tokenizer
 from samplers import ImportanceResampler, SMCSampler
 from samplers.gflownet import GFlowNetSampler
+from worlds.toy import numbered_tokenizer
 
-
-def _help(text: str) -> dict[str, str]:
-    return {"help": " ".join(text.split())}
+#: The mixture weight α of the random-Llama target π_first^(1-α) π_second^α.
+LARGE_ALPHA = 0.5
 
 
 @dataclass
@@ -39,59 +39,37 @@ class LargeConfig(AblationConfig):
     QUICK: ClassVar[dict[str, Any]] = {"large_gfn_steps": 30, "large_reference_particles": 128}
     """Settings of ``--quick`` (each one still at its default takes this value)."""
 
-    output_dir: str = field(
-        default="outputs/large_models",
-        metadata=_help("Directory for ablation.csv, results.json, ablation.png and run.log."),
+    output_dir: str = option(
+        "outputs/large_models",
+        "Directory for ablation.csv, results.json, ablation.png and run.log.",
     )
-    large_vocab: int = field(
-        default=256, metadata=_help("Vocabulary of the random Llama models (≥ 256).")
+    large_vocab: int = option(256, "Vocabulary of the random Llama models (≥ 256).")
+    large_cap: int = option(32, "Length cap L of the large study (≥ 32).")
+    large_perturbation: float = option(
+        0.3,
+        "The second model's weights: w + perturbation · std(w) · noise (so the mixture is "
+        "not trivial).",
     )
-    large_cap: int = field(default=32, metadata=_help("Length cap L of the large study (≥ 32)."))
-    large_perturbation: float = field(
-        default=0.3,
-        metadata=_help(
-            "The second model's weights: w + perturbation · std(w) · noise (so the mixture is "
-            "not trivial)."
-        ),
+    large_sharpness: float = option(
+        20.0, "Scale of the random LM heads (a random Llama is near-uniform; this makes it peaked)."
     )
-    large_sharpness: float = field(
-        default=20.0,
-        metadata=_help(
-            "Scale of the random LM heads (a random Llama is near-uniform; this makes it peaked)."
-        ),
+    large_sir_candidates: tuple[int, ...] = option((4, 16), "K values of SIR in the large study.")
+    large_smc_particles: tuple[int, ...] = option((16, 64), "N values of SMC in the large study.")
+    large_draws: int = option(16, "Draws per held-out prompt of every sampler in the large study.")
+    large_gfn_steps: int = option(150, "GFlowNet training steps in the large study.")
+    large_learning_rate: float = option(
+        1e-4,
+        "GFlowNet peak learning rate in the large study (the sharp random heads need a small one).",
     )
-    large_sir_candidates: tuple[int, ...] = field(
-        default=(4, 16), metadata=_help("K values of SIR in the large study.")
+    large_subtb_lambdas: tuple[float, ...] = option(
+        (1.0, 0.5),
+        "SubTB λ of the large study's GFlowNets, one trained per value (1: the published one).",
     )
-    large_smc_particles: tuple[int, ...] = field(
-        default=(16, 64), metadata=_help("N values of SMC in the large study.")
-    )
-    large_draws: int = field(
-        default=16, metadata=_help("Draws per held-out prompt of every sampler in the large study.")
-    )
-    large_gfn_steps: int = field(
-        default=150, metadata=_help("GFlowNet training steps in the large study.")
-    )
-    large_learning_rate: float = field(
-        default=1e-4,
-        metadata=_help(
-            "GFlowNet peak learning rate in the large study (the sharp random heads need a "
-            "small one)."
-        ),
-    )
-    large_subtb_lambdas: tuple[float, ...] = field(
-        default=(1.0, 0.5),
-        metadata=_help(
-            "SubTB λ of the large study's GFlowNets, one trained per value (1: the published one)."
-        ),
-    )
-    large_reference_particles: int = field(
-        default=512,
-        metadata=_help(
-            """N of the two SMC runs (two seeds) whose mean log Ẑ serves as log Z in
+    large_reference_particles: int = option(
+        512,
+        """N of the two SMC runs (two seeds) whose mean log Ẑ serves as log Z in
             KL(q‖target); their difference is reported as log_z_spread, the uncertainty of that
-            KL."""
-        ),
+            KL.""",
     )
 
     def validate(self) -> None:
@@ -148,60 +126,65 @@ def kl_to_target(log_z: torch.Tensor, samples: Samples) -> dict[str, float]:
     return {"kl_q_target": float((log_z - elbo).mean()), "elbo": float(elbo.mean())}
 
 
-def large_setting(config: LargeConfig, setup: Setup, logger: Any) -> list[dict[str, Any]]:
-    """ESS per model token of SIR, SMC and a GFlowNet; the GFlowNet's KL(q‖target).
-
-    ``setup`` is unused: nothing here is enumerable, so no tiny world is built.
-    """
-    cap, alpha = config.large_cap, 0.5
-    base, model = random_llama_pair(config)
-    target = GeometricMixture([base, model], [1 - alpha, alpha])
-    generator = torch.Generator().manual_seed(config.seed)
-    prompts = torch.randint(2, config.large_vocab, (10, 6), generator=generator).tolist()
-    train, evaluation = prompts[:8], prompts[8:]
-    draws = config.large_draws
-    # Two independent SMC estimates: their mean is the reference log Z, and their gap says how
-    # far to trust KL = log Z − ELBO (the ELBO itself needs no reference: compare it across rows).
+def reference_log_z(
+    config: LargeConfig, target: GeometricMixture, prompts: list[list[int]]
+) -> tuple[torch.Tensor, float]:
+    """``[P]`` reference log Z of ``target`` per prompt: the mean of two independent SMC
+    estimates, whose mean gap (returned too) says how far to trust KL = log Z − ELBO (the ELBO
+    itself needs no reference: compare it across rows)."""
     references = [
-        SMCSampler(target, config.large_reference_particles, max_new_tokens=cap).sample(
-            evaluation, 1, generator=config.seed + offset
-        )
+        SMCSampler(
+            target, config.large_reference_particles, max_new_tokens=config.large_cap
+        ).sample(prompts, 1, generator=config.seed + offset)
         for offset in (0, 1)
     ]
     estimates = torch.tensor(
         [[float(z) for z in r.stats["log_z"]] for r in references], dtype=torch.float64
     )
-    log_z, log_z_spread = estimates.mean(0), float((estimates[0] - estimates[1]).abs().mean())
-    rows = []
+    return estimates.mean(0), float((estimates[0] - estimates[1]).abs().mean())
 
-    def record(name, setting, samples, size, per_draw, ess, extra=None):
-        # ``ess``: the absolute ESS of each population of ``size`` weighted proposals, which
-        # cost ``per_draw`` draws' tokens (K candidates or N particles: one; GFlowNet: all).
-        ess = torch.as_tensor(ess, dtype=torch.float64).mean()
-        tokens_per_draw = samples.stats["tokens"] / len(samples)
-        row = {
-            "section": "large",
-            "alpha": alpha,
-            "name": name,
-            "setting": setting,
-            "measure": "estimated",
-            "ess_fraction": float(ess / size),
-            "tokens_per_draw": tokens_per_draw,
-            "ess_per_token": float(ess / (tokens_per_draw * per_draw)),
-            **(extra or {}),
-        }
-        rows.append(row)
 
-    for k in config.large_sir_candidates:
-        sampler = ImportanceResampler(target, None, k, max_new_tokens=cap)
-        samples = sampler.sample(evaluation, draws, generator=1)
-        record(f"SIR K={k}", "local product proposal", samples, k, 1, samples.stats["ess"])
-    for n in config.large_smc_particles:
-        sampler = SMCSampler(target, n, max_new_tokens=cap)
-        samples = sampler.sample(evaluation, draws, generator=1)
-        record(f"SMC N={n}", "local product proposal", samples, n, 1, samples.stats["ess"])
+def large_row(
+    name: str,
+    setting: str,
+    samples: Samples,
+    size: int,
+    per_draw: int,
+    ess: Any,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One row of the study. ``ess``: the absolute ESS of each population of ``size`` weighted
+    proposals, which cost ``per_draw`` draws' tokens (K candidates or N particles: one;
+    GFlowNet: all)."""
+    ess = torch.as_tensor(ess, dtype=torch.float64).mean()
+    tokens_per_draw = samples.stats["tokens"] / len(samples)
+    return {
+        "section": "large",
+        "alpha": LARGE_ALPHA,
+        "name": name,
+        "setting": setting,
+        "measure": "estimated",
+        "ess_fraction": float(ess / size),
+        "tokens_per_draw": tokens_per_draw,
+        "ess_per_token": float(ess / (tokens_per_draw * per_draw)),
+        **(extra or {}),
+    }
+
+
+def gflownet_rows(
+    config: LargeConfig,
+    target: GeometricMixture,
+    model: Policy,
+    train: list[list[int]],
+    evaluation: list[list[int]],
+    log_z: torch.Tensor,
+    log_z_spread: float,
+) -> list[dict[str, Any]]:
+    """The GFlowNet's rows: untrained (the local product for residual) once, then trained with
+    each SubTB λ of ``large_subtb_lambdas``."""
+    cap, draws, rows = config.large_cap, config.large_draws, []
     for index, subtb_lambda in enumerate(config.large_subtb_lambdas):
-        gfn = gfn_config(config, f"steps={config.large_gfn_steps}", alpha, cap)
+        gfn = gfn_config(config, f"steps={config.large_gfn_steps}", LARGE_ALPHA, cap)
         gfn = dataclasses.replace(
             gfn,
             prompts_per_step=8,
@@ -212,28 +195,34 @@ def large_setting(config: LargeConfig, setup: Setup, logger: Any) -> list[dict[s
         )
         gflownet = GFlowNetSampler(target, model, gfn)
         seconds = 0.0
-        # untrained (the local product for residual) once, then trained with each λ
         for steps in (0, gfn.steps) if index == 0 else (gfn.steps,):
             started = time.perf_counter()
             gflownet.fit(train, steps, progress=config.progress)
             seconds += time.perf_counter() - started
             samples = gflownet.sample(evaluation, draws, generator=1)
-            ess = samples.stats["ess"]
-            record(
-                f"GFlowNet {gflownet.parametrization} {steps} steps"
-                + (f" λ={subtb_lambda:g}" if steps else ""),
-                f"lr {gfn.learning_rate:g}, {gfn.prompts_per_step}x{gfn.samples_per_prompt} per step",
-                samples,
-                draws,
-                draws,
-                ess,
-                {
-                    **kl_to_target(log_z, samples),
-                    "log_z_spread": log_z_spread,
-                    "train_steps": steps,
-                    "train_seconds": seconds,
-                },
+            rows.append(
+                large_row(
+                    f"GFlowNet {gflownet.parametrization} {steps} steps"
+                    + (f" λ={subtb_lambda:g}" if steps else ""),
+                    f"lr {gfn.learning_rate:g}, {gfn.prompts_per_step}x{gfn.samples_per_prompt} per step",
+                    samples,
+                    draws,
+                    draws,
+                    samples.stats["ess"],
+                    {
+                        **kl_to_target(log_z, samples),
+                        "log_z_spread": log_z_spread,
+                        "train_steps": steps,
+                        "train_seconds": seconds,
+                    },
+                )
             )
+    return rows
+
+
+def log_rows(rows: list[dict[str, Any]], logger: Any) -> None:
+    """One log line per row: ESS/N, ESS per model token, tokens per draw, and the KL where
+    there is one."""
     for row in rows:
         kl = (
             ""
@@ -243,8 +232,41 @@ def large_setting(config: LargeConfig, setup: Setup, logger: Any) -> list[dict[s
         )
         logger.info(
             "large: %-28s ESS/N %.3f  ESS per model token %.2e  tokens/draw %.0f%s",
-            row["name"], row["ess_fraction"], row["ess_per_token"], row["tokens_per_draw"], kl,
-        )  # fmt: skip
+            row["name"],
+            row["ess_fraction"],
+            row["ess_per_token"],
+            row["tokens_per_draw"],
+            kl,
+        )
+
+
+def large_setting(config: LargeConfig, setup: Setup, logger: Any) -> list[dict[str, Any]]:
+    """ESS per model token of SIR, SMC and a GFlowNet; the GFlowNet's KL(q‖target).
+
+    ``setup`` is unused: nothing here is enumerable, so no tiny world is built.
+    """
+    cap, draws = config.large_cap, config.large_draws
+    base, model = random_llama_pair(config)
+    target = GeometricMixture([base, model], [1 - LARGE_ALPHA, LARGE_ALPHA])
+    generator = torch.Generator().manual_seed(config.seed)
+    prompts = torch.randint(2, config.large_vocab, (10, 6), generator=generator).tolist()
+    train, evaluation = prompts[:8], prompts[8:]
+    log_z, log_z_spread = reference_log_z(config, target, evaluation)
+    rows = []
+    for k in config.large_sir_candidates:
+        sampler = ImportanceResampler(target, None, k, max_new_tokens=cap)
+        samples = sampler.sample(evaluation, draws, generator=1)
+        rows.append(
+            large_row(f"SIR K={k}", "local product proposal", samples, k, 1, samples.stats["ess"])
+        )
+    for n in config.large_smc_particles:
+        sampler = SMCSampler(target, n, max_new_tokens=cap)
+        samples = sampler.sample(evaluation, draws, generator=1)
+        rows.append(
+            large_row(f"SMC N={n}", "local product proposal", samples, n, 1, samples.stats["ess"])
+        )
+    rows += gflownet_rows(config, target, model, train, evaluation, log_z, log_z_spread)
+    log_rows(rows, logger)
     logger.info("large: log Z from SMC N=%d: %s", config.large_reference_particles, log_z.tolist())
     return rows
 

@@ -6,19 +6,20 @@ always, then, each behind its flag, the torchgfn baseline (:mod:`experiments.tor
 ``--torchgfn``), the amortization study (:mod:`experiments.amortization`, ``--amortization``)
 and the random-Llama study (:mod:`experiments.large_models`, ``--large``). Every flag of those
 studies applies here; each study also runs alone as ``python -m experiments.<study>``. Outputs:
-:mod:`experiments.ablation`.
+:mod:`experiments.studies`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from experiments.ablation import Study, run_studies
 from experiments.amortization import AmortizationConfig, amortization
 from experiments.large_models import LargeConfig, large_setting
 from experiments.sampler_sweep import SweepConfig, sweep
+from experiments.studies import Study, run_studies
 from experiments.torchgfn_baseline import TorchgfnConfig, torchgfn_comparison
+from gfn_spin.options import option
 
 
 @dataclass
@@ -34,23 +35,17 @@ class SamplerAblationConfig(SweepConfig, TorchgfnConfig, AmortizationConfig, Lar
     }
     """Settings of ``--quick``: those of every study."""
 
-    output_dir: str = field(
-        default="outputs/sampler_ablation",
-        metadata={"help": "Directory for ablation.csv, results.json, ablation.png and run.log."},
+    output_dir: str = option(
+        "outputs/sampler_ablation",
+        "Directory for ablation.csv, results.json, ablation.png and run.log.",
     )
-    torchgfn: bool = field(
-        default=True, metadata={"help": "Run the torchgfn SubTB baseline on one eval prompt."}
+    torchgfn: bool = option(True, "Run the torchgfn SubTB baseline on one eval prompt.")
+    amortization: bool = option(
+        False,
+        "Run the amortization study: SubTB fitted on the train prompts and on the "
+        "eval prompts, and the maximum-likelihood oracle (the longest study).",
     )
-    amortization: bool = field(
-        default=False,
-        metadata={
-            "help": "Run the amortization study: SubTB fitted on the train prompts and on the "
-            "eval prompts, and the maximum-likelihood oracle (the longest study)."
-        },
-    )
-    large: bool = field(
-        default=True, metadata={"help": "Run the large (non-enumerable) random-Llama study."}
-    )
+    large: bool = option(True, "Run the large (non-enumerable) random-Llama study.")
 
 
 def studies(config: SamplerAblationConfig) -> list[Study]:

@@ -4,27 +4,24 @@ For whoever tunes a sampler of the tiny world's geometric mixture (docs/toyworld
 K and SMC over N (|Δlog Z| against the enumerated log Z, from their draws), then GFlowNet
 settings varied one at a time around the base setting (``--gflownet.<field>``): training steps,
 SubTB λ, weighting, exploration, replay, LoRA rank, parametrization, each measured by exact TV
-and KL(target‖policy) of its enumerated policy. Outputs: :mod:`experiments.ablation`.
+and KL(target‖policy) of its enumerated policy. Outputs: :mod:`experiments.studies`.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from tqdm.auto import tqdm
 
-from experiments.ablation import AblationConfig, Setup, base_setting, gfn_config, run_studies
 from experiments.evaluation import Entry, evaluate_exact
+from experiments.studies import AblationConfig, Setup, base_setting, gfn_config, run_studies
 from gfn_spin.mixtures import GeometricMixture
+from gfn_spin.options import option
 from samplers import ImportanceResampler, SMCSampler
 from samplers.gflownet import GFlowNetSampler
-
-
-def _help(text: str) -> dict[str, str]:
-    return {"help": " ".join(text.split())}
 
 
 @dataclass
@@ -41,19 +38,16 @@ class SweepConfig(AblationConfig):
     }
     """Settings of ``--quick`` (each one still at its default takes this value)."""
 
-    output_dir: str = field(
-        default="outputs/sampler_sweep",
-        metadata=_help("Directory for ablation.csv, results.json, ablation.png and run.log."),
+    output_dir: str = option(
+        "outputs/sampler_sweep",
+        "Directory for ablation.csv, results.json, ablation.png and run.log.",
     )
-    sir_candidates: tuple[int, ...] = field(
-        default=(1, 4, 16, 64),
-        metadata=_help("K values of SIR from the local product (K=1 is the local product itself)."),
+    sir_candidates: tuple[int, ...] = option(
+        (1, 4, 16, 64), "K values of SIR from the local product (K=1 is the local product itself)."
     )
-    smc_particles: tuple[int, ...] = field(
-        default=(4, 16, 64), metadata=_help("N values of SMC from the local product.")
-    )
-    gfn_variants: tuple[str, ...] = field(
-        default=(
+    smc_particles: tuple[int, ...] = option((4, 16, 64), "N values of SMC from the local product.")
+    gfn_variants: tuple[str, ...] = option(
+        (
             "steps=600",
             "twist_updates=1",
             "loss=log_variance",
@@ -68,11 +62,9 @@ class SweepConfig(AblationConfig):
             "parametrization=residual,learning_rate=1e-3,prompts_per_step=16",
             "parametrization=lora,learning_rate=1e-3,prompts_per_step=16",
         ),
-        metadata=_help(
-            """GFlowNet settings measured besides the base: each changes the base
+        """GFlowNet settings measured besides the base: each changes the base
             (--gflownet.<field>) by comma-joined GFlowNetConfig field=value (tuples as
-            low:high)."""
-        ),
+            low:high).""",
     )
 
     def validate(self) -> None:
@@ -151,8 +143,13 @@ def sweep_alpha(
         )
         logger.info(
             "α=%g %-45s TV %.4f KL %.4f (%d steps, %.0f s)",
-            alpha, entry.name, row["tv"], row["kl"], gfn.steps, seconds,
-        )  # fmt: skip
+            alpha,
+            entry.name,
+            row["tv"],
+            row["kl"],
+            gfn.steps,
+            seconds,
+        )
         rows.append(row)
         bar.update(1)
     return rows

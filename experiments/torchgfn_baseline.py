@@ -5,22 +5,23 @@ For whoever asks whether our modified SubTB beats a stock GFlowNet library: a GF
 with torchgfn's SubTBGFlowNet (default weighting) on a DiscreteEnv over the token sequences of
 ONE eval prompt of the tiny world (docs/toyworld.md), against ours (``--gflownet.<field>``) on
 the same prompt at an equal number of target evaluations (scored responses), each measured by
-exact TV and KL of its enumerated policy. Outputs: :mod:`experiments.ablation`.
+exact TV and KL of its enumerated policy. Outputs: :mod:`experiments.studies`.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from tqdm.auto import tqdm
 
-from experiments.ablation import AblationConfig, Setup, gfn_config, run_studies
+from experiments.studies import AblationConfig, Setup, gfn_config, run_studies
 from gfn_spin.exact import divergences, exact_distribution, response_alphabet
 from gfn_spin.mixtures import GeometricMixture
+from gfn_spin.options import option
 from samplers.gflownet import GFlowNetSampler
 
 
@@ -31,16 +32,14 @@ class TorchgfnConfig(AblationConfig):
     QUICK: ClassVar[dict[str, Any]] = {"num_eval_prompts": 2, "torchgfn_steps": 60}
     """Settings of ``--quick`` (each one still at its default takes this value)."""
 
-    output_dir: str = field(
-        default="outputs/torchgfn_baseline",
-        metadata={"help": "Directory for ablation.csv, results.json, ablation.png and run.log."},
+    output_dir: str = option(
+        "outputs/torchgfn_baseline",
+        "Directory for ablation.csv, results.json, ablation.png and run.log.",
     )
-    torchgfn_steps: int = field(
-        default=300,
-        metadata={
-            "help": "Training steps of both GFlowNets in the torchgfn comparison (one batch of "
-            "the base setting's size each)."
-        },
+    torchgfn_steps: int = option(
+        300,
+        "Training steps of both GFlowNets in the torchgfn comparison (one batch of "
+        "the base setting's size each).",
     )
 
     def validate(self) -> None:
@@ -242,9 +241,13 @@ def torchgfn_alpha(
     for row in rows:
         logger.info(
             "torchgfn α=%g %s: TV %.4f KL %.4f, %d target evaluations, %.0f s",
-            alpha, row["name"], row["tv"], row["kl"], row["target_evaluations"],
+            alpha,
+            row["name"],
+            row["tv"],
+            row["kl"],
+            row["target_evaluations"],
             row["train_seconds"],
-        )  # fmt: skip
+        )
     return rows
 
 

@@ -17,11 +17,14 @@ from experiments.cli import parse_config
 from experiments.common import prepare_output_dir, setup_logging, write_results
 from selfplay import AlphaSpinConfig, AlphaSpinTrainer
 from selfplay.run_directory import MANIFEST, RUN_TOOL
+from worlds.toy import build_world
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     config = parse_config(AlphaSpinConfig, argv, description=(__doc__ or "").split("\n\n")[0])
-    trainer = AlphaSpinTrainer(config)
+    # No --model or no --dataset: the tiny world's base and SFT data.
+    needs_world = config.model is None or config.dataset is None
+    trainer = AlphaSpinTrainer(config, world=build_world(device="cpu") if needs_world else None)
     log = None
     if trainer.accelerator.is_main_process:
         output_dir = prepare_output_dir(

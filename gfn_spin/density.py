@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import torch
 
-from gfn_spin.scores import TokenScores
+from gfn_spin.scores import TokenScores, position_mask
 
 PromptLike = str | Sequence[int]
 
@@ -120,7 +120,7 @@ def scores_from_steps(
     eos_scores = step_logprobs[..., eos]
     if log_normalizer is not None:
         token, eos_scores = token - log_normalizer[:, :width], eos_scores - log_normalizer
-    token = token.masked_fill(steps[None, :width] >= lengths[:, None], 0.0)
+    token = token.masked_fill(~position_mask(lengths, width), 0.0)
     eos_scores = eos_scores.masked_fill(
         (steps[None, :] > lengths[:, None]) | (steps[None, :] == width), 0.0
     )

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from einops import rearrange, repeat
 
 from gfn_spin.density import Density, unique_policies
 
@@ -122,9 +123,10 @@ def exact_distribution(
         responses.extend(map(tuple, prefixes.tolist()))
         if width == 0:
             continue
-        child_logp = (prefix_logp[:, None] + step[:, alphabet_t]).reshape(-1)
-        parents = torch.arange(len(prefixes), device=device).repeat_interleave(width)
-        tokens = alphabet_t.repeat(len(prefixes))
+        # Children in (prefix, token) order, the order in which they are listed.
+        child_logp = rearrange(prefix_logp[:, None] + step[:, alphabet_t], "p a -> (p a)")
+        parents = repeat(torch.arange(len(prefixes), device=device), "p -> (p a)", a=width)
+        tokens = repeat(alphabet_t, "a -> (p a)", p=len(prefixes))
         children = torch.cat([prefixes[parents], tokens[:, None]], dim=1)
         if depth + 1 == max_new_tokens:
             # Children stop at the cap (forced stop, no EOS factor): they need no forward.
@@ -265,6 +267,50 @@ def sir_output_laws(
     ``chunk_elements`` bounds the block evaluated at once (memory). Returns one law per K, in
     the order given.
     """
+    ks, log_q, log_g = _check_sir_inputs(
+        proposal_logprobs, target_log_unnormalized, num_candidates, rtol
+    )
+    weights = _SIRWeights.of(log_q, log_g, chunk_elements)
+    multi = sorted(set(ks) - {1})
+    rules, quad_error, n = None, torch.zeros(len(multi), dtype=torch.float64), 0
+    if multi:
+        u_lo, u_hi = weights.integration_range(multi, rtol)
+        rules, quad_error, n = weights.integrate(multi, u_lo, u_hi, rtol, max_halvings)
+
+    laws = []
+    for k in ks:
+        no_draw = math.exp(k * weights.log_q0) if weights.log_q0 > -math.inf else 0.0
+        if no_draw >= 1.0 - 1e-12:
+            raise ValueError("the proposal puts all but a negligible mass on zero-weight responses")
+        log_draw = math.log1p(-no_draw)
+        out = torch.full_like(log_q, -math.inf)
+        if k == 1:  # p_1 = q on the responses with positive weight
+            out[weights.positive] = weights.lq - log_draw
+            laws.append(SIROutputLaw(out, 0.0, 0, no_draw))
+            continue
+        j = multi.index(k)
+        precision = float(quad_error[j]) + rtol / 4
+        if precision > rtol:
+            raise RuntimeError(
+                f"SIR law (K={k}) reached relative precision {precision:.2e} > rtol={rtol:.2e} "
+                f"after {max_halvings} halvings ({n + 1} nodes); raise max_halvings or rtol"
+            )
+        out[weights.positive] = math.log(k) + weights.log_p + rules[:, j] - log_draw
+        total = float(torch.logsumexp(out, 0).exp())
+        if abs(total - 1.0) > 2 * precision + 1e-12:
+            raise RuntimeError(f"SIR law (K={k}) sums to {total!r}, off by more than its precision")
+        laws.append(SIROutputLaw(out, precision, n + 1, no_draw))
+    return laws
+
+
+def _check_sir_inputs(
+    proposal_logprobs: torch.Tensor,
+    target_log_unnormalized: torch.Tensor,
+    num_candidates: Sequence[int],
+    rtol: float,
+) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """The inputs of :func:`sir_output_laws` checked: the Ks, and log q and log G̃ as float64
+    on the CPU."""
     if proposal_logprobs.shape != target_log_unnormalized.shape or proposal_logprobs.dim() != 1:
         raise ValueError(
             f"proposal_logprobs {tuple(proposal_logprobs.shape)} and target_log_unnormalized "
@@ -281,68 +327,99 @@ def sir_output_laws(
     log_g = target_log_unnormalized.detach().double().cpu()
     if torch.isnan(log_q).any() or torch.isnan(log_g).any() or (log_q == math.inf).any():
         raise ValueError("proposal_logprobs and target_log_unnormalized must not hold NaN or +inf")
-    log_q = log_q - torch.logsumexp(log_q, 0)
-    positive = torch.isfinite(log_q) & (log_g > -math.inf)
-    if not bool(positive.any()):
-        raise ValueError(
-            "no response has both proposal and target mass: SIR could never draw; give a "
-            "proposal whose support meets the target's"
-        )
-    zero_weight = torch.isfinite(log_q) & ~positive
-    log_q0 = float(torch.logsumexp(log_q[zero_weight], 0)) if zero_weight.any() else -math.inf
-    # Target normalized over the responses SIR can draw: p̃(y) = q(y)·w(y) with E_q[w] = 1.
-    lg = log_g[positive]
-    log_p = lg - torch.logsumexp(lg, 0)
-    lq = log_q[positive]
-    lw = log_p - lq
-    per = max(1, chunk_elements // len(lw))
+    return ks, log_q, log_g
 
-    def log_phi(u: torch.Tensor) -> torch.Tensor:
+
+@dataclass
+class _SIRWeights:
+    """SIR's importance weights over the responses it can draw, and the Laplace integrand of
+    :func:`sir_output_law` built from them (``[M]`` tensors over those M responses).
+
+    Attributes:
+        positive: ``[R]`` mask of the responses with q > 0 and G̃ > 0.
+        lq: log q on them; ``log_p``: the target normalized over them; ``lw``: log w =
+            log_p − lq, so that ``E_q[w] = 1``.
+        log_q0: log of q's mass on zero-weight responses (``-inf`` if none).
+        per: nodes evaluated at once (``chunk_elements // M``, memory).
+    """
+
+    positive: torch.Tensor
+    lq: torch.Tensor
+    log_p: torch.Tensor
+    lw: torch.Tensor
+    log_q0: float
+    per: int
+
+    @classmethod
+    def of(cls, log_q: torch.Tensor, log_g: torch.Tensor, chunk_elements: int) -> _SIRWeights:
+        log_q = log_q - torch.logsumexp(log_q, 0)
+        positive = torch.isfinite(log_q) & (log_g > -math.inf)
+        if not bool(positive.any()):
+            raise ValueError(
+                "no response has both proposal and target mass: SIR could never draw; give a "
+                "proposal whose support meets the target's"
+            )
+        zero_weight = torch.isfinite(log_q) & ~positive
+        log_q0 = float(torch.logsumexp(log_q[zero_weight], 0)) if zero_weight.any() else -math.inf
+        # Target normalized over the responses SIR can draw: p̃(y) = q(y)·w(y) with E_q[w] = 1.
+        lg = log_g[positive]
+        log_p = lg - torch.logsumexp(lg, 0)
+        lq = log_q[positive]
+        lw = log_p - lq
+        return cls(positive, lq, log_p, lw, log_q0, max(1, chunk_elements // len(lw)))
+
+    def log_phi(self, u: torch.Tensor) -> torch.Tensor:
         """log φ(e^u) for nodes ``u`` ``[N]``."""
+        lq, lw, per = self.lq, self.lw, self.per
         s = torch.cat(
             [
                 torch.logsumexp(lq[:, None] - torch.exp(u[None, lo : lo + per] + lw[:, None]), 0)
                 for lo in range(0, len(u), per)
             ]
         )
-        return torch.logaddexp(s, torch.full_like(s, log_q0)) if log_q0 > -math.inf else s
+        return torch.logaddexp(s, torch.full_like(s, self.log_q0)) if self.log_q0 > -math.inf else s
 
-    log_budget = math.log(rtol / 8)
-    lower, u_lo, u_hi = {}, math.inf, -math.inf
-    for k in set(ks) - {1}:
-        km1 = float(k - 1)
-        # Lower bound on log E[1/(w + S)]: Jensen (E S = K − 1), or the event S = 0.
-        log_lower = -torch.logaddexp(lw, torch.full_like(lw, math.log(km1)))
-        if log_q0 > -math.inf:
-            log_lower = torch.maximum(log_lower, km1 * log_q0 - lw)
-        lower[k] = log_lower
-        # Left end: ∫_0^{t_lo} ≤ t_lo ≤ (rtol/8)·lower bound for every response.
-        start = log_budget + float(log_lower.min())
-        u_lo = min(u_lo, start)
-        # Right end: step up in log t until φ(T)^{K−1} e^{−T·w}/w ≤ (rtol/8)·lower bound.
-        end = start
-        for _ in range(100_000):
-            end += 1.0
-            at = torch.tensor([end], dtype=torch.float64)
-            tail = km1 * log_phi(at) - torch.exp(end + lw) - lw - log_lower
-            if float(tail.max()) <= log_budget:
-                break
-        else:
-            raise RuntimeError("could not bound the tail of the SIR-law integral; check the inputs")
-        u_hi = max(u_hi, end)
+    def integration_range(self, multi: list[int], rtol: float) -> tuple[float, float]:
+        """The range ``[u_lo, u_hi]`` of ``u = log t`` outside which the integral of every K in
+        ``multi`` (all > 1) loses at most ``rtol/8`` of its lower bound at each end."""
+        lw, log_q0 = self.lw, self.log_q0
+        log_budget = math.log(rtol / 8)
+        u_lo, u_hi = math.inf, -math.inf
+        for k in set(multi):
+            km1 = float(k - 1)
+            # Lower bound on log E[1/(w + S)]: Jensen (E S = K − 1), or the event S = 0.
+            log_lower = -torch.logaddexp(lw, torch.full_like(lw, math.log(km1)))
+            if log_q0 > -math.inf:
+                log_lower = torch.maximum(log_lower, km1 * log_q0 - lw)
+            # Left end: ∫_0^{t_lo} ≤ t_lo ≤ (rtol/8)·lower bound for every response.
+            start = log_budget + float(log_lower.min())
+            u_lo = min(u_lo, start)
+            # Right end: step up in log t until φ(T)^{K−1} e^{−T·w}/w ≤ (rtol/8)·lower bound.
+            end = start
+            for _ in range(100_000):
+                end += 1.0
+                at = torch.tensor([end], dtype=torch.float64)
+                tail = km1 * self.log_phi(at) - torch.exp(end + lw) - lw - log_lower
+                if float(tail.max()) <= log_budget:
+                    break
+            else:
+                raise RuntimeError(
+                    "could not bound the tail of the SIR-law integral; check the inputs"
+                )
+            u_hi = max(u_hi, end)
+        return u_lo, u_hi
 
-    multi = sorted(lower)
-    km1s = torch.tensor([k - 1 for k in multi], dtype=torch.float64)
-
-    def log_sums(u: torch.Tensor) -> torch.Tensor:
-        """``[M, len(multi)]``: log Σ_nodes e^u·e^{−e^u·w}·φ(e^u)^{K−1} for each K.
+    def log_sums(self, u: torch.Tensor, km1s: torch.Tensor) -> torch.Tensor:
+        """``[M, len(km1s)]``: log Σ_nodes e^u·e^{−e^u·w}·φ(e^u)^{K−1} for each K − 1 in
+        ``km1s``.
 
         Summed in linear space after a shift by ``log w + 1`` (``u − e^u·w ≤ −log w − 1`` and
         ``φ ≤ 1``, so no term exceeds 1); rows whose sum falls below 1e-250 are summed again in
         log space.
         """
+        lq, lw, per, log_q0 = self.lq, self.lw, self.per, self.log_q0
         shift = lw[:, None] + 1.0
-        sums = torch.zeros(len(lw), len(multi), dtype=torch.float64)
+        sums = torch.zeros(len(lw), len(km1s), dtype=torch.float64)
         for lo in range(0, len(u), per):
             uu = u[lo : lo + per]
             tw = torch.exp(uu[None, :] + lw[:, None])  # [M, N]
@@ -359,56 +436,36 @@ def sir_output_laws(
             parts = []
             for lo in range(0, len(u), per):
                 uu = u[lo : lo + per]
-                lphi = log_phi(uu)
+                lphi = self.log_phi(uu)
                 base = uu[None, :] - torch.exp(uu[None, :] + lw[rows, None])
                 parts.append(torch.stack([torch.logsumexp(base + c * lphi, 1) for c in km1s], 1))
             out[rows] = torch.logsumexp(torch.stack(parts, 0), 0)
         return out
 
-    rules = None
-    quad_error = torch.zeros(len(multi), dtype=torch.float64)
-    n = 0
-    if multi:
+    def integrate(
+        self, multi: list[int], u_lo: float, u_hi: float, rtol: float, max_halvings: int
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The trapezoidal rule in ``u`` over ``[u_lo, u_hi]`` for every K in ``multi``, its
+        spacing halved until two successive rules agree to ``rtol/2``: the ``[M, len(multi)]``
+        log integrals, the ``[len(multi)]`` relative change of the last halving, and the final
+        number of intervals."""
+        km1s = torch.tensor([k - 1 for k in multi], dtype=torch.float64)
         n = max(2, math.ceil(u_hi - u_lo))
         h = (u_hi - u_lo) / n
         ends = torch.tensor([u_lo, u_hi], dtype=torch.float64)
         log_sum = torch.logaddexp(
-            log_sums(ends) - math.log(2.0),
-            log_sums(u_lo + h * torch.arange(1, n, dtype=torch.float64)),
+            self.log_sums(ends, km1s) - math.log(2.0),
+            self.log_sums(u_lo + h * torch.arange(1, n, dtype=torch.float64), km1s),
         )
         rules = log_sum + math.log(h)
         quad_error = torch.full((len(multi),), math.inf, dtype=torch.float64)
         for _ in range(max_halvings):
             mids = u_lo + h * (torch.arange(n, dtype=torch.float64) + 0.5)
-            log_sum = torch.logaddexp(log_sum, log_sums(mids))
+            log_sum = torch.logaddexp(log_sum, self.log_sums(mids, km1s))
             n, h = 2 * n, h / 2
             finer = log_sum + math.log(h)
             quad_error = torch.expm1(rules - finer).abs().amax(0)
             rules = finer
             if float(quad_error.max()) <= rtol / 2:
                 break
-
-    laws = []
-    for k in ks:
-        no_draw = math.exp(k * log_q0) if log_q0 > -math.inf else 0.0
-        if no_draw >= 1.0 - 1e-12:
-            raise ValueError("the proposal puts all but a negligible mass on zero-weight responses")
-        log_draw = math.log1p(-no_draw)
-        out = torch.full_like(log_q, -math.inf)
-        if k == 1:  # p_1 = q on the responses with positive weight
-            out[positive] = lq - log_draw
-            laws.append(SIROutputLaw(out, 0.0, 0, no_draw))
-            continue
-        j = multi.index(k)
-        precision = float(quad_error[j]) + rtol / 4
-        if precision > rtol:
-            raise RuntimeError(
-                f"SIR law (K={k}) reached relative precision {precision:.2e} > rtol={rtol:.2e} "
-                f"after {max_halvings} halvings ({n + 1} nodes); raise max_halvings or rtol"
-            )
-        out[positive] = math.log(k) + log_p + rules[:, j] - log_draw
-        total = float(torch.logsumexp(out, 0).exp())
-        if abs(total - 1.0) > 2 * precision + 1e-12:
-            raise RuntimeError(f"SIR law (K={k}) sums to {total!r}, off by more than its precision")
-        laws.append(SIROutputLaw(out, precision, n + 1, no_draw))
-    return laws
+        return rules, quad_error, n

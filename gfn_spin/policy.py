@@ -32,7 +32,7 @@ from gfn_spin.density import Density, PromptLike, scores_from_steps
 from gfn_spin.devices import default_device, default_dtype
 from gfn_spin.io import make_directory
 from gfn_spin.samples import Samples, ancestral_sample
-from gfn_spin.scores import TokenScores
+from gfn_spin.scores import TokenScores, position_mask
 
 
 def check_saved_adapter(path: str | os.PathLike, argument: str = "adapter") -> None:
@@ -451,12 +451,10 @@ class Policy(Density):
             [list(p) + [pad] * (total - len(p)) for p in prompt_ids], dtype=torch.long
         ).to(device)
         steps = torch.arange(width, device=device)
-        valid = steps[None, :] < lengths[:, None]
+        valid = position_mask(lengths, width)
         columns = prompt_lengths[:, None] + steps[None, :]
         input_ids.scatter_(1, columns, torch.where(valid, response_ids, self.pad_token_id))
-        attention_mask = (
-            torch.arange(total, device=device)[None, :] < (prompt_lengths + lengths)[:, None]
-        ).long()
+        attention_mask = position_mask(prompt_lengths + lengths, total).long()
         first = int(prompt_lengths.min()) - 1
         out = self._forward(
             input_ids=input_ids,
@@ -487,7 +485,7 @@ class Policy(Density):
     ) -> Any:
         state = self.start(prompt_ids, features=features)  # one prefill per distinct prompt
         width = response_ids.shape[1]
-        valid = torch.arange(width, device=self.device)[None, :] < lengths[:, None]
+        valid = position_mask(lengths, width)
         out = self._forward(
             input_ids=torch.where(valid, response_ids, self.pad_token_id),
             attention_mask=torch.cat([state.attention_mask, valid.long()], dim=1),

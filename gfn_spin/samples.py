@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
+from einops import repeat
 
 from gfn_spin.density import Density, PromptLike, unique_policies
 from gfn_spin.devices import resolve_generator
@@ -247,7 +248,7 @@ def ancestral_sample(
             state, active, token = state.select(keep), active[keep], token[keep]
         state = density.advance(state, token)
 
-    prompt_index = torch.arange(len(prompt_ids), device=device).repeat_interleave(num_samples)
+    prompt_index = repeat(torch.arange(len(prompt_ids), device=device), "p -> (p s)", s=num_samples)
     return Samples(
         prompt_index=prompt_index,
         response_ids=response_ids,

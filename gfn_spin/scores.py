@@ -46,8 +46,8 @@ class TokenScores:
     def prefix_terminal_logprobs(self) -> torch.Tensor:
         """``log π(y_{1:k}⊤|x)`` for k = 0..L, ``[B, L+1]``; -inf past n (no such prefix)."""
         terminal = self.prefix_logprobs() + self.eos_logprobs
-        steps = torch.arange(terminal.shape[1], device=terminal.device)
-        return terminal.masked_fill(steps[None, :] > self.lengths[:, None], float("-inf"))
+        exists = position_mask(self.lengths + 1, terminal.shape[1])  # prefixes k = 0..n
+        return terminal.masked_fill(~exists, float("-inf"))
 
     def to(self, device: torch.device | str) -> TokenScores:
         return TokenScores(

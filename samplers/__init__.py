@@ -18,8 +18,11 @@ the model tokens it spent in ``stats["tokens"]``. Which to use:
   local product), no scoring pass. With a trained GFlowNet: ``proposal=gfn.policy,
   twist="flow"`` (its prefix flow as the look-ahead potential).
 - :class:`GFlowNetSampler`: a geometric mixture sampled many times (α-SPIN iterations): a
-  LoRA policy trained once with SubTB (``.fit``); afterwards plain ancestral sampling, one
-  model token per generated token, ``log_q`` exact; also the best SIR/SMC proposal.
+  policy trained once with SubTB (``.fit``): the local product times a learned twist head
+  (the default for a mixture of policies), or a LoRA correction on it, or a LoRA adapter on
+  one policy; afterwards plain ancestral sampling with ``log_q`` exact, at the cost of the
+  local product (twist), one pass more (residual) or one model token per generated token
+  (lora); also the best SIR/SMC proposal.
 - :class:`ExactSampler`: enumerate and draw; the reference on small worlds only (refuses
   large enumerations before any model work). Cost: the whole prefix tree once per prompt.
 
@@ -30,11 +33,11 @@ as the proposal.
 
 from samplers.ancestral import AncestralSampler, ArithmeticMixtureSampler
 from samplers.base import Sampler, Samples
-from samplers.exact import ExactSampler
+from samplers.enumerated import ExactSampler
 from samplers.gflownet import GFlowNetSampler
 from samplers.importance import ImportanceResampler
 from samplers.smc import SMCSampler
-from samplers.twists import Twist, TwistInputs, flow_twist
+from samplers.smc_twists import Twist, TwistInputs, flow_twist
 
 __all__ = [
     "AncestralSampler",

@@ -112,7 +112,7 @@ class ImportanceResampler(ProposalSampler):
         self, prompt_ids: list[list[int]], num_samples: int, generator: torch.Generator | None
     ) -> Draws:
         if self._decoder is not None:
-            draws = self._decoder.draw(prompt_ids, num_samples, generator)
+            draws = self._decoder.populations(prompt_ids, num_samples, generator)
             stats = {key: draws.stats[key] for key in ("ess", "ess_fraction", "log_z")}
             draws.stats = {**stats, "num_candidates": self.num_candidates}
             return draws

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from typing import Any
 
 
 class ReplayBuffer:
@@ -74,51 +73,3 @@ class ReplayBuffer:
         self._entries = {
             tuple(p): {tuple(r): float(v) for r, v in entries} for p, entries in state["entries"]
         }
-
-
-class FeatureBuffer:
-    """The last ``capacity`` scored training batches of a GFlowNet whose trainable part reads
-    frozen features (the twist head).
-
-    The components never change, so a stored batch's step scores and features stay exact, and
-    each rollout can feed several head updates (SubTB is off-policy). A batch is kept whole, so
-    the rows of one prompt stay together (what a per-prompt batch log Z needs). Each batch is a
-    dict: ``steps`` and ``features``, one ``[B, L+1, V]`` and one ``[B, L+1, H_c]`` tensor per
-    component, and the tensors ``response_ids [B, L]``, ``lengths [B]``,
-    ``log_reward [B, L+1]`` and ``group [B]``.
-    """
-
-    def __init__(self, capacity: int) -> None:
-        if capacity < 1:
-            raise ValueError(f"capacity={capacity} must be >= 1")
-        self.capacity = capacity
-        self._batches: list[dict[str, Any]] = []
-        self._next = 0
-
-    def __len__(self) -> int:
-        return len(self._batches)
-
-    def add(self, batch: dict[str, Any]) -> None:
-        batch = {
-            k: [t.detach() for t in v] if isinstance(v, list) else v.detach()
-            for k, v in batch.items()
-        }
-        if len(self._batches) < self.capacity:
-            self._batches.append(batch)
-        else:
-            self._batches[self._next] = batch
-        self._next = (self._next + 1) % self.capacity
-
-    def sample(self, rng: random.Random) -> dict[str, Any]:
-        """One stored batch, uniformly."""
-        if not self._batches:
-            raise RuntimeError("the feature buffer is empty: add a batch first")
-        return self._batches[rng.randrange(len(self._batches))]
-
-    def state_dict(self) -> dict:
-        return {"capacity": self.capacity, "next": self._next, "batches": list(self._batches)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.capacity = int(state["capacity"])
-        self._next = int(state["next"])
-        self._batches = [dict(b) for b in state["batches"]]

@@ -26,36 +26,89 @@ biased low (Jensen). The law of a draw picked ∝ w from the final population te
 as N → ∞ (consistent, biased at finite N, first order O(1/N)); without resampling it is exactly
 SIR with K = N.
 
-The module is one algorithm read top to bottom (the decoding loop in ``SMCSampler._run`` and
-the weighting rules it calls); splitting it would scatter one loop's invariants over files.
-
-Why one module: the resampling loop and its weighting strategies are one algorithm whose
-weights must multiply to G̃/q along every path; the strategies are branches inside that
-loop, so they stay next to it rather than behind an interface with one caller (the twists,
-which have several, live in :mod:`samplers.twists`).
+Why one module over 400 lines: it is one algorithm read top to bottom, the decoding loop
+(``SMCSampler._run``: start, extend, look ahead, carry on, pick) and the weighting rules it
+calls, whose weights must multiply to G̃/q along every path; splitting it would scatter one
+loop's invariants over files. The rules are branches inside that loop, so they stay next to
+it rather than behind an interface with one caller (which rules apply is decided in
+:mod:`samplers.weighting`; the twists, which have several callers, live in
+:mod:`samplers.smc_twists`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from gfn_spin.density import Density, PromptLike
-from gfn_spin.mixtures import LocalProduct
 from gfn_spin.samples import check_count
 from gfn_spin.scores import weighted_logsum
 from samplers.base import Draws, ProposalSampler, encode_checked
-from samplers.twists import Twist, TwistInputs, resolve_twist
+from samplers.smc_twists import Twist, TwistInputs, resolve_twist
 from samplers.weighting import (
+    Weighting,
+    applicable_weightings,
     effective_sample_size,
-    is_local_product_of,
     logmeanexp,
 )
 
-#: Where SMC reads the target's step scores g(·|s): see :class:`SMCSampler`'s ``weighting``.
-Weighting = Literal["auto", "exact", "local_product", "components", "general"]
+
+@dataclass
+class _Populations:
+    """The particles of one batch of G populations of ``n`` each, mid-decoding (``B = G·n``
+    global rows; the decode states hold only the live particles' rows, ``alive``).
+
+    Attributes:
+        prompts: each population's prompt token ids (G lists).
+        n: particles per population.
+        response_ids: ``[B, L]`` prefixes, padded. lengths: ``[B]``. finished: ``[B]`` bool.
+        log_w: ``[B]`` float64 log-weights since the last resampling.
+        path_log_target: ``[B]`` float64 ``log g̃`` of each path so far.
+        log_z: ``[G]`` float64 ``log Ẑ`` of the finished resampling epochs.
+        resamples: ``[G]`` resampling steps so far.
+        alive: global row of each decode-state row.
+        log_psi: ``[B]`` float64 ``log ψ`` of each particle's current state (0 untwisted).
+        proposal_state, target_state: the decode states (target's only for "general").
+        increments: ``[B, L+1]`` float64 per-step log-weights when decoding forced paths.
+    """
+
+    prompts: list[list[int]]
+    n: int
+    response_ids: torch.Tensor
+    lengths: torch.Tensor
+    finished: torch.Tensor
+    log_w: torch.Tensor
+    path_log_target: torch.Tensor
+    log_z: torch.Tensor
+    resamples: torch.Tensor
+    alive: torch.Tensor
+    log_psi: torch.Tensor
+    proposal_state: Any
+    target_state: Any
+    increments: torch.Tensor | None
+
+    def add(self, where: torch.Tensor, values: torch.Tensor, column: int) -> None:
+        """Multiply the weights of rows ``where`` by ``exp(values)`` (at step ``column``)."""
+        self.log_w[where] += values
+        if self.increments is not None:
+            self.increments[where, column] += values
+
+    def reorder(self, ancestors: torch.Tensor, twisted: bool) -> None:
+        """Global rows become copies of their ``ancestors`` (after resampling)."""
+        self.response_ids, self.lengths = self.response_ids[ancestors], self.lengths[ancestors]
+        self.finished = self.finished[ancestors]
+        self.path_log_target = self.path_log_target[ancestors]
+        if twisted:
+            self.log_psi = self.log_psi[ancestors]
+
+    def select_states(self, keep: torch.Tensor) -> None:
+        """Keep decode-state rows ``keep``, in that order."""
+        self.proposal_state = self.proposal_state.select(keep)
+        if self.target_state is not None:
+            self.target_state = self.target_state.select(keep)
 
 
 class SMCSampler(ProposalSampler):
@@ -143,6 +196,15 @@ class SMCSampler(ProposalSampler):
     def draw(
         self, prompt_ids: list[list[int]], num_samples: int, generator: torch.Generator | None
     ) -> Draws:
+        return self.populations(prompt_ids, num_samples, generator)
+
+    def populations(
+        self, prompt_ids: list[list[int]], num_samples: int, generator: torch.Generator | None
+    ) -> Draws:
+        """``num_samples`` independent populations per encoded prompt and one draw from each,
+        with every stat :meth:`sample` reports, under no model-token accounting of its own:
+        the entry for samplers that run SMC inside theirs (SIR weighted while decoding is SMC
+        that never resamples)."""
         populations = [i for i in range(len(prompt_ids)) for _ in range(num_samples)]
         per_batch = max(1, self.batch_size // self.num_particles)
         results = [
@@ -216,138 +278,188 @@ class SMCSampler(ProposalSampler):
         ``forced`` ``[G, L]``: decode these tokens (EOS where a path stops) with one particle
         per population and no resampling, and return only the per-step log-weights.
         """
-        n = 1 if forced is not None else self.num_particles
+        populations = self._start(population_prompts, forced is not None)
+        for step in range(self.max_new_tokens):
+            token, going_on = self._extend(populations, step, generator, forced)
+            if step == self.max_new_tokens - 1:
+                break  # every live particle is now at s_L: forced stop, no factor, ψ(s_L) = 1
+            in_state = self._look_ahead(populations, step, token, going_on)
+            if not self._carry_on(populations, token, in_state, generator, forced is not None):
+                break
+        if populations.increments is not None:
+            return {"increments": populations.increments}
+        return self._pick(populations, generator)
+
+    def _start(self, population_prompts: list[list[int]], forced: bool) -> _Populations:
+        """Every particle at ``s_0`` (one per population when ``forced``), with ``γ_0 = ψ(s_0)``
+        as its initial weight under a twist."""
+        n = 1 if forced else self.num_particles
         width = self.max_new_tokens
         groups, device = len(population_prompts), self.proposal.device
-        count, eos = groups * n, self.proposal.eos_token_id
-        pad = self.proposal.pad_token_id
+        count = groups * n
         rows = [p for p in population_prompts for _ in range(n)]
 
-        response_ids = torch.full((count, width), pad, dtype=torch.long, device=device)
-        lengths = torch.zeros(count, dtype=torch.long, device=device)
-        finished = torch.zeros(count, dtype=torch.bool, device=device)
-        log_w = torch.zeros(count, dtype=torch.float64, device=device)  # since last resampling
-        path_log_target = torch.zeros(count, dtype=torch.float64, device=device)
-        log_z = torch.zeros(groups, dtype=torch.float64, device=device)
-        resamples = torch.zeros(groups, dtype=torch.long, device=device)
-        alive = torch.arange(count, device=device)  # global row of each state row
-        proposal_state = self.proposal.start(rows)
-        target_state = self.target.start(rows) if self.weighting == "general" else None
-        increments = (
-            torch.zeros(count, width + 1, dtype=torch.float64, device=device)
-            if forced is not None
-            else None
+        def zeros(size: int, dtype: torch.dtype) -> torch.Tensor:
+            return torch.zeros(size, dtype=dtype, device=device)
+
+        populations = _Populations(
+            prompts=population_prompts,
+            n=n,
+            response_ids=torch.full(
+                (count, width), self.proposal.pad_token_id, dtype=torch.long, device=device
+            ),
+            lengths=zeros(count, torch.long),
+            finished=zeros(count, torch.bool),
+            log_w=zeros(count, torch.float64),  # since the last resampling
+            path_log_target=zeros(count, torch.float64),
+            log_z=zeros(groups, torch.float64),
+            resamples=zeros(groups, torch.long),
+            alive=torch.arange(count, device=device),  # global row of each state row
+            log_psi=zeros(count, torch.float64),
+            proposal_state=self.proposal.start(rows),
+            target_state=self.target.start(rows) if self.weighting == "general" else None,
+            increments=(
+                torch.zeros(count, width + 1, dtype=torch.float64, device=device)
+                if forced
+                else None
+            ),
         )
-
-        def add(where: torch.Tensor, values: torch.Tensor, column: int) -> None:
-            log_w[where] += values
-            if increments is not None:
-                increments[where, column] += values
-
-        # Twisted: a particle's states sit at s_{k+1} before resampling (the potential needs
-        # them), and log ψ of its current state is kept to divide it out at the next step.
-        twisted = self.twist is not None
-        log_psi = torch.zeros(count, dtype=torch.float64, device=device)
-        if twisted:
-            log_psi[alive] = self._log_twist(
+        if self.twist is not None:
+            alive = populations.alive
+            populations.log_psi[alive] = self._log_twist(
                 population_prompts,
                 alive // n,
-                response_ids[:, :0],
-                path_log_target,
-                proposal_state,
-                target_state,
+                populations.response_ids[:, :0],
+                populations.path_log_target,
+                populations.proposal_state,
+                populations.target_state,
             )
-            add(alive, log_psi[alive], 0)  # γ_0(s_0) = ψ(s_0): Ẑ estimates Σ_y G̃(y), not Z / ψ(s_0)
+            # γ_0(s_0) = ψ(s_0): Ẑ estimates Σ_y G̃(y), not Z / ψ(s_0).
+            populations.add(alive, populations.log_psi[alive], 0)
+        return populations
 
-        for step in range(width):
-            logp_q = proposal_state.next_logprobs
-            if forced is None:
-                token = torch.multinomial(logp_q.exp(), 1, generator=generator).squeeze(1)
-            else:
-                token = forced[alive, step]
-            step_q = logp_q.gather(1, token[:, None]).squeeze(1).double()
-            step_target = self._target_step(proposal_state, target_state, token, step_q)
-            increment = step_target - step_q
-            if twisted:
-                # ψ(s_k) leaves the potential whether the particle moves on or stops. Where it
-                # is 0 the weight is already 0: keep it there (no −inf + inf).
-                previous = log_psi[alive]
-                increment = increment - previous.masked_fill(torch.isneginf(previous), 0.0)
-            add(alive, increment, step + 1)
-            path_log_target[alive] += step_target
-            going_on = token != eos
-            response_ids[alive[going_on], step] = token[going_on]
-            lengths[alive[going_on]] += 1
-            finished[alive[~going_on]] = True
-            if step == width - 1:
-                break  # every live particle is now at s_L: forced stop, no factor, ψ(s_L) = 1
+    def _extend(
+        self,
+        populations: _Populations,
+        step: int,
+        generator: torch.Generator | None,
+        forced: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw (or read from ``forced``) each live particle's token at ``s_step`` and weight it;
+        returns the tokens and which particles go on (did not stop)."""
+        alive, eos = populations.alive, self.proposal.eos_token_id
+        proposal_state = populations.proposal_state
+        logp_q = proposal_state.next_logprobs
+        if forced is None:
+            token = torch.multinomial(logp_q.exp(), 1, generator=generator).squeeze(1)
+        else:
+            token = forced[alive, step]
+        step_q = logp_q.gather(1, token[:, None]).squeeze(1).double()
+        step_target = self._target_step(proposal_state, populations.target_state, token, step_q)
+        increment = step_target - step_q
+        if self.twist is not None:
+            # ψ(s_k) leaves the potential whether the particle moves on or stops. Where it
+            # is 0 the weight is already 0: keep it there (no −inf + inf).
+            previous = populations.log_psi[alive]
+            increment = increment - previous.masked_fill(torch.isneginf(previous), 0.0)
+        populations.add(alive, increment, step + 1)
+        populations.path_log_target[alive] += step_target
+        going_on = token != eos
+        populations.response_ids[alive[going_on], step] = token[going_on]
+        populations.lengths[alive[going_on]] += 1
+        populations.finished[alive[~going_on]] = True
+        return token, going_on
 
-            if twisted and bool(going_on.any()):
-                moved = alive[going_on]
-                proposal_state, target_state = self._advance(
-                    proposal_state, target_state, going_on, token[going_on]
-                )
-                psi = self._log_twist(
-                    population_prompts,
-                    moved // n,
-                    response_ids[moved, : step + 1],
-                    path_log_target[moved],
-                    proposal_state,
-                    target_state,
-                )
-                add(moved, psi, step + 1)
-                log_psi[moved] = psi
-                in_state = moved  # global row of each state row, states at s_{k+1}
-            elif twisted:
-                in_state = alive[going_on]  # none: every particle has stopped
-            else:
-                in_state = alive  # states at s_k, the sampled token not fed yet
-            if forced is None:
-                self._check_alive(log_w, groups)
+    def _look_ahead(
+        self, populations: _Populations, step: int, token: torch.Tensor, going_on: torch.Tensor
+    ) -> torch.Tensor:
+        """Under a twist, move the particles that go on to ``s_{step+1}`` (the potential needs
+        their states before resampling) and weight them by ``ψ``; returns the global row of
+        each state row (states at ``s_step`` without a twist: the token is not fed yet)."""
+        alive = populations.alive
+        if self.twist is None:
+            return alive
+        if not bool(going_on.any()):
+            return alive[going_on]  # none: every particle has stopped
+        moved = alive[going_on]
+        populations.proposal_state, populations.target_state = self._advance(
+            populations.proposal_state, populations.target_state, going_on, token[going_on]
+        )
+        psi = self._log_twist(
+            populations.prompts,
+            moved // populations.n,
+            populations.response_ids[moved, : step + 1],
+            populations.path_log_target[moved],
+            populations.proposal_state,
+            populations.target_state,
+        )
+        populations.add(moved, psi, step + 1)
+        populations.log_psi[moved] = psi
+        return moved
 
-            next_token = torch.full((count,), -1, dtype=torch.long, device=device)
-            next_token[alive] = token
-            state_row = torch.full((count,), -1, dtype=torch.long, device=device)
-            state_row[in_state] = torch.arange(len(in_state), device=device)
-            ancestors = (
-                self._resample(log_w, log_z, resamples, groups, generator)
-                if forced is None
-                else None
+    def _carry_on(
+        self,
+        populations: _Populations,
+        token: torch.Tensor,
+        in_state: torch.Tensor,
+        generator: torch.Generator | None,
+        forced: bool,
+    ) -> bool:
+        """Resample the populations whose ESS fell (never when ``forced``), keep the states of
+        the unfinished particles and feed them their token; False when none is left."""
+        count, groups = len(populations.finished), len(populations.prompts)
+        device = populations.log_w.device
+        if not forced:
+            self._check_alive(populations.log_w, groups)
+        next_token = torch.full((count,), -1, dtype=torch.long, device=device)
+        next_token[populations.alive] = token
+        state_row = torch.full((count,), -1, dtype=torch.long, device=device)
+        state_row[in_state] = torch.arange(len(in_state), device=device)
+        ancestors = (
+            None
+            if forced
+            else self._resample(
+                populations.log_w, populations.log_z, populations.resamples, groups, generator
             )
-            if ancestors is not None:
-                response_ids, lengths = response_ids[ancestors], lengths[ancestors]
-                finished, path_log_target = finished[ancestors], path_log_target[ancestors]
-                next_token, state_row = next_token[ancestors], state_row[ancestors]
-                if twisted:
-                    log_psi = log_psi[ancestors]
-            alive = (~finished).nonzero().squeeze(1)
-            if len(alive) == 0:
-                break
-            keep = state_row[alive]
-            if len(keep) != len(proposal_state.next_logprobs) or bool(
-                (keep != torch.arange(len(keep), device=device)).any()
-            ):
-                proposal_state = proposal_state.select(keep)
-                target_state = target_state.select(keep) if target_state is not None else None
-            if not twisted:
-                proposal_state = self.proposal.advance(proposal_state, next_token[alive])
-                if target_state is not None:
-                    target_state = self.target.advance(target_state, next_token[alive])
+        )
+        if ancestors is not None:
+            populations.reorder(ancestors, twisted=self.twist is not None)
+            next_token, state_row = next_token[ancestors], state_row[ancestors]
+        alive = populations.alive = (~populations.finished).nonzero().squeeze(1)
+        if len(alive) == 0:
+            return False
+        keep = state_row[alive]
+        if len(keep) != len(populations.proposal_state.next_logprobs) or bool(
+            (keep != torch.arange(len(keep), device=device)).any()
+        ):
+            populations.select_states(keep)
+        if self.twist is None:
+            populations.proposal_state = self.proposal.advance(
+                populations.proposal_state, next_token[alive]
+            )
+            if populations.target_state is not None:
+                populations.target_state = self.target.advance(
+                    populations.target_state, next_token[alive]
+                )
+        return True
 
-        if increments is not None:
-            return {"increments": increments}
-        self._check_alive(log_w, groups)
-        by_group = log_w.view(groups, n)
-        log_z += logmeanexp(by_group)
+    def _pick(
+        self, populations: _Populations, generator: torch.Generator | None
+    ) -> dict[str, torch.Tensor]:
+        """One particle per population, ∝ its final weight, and the populations' ``log Ẑ``."""
+        groups, n = len(populations.prompts), populations.n
+        self._check_alive(populations.log_w, groups)
+        by_group = populations.log_w.view(groups, n)
+        populations.log_z += logmeanexp(by_group)
         pick = torch.multinomial(torch.softmax(by_group, 1), 1, generator=generator).squeeze(1)
-        chosen = torch.arange(groups, device=device) * n + pick
+        chosen = torch.arange(groups, device=by_group.device) * n + pick
         return {
-            "response_ids": response_ids[chosen],
-            "lengths": lengths[chosen],
-            "log_target": path_log_target[chosen].float(),
-            "log_z": log_z,
+            "response_ids": populations.response_ids[chosen],
+            "lengths": populations.lengths[chosen],
+            "log_target": populations.path_log_target[chosen].float(),
+            "log_z": populations.log_z,
             "ess": effective_sample_size(by_group),
-            "resamples": resamples,
+            "resamples": populations.resamples,
         }
 
     def _advance(
@@ -458,25 +570,3 @@ class SMCSampler(ProposalSampler):
                 "zero density to every particle): use a proposal whose support covers the "
                 "target's, or more particles"
             )
-
-
-def applicable_weightings(proposal: Density, target: Density) -> list[str]:
-    """The weightings SMC can use for ``proposal`` and ``target``, cheapest first."""
-    if proposal is target:
-        return ["exact", "general"]
-    if is_local_product_of(proposal, target):
-        return ["local_product", "general"]
-    if is_residual_on_local_product_of(proposal, target):
-        return ["components", "general"]
-    return ["general"]
-
-
-def is_residual_on_local_product_of(proposal: Density, target: Density) -> bool:
-    """True when ``proposal`` is a residual on ``target``'s local product (``proposal.local``).
-
-    Such a proposal's decode states carry the states of the target's components (in the
-    target's order, field ``components``), so SMC reads the target's step scores from them
-    instead of running the components a second time.
-    """
-    local = getattr(proposal, "local", None)
-    return isinstance(local, LocalProduct) and is_local_product_of(local, target)

@@ -1,17 +1,24 @@
 """Proposals and importance weights: the helpers SIR and SMC share.
 
-For sampler authors: the default proposal of a target, the checks a proposal must pass, token
-accounting across densities, and numerically safe ESS / log-mean-exp of log-weights.
+For sampler authors: the default proposal of a target, the checks a proposal must pass, which
+proposals are the target's local product (or a residual on it) and so which SMC weightings
+apply, token accounting across densities, and numerically safe ESS / log-mean-exp of
+log-weights.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 
 from gfn_spin.density import Density, check_compatible, unique_policies
 from gfn_spin.mixtures import LocalProduct
+
+#: Where SMC reads the target's step scores g(·|s): see :class:`samplers.SMCSampler`'s
+#: ``weighting``.
+Weighting = Literal["auto", "exact", "local_product", "components", "general"]
 
 
 def model_tokens(*densities: Density) -> int:
@@ -73,3 +80,25 @@ def is_local_product_of(proposal: Density, target: Density) -> bool:
         and all(a is b for a, b in zip(components, proposal.components, strict=True))
         and list(target.weights) == list(proposal.weights)
     )
+
+
+def applicable_weightings(proposal: Density, target: Density) -> list[str]:
+    """The weightings SMC can use for ``proposal`` and ``target``, cheapest first."""
+    if proposal is target:
+        return ["exact", "general"]
+    if is_local_product_of(proposal, target):
+        return ["local_product", "general"]
+    if is_residual_on_local_product_of(proposal, target):
+        return ["components", "general"]
+    return ["general"]
+
+
+def is_residual_on_local_product_of(proposal: Density, target: Density) -> bool:
+    """True when ``proposal`` is a residual on ``target``'s local product (``proposal.local``).
+
+    Such a proposal's decode states carry the states of the target's components (in the
+    target's order, field ``components``), so SMC reads the target's step scores from them
+    instead of running the components a second time.
+    """
+    local = getattr(proposal, "local", None)
+    return isinstance(local, LocalProduct) and is_local_product_of(local, target)

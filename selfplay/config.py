@@ -9,17 +9,20 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Literal, get_args, get_type_hints
 
 from gfn_spin.devices import check_device
 from gfn_spin.io import dataclass_from_dict
+from gfn_spin.options import option
 from gfn_spin.samples import check_count
+from gfn_spin.schedules import LrDecay
 from objectives.spin import LOSS_TYPES
 from samplers.gflownet import GFlowNetConfig
 
-#: Config fields that may differ when a run is resumed (they do not change its results).
-RESUMABLE_FIELDS = ("output_dir", "iterations", "progress")
+#: α-SPIN run fields that may differ when a run is resumed (they do not change its results);
+#: a GFlowNet fit has its own, samplers.gflownet.config.RESUMABLE_FIELDS.
+RUN_RESUMABLE_FIELDS = ("output_dir", "iterations", "progress")
 
 
 def opponent_gflownet_config() -> GFlowNetConfig:
@@ -44,180 +47,138 @@ class AlphaSpinConfig:
     """
 
     # -- model and data ---------------------------------------------------------------------
-    model: str | None = field(
-        default=None,
-        metadata={"help": "HF model name or local directory of the base π_0; None: the tiny "
-                  "world's SFT base."},
-    )  # fmt: skip
-    dataset: str | None = field(
-        default=None,
-        metadata={"help": "`datasets` source of (prompt, real response) pairs: a hub name or a "
-                  "local json/jsonl/parquet/csv file or folder; None: the tiny world's SFT data."},
-    )  # fmt: skip
-    dataset_split: str = field(default="train", metadata={"help": "Split of `dataset` to read."})
-    prompt_column: str = field(
-        default="prompt", metadata={"help": "Column of `dataset` holding the prompts."}
+    model: str | None = option(
+        None, "HF model name or local directory of the base π_0; None: the tiny world's SFT base."
     )
-    response_column: str = field(
-        default="response", metadata={"help": "Column of `dataset` holding the real responses."}
+    dataset: str | None = option(
+        None,
+        "`datasets` source of (prompt, real response) pairs: a hub name or a "
+        "local json/jsonl/parquet/csv file or folder; None: the tiny world's SFT data.",
     )
-    messages_column: str | None = field(
-        default=None,
-        metadata={"help": 'Read a chat column instead (e.g. "real" of the SPIN data): first '
-                  "user turn = prompt, last assistant turn = response."},
-    )  # fmt: skip
-    max_examples: int | None = field(
-        default=None, metadata={"help": "Use only the first this many examples (None: all)."}
+    dataset_split: str = option("train", "Split of `dataset` to read.")
+    prompt_column: str = option("prompt", "Column of `dataset` holding the prompts.")
+    response_column: str = option("response", "Column of `dataset` holding the real responses.")
+    messages_column: str | None = option(
+        None,
+        'Read a chat column instead (e.g. "real" of the SPIN data): first '
+        "user turn = prompt, last assistant turn = response.",
     )
-    max_prompt_length: int = field(
-        default=64, metadata={"help": "Prompts longer than this keep their last tokens."}
+    max_examples: int | None = option(None, "Use only the first this many examples (None: all).")
+    max_prompt_length: int = option(64, "Prompts longer than this keep their last tokens.")
+    max_new_tokens: int | None = option(
+        None,
+        "Length cap L of responses (generation and training); None: the tiny world's L, else 256.",
     )
-    max_new_tokens: int | None = field(
-        default=None,
-        metadata={"help": "Length cap L of responses (generation and training); None: the tiny "
-                  "world's L, else 256."},
-    )  # fmt: skip
 
     # -- self-play -------------------------------------------------------------------------
-    alpha: float = field(
-        default=0.95,
-        metadata={"help": "α in π_ref ∝ π_0^(1-α)·M_h^α; 1 = no regularization toward the base "
-                  "(SPIN, fictitious play)."},
-    )  # fmt: skip
-    history: int | str = field(
-        default=2,
-        metadata={"help": 'h, the number of latest iterates averaged in M_h (capped by those '
-                  'that exist), or "all" for fictitious play over π_0..π_t.'},
-    )  # fmt: skip
-    sampler: Literal["auto", "exact", "ancestral", "importance", "smc", "gflownet"] = field(
-        default="auto",
-        metadata={"help": 'Opponent sampler: "exact" (α = 1: the arithmetic mixture sampled '
-                  'exactly), "ancestral" (y\' ~ π_t, the cheap baseline for α < 1), '
-                  '"importance" (SIR), "smc", "gflownet"; "auto" = "exact" when α = 1, else '
-                  '"importance". A normalized π_ref (α = 1, or t = 0 where π_ref = π_0) is '
-                  "always sampled exactly."},
-    )  # fmt: skip
-    proposal: Literal["history", "local", "current"] = field(
-        default="history",
-        metadata={"help": 'Proposal of the importance sampler: "history" (M_h), "local" (the '
-                  'local product q_loc(v|s) ∝ π_0^(1-α)·M_h^α per token), "current" (π_t).'},
-    )  # fmt: skip
-    num_candidates: int = field(
-        default=16, metadata={"help": "K, proposals per draw of the importance sampler."}
+    alpha: float = option(
+        0.95,
+        "α in π_ref ∝ π_0^(1-α)·M_h^α; 1 = no regularization toward the base "
+        "(SPIN, fictitious play).",
     )
-    num_particles: int = field(
-        default=16,
-        metadata={"help": "N, particles per draw of the SMC sampler (proposal: the local "
-                  "product)."},
-    )  # fmt: skip
-    gflownet: GFlowNetConfig = field(
-        default_factory=opponent_gflownet_config,
-        metadata={"help": "Settings of the GFlowNet opponent, fitted on the prompts at every "
-                  "iteration (its max_new_tokens, adapter_name and seed are set by the run)."},
-    )  # fmt: skip
-    gflownet_warm_start: bool = field(
-        default=True,
-        metadata={"help": "Start each iteration's GFlowNet fit from the previous iteration's "
-                  "weights (the twist head, or the LoRA adapter, when their shapes match; "
-                  "else a cold start, logged with the reason)."},
-    )  # fmt: skip
-    gflownet_warm_steps: int | None = field(
-        default=50,
-        metadata={"help": "Steps of a warm-started GFlowNet fit (a cold fit takes "
-                  "gflownet.steps); None: gflownet.steps. The default, a quarter of the cold "
-                  "fit, matched its exactness on the tiny world (python -m "
-                  "bench.alpha_spin_iteration measures both)."},
-    )  # fmt: skip
-    gflownet_warm_learning_rate: float | None = field(
-        default=2e-4,
-        metadata={"help": "Peak learning rate of a warm-started GFlowNet fit, without warmup "
-                  "(a tenth of the cold fit's: at the cold peak a short warm fit drifts away "
-                  "from the previous weights); None: gflownet's schedule."},
-    )  # fmt: skip
-    generation_chunk: int = field(
-        default=64,
-        metadata={"help": "Prompts per generation call; each chunk is seeded by its index (the "
-                  "unit of data parallelism, so results do not depend on the number of "
-                  "processes)."},
-    )  # fmt: skip
+    history: int | str = option(
+        2,
+        "h, the number of latest iterates averaged in M_h (capped by those "
+        'that exist), or "all" for fictitious play over π_0..π_t.',
+    )
+    sampler: Literal["auto", "exact", "ancestral", "importance", "smc", "gflownet"] = option(
+        "auto",
+        'Opponent sampler: "exact" (α = 1: the arithmetic mixture sampled '
+        'exactly), "ancestral" (y\' ~ π_t, the cheap baseline for α < 1), '
+        '"importance" (SIR), "smc", "gflownet"; "auto" = "exact" when α = 1, else '
+        '"importance". A normalized π_ref (α = 1, or t = 0 where π_ref = π_0) is '
+        "always sampled exactly.",
+    )
+    proposal: Literal["history", "local", "current"] = option(
+        "history",
+        'Proposal of the importance sampler: "history" (M_h), "local" (the '
+        'local product q_loc(v|s) ∝ π_0^(1-α)·M_h^α per token), "current" (π_t).',
+    )
+    num_candidates: int = option(16, "K, proposals per draw of the importance sampler.")
+    num_particles: int = option(
+        16, "N, particles per draw of the SMC sampler (proposal: the local product)."
+    )
+    gflownet: GFlowNetConfig = option(
+        factory=opponent_gflownet_config,
+        help="Settings of the GFlowNet opponent, fitted on the prompts at every "
+        "iteration (its max_new_tokens, adapter_name and seed are set by the run).",
+    )
+    gflownet_warm_start: bool = option(
+        True,
+        "Start each iteration's GFlowNet fit from the previous iteration's "
+        "weights (the twist head, or the LoRA adapter, when their shapes match; "
+        "else a cold start, logged with the reason).",
+    )
+    gflownet_warm_steps: int | None = option(
+        50,
+        "Steps of a warm-started GFlowNet fit (a cold fit takes "
+        "gflownet.steps); None: gflownet.steps. The default, a quarter of the cold "
+        "fit, matched its exactness on the tiny world (python -m "
+        "bench.alpha_spin_iteration measures both).",
+    )
+    gflownet_warm_learning_rate: float | None = option(
+        2e-4,
+        "Peak learning rate of a warm-started GFlowNet fit, without warmup "
+        "(a tenth of the cold fit's: at the cold peak a short warm fit drifts away "
+        "from the previous weights); None: gflownet's schedule.",
+    )
+    generation_chunk: int = option(
+        64,
+        "Prompts per generation call; each chunk is seeded by its index (the "
+        "unit of data parallelism, so results do not depend on the number of "
+        "processes).",
+    )
 
     # -- loss and optimization -------------------------------------------------------------
-    beta: float = field(
-        default=2.0, metadata={"help": "β, the reward scale of the SPIN loss (SPIN: 0.1 for 7B)."}
+    beta: float = option(2.0, "β, the reward scale of the SPIN loss (SPIN: 0.1 for 7B).")
+    loss_type: Literal[LOSS_TYPES] = option(
+        "sigmoid", f"SPIN loss, one of {', '.join(LOSS_TYPES)} (objectives.spin)."
     )
-    loss_type: Literal[LOSS_TYPES] = field(  # type: ignore[valid-type]
-        default="sigmoid",
-        metadata={"help": f"SPIN loss, one of {', '.join(LOSS_TYPES)} (objectives.spin)."},
+    iterations: int = option(
+        3, "Self-play iterations (iterates π_1..π_iterations); may be raised when resuming."
     )
-    iterations: int = field(
-        default=3,
-        metadata={"help": "Self-play iterations (iterates π_1..π_iterations); may be raised "
-                  "when resuming."},
-    )  # fmt: skip
-    epochs: int = field(
-        default=2,
-        metadata={"help": "Passes over the iteration's data when training π_(t+1) (SPIN: 2)."},
+    epochs: int = option(2, "Passes over the iteration's data when training π_(t+1) (SPIN: 2).")
+    optimizer: Literal["adamw", "rmsprop", "sgd"] = option(
+        "adamw", '"adamw", "rmsprop" (SPIN\'s) or "sgd"; a fresh optimizer every iteration.'
     )
-    optimizer: Literal["adamw", "rmsprop", "sgd"] = field(
-        default="adamw",
-        metadata={"help": '"adamw", "rmsprop" (SPIN\'s) or "sgd"; a fresh optimizer every '
-                  "iteration."},
-    )  # fmt: skip
-    learning_rate: float = field(
-        default=1e-3, metadata={"help": "Peak learning rate (SPIN: 5e-7 for 7B models)."}
+    learning_rate: float = option(1e-3, "Peak learning rate (SPIN: 5e-7 for 7B models).")
+    lr_decay: LrDecay = option(
+        "constant",
+        "Learning-rate decay over each iteration's steps after warmup "
+        '(gfn_spin.schedules): "constant", "linear" or "cosine" (both to 0).',
     )
-    lr_scheduler: Literal["constant", "linear", "cosine"] = field(
-        default="constant",
-        metadata={"help": "Decay over each iteration's steps, after warmup."},
+    warmup_ratio: float = option(
+        0.0,
+        "Fraction of each iteration's steps with linear warmup from rate 0 "
+        '(SPIN: 0.1); none with lr_decay="constant", as transformers\' schedule of '
+        "that name.",
     )
-    warmup_ratio: float = field(
-        default=0.0,
-        metadata={"help": "Fraction of each iteration's steps with linear warmup (SPIN: 0.1)."},
+    weight_decay: float = option(0.0, "Weight decay of the optimizer.")
+    max_grad_norm: float | None = option(1.0, "Gradient clipping norm (None: no clipping).")
+    batch_size: int = option(
+        32, "Examples per micro-batch, over all processes together (each takes an equal share)."
     )
-    weight_decay: float = field(default=0.0, metadata={"help": "Weight decay of the optimizer."})
-    max_grad_norm: float | None = field(
-        default=1.0, metadata={"help": "Gradient clipping norm (None: no clipping)."}
+    gradient_accumulation_steps: int = option(
+        1, "Micro-batches per optimizer step (effective batch = batch_size × this)."
     )
-    batch_size: int = field(
-        default=32,
-        metadata={"help": "Examples per micro-batch, over all processes together (each takes "
-                  "an equal share)."},
-    )  # fmt: skip
-    gradient_accumulation_steps: int = field(
-        default=1,
-        metadata={"help": "Micro-batches per optimizer step (effective batch = batch_size × "
-                  "this)."},
-    )  # fmt: skip
-    finetuning: Literal["lora", "full"] = field(
-        default="lora",
-        metadata={"help": '"lora": iterates are LoRA adapters on one base; "full": full copies '
-                  "of the model."},
-    )  # fmt: skip
-    lora_rank: int = field(default=16, metadata={"help": "LoRA rank r of the iterates."})
-    lora_alpha: int = field(
-        default=16,
-        metadata={"help": "LoRA scaling numerator of the iterates (not the α of α-SPIN)."},
+    finetuning: Literal["lora", "full"] = option(
+        "lora", '"lora": iterates are LoRA adapters on one base; "full": full copies of the model.'
     )
+    lora_rank: int = option(16, "LoRA rank r of the iterates.")
+    lora_alpha: int = option(16, "LoRA scaling numerator of the iterates (not the α of α-SPIN).")
 
     # -- run -------------------------------------------------------------------------------
-    seed: int = field(
-        default=0,
-        metadata={"help": "Seed of everything stochastic (adapter init, generation chunks, "
-                  "batch order)."},
-    )  # fmt: skip
-    output_dir: str = field(
-        default="runs/alpha_spin",
-        metadata={"help": "Where the manifest, data, iterates and metrics go (a run resumes "
-                  "from here)."},
-    )  # fmt: skip
-    device: str | None = field(
-        default=None,
-        metadata={"help": '"cpu", "cuda", ...; None: the accelerate process\'s device (CUDA '
-                  "when present)."},
-    )  # fmt: skip
-    progress: bool = field(
-        default=True, metadata={"help": "Show progress bars (main process only)."}
+    seed: int = option(
+        0, "Seed of everything stochastic (adapter init, generation chunks, batch order)."
     )
+    output_dir: str = option(
+        "runs/alpha_spin",
+        "Where the manifest, data, iterates and metrics go (a run resumes from here).",
+    )
+    device: str | None = option(
+        None, '"cpu", "cuda", ...; None: the accelerate process\'s device (CUDA when present).'
+    )
+    progress: bool = option(True, "Show progress bars (main process only).")
 
     def __post_init__(self) -> None:
         if isinstance(self.history, str) and self.history.strip().isdigit():
@@ -234,7 +195,7 @@ class AlphaSpinConfig:
             isinstance(self.history, bool) or not isinstance(self.history, int) or self.history < 1
         ):
             raise ValueError(f"history={self.history!r} must be a positive integer or 'all'")
-        for name in ("sampler", "proposal", "loss_type", "optimizer", "lr_scheduler", "finetuning"):
+        for name in ("sampler", "proposal", "loss_type", "optimizer", "lr_decay", "finetuning"):
             allowed = _CHOICES[name]
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be one of {allowed}")

@@ -16,37 +16,10 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from gfn_spin.density import Density
+from gfn_spin.scores import position_mask
 from samplers.base import Sampler, SampleStats
 from selfplay.config import derive_seed
 from selfplay.iteration_data import Examples, IterationData
-
-
-def check_context_fits(
-    prompt_ids: Sequence[Sequence[int]],
-    context: int | None,
-    max_new_tokens: int,
-    max_prompt_length: int,
-) -> None:
-    """Refuse, before any work, prompts plus responses that do not fit the model's context.
-
-    The message names the setting to change: ``max_new_tokens`` when responses alone fill
-    the context, else ``max_prompt_length`` (the longest prompt keeps its last tokens).
-    """
-    if context is None:
-        return
-    if max_new_tokens >= context:
-        raise ValueError(
-            f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's context "
-            f"of {context} tokens; lower --max-new-tokens below {context}"
-        )
-    longest = max(len(p) for p in prompt_ids)
-    if longest + max_new_tokens > context:
-        raise ValueError(
-            f"prompts of up to {longest} tokens (max_prompt_length={max_prompt_length}) "
-            f"plus max_new_tokens={max_new_tokens} exceed the model's context of {context} "
-            f"tokens; lower --max-prompt-length to {context - max_new_tokens} or less (longer "
-            "prompts keep their last tokens), or lower --max-new-tokens"
-        )
 
 
 def fixed_width(
@@ -57,8 +30,7 @@ def fixed_width(
     out = torch.full((len(ids), max_new_tokens), pad_token_id, dtype=torch.long)
     width = min(ids.shape[1], max_new_tokens)
     out[:, :width] = ids[:, :width].cpu()
-    past = torch.arange(max_new_tokens) >= lengths.cpu()[:, None]
-    return out.masked_fill(past, pad_token_id)
+    return out.masked_fill(~position_mask(lengths.cpu(), max_new_tokens), pad_token_id)
 
 
 @torch.no_grad()

@@ -4,7 +4,8 @@ The data path: (prompt, real response) pairs → :class:`Examples` (token ids, r
 once to the length cap L) → the opponent's ``Samples`` → :class:`IterationData` (real and
 generated responses with the reference's log-probs, computed once) → parquet
 (:func:`write_iteration_data`, the chat columns of the published SPIN data beside the ids) →
-:func:`read_iteration_data` → the SPIN loss.
+:func:`read_iteration_data` → the SPIN loss. The parquet schema and its reading and writing
+(:func:`write_parquet`, :func:`load_parquet`) live here and nowhere else.
 """
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
+from datasets import Dataset
 
 from gfn_spin.data import chat_messages, encode_example
+from gfn_spin.io import atomic_path
 from gfn_spin.samples import pad_responses
-from selfplay.data import load_parquet, write_parquet
 
 
 @dataclass
@@ -86,6 +90,35 @@ class IterationData:
         return len(self.prompt_ids)
 
 
+def write_parquet(columns: dict[str, list[Any]], path: str | os.PathLike) -> Path:
+    """Write columns as one parquet file atomically (temporary file, then rename)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        Dataset.from_dict(columns).to_parquet(str(tmp))
+    return path
+
+
+def load_parquet(path: str | os.PathLike) -> Dataset:
+    """An iteration's data written by :func:`write_parquet` (also readable with
+    ``datasets.load_dataset("parquet", data_files=path)``).
+
+    Read with pyarrow into an in-memory ``Dataset``: no ``datasets`` cache, so a file
+    rewritten at the same path is never served stale.
+
+    Raises:
+        ValueError: the file is truncated or not parquet (written atomically, so this is
+            outside damage), naming the file.
+    """
+    try:
+        return Dataset(pq.read_table(str(path)))
+    except (pa.ArrowException, OSError) as error:
+        raise ValueError(
+            f"{str(path)!r} is corrupted or truncated ({type(error).__name__}: {error}); the "
+            "run cannot resume from it: choose a new output_dir, or delete the run directory "
+            "to start over"
+        ) from error
+
+
 def _responses(ids: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
     return [row[:n].tolist() for row, n in zip(ids, lengths.tolist(), strict=True)]
 
@@ -124,7 +157,7 @@ def read_iteration_data(
     """The :class:`IterationData` written by :func:`write_iteration_data` at ``path``.
 
     Raises:
-        ValueError: a damaged file (from :func:`selfplay.data.load_parquet`), or responses
+        ValueError: a damaged file (from :func:`load_parquet`), or responses
             longer than ``max_new_tokens``.
     """
     table = load_parquet(path)

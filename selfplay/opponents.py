@@ -10,6 +10,9 @@ import dataclasses
 import logging
 import os
 from collections.abc import Sequence
+from typing import Protocol
+
+from accelerate import PartialState
 
 from gfn_spin.density import Density
 from gfn_spin.mixtures import ArithmeticMixture
@@ -25,6 +28,25 @@ from selfplay.reference import history_mixture
 logger = logging.getLogger(__name__)
 
 
+class OpponentFactory(Protocol):
+    """What :class:`selfplay.AlphaSpinTrainer` calls to get iteration t's opponent sampler:
+    :func:`opponent_sampler`'s arguments and meaning (a benchmark may wrap it to time the
+    opponents it builds)."""
+
+    def __call__(
+        self,
+        config: AlphaSpinConfig,
+        reference: Density,
+        iterates: Sequence[Policy],
+        *,
+        max_new_tokens: int,
+        iteration: int,
+        fit_prompts: Sequence[Sequence[int]],
+        warm_start_from: str | os.PathLike | None,
+        save_to: str | os.PathLike | None,
+    ) -> Sampler: ...
+
+
 def opponent_sampler(
     config: AlphaSpinConfig,
     reference: Density,
@@ -34,9 +56,10 @@ def opponent_sampler(
     iteration: int,
     fit_prompts: Sequence[Sequence[int]] = (),
     warm_start_from: GFlowNetSampler | str | os.PathLike | None = None,
-    progress: bool = False,
+    save_to: str | os.PathLike | None = None,
 ) -> Sampler:
-    """The sampler drawing y' for iteration t (``iterates = [π_0, ..., π_t]``).
+    """The sampler drawing y' for iteration t (``iterates = [π_0, ..., π_t]``); the default
+    :class:`OpponentFactory` of :class:`selfplay.AlphaSpinTrainer`.
 
     "ancestral" draws from π_t (reference log-probs still come from π_ref), "importance"
     resamples K proposals (M_h, the local product or π_t), "smc" runs N particles from the
@@ -45,7 +68,9 @@ def opponent_sampler(
     ``config.gflownet_warm_steps`` steps at ``config.gflownet_warm_learning_rate`` when
     ``config.gflownet_warm_start`` allows it (see
     :func:`fit_opponent_gflownet`), else from fresh weights for ``config.gflownet.steps``;
-    ``progress`` shows the fit's progress bar.
+    the fitted GFlowNet is then saved to ``save_to`` when given, so that the next iteration
+    warm-starts from it, also after a resume. The other samplers learn nothing and save
+    nothing.
     """
     kind = config.resolved_sampler()
     if reference.normalized:
@@ -81,7 +106,9 @@ def opponent_sampler(
                 seed=derive_seed(config.seed, "gflownet", iteration),
             ),
         )
-        fit_opponent_gflownet(config, gflownet, fit_prompts, warm_start_from, progress=progress)
+        fit_opponent_gflownet(config, gflownet, fit_prompts, warm_start_from)
+        if save_to is not None:
+            gflownet.save(save_to)
         return gflownet
     raise ValueError(f"sampler={kind!r} cannot sample a geometric-mixture reference")
 
@@ -91,10 +118,9 @@ def fit_opponent_gflownet(
     gflownet: GFlowNetSampler,
     fit_prompts: Sequence[Sequence[int]],
     warm_start_from: GFlowNetSampler | str | os.PathLike | None,
-    *,
-    progress: bool = False,
 ) -> bool:
-    """Fit the opponent GFlowNet, warm-started when possible; returns whether it was.
+    """Fit the opponent GFlowNet, warm-started when possible; returns whether it was. Its
+    progress bar shows with ``config.progress``, on the main process only.
 
     The reference changes between iterations (its history mixture drops its oldest iterate
     and takes the newest), so what carries over is the learned correction to its local
@@ -115,5 +141,6 @@ def fit_opponent_gflownet(
                 "GFlowNet opponent: cold start, the warm start is impossible: %s", reason
             )
     steps = config.gflownet_warm_steps if warm else None
+    progress = config.progress and PartialState().is_main_process
     gflownet.fit(list(fit_prompts), steps, progress=progress)
     return warm

@@ -2,16 +2,17 @@
 (docs/alpha_spin.md).
 
 For alignment researchers running SPIN, α-SPIN or fictitious play on an HF model and a
-``datasets`` source (the tiny world by default). Iterates π_0 (the base), π_1, ..., π_t are
+``datasets`` source (or a world's base and SFT data, e.g. the tiny world's). Iterates π_0 (the base), π_1, ..., π_t are
 named LoRA adapters on one set of base weights (or full copies with ``finetuning="full"``).
 Iteration t, in :meth:`AlphaSpinTrainer.train`:
 
 1. :func:`selfplay.reference.build_reference`: ``π_ref ∝ π_0^{1-α} · M_h^α``.
-2. :func:`selfplay.opponents.opponent_sampler` + :func:`selfplay.generation.make_iteration_data`:
+2. the opponent factory (:func:`selfplay.opponents.opponent_sampler` by default) +
+   :func:`selfplay.generation.make_iteration_data`:
    one y' per example, and the reference log-probs of y and y' computed once and stored with
    the data (parquet), so training keeps only the policy in memory. A GFlowNet opponent is
    saved in ``opponents/`` and warm-starts the next iteration's fit.
-3. :func:`selfplay.iterates.new_iterate` + :func:`selfplay.training.train_iterate`: π_{t+1}
+3. :func:`selfplay.iterates.new_iterate` + :func:`selfplay.iterate_training.train_iterate`: π_{t+1}
    starts from π_t and minimizes ``objectives.spin.spin_loss``.
 4. evaluate, save the iterate and record the metrics; every step is atomic and listed in a
    manifest (:class:`selfplay.run_directory.RunDirectory`), so a killed run restarted with the
@@ -25,10 +26,10 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
@@ -40,17 +41,15 @@ from gfn_spin.density import Density
 from gfn_spin.devices import check_device, resolve_device
 from gfn_spin.io import write_json_atomic
 from gfn_spin.policy import Policy
-from gfn_spin.toyworld import ToyWorld, ToyWorldEvaluator, build_world
-from samplers.gflownet import GFlowNetSampler
-from selfplay.config import RESUMABLE_FIELDS, AlphaSpinConfig, derive_seed
-from selfplay.data import load_pairs, pairs_fingerprint
-from selfplay.generation import check_context_fits, make_iteration_data, opponent_metrics
+from selfplay.config import RUN_RESUMABLE_FIELDS, AlphaSpinConfig, derive_seed
+from selfplay.generation import make_iteration_data, opponent_metrics
+from selfplay.iterate_training import train_iterate
 from selfplay.iterates import freeze, iterate_name, load_iterate, new_iterate, save_iterate
 from selfplay.iteration_data import encode_examples, read_iteration_data, write_iteration_data
-from selfplay.opponents import opponent_sampler
+from selfplay.opponents import OpponentFactory, opponent_sampler
+from selfplay.pairs import load_pairs, pairs_fingerprint
 from selfplay.reference import build_reference
 from selfplay.run_directory import DATA_HASH, RunDirectory
-from selfplay.training import train_iterate
 
 
 @dataclass
@@ -72,21 +71,68 @@ def make_accelerator(config: AlphaSpinConfig) -> Accelerator:
     )
 
 
+class World(Protocol):
+    """What the trainer reads of a world whose base policy or SFT data it uses (for example
+    ``worlds.toy.ToyWorld``); the trainer names no world, so worlds may sit above it."""
+
+    sft_data: Any
+
+    @property
+    def max_new_tokens(self) -> int: ...
+
+    def load_policy(self, name: str = "base", **kwargs: Any) -> Policy: ...
+
+    def key(self) -> str: ...
+
+    def evaluator(self) -> Callable[[Density], dict[str, float]]: ...
+
+
+def check_context_fits(
+    prompt_ids: Sequence[Sequence[int]],
+    context: int | None,
+    max_new_tokens: int,
+    max_prompt_length: int,
+) -> None:
+    """Refuse, before any work, prompts plus responses that do not fit the model's context.
+
+    The message names the setting to change: ``max_new_tokens`` when responses alone fill
+    the context, else ``max_prompt_length`` (the longest prompt keeps its last tokens).
+    """
+    if context is None:
+        return
+    if max_new_tokens >= context:
+        raise ValueError(
+            f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's context "
+            f"of {context} tokens; lower --max-new-tokens below {context}"
+        )
+    longest = max(len(p) for p in prompt_ids)
+    if longest + max_new_tokens > context:
+        raise ValueError(
+            f"prompts of up to {longest} tokens (max_prompt_length={max_prompt_length}) "
+            f"plus max_new_tokens={max_new_tokens} exceed the model's context of {context} "
+            f"tokens; lower --max-prompt-length to {context - max_new_tokens} or less (longer "
+            "prompts keep their last tokens), or lower --max-new-tokens"
+        )
+
+
 class AlphaSpinTrainer:
     """Runs α-SPIN iterations for a config; resumable from ``config.output_dir``.
 
     Args:
         config: the run's :class:`~selfplay.config.AlphaSpinConfig`.
         policy: the base π_0 (reading its base weights); default: ``config.model`` loaded with
-            ``Policy.from_pretrained``, or the tiny world's base. The trainer adds adapters to
+            ``Policy.from_pretrained``, or the world's base. The trainer adds adapters to
             its model.
         dataset: (prompt, response) pairs (a ``datasets.Dataset`` or a source for
-            :func:`selfplay.data.load_pairs`); default: ``config.dataset`` or the tiny
-            world's SFT data.
-        world: the tiny world to use when the model or data come from it (default: built with
-            :func:`gfn_spin.toyworld.build_world`).
+            :func:`selfplay.pairs.load_pairs`); default: ``config.dataset`` or the world's SFT
+            data.
+        world: the world (a :class:`World`, e.g. ``worlds.toy.build_world()``) whose base or
+            SFT data is used when no model or no data is given; required then.
         evaluate: ``policy -> {name: float}`` run on π_0 and every new iterate (main process);
-            default on the tiny world: :class:`ToyWorldEvaluator` (exact KLs).
+            default on a world: its ``evaluator()`` (the tiny world's exact KLs).
+        opponents: builds iteration t's opponent sampler
+            (:class:`~selfplay.opponents.OpponentFactory`); default:
+            :func:`selfplay.opponents.opponent_sampler`, the sampler ``config.sampler`` names.
 
     ``train()`` returns one record per iterate: ``{"iteration": t, "metrics": {...},
     "seconds": {...}}`` (iteration 0 is the base).
@@ -98,16 +144,21 @@ class AlphaSpinTrainer:
         *,
         policy: Policy | None = None,
         dataset: Any = None,
-        world: ToyWorld | None = None,
+        world: World | None = None,
         evaluate: Callable[[Density], dict[str, float]] | None = None,
+        opponents: OpponentFactory = opponent_sampler,
     ) -> None:
         config.validate()
         self.config = config
+        self.opponents = opponents
         self.accelerator = make_accelerator(config)
         uses_world = policy is None and config.model is None
         uses_world = uses_world or (dataset is None and config.dataset is None)
         if uses_world and world is None:
-            world = build_world(device="cpu")
+            raise ValueError(
+                "no model or no dataset is given and no world to take them from: give model and "
+                "dataset, or world= (e.g. worlds.toy.build_world())"
+            )
         self.world = world if uses_world else None
         device = check_device(config.device) if config.device else self.accelerator.device
         if policy is None:
@@ -161,11 +212,11 @@ class AlphaSpinTrainer:
                 f"{self.accelerator.num_processes} processes no rows; raise batch_size"
             )
         if evaluate is None and self.world is not None and policy.allowed_token_ids is not None:
-            evaluate = ToyWorldEvaluator(self.world)
+            evaluate = self.world.evaluator()
         self.evaluate = evaluate
         identity = {"config": comparable_config(config), DATA_HASH: pairs_fingerprint(pairs)}
         if self.world is not None:
-            identity["world"] = self.world.config.key()
+            identity["world"] = self.world.key()
         self.identity = identity
 
     def _show(self) -> bool:
@@ -183,7 +234,7 @@ class AlphaSpinTrainer:
         is refused with :class:`gfn_spin.io.DirectoryInUseError`.
         """
         run = RunDirectory(
-            self.config.output_dir, self.identity, self.accelerator, RESUMABLE_FIELDS
+            self.config.output_dir, self.identity, self.accelerator, RUN_RESUMABLE_FIELDS
         )
         try:
             return self._train(run)
@@ -209,7 +260,7 @@ class AlphaSpinTrainer:
                 started = time.perf_counter()
                 previous = None if t == 0 else run.opponent_path(t - 1)
                 chunk_stats = []
-                sampler = opponent_sampler(
+                sampler = self.opponents(
                     cfg,
                     reference,
                     iterates,
@@ -217,11 +268,8 @@ class AlphaSpinTrainer:
                     iteration=t,
                     fit_prompts=self.examples.prompt_ids,
                     warm_start_from=previous if previous and previous.is_dir() else None,
-                    progress=self._show(),
+                    save_to=run.opponent_path(t) if accelerator.is_main_process else None,
                 )
-                if isinstance(sampler, GFlowNetSampler) and accelerator.is_main_process:
-                    # The next iteration warm-starts from it, also after a resume.
-                    sampler.save(run.opponent_path(t))
                 data = make_iteration_data(
                     sampler,
                     reference,
@@ -272,4 +320,4 @@ def _opponent_path(run: RunDirectory, t: int) -> Path:
 
 def comparable_config(config: AlphaSpinConfig) -> dict[str, Any]:
     """The config a resume must match: its JSON values without the resumable fields."""
-    return {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_FIELDS}
+    return {k: v for k, v in config.to_dict().items() if k not in RUN_RESUMABLE_FIELDS}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gfn_spin.toyworld import ToyWorld, build_world
+from worlds.toy import ToyWorld, build_world
 
 # The tiny models run fastest single-threaded, and a second thread makes every test 10x slower
 # whenever anything else runs on the machine (measured here); tests never rely on parallelism.

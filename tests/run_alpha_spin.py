@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from gfn_spin.toyworld import ToyWorldEvaluator, build_world
 from selfplay import AlphaSpinConfig, AlphaSpinTrainer
+from worlds.toy import ToyWorldEvaluator, build_world
 
 torch.set_num_threads(1)
 cache, out, extra = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])

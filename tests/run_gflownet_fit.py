@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from gfn_spin import GeometricMixture
-from gfn_spin.toyworld import build_world
 from samplers import GFlowNetSampler
+from worlds.toy import build_world
 
 torch.set_num_threads(1)
 cache, out, configs = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])

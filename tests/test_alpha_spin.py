@@ -14,14 +14,14 @@ from gfn_spin import ArithmeticMixture, GeometricMixture
 from gfn_spin.data import encode_example
 from gfn_spin.exact import divergences
 from gfn_spin.samples import pad_responses
-from gfn_spin.toyworld import ToyWorldEvaluator
 from samplers.ancestral import AncestralSampler
 from selfplay import AlphaSpinConfig, AlphaSpinTrainer
 from selfplay.config import derive_seed
-from selfplay.data import load_pairs, load_parquet, write_parquet
 from selfplay.iterates import load_iterate
-from selfplay.iteration_data import read_iteration_data
+from selfplay.iteration_data import load_parquet, read_iteration_data, write_parquet
+from selfplay.pairs import load_pairs
 from selfplay.reference import build_reference, history_indices
+from worlds.toy import ToyWorldEvaluator
 
 SMALL = dict(
     max_examples=64, batch_size=16, epochs=1, generation_chunk=16, progress=False, iterations=2
@@ -311,6 +311,14 @@ def test_bad_config_errors(overrides, message):
 def test_history_from_cli_string():
     assert AlphaSpinConfig(history="2").history == 2
     assert AlphaSpinConfig(history="all").history == "all"
+
+
+def test_no_model_or_data_and_no_world_is_refused(tmp_path):
+    """The trainer names no world: the tiny world's base and data come only through world=."""
+    config = AlphaSpinConfig(output_dir=str(tmp_path / "x"))
+    with pytest.raises(ValueError, match="no world to take them from"):
+        AlphaSpinTrainer(config)
+    assert not (tmp_path / "x").exists()
 
 
 def test_too_few_examples_is_refused_before_work(world, tmp_path):

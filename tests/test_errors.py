@@ -36,7 +36,7 @@ from samplers import (
 )
 from samplers.gflownet import GFlowNetConfig
 from selfplay import AlphaSpinConfig, AlphaSpinTrainer
-from selfplay.data import load_pairs
+from selfplay.pairs import load_pairs
 
 L = 7
 TINY = {"prompts_per_step": 2, "samples_per_prompt": 2, "warmup_steps": 1}
@@ -168,13 +168,24 @@ def test_unknown_names_in_configs():
     for field, value in (("weighting", "mean"), ("lr_decay", "step"), ("parametrization", "x")):
         with pytest.raises(ValueError, match=rf"{field}='{value}' must be"):
             GFlowNetConfig(**{field: value})
-    for field, value in (("proposal", "prior"), ("optimizer", "adam"), ("lr_scheduler", "step")):
+    for field, value in (("proposal", "prior"), ("optimizer", "adam"), ("lr_decay", "step")):
         with pytest.raises(ValueError, match=rf"{field}='{value}' must be one of"):
             AlphaSpinConfig(**{field: value})
     with pytest.raises(ValueError, match=r"unknown GFlowNetConfig fields \['stepz'\]"):
         GFlowNetConfig.from_dict({"stepz": 3})
     with pytest.raises(ValueError, match=r"unknown AlphaSpinConfig fields \['alfa'\]"):
         AlphaSpinConfig.from_dict({"alfa": 0.5})
+
+
+def test_max_grad_norm_has_one_rule_in_both_configs():
+    """None disables clipping in both trainers; 0, a negative or an infinite norm is refused."""
+    assert GFlowNetConfig(max_grad_norm=None).max_grad_norm is None
+    assert AlphaSpinConfig(max_grad_norm=None).max_grad_norm is None
+    for value in (0.0, -1.0, math.inf):
+        with pytest.raises(ValueError, match=r"max_grad_norm=.* must be a finite number > 0"):
+            GFlowNetConfig(max_grad_norm=value)
+        with pytest.raises(ValueError, match=r"max_grad_norm=.* must be a finite number > 0"):
+            AlphaSpinConfig(max_grad_norm=value)
 
 
 # -- checkpoints and run directories ----------------------------------------------------------

@@ -45,24 +45,19 @@ def test_twist_shares_sum_to_the_whole_batch_gradient(world):
         for param in sampler.trainable_parameters:
             param.add_(0.1 * torch.randn(param.shape, generator=generator))
     prompts = [list(p) for p in world.train_prompts[:4]]
-    recorder = StateRecorder(lambda state: state.component_outputs(), L)
+    recorder = StateRecorder(sampler.weights.rollout_reader(), L)
     samples = ancestral_sample(
         sampler.policy, prompts, 4, max_new_tokens=L, generator=0, on_state=recorder
     )
-    count = len(target.components)
-    outputs = (recorder.values[:count], recorder.values[count:])
-    stored = {
-        "steps": outputs[0],
-        "features": outputs[1],
-        "response_ids": samples.response_ids,
-        "lengths": samples.lengths,
-        "log_reward": trainer._log_reward(outputs[0], samples.response_ids, samples.lengths),
-        "group": torch.arange(len(prompts) * 4) // 4,
-    }
+    rows = [p for p in prompts for _ in range(4)]
+    group = torch.arange(len(prompts) * 4) // 4
+    stored = sampler.weights.training_batch(
+        target, rows, samples.response_ids, samples.lengths, group, recorder.values
+    )
 
     def gradient(processes: int, rank: int) -> list[torch.Tensor]:
         trainer.accelerator = SimpleNamespace(num_processes=processes, process_index=rank)
-        _, share = trainer.twist_loss(stored, 1.0)
+        _, share = trainer.batch_loss(stored, 1.0)
         return torch.autograd.grad(share, sampler.trainable_parameters)
 
     whole = gradient(1, 0)

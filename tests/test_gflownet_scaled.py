@@ -16,9 +16,9 @@ import torch
 
 from bench.gflownet_scaled import draw_report, exact_policy_report
 from gfn_spin.exact import divergences, exact_distribution
-from gfn_spin.scaled_world import ScaledWorld, ScaledWorldConfig, build_world
 from samplers import GFlowNetSampler
 from samplers.gflownet import GFlowNetConfig
+from worlds.scaled import ScaledWorld, ScaledWorldConfig, build_world
 
 ALPHA, PAIR = 0.5, "iterate"
 DRAWS = 256

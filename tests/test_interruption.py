@@ -28,7 +28,7 @@ import torch
 torch.set_num_threads(1)
 from gfn_spin import GeometricMixture
 from gfn_spin.io import write_json_atomic
-from gfn_spin.toyworld import build_world
+from worlds.toy import build_world
 from samplers.gflownet import GFlowNetConfig, GFlowNetSampler
 cache, checkpoints, out = sys.argv[1:4]
 world = build_world(cache_dir=cache)

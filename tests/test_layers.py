@@ -1,6 +1,6 @@
 """The package layers of pyproject.toml's import-linter contracts hold, and the check can fail.
 
-Layers, top to bottom: experiments > selfplay > samplers > gfn_spin > objectives (a package
+Layers, top to bottom: experiments > worlds > selfplay > samplers > gfn_spin > objectives (a package
 imports only packages below it), and the core (gfn_spin, objectives) imports neither
 ``datasets`` nor ``accelerate``, directly or through another module (docs/layering.md).
 """
@@ -42,16 +42,19 @@ def test_the_repository_keeps_its_contracts():
 
 
 def test_an_upward_import_and_a_core_import_of_datasets_break_the_contracts(tmp_path):
-    """The same contracts over a copy of the layer packages with two violations added: a
-    core module importing the self-play layer, and one importing ``datasets``."""
-    for package in ("experiments", "selfplay", "samplers", "gfn_spin", "objectives"):
+    """The same contracts over a copy of the layer packages with violations added: a core
+    module importing the self-play layer, self-play importing a world, and a core module
+    importing ``datasets``."""
+    for package in ("experiments", "worlds", "selfplay", "samplers", "gfn_spin", "objectives"):
         (tmp_path / package).mkdir()
         (tmp_path / package / "__init__.py").write_text("")
     (tmp_path / "gfn_spin" / "upward.py").write_text("import selfplay\n")
+    (tmp_path / "selfplay" / "world.py").write_text("import worlds\n")
     (tmp_path / "objectives" / "data.py").write_text("import datasets\n")
     shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
     result = lint(tmp_path)
     assert result.returncode != 0
     assert "0 kept, 2 broken" in result.stdout, result.stdout
     assert "gfn_spin.upward -> selfplay" in result.stdout
+    assert "selfplay.world -> worlds" in result.stdout
     assert "objectives.data -> datasets" in result.stdout

@@ -12,7 +12,7 @@ from gfn_spin import Policy
 from gfn_spin.adapters import default_lora_config
 from gfn_spin.data import encode_example, uses_chat_template
 from gfn_spin.samples import ancestral_sample
-from gfn_spin.toyworld import numbered_tokenizer
+from worlds.toy import numbered_tokenizer
 
 
 def _responses(rows: list[list[int]], width: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:

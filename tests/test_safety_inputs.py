@@ -15,7 +15,7 @@ from accelerate import PartialState
 from datasets import Dataset, DatasetDict
 from safetensors.torch import load_file, save_file
 
-import selfplay.training as training_module
+import selfplay.iterate_training as training_module
 from experiments import alpha_spin as alpha_spin_study
 from experiments import train_alpha_spin
 from experiments.common import check_alphas, world_config
@@ -30,7 +30,8 @@ from samplers import (
     SMCSampler,
 )
 from selfplay import AlphaSpinConfig, AlphaSpinTrainer
-from selfplay.data import load_pairs, load_parquet, write_parquet
+from selfplay.iteration_data import load_parquet, write_parquet
+from selfplay.pairs import load_pairs
 from selfplay.run_directory import MANIFEST, RunDirectory
 
 RUN = {"max_examples": 32, "batch_size": 16, "progress": False}

@@ -14,7 +14,11 @@ import torch
 from transformers import MistralConfig, MistralForCausalLM
 
 from gfn_spin.exact import divergences, exact_distribution
-from gfn_spin.exact_dp import (
+from gfn_spin.mixtures import LocalProduct
+from gfn_spin.policy import Policy
+from gfn_spin.samples import pad_responses
+from tests.stats import tv_noise_bound_from_probs
+from worlds.bounded_context import (
     BoundedContextTarget,
     ContextTables,
     check_bounded_context,
@@ -22,16 +26,12 @@ from gfn_spin.exact_dp import (
     monte_carlo_kl,
     state_contexts,
 )
-from gfn_spin.mixtures import LocalProduct
-from gfn_spin.policy import Policy
-from gfn_spin.samples import pad_responses
-from gfn_spin.scaled_world import (
+from worlds.scaled import (
     CONTEXT,
     ScaledWorld,
     ScaledWorldConfig,
     build_world,
 )
-from tests.stats import tv_noise_bound_from_probs
 
 ALPHAS = (0.5, 0.9)
 

@@ -19,10 +19,10 @@ from gfn_spin.policy import Policy
 from gfn_spin.samples import ancestral_sample
 from objectives.spin import spin_metrics
 from selfplay import AlphaSpinConfig
+from selfplay.iterate_training import train_iterate
 from selfplay.iterates import new_iterate
 from selfplay.iteration_data import IterationData, encode_examples
 from selfplay.trainer import make_accelerator
-from selfplay.training import train_iterate
 
 ROWS = 32
 

@@ -10,16 +10,44 @@ import torch
 
 from gfn_spin.exact import divergences, exact_distribution
 from gfn_spin.samples import pad_responses
-from gfn_spin.toyworld import ToyWorldConfig, build_world, shifted_echo_task
+from worlds.toy import ToyWorldConfig, build_world, shifted_echo_task
+
+
+def _length_law(config: ToyWorldConfig, num_symbols: int) -> torch.Tensor:
+    """The response length's law from the task's construction alone: each prompt symbol adds 0,
+    1 or 2 tokens (skip, keep, double), the noise 0 or 1, and the cap L keeps the first L."""
+    skip = 1 - config.keep_prob - config.double_prob
+    law = torch.tensor([1.0], dtype=torch.float64)
+    steps = [[skip, config.keep_prob, config.double_prob]] * num_symbols
+    for step in [*steps, [1 - config.noise_prob, config.noise_prob]]:
+        law = torch.nn.functional.conv1d(
+            law.view(1, 1, -1),
+            torch.tensor(step, dtype=torch.float64).flip(0).view(1, 1, -1),
+            padding=len(step) - 1,
+        ).view(-1)
+    cap = config.max_new_tokens
+    return torch.cat([law[:cap], law[cap:].sum().view(1)]) if len(law) > cap else law
 
 
 def test_task_table_is_a_distribution_with_entropy_and_varied_lengths(world):
+    """The table's length law is the one the construction gives (a convolution of the per-symbol
+    and noise laws, cut at L), and its entropy exceeds that length law's: H(Y) ≥ H(|Y|) for any
+    function of Y, with equality only if one response per length, so the strict inequality says
+    the task is random beyond its lengths (a bound derived from the config, not a chosen 1.0)."""
     for prompt in world.eval_prompts:
         table = world.task.table(prompt)
         assert sum(table.values()) == pytest_approx(1.0)
         assert all(len(r) <= world.max_new_tokens for r in table)
+        symbols = sum(t in world.symbol_ids for t in prompt)
+        expected = _length_law(world.config, symbols)
+        lengths = torch.zeros(world.max_new_tokens + 1, dtype=torch.float64)
+        for response, p in table.items():
+            lengths[len(response)] += p
+        assert torch.allclose(lengths[: len(expected)], expected, rtol=0, atol=1e-12)
+        assert float(lengths[len(expected) :].sum()) == 0.0
         entropy = -sum(p * math.log(p) for p in table.values() if p > 0)
-        assert entropy > 1.0
+        length_entropy = -float((expected * expected.clamp_min(1e-300).log()).sum())
+        assert entropy > length_entropy + 1e-9
         assert len({len(r) for r in table}) >= 3
 
 

@@ -18,7 +18,7 @@ from gfn_spin import GeometricMixture
 from gfn_spin.exact import divergences, exact_distribution
 from gfn_spin.samples import ancestral_sample
 from gfn_spin.scores import weighted_logsum
-from gfn_spin.twist import TwistedLocalProduct, TwistHead, head_inputs
+from gfn_spin.twisted_local_product import TwistedLocalProduct, TwistHead, head_inputs
 from objectives.distill import distillation_loss
 from samplers import GFlowNetSampler
 from samplers.gflownet import StateRecorder

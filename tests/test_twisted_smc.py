@@ -37,7 +37,7 @@ from gfn_spin.density import Density, PromptLike
 from gfn_spin.exact import ExactDistribution, exact_distribution
 from gfn_spin.residual import ResidualLocalProduct
 from samplers import SMCSampler
-from samplers.twists import TwistInputs, flow_twist
+from samplers.smc_twists import TwistInputs, flow_twist
 
 CAP = 5
 Z_SIGMAS = 4.0  # Gaussian two-sided tail ≈ 6e-5 (see the module docstring)

@@ -1,1 +1,16 @@
-"""Worlds: models and tasks the toolkit measures itself on."""
+"""Worlds: tasks with known truth and the small models trained on them (docs/layering.md).
+
+For whoever measures a sampler or α-SPIN against an exact answer. Each world is one module,
+imported by name (nothing is imported here, so ``import worlds.toy`` loads only the tiny world):
+
+- :mod:`worlds.toy`: the tiny world, every response enumerable (docs/toyworld.md);
+- :mod:`worlds.scaled`: the scaled world, bounded-context policies (docs/scaled_world.md);
+- :mod:`worlds.bounded_context`: exact ``log Z``, sampling and divergences of bounded-context
+  densities, the scaled world's truth beyond enumeration;
+- :mod:`worlds.building`: what every world's build shares (cache by config hash, SFT);
+- :mod:`worlds.smollm`: a real model, SmolLM2-135M-Instruct from a GGUF wheel, with an α-SPIN
+  iterate and a style adapter beside it; nothing enumerable (docs/real_model.md).
+
+Worlds sit above :mod:`selfplay`: a world may train a policy of its pair with the toolkit's
+own trainers, and nothing below imports a world.
+"""

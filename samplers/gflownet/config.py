@@ -8,125 +8,126 @@ as JSON beside the weights and checkpoints.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 from gfn_spin.io import dataclass_from_dict
+from gfn_spin.options import option
 from gfn_spin.samples import check_count
+from gfn_spin.schedules import LR_DECAYS, LrDecay
 from objectives.subtb import TERMINATION_GRADIENTS, WEIGHTINGS
+from samplers.gflownet.registry import PARAMETRIZATIONS
 
-Parametrization = Literal["auto", "lora", "residual", "twist"]
 Loss = Literal["subtb", "tb", "log_variance"]
-LrDecay = Literal["cosine", "constant"]
 Weighting = Literal["batch", "geometric_within"]
 TerminationGradient = Literal["all", "anchor"]
 
-PARAMETRIZATIONS: tuple[str, ...] = get_args(Parametrization)
 LOSSES: tuple[str, ...] = get_args(Loss)
-LR_DECAYS: tuple[str, ...] = get_args(LrDecay)
 assert get_args(Weighting) == WEIGHTINGS and get_args(TerminationGradient) == TERMINATION_GRADIENTS
 
 #: Config fields a resumed fit may change (they do not change the trajectory of the steps done).
 RESUMABLE_FIELDS = ("steps", "checkpoint_every")
 
-
-def _help(default: Any, text: str) -> Any:
-    return field(default=default, metadata={"help": text})
+#: Where the "cosine" and "linear" decays of a GFlowNet fit end, as a fraction of the peak.
+LR_FLOOR = 0.05
 
 
 @dataclass
 class GFlowNetConfig:
     """Every setting of the GFlowNet sampler and its training (saved with the weights)."""
 
-    max_new_tokens: int = _help(7, "Length cap L of responses (the stop at L is forced).")
-    parametrization: Parametrization = _help(
+    max_new_tokens: int = option(7, "Length cap L of responses (the stop at L is forced).")
+    parametrization: str = option(
         "auto",
         '"twist": local product × a twist head on the components\' hidden states (needs a '
         'GeometricMixture of policies); "residual": local product × a LoRA correction (needs a '
         'GeometricMixture); "lora": LoRA on the init policy\'s weights, one model pass per '
-        'token; "auto": twist, else residual, else lora, whichever the target allows '
-        "(docs/gflownet.md).",
+        'token; "auto": twist, else residual, else lora, whichever the target allows; or the '
+        "name of a registered samplers.gflownet.Parametrization (docs/gflownet.md).",
     )
-    twist_width: int = _help(256, '"twist": hidden width of the twist head (an MLP).')
-    twist_depth: int = _help(2, '"twist": hidden layers of the twist head.')
-    lora_rank: int = _help(32, "LoRA rank r (the published LM recipe uses 64).")
-    lora_alpha: float = _help(
+    twist_width: int = option(256, '"twist": hidden width of the twist head (an MLP).')
+    twist_depth: int = option(2, '"twist": hidden layers of the twist head.')
+    lora_rank: int = option(32, "LoRA rank r (the published LM recipe uses 64).")
+    lora_alpha: float = option(
         32.0, "LoRA scaling numerator (the update is scaled by lora_alpha / lora_rank)."
     )
-    lora_output_layer: bool = _help(
+    lora_output_layer: bool = option(
         True,
         "Also put LoRA on the output (LM head) layer, besides every attention and MLP projection.",
     )
-    steps: int = _help(1000, "Optimizer steps of `fit` (when `fit` is not given `steps`).")
-    learning_rate: float = _help(
+    steps: int = option(1000, "Optimizer steps of `fit` (when `fit` is not given `steps`).")
+    learning_rate: float = option(
         2e-3, "Peak AdamW learning rate (the published 1e-4 is for GPT-2-size models)."
     )
-    warmup_steps: int = _help(20, "Linear learning-rate warmup steps.")
-    lr_decay: LrDecay = _help(
-        "cosine", 'Learning-rate decay after warmup: "cosine" (to 5% of the peak) or "constant".'
+    warmup_steps: int = option(20, "Linear learning-rate warmup steps.")
+    lr_decay: LrDecay = option(
+        "cosine",
+        'Learning-rate decay after warmup (gfn_spin.schedules): "cosine", "linear" (both to 5% '
+        'of the peak) or "constant".',
     )
-    weight_decay: float = _help(0.0, "AdamW weight decay on the trainable weights.")
-    prompts_per_step: int = _help(
+    weight_decay: float = option(0.0, "AdamW weight decay on the trainable weights.")
+    prompts_per_step: int = option(
         16, "Prompts in one training batch (drawn uniformly from the fit prompts)."
     )
-    samples_per_prompt: int = _help(4, "Responses per prompt in one training batch.")
-    loss: Loss = _help(
+    samples_per_prompt: int = option(4, "Responses per prompt in one training batch.")
+    loss: Loss = option(
         "subtb",
         'Training objective: "subtb" (modified sub-trajectory balance over every window), "tb" '
         '(trajectory balance, log Z the derived flow at s_0) or "log_variance" (VarGrad: the '
         "variance of log R − log q among one prompt's responses, a per-prompt batch log Z).",
     )
-    subtb_lambda: float = _help(
+    subtb_lambda: float = option(
         1.0, "SubTB λ: weight λ^(j-i-1) of the sub-trajectory from s_i to s_j."
     )
-    termination_gradient: TerminationGradient = _help(
+    termination_gradient: TerminationGradient = option(
         "all",
         '"all", or "anchor": stop log-probs get gradient from the full-trajectory window only '
         "(guards against shifting the stop logits to shrink many windows at once; same loss "
         "value).",
     )
-    twist_updates: int = _help(
+    twist_updates: int = option(
         8,
         '"twist": head updates per rollout; the first uses the fresh batch, the others stored '
         "batches (the components are frozen, so stored features stay exact).",
     )
-    twist_buffer: int = _help(64, '"twist": training batches kept for the extra head updates.')
-    weighting: Weighting = _help(
+    twist_buffer: int = option(64, '"twist": training batches kept for the extra head updates.')
+    weighting: Weighting = option(
         "batch", 'SubTB normalization: "batch" (published LM recipe) or "geometric_within".'
     )
-    explore_prob: float = _help(
+    explore_prob: float = option(
         0.667, "Fraction of on-policy batches sampled at a random temperature (exploration)."
     )
-    explore_temperature: tuple[float, float] = _help(
+    explore_temperature: tuple[float, float] = option(
         (0.5, 2.0), "Range of the uniform exploration temperature."
     )
-    replay_prob: float = _help(
+    replay_prob: float = option(
         0.0, "Fraction of batches drawn from the replay buffer of high-reward responses."
     )
-    replay_capacity: int = _help(
+    replay_capacity: int = option(
         32, "Responses kept per prompt in the replay buffer (the highest log-reward ones)."
     )
-    reward_temperature_start: float = _help(
+    reward_temperature_start: float = option(
         1.0, "Reward temperature T at the first step (the loss targets R^(1/T))."
     )
-    reward_temperature_end: float = _help(
+    reward_temperature_end: float = option(
         1.0, "Reward temperature at the last step (linear schedule); 1.0 targets R itself."
     )
-    max_grad_norm: float = _help(1.0, "Gradient clipping norm (0 disables).")
-    eval_every: int = _help(
+    max_grad_norm: float | None = option(1.0, "Gradient clipping norm (None: no clipping).")
+    eval_every: int = option(
         0,
         "Every this many steps, log the ESS/N of target/policy weights on fresh samples "
         "(0: never).",
     )
-    eval_prompts: int = _help(8, "Prompts (the first of the fit prompts) for the periodic ESS.")
-    eval_samples: int = _help(64, "Fresh samples per prompt for the periodic ESS.")
-    checkpoint_every: int = _help(
+    eval_prompts: int = option(8, "Prompts (the first of the fit prompts) for the periodic ESS.")
+    eval_samples: int = option(64, "Fresh samples per prompt for the periodic ESS.")
+    checkpoint_every: int = option(
         100,
         "Every this many steps, write a checkpoint when `fit` has a checkpoint_dir (0: only at "
         "the end), so an interrupted fit resumes close to where it stopped.",
     )
-    adapter_name: str = _help("gflownet", "Name of the peft adapter holding the LoRA weights.")
-    seed: int = _help(0, "Seed of the initial weights, training batches and exploration.")
+    adapter_name: str = option("gflownet", "Name of the peft adapter holding the LoRA weights.")
+    seed: int = option(0, "Seed of the initial weights, training batches and exploration.")
 
     def __post_init__(self) -> None:
         self.explore_temperature = tuple(float(t) for t in self.explore_temperature)
@@ -147,7 +148,7 @@ class GFlowNetConfig:
         ):
             check_count(name, getattr(self, name))
         for name, choices in (
-            ("parametrization", PARAMETRIZATIONS),
+            ("parametrization", ("auto", *PARAMETRIZATIONS)),
             ("loss", LOSSES),
             ("termination_gradient", TERMINATION_GRADIENTS),
             ("weighting", WEIGHTINGS),
@@ -159,6 +160,11 @@ class GFlowNetConfig:
             raise ValueError("steps and warmup_steps must be >= 0")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate={self.learning_rate} must be > 0")
+        if self.max_grad_norm is not None and not 0 < self.max_grad_norm < math.inf:
+            raise ValueError(
+                f"max_grad_norm={self.max_grad_norm} must be a finite number > 0, or None for no "
+                "clipping"
+            )
         for name in ("explore_prob", "replay_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1]")

@@ -1,21 +1,25 @@
-"""The GFlowNet's parametrization: the trainable density q and where its weights live.
+"""The GFlowNet's parametrizations: the trainable density q, its weights, and its training data.
 
-For the sampler and its trainer: :func:`build_parametrization` turns a target, an init policy
-and a config into a :class:`Parametrization` (the policy q, its trainable parameters, and how
-to write and read them). The forms and the ``auto`` choice are described in docs/gflownet.md:
+For the sampler and its trainer: one :class:`Parametrization` subclass per form, registered by
+name in :data:`samplers.gflownet.registry.PARAMETRIZATIONS`; :func:`build_parametrization` turns a target, an init policy
+and a config into one. The forms and the ``auto`` choice are described in docs/gflownet.md
+(section "Adding a parametrization" shows a new one):
 
-- ``"twist"``: :class:`gfn_spin.twist.TwistedLocalProduct`, the local product times a learned
-  twist read from the components' hidden states; one pass per component per token.
-- ``"residual"``: :class:`gfn_spin.residual.ResidualLocalProduct`, the local product times a
-  LoRA correction; one pass per component plus one per token.
-- ``"lora"``: a LoRA adapter on the init policy's weights; one model pass per token, saved as a
-  standard peft adapter (``Policy.from_pretrained(base, adapter=dir)`` loads it).
+- ``"twist"``: :class:`TwistParametrization`, the local product times a learned twist read
+  from the components' hidden states; one pass per component per token.
+- ``"residual"``: :class:`ResidualParametrization`, the local product times a LoRA correction;
+  one pass per component plus one per token.
+- ``"lora"``: :class:`LoraParametrization`, a LoRA adapter on the init policy's weights; one
+  model pass per token, saved as a standard peft adapter
+  (``Policy.from_pretrained(base, adapter=dir)`` loads it).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 from peft import LoraConfig
@@ -23,62 +27,107 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from gfn_spin import adapters
-from gfn_spin.density import Density
+from gfn_spin.density import Density, scores_from_steps
 from gfn_spin.mixtures import GeometricMixture
 from gfn_spin.policy import Policy
 from gfn_spin.residual import ResidualLocalProduct
-from gfn_spin.twist import TwistedLocalProduct, TwistHead
+from gfn_spin.scores import TokenScores, weighted_logsum
+from gfn_spin.twisted_local_product import TwistedLocalProduct, TwistHead
+from samplers.gflownet.batches import TrainingBatch
 from samplers.gflownet.config import GFlowNetConfig
+from samplers.gflownet.registry import PARAMETRIZATIONS, register
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 TWIST_WEIGHTS = "twist_head.safetensors"
 
 
-def auto_parametrization(target: Density) -> str:
-    """twist for a geometric mixture of policies (it reads their hidden states), residual for
-    one over other densities, lora for any other target."""
-    if not isinstance(target, GeometricMixture):
-        return "lora"
-    if TwistedLocalProduct.supports(target.components):
-        return "twist"
-    return "residual"
+class Parametrization(ABC):
+    """A trainable policy q of a GFlowNet: its density, its weights, and its training data.
 
-
-@dataclass
-class Parametrization:
-    """The trainable policy q of a GFlowNet and its weights.
+    A subclass is one form. It sets :attr:`name` and :attr:`weights_file`, says which targets
+    it can sample (:meth:`supports`), builds q in ``__init__(target, init, config)`` (under
+    the config's seed), and implements :meth:`trainable_parameters`, :meth:`state_dict`,
+    :meth:`load_state_dict`, :meth:`training_batch` and :meth:`scores`; :meth:`write` and
+    :meth:`read` store the trainable tensors as safetensors. Decorate it with
+    :func:`samplers.gflownet.registry.register` to make it a
+    ``GFlowNetConfig.parametrization`` choice.
 
     Attributes:
-        name: "lora", "residual" or "twist".
         policy: q, a normalized density (score it, sample it, enumerate it).
-        trainable_parameters: what the optimizer updates (LoRA weights or the twist head).
-        init: the policy the adapter sits on (its other weights stay frozen).
-        adapter_name: the peft adapter's name ("lora", "residual").
-        head: the twist head ("twist"), else None.
-        adapter_policy: ``init`` read through the adapter ("lora", "residual"), else None.
+        init: the policy the form is built on (its device holds the training generator).
     """
 
-    name: str
+    #: The ``GFlowNetConfig.parametrization`` value that selects the form.
+    name: ClassVar[str]
+    #: The safetensors file (in a saved sampler or checkpoint) holding the trainable tensors.
+    weights_file: ClassVar[str]
+    #: True when a stored :class:`TrainingBatch` stays exact as the weights move (the
+    #: trainable part reads frozen inputs), so one rollout feeds ``twist_updates`` updates.
+    reuses_batches: ClassVar[bool] = False
+
     policy: Density
-    trainable_parameters: list[torch.nn.Parameter]
     init: Policy
-    adapter_name: str
-    head: TwistHead | None = None
-    adapter_policy: Policy | None = None
+
+    @abstractmethod
+    def __init__(self, target: Density, init: Policy, config: GFlowNetConfig) -> None:
+        """Build q for ``target`` from ``init``; raise naming why when the target is not
+        supported."""
+
+    @classmethod
+    @abstractmethod
+    def supports(cls, target: Density) -> bool:
+        """Whether this form can sample ``target`` (``auto`` picks the first that can)."""
 
     @property
-    def weights_file(self) -> str:
-        """The safetensors file holding the trainable tensors."""
-        return TWIST_WEIGHTS if self.head is not None else ADAPTER_WEIGHTS
+    @abstractmethod
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """What the optimizer updates."""
 
+    @abstractmethod
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The trainable tensors by name: the head's state, or the adapter's peft state dict
-        (keys without the adapter's name, so they load under another name)."""
-        if self.head is not None:
-            return self.head.state_dict()
-        return get_peft_model_state_dict(
-            self.init.model, adapter_name=self.adapter_name, save_embedding_layers=False
-        )
+        """The trainable tensors by name."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, torch.Tensor], source: str) -> None:
+        """Load tensors of :meth:`state_dict`'s names and shapes; refuse others, naming
+        ``source`` (where they came from)."""
+
+    @abstractmethod
+    def training_batch(
+        self,
+        target: Density,
+        rows: list[list[int]],
+        response_ids: torch.Tensor,
+        lengths: torch.Tensor,
+        group: torch.Tensor,
+        recorded: list[torch.Tensor] | None,
+    ) -> TrainingBatch:
+        """The batch with the target's rewards (no gradient) and what :meth:`scores` reads.
+
+        ``recorded``: what :meth:`rollout_reader` kept from the rollout that drew the batch
+        (``[B, L+1, ...]`` each), None when no rollout of q drew it (replayed responses).
+        """
+
+    @abstractmethod
+    def scores(self, batch: TrainingBatch) -> TokenScores:
+        """q's token scores of the batch, with gradients through the trainable weights."""
+
+    def rollout_reader(self) -> Callable[[Any], Sequence[torch.Tensor]] | None:
+        """What to keep from each decoding state of a rollout of q (``[rows, ...]`` tensors),
+        for :meth:`training_batch`; None: nothing."""
+        return None
+
+    def trainable_module(self) -> torch.nn.Module | None:
+        """The module whose forward holds every trainable weight, for ``accelerate`` to prepare
+        (its forward then averages gradients across processes, and each process may
+        backpropagate through its share of the rows only); None when the trainable part runs
+        inside a :class:`Policy` (every process then takes the whole batch's gradient)."""
+        return None
+
+    def use_prepared(self, module: torch.nn.Module) -> None:
+        """Compute q through ``module``, the prepared :meth:`trainable_module` (a form that
+        has one overrides this)."""
+        raise NotImplementedError(f"{type(self).__name__} has no trainable module to replace")
 
     def mismatches(self, state: dict[str, torch.Tensor]) -> list[str]:
         """Names of the tensors that ``state`` lacks, adds, or holds in another shape."""
@@ -90,16 +139,15 @@ class Parametrization:
         )
 
     def write(self, directory: Path) -> None:
-        """Write the trainable tensors (and the peft adapter config) into ``directory``."""
-        if self.head is None:
-            self.init.model.peft_config[self.adapter_name].save_pretrained(str(directory))
+        """Write the trainable tensors into ``directory``."""
         save_file(
             {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
             str(directory / self.weights_file),
         )
 
-    def read_weights(self, directory: Path) -> dict[str, torch.Tensor]:
-        """The saved trainable tensors, refused when missing, unreadable or not finite."""
+    def read(self, directory: Path) -> dict[str, torch.Tensor]:
+        """The trainable tensors saved in ``directory``, refused when missing, unreadable or
+        not finite (nothing is loaded: see :meth:`load_state_dict`)."""
         path = directory / self.weights_file
         check_files(directory, (self.weights_file,))
         try:
@@ -114,20 +162,12 @@ class Parametrization:
             )
         return state
 
-    def load(self, directory: Path, state: dict[str, torch.Tensor]) -> None:
-        """Load tensors read by :meth:`read_weights`; refuses ones of another shape."""
-        if self.head is not None:
-            wrong = self.mismatches(state)
-            if wrong:
-                raise ValueError(
-                    f"twist head weights in {directory} do not match this config: {wrong[:3]}"
-                )
-            self.head.load_state_dict(state)
-            return
-        result = set_peft_model_state_dict(self.init.model, state, adapter_name=self.adapter_name)
-        unexpected = [k for k in result.unexpected_keys if "lora" in k]
-        if unexpected:
-            raise ValueError(f"adapter weights in {directory} do not match: {unexpected[:3]}")
+
+def auto_parametrization(target: Density) -> str:
+    """The first registered form that supports ``target``: twist for a geometric mixture of
+    policies (it reads their hidden states), residual for one over other densities, lora for
+    any other target."""
+    return next(name for name, form in PARAMETRIZATIONS.items() if form.supports(target))
 
 
 def build_parametrization(target: Density, init: Policy, config: GFlowNetConfig) -> Parametrization:
@@ -139,62 +179,250 @@ def build_parametrization(target: Density, init: Policy, config: GFlowNetConfig)
     name = config.parametrization
     if name == "auto":
         name = auto_parametrization(target)
-    if name in ("residual", "twist") and not isinstance(target, GeometricMixture):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        return PARAMETRIZATIONS[name](target, init, config)
+
+
+def geometric_mixture(target: Density, name: str) -> GeometricMixture:
+    """``target``, checked to be a geometric mixture (forms built on its local product need
+    one); raises naming the form ``name`` for any other target."""
+    if not isinstance(target, GeometricMixture):
         raise ValueError(
             f"parametrization={name!r} needs a GeometricMixture target (its local product is "
             "the starting point); use parametrization='lora' for other targets"
         )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        if name == "twist":
-            local = target.local_product()
-            head = TwistHead(
-                TwistedLocalProduct.in_features(local),
-                target.vocab_size,
-                width=config.twist_width,
-                depth=config.twist_depth,
-            ).to(init.device)
-            return Parametrization(
-                name,
-                TwistedLocalProduct(local, head),
-                list(head.parameters()),
-                init,
-                config.adapter_name,
-                head=head,
+    return target
+
+
+def log_reward_from_steps(
+    target: Density, steps: Sequence[torch.Tensor], ids: torch.Tensor, lengths: torch.Tensor
+) -> torch.Tensor:
+    """A geometric mixture's prefix-terminal log-densities ``[B, L+1]`` from its components'
+    step scores ``[B, L+1, V]`` (no model pass)."""
+    combined = weighted_logsum([s.detach() for s in steps], target.weights)
+    device = combined.device
+    return scores_from_steps(
+        combined, ids.to(device), lengths.to(device), target.eos_token_id
+    ).prefix_terminal_logprobs()
+
+
+@register
+class TwistParametrization(Parametrization):
+    """``"twist"``: the local product times a twist head on the components' hidden states.
+
+    The head reads what the components computed at each state, so a rollout's component
+    scores and features are kept as the batch's inputs, and a stored batch stays exact.
+    """
+
+    name = "twist"
+    weights_file = TWIST_WEIGHTS
+    reuses_batches = True
+
+    def __init__(self, target: Density, init: Policy, config: GFlowNetConfig) -> None:
+        local = geometric_mixture(target, self.name).local_product()
+        self.head = TwistHead(
+            TwistedLocalProduct.in_features(local),
+            target.vocab_size,
+            width=config.twist_width,
+            depth=config.twist_depth,
+        ).to(init.device)
+        self.policy: TwistedLocalProduct = TwistedLocalProduct(local, self.head)
+        self.init = init
+
+    @classmethod
+    def supports(cls, target: Density) -> bool:
+        return isinstance(target, GeometricMixture) and TwistedLocalProduct.supports(
+            target.components
+        )
+
+    @property
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.head.parameters())
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.head.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], source: str) -> None:
+        wrong = self.mismatches(state)
+        if wrong:
+            raise ValueError(
+                f"twist head weights in {source} do not match this config: {wrong[:3]}"
             )
-        adapter_policy = init.add_adapter(config.adapter_name, _lora_config(init, config))
-        policy: Density = adapter_policy
-        if name == "residual":
-            policy = ResidualLocalProduct(target.local_product(), adapter_policy, init)
-        return Parametrization(
-            name,
-            policy,
-            _adapter_parameters(init, config.adapter_name),
-            init,
-            config.adapter_name,
-            adapter_policy=adapter_policy,
+        self.head.load_state_dict(state)
+
+    def rollout_reader(self) -> Callable[[Any], Sequence[torch.Tensor]]:
+        return lambda state: state.component_outputs()
+
+    def trainable_module(self) -> torch.nn.Module:
+        return self.head
+
+    def use_prepared(self, module: torch.nn.Module) -> None:
+        self.policy.head = module
+
+    def training_batch(
+        self,
+        target: Density,
+        rows: list[list[int]],
+        response_ids: torch.Tensor,
+        lengths: torch.Tensor,
+        group: torch.Tensor,
+        recorded: list[torch.Tensor] | None,
+    ) -> TrainingBatch:
+        if recorded is None:
+            steps, features = self.policy.component_outputs(rows, response_ids, lengths)
+        else:
+            count = len(self.policy.components)
+            steps, features = recorded[:count], recorded[count:]
+        log_reward = log_reward_from_steps(target, steps, response_ids, lengths)
+        inputs = {"steps": list(steps), "features": list(features)}
+        return TrainingBatch(rows, response_ids, lengths, log_reward, group, inputs)
+
+    def scores(self, batch: TrainingBatch) -> TokenScores:
+        outputs = (batch.inputs["steps"], batch.inputs["features"])
+        return self.policy.scores_from_outputs(outputs, batch.response_ids, batch.lengths)
+
+
+class AdapterParametrization(Parametrization):
+    """A form whose trainable weights are a LoRA adapter on ``init`` (:class:`LoraAdapter`,
+    set as ``self.adapter`` by ``__init__``), saved as a standard peft adapter."""
+
+    weights_file = ADAPTER_WEIGHTS
+    adapter: LoraAdapter
+
+    @property
+    def adapter_policy(self) -> Policy:
+        """``init`` read through the LoRA adapter."""
+        return self.adapter.policy
+
+    @property
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return self.adapter.parameters
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.adapter.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], source: str) -> None:
+        self.adapter.load_state_dict(state, source)
+
+    def write(self, directory: Path) -> None:
+        self.adapter.write_config(directory)
+        super().write(directory)
+
+
+@register
+class ResidualParametrization(AdapterParametrization):
+    """``"residual"``: the local product times a LoRA correction on ``init``.
+
+    The components' step scores serve twice per batch: as the target's rewards and as the
+    local product inside q (one no-grad pass per component).
+    """
+
+    name = "residual"
+
+    def __init__(self, target: Density, init: Policy, config: GFlowNetConfig) -> None:
+        mixture = geometric_mixture(target, self.name)
+        self.adapter = LoraAdapter(init, config)
+        local = mixture.local_product()
+        self.policy: ResidualLocalProduct = ResidualLocalProduct(local, self.adapter.policy, init)
+        self.init = init
+
+    @classmethod
+    def supports(cls, target: Density) -> bool:
+        return isinstance(target, GeometricMixture)
+
+    def training_batch(
+        self,
+        target: Density,
+        rows: list[list[int]],
+        response_ids: torch.Tensor,
+        lengths: torch.Tensor,
+        group: torch.Tensor,
+        recorded: list[torch.Tensor] | None,
+    ) -> TrainingBatch:
+        with torch.no_grad():
+            steps = [c.step_logprobs(rows, response_ids, lengths) for c in target.components]
+        log_reward = log_reward_from_steps(target, steps, response_ids, lengths)
+        return TrainingBatch(rows, response_ids, lengths, log_reward, group, {"steps": steps})
+
+    def scores(self, batch: TrainingBatch) -> TokenScores:
+        return self.policy.score(
+            batch.rows, batch.response_ids, batch.lengths, component_steps=batch.inputs["steps"]
         )
 
 
-def _lora_config(init: Policy, config: GFlowNetConfig) -> LoraConfig:
-    return LoraConfig(
-        r=config.lora_rank,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=0.0,
-        target_modules=adapters.lora_target_modules(init.model, config.lora_output_layer),
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
+@register
+class LoraParametrization(AdapterParametrization):
+    """``"lora"``: a LoRA adapter on ``init``'s weights, for any target; one model pass per
+    sampled token."""
+
+    name = "lora"
+
+    def __init__(self, target: Density, init: Policy, config: GFlowNetConfig) -> None:
+        self.adapter = LoraAdapter(init, config)
+        self.policy: Policy = self.adapter.policy
+        self.init = init
+
+    @classmethod
+    def supports(cls, target: Density) -> bool:
+        return True
+
+    def training_batch(
+        self,
+        target: Density,
+        rows: list[list[int]],
+        response_ids: torch.Tensor,
+        lengths: torch.Tensor,
+        group: torch.Tensor,
+        recorded: list[torch.Tensor] | None,
+    ) -> TrainingBatch:
+        with torch.no_grad():
+            log_reward = target.score(rows, response_ids, lengths).prefix_terminal_logprobs()
+        return TrainingBatch(rows, response_ids, lengths, log_reward, group)
+
+    def scores(self, batch: TrainingBatch) -> TokenScores:
+        return self.policy.score(batch.rows, batch.response_ids, batch.lengths)
 
 
-def _adapter_parameters(init: Policy, adapter_name: str) -> list[torch.nn.Parameter]:
-    marker = f".{adapter_name}."
-    params = [p for n, p in init.model.named_parameters() if marker in n]
-    for param in params:
-        param.requires_grad_(True)
-    if not params:
-        raise RuntimeError(f"adapter {adapter_name!r} has no parameters")
-    return params
+class LoraAdapter:
+    """A trainable peft LoRA adapter added to ``init`` under ``config.adapter_name`` (the
+    part the lora and residual forms share): its parameters, its peft state dict (keys
+    without the adapter's name, so they load under another name) and its peft config file."""
+
+    def __init__(self, init: Policy, config: GFlowNetConfig) -> None:
+        self.init = init
+        self.name = config.adapter_name
+        lora = LoraConfig(
+            r=config.lora_rank,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=0.0,
+            target_modules=adapters.lora_target_modules(init.model, config.lora_output_layer),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        self.policy = init.add_adapter(self.name, lora)
+        marker = f".{self.name}."
+        self.parameters = [p for n, p in init.model.named_parameters() if marker in n]
+        for param in self.parameters:
+            param.requires_grad_(True)
+        if not self.parameters:
+            raise RuntimeError(f"adapter {self.name!r} has no parameters")
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return get_peft_model_state_dict(
+            self.init.model, adapter_name=self.name, save_embedding_layers=False
+        )
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], source: str) -> None:
+        result = set_peft_model_state_dict(self.init.model, state, adapter_name=self.name)
+        unexpected = [k for k in result.unexpected_keys if "lora" in k]
+        if unexpected:
+            raise ValueError(f"adapter weights in {source} do not match: {unexpected[:3]}")
+
+    def write_config(self, directory: Path) -> None:
+        """The peft ``adapter_config.json`` (so ``Policy.from_pretrained(base, adapter=dir)``
+        loads the folder)."""
+        self.init.model.peft_config[self.name].save_pretrained(str(directory))
 
 
 def check_files(directory: Path, names: tuple[str, ...]) -> None:

@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import json
 import os
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, replace
+from collections.abc import Sequence
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from pickle import UnpicklingError  # the error class only: nothing is unpickled here
@@ -24,7 +23,6 @@ from typing import Any
 
 import torch
 from accelerate.utils import broadcast
-from tqdm.auto import tqdm
 
 from gfn_spin.checkpoint import CheckpointDirectory, check_identity
 from gfn_spin.checkpoint import latest_checkpoint as latest_in
@@ -32,15 +30,16 @@ from gfn_spin.density import Density, PromptLike
 from gfn_spin.io import atomic_directory
 from gfn_spin.policy import Policy
 from gfn_spin.samples import ancestral_sample
-from gfn_spin.twist import TwistHead
+from gfn_spin.twisted_local_product import TwistHead
 from samplers.base import Draws, Sampler, encode_checked
 from samplers.gflownet.config import RESUMABLE_FIELDS, GFlowNetConfig
 from samplers.gflownet.parametrization import (
+    Parametrization,
     build_parametrization,
     check_files,
     corrupted,
 )
-from samplers.gflownet.trainer import GFlowNetTrainer, TeacherSource, TrainState
+from samplers.gflownet.trainer import GFlowNetTrainer, TrainState
 
 CONFIG_FILE = "gflownet_config.json"
 TRAINER_STATE = "trainer_state.pt"
@@ -88,9 +87,8 @@ class GFlowNetSampler(Sampler):
             raise ValueError("target and init must share the vocabulary and EOS token")
         self.target = target
         self.init = init
-        self.config = config
         self.max_new_tokens = config.max_new_tokens
-        self.weights = build_parametrization(target, init, config)
+        self.weights: Parametrization = build_parametrization(target, init, config)
         self.parametrization = self.weights.name
         self.policy: Density = self.weights.policy
         self.trainer = GFlowNetTrainer(target, self.weights, config)
@@ -98,14 +96,19 @@ class GFlowNetSampler(Sampler):
     # -- what studies and tests read -----------------------------------------------------------
 
     @property
+    def config(self) -> GFlowNetConfig:
+        """The settings (the trainer's: it is their one owner)."""
+        return self.trainer.config
+
+    @property
     def head(self) -> TwistHead | None:
         """The twist head ("twist"), else None."""
-        return self.weights.head
+        return getattr(self.weights, "head", None)
 
     @property
     def adapter_policy(self) -> Policy | None:
         """``init`` read through the LoRA adapter ("lora", "residual"), else None."""
-        return self.weights.adapter_policy
+        return getattr(self.weights, "adapter_policy", None)
 
     @property
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
@@ -171,7 +174,7 @@ class GFlowNetSampler(Sampler):
             theirs = _read_config(directory)["parametrization"]
             if theirs == self.config.parametrization:
                 theirs = self.parametrization  # "auto" then resolves alike on this target
-            state = self.weights.read_weights(directory)
+            state = self.weights.read(directory)
         if theirs != self.parametrization:
             raise ValueError(
                 f"source parametrization {theirs!r} differs from this sampler's "
@@ -190,10 +193,7 @@ class GFlowNetSampler(Sampler):
             for name, value in state.items():
                 mine[name].copy_(value)
         if learning_rate is not None:
-            self.config = replace(self.config, learning_rate=learning_rate, warmup_steps=0)
-            self.trainer.config = self.config
-            for group in self.trainer.optimizer.param_groups:
-                group["lr"] = learning_rate
+            self.trainer.set_peak_learning_rate(learning_rate)
 
     def fit(
         self,
@@ -224,25 +224,10 @@ class GFlowNetSampler(Sampler):
         fit resumes where it stopped). Returns the metrics log.
         """
         prompt_ids = encode_checked(self.init, prompts, self.max_new_tokens)
-        total = self.config.steps if steps is None else steps
-        if total < 0:
-            raise ValueError(f"steps={total} must be >= 0")
-        horizon = total if schedule_steps is None else schedule_steps
-        if horizon < total:
-            raise ValueError(
-                f"schedule_steps={schedule_steps} must be at least the fit's steps ({total})"
-            )
+        # Refuse bad arguments before a checkpoint folder is claimed.
+        self.trainer.check_fit(steps, schedule_steps, teacher)
         if resume and checkpoint_dir is None:
             raise ValueError("resume=True needs checkpoint_dir (where checkpoints were written)")
-        if teacher is not None and (
-            not teacher.normalized
-            or teacher.vocab_size != self.target.vocab_size
-            or teacher.eos_token_id != self.target.eos_token_id
-        ):
-            raise ValueError(
-                "teacher must be a normalized density (e.g. another GFlowNetSampler's .policy) "
-                "over the target's vocabulary and EOS token"
-            )
         # Under several processes only the main one claims the folder and writes; every
         # process reads the checkpoint it resumes from.
         folder = None if checkpoint_dir is None else self._claim(checkpoint_dir)
@@ -260,59 +245,20 @@ class GFlowNetSampler(Sampler):
                     checkpoint_dir, _read_config(latest), self._config_json(), RESUMABLE_FIELDS
                 )
                 self._load_checkpoint(latest)
-            save = None if checkpoint_dir is None else partial(self._save_step, folder)
-            self._train(prompt_ids, total, horizon, save, progress, log_every, teacher)
+            self.trainer.fit(
+                prompt_ids,
+                steps,
+                schedule_steps=schedule_steps,
+                teacher=teacher,
+                evaluate=self.ess,
+                checkpoint=None if checkpoint_dir is None else partial(self._save_step, folder),
+                progress=progress,
+                log_every=log_every,
+            )
         finally:
             if folder is not None:
                 folder.close()
         return self.state.metrics
-
-    def _train(
-        self,
-        prompt_ids: list[list[int]],
-        total: int,
-        horizon: int,
-        save: Callable[[], None] | None,
-        progress: bool,
-        log_every: int,
-        teacher: Density | None,
-    ) -> None:
-        trainer, cfg = self.trainer, self.config
-        source = None if teacher is None else TeacherSource(teacher, cfg)
-        eval_prompts = prompt_ids[: cfg.eval_prompts]
-        scheduler = trainer.scheduler(horizon)
-        bar = tqdm(
-            total=total, initial=self.state.step, disable=not progress, desc="gflownet", leave=False
-        )
-        started = time.perf_counter()
-        while self.state.step < total:
-            step = self.state.step
-            lr = trainer.optimizer.param_groups[0]["lr"]
-            temp = trainer.reward_temperature(step, horizon)
-            if source is None:
-                record = trainer.train_step(prompt_ids, temp)
-            else:
-                record = trainer.distill_step(prompt_ids, source)
-            scheduler.step()
-            self.state.step += 1
-            done = self.state.step
-            if cfg.eval_every and (done % cfg.eval_every == 0 or done == total):
-                record["ess_fraction"] = self.ess(eval_prompts, cfg.eval_samples)
-            if done % log_every == 0 or done == total or "ess_fraction" in record:
-                record.update(
-                    step=done,
-                    lr=lr,
-                    reward_temperature=temp,
-                    seconds=time.perf_counter() - started,
-                )
-                self.state.metrics.append(record)
-                bar.set_postfix(loss=f"{record['loss']:.3g}")
-            bar.update(1)
-            if save is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
-                save()
-        bar.close()
-        if save is not None:
-            save()
 
     def _claim(self, checkpoint_dir: str | os.PathLike) -> CheckpointDirectory | None:
         """The main process claims ``checkpoint_dir`` (None on the others). Every process learns
@@ -355,9 +301,6 @@ class GFlowNetSampler(Sampler):
     def model(self) -> Density:
         return self.policy
 
-    def tokens_evaluated(self) -> int:
-        return self.policy.tokens_evaluated
-
     def draw(
         self, prompt_ids: list[list[int]], num_samples: int, generator: torch.Generator | None
     ) -> Draws:
@@ -388,7 +331,7 @@ class GFlowNetSampler(Sampler):
         check_files(directory, (CONFIG_FILE,))
         config = GFlowNetConfig.from_dict({**_read_config(directory), **overrides})
         sampler = cls(target, init, config)
-        sampler.weights.load(directory, sampler.weights.read_weights(directory))
+        sampler.weights.load_state_dict(sampler.weights.read(directory), str(directory))
         return sampler
 
     def save_checkpoint(self, checkpoint_dir: str | os.PathLike) -> Path:
@@ -408,25 +351,15 @@ class GFlowNetSampler(Sampler):
         self.weights.write(directory)
 
     def _save_into(self, folder: CheckpointDirectory) -> Path:
-        trainer = self.trainer
+        state = self.trainer.state_dict()
+        log = {"step": state.pop("step"), "metrics": state.pop("metrics")}
 
         def write(directory: Path) -> None:
             self._write(directory)
-            torch.save(
-                {
-                    "optimizer": trainer.optimizer.state_dict(),
-                    "torch_rng": trainer.generator.get_state(),
-                    "python_rng": trainer.rng.getstate(),
-                    "replay": trainer.source.replay.state_dict(),
-                    "features": trainer.features.state_dict(),
-                },
-                directory / TRAINER_STATE,
-            )
-            (directory / METRICS_FILE).write_text(
-                json.dumps({"step": self.state.step, "metrics": self.state.metrics})
-            )
+            torch.save(state, directory / TRAINER_STATE)
+            (directory / METRICS_FILE).write_text(json.dumps(log))
 
-        return folder.save(self.state.step, write)
+        return folder.save(log["step"], write)
 
     def _load_checkpoint(self, directory: Path) -> None:
         check_files(
@@ -448,15 +381,9 @@ class GFlowNetSampler(Sampler):
             log = json.loads((directory / METRICS_FILE).read_text())
         except ValueError as error:
             raise corrupted(directory / METRICS_FILE, error) from error
-        weights = self.weights.read_weights(directory)
-        trainer = self.trainer
-        self.weights.load(directory, weights)
-        trainer.optimizer.load_state_dict(state["optimizer"])
-        trainer.generator.set_state(state["torch_rng"])
-        trainer.rng.setstate(state["python_rng"])
-        trainer.source.replay.load_state_dict(state["replay"])
-        trainer.features.load_state_dict(state["features"])
-        trainer.state = TrainState(step=int(log["step"]), metrics=list(log["metrics"]))
+        weights = self.weights.read(directory)
+        self.weights.load_state_dict(weights, str(directory))
+        self.trainer.load_state_dict({**state, "step": log["step"], "metrics": log["metrics"]})
 
 
 def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:

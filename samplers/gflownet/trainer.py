@@ -1,15 +1,19 @@
-"""The GFlowNet trainer: batches, losses and optimizer steps for a :class:`Parametrization`.
+"""The GFlowNet trainer: the fit loop, batches, losses and optimizer steps of a :class:`Parametrization`.
 
-For the sampler (``GFlowNetSampler.fit``) and for studies that drive training themselves. One
-step, top to bottom in :meth:`GFlowNetTrainer.train_step`:
+For the sampler (``GFlowNetSampler.fit`` hands it the encoded prompts and a checkpoint
+callback) and for studies that drive training themselves. The fit is :meth:`GFlowNetTrainer.fit`,
+its resumable state :meth:`GFlowNetTrainer.state_dict`. One step, top to bottom in
+:meth:`GFlowNetTrainer.train_step`:
 
 1. responses for a batch of prompts, under ``no_grad`` with the KV cache, from a batch source:
    :class:`RolloutSource` (the policy itself, tempered for exploration, or a per-prompt replay
    buffer of high-reward responses) or, for distillation, :class:`TeacherSource`;
-2. the target's prefix-terminal log-densities ``log R(s_k⊤)`` (no-grad teacher-forced passes;
-   the twist form keeps the components' scores from the rollout instead);
-3. the policy's token scores (one teacher-forced pass with gradients through the trainable
-   part; the twist form runs only its head, on the components' features from the rollout);
+2. the target's prefix-terminal log-densities ``log R(s_k⊤)``, by the parametrization's
+   :meth:`~samplers.gflownet.parametrization.Parametrization.training_batch` (no-grad
+   teacher-forced passes; the twist form reads the components' scores kept from the rollout);
+3. the policy's token scores, by the parametrization's ``scores`` (one teacher-forced pass with
+   gradients through the trainable part; the twist form runs only its head on the kept
+   features);
 4. the loss, one of :data:`samplers.gflownet.losses.OBJECTIVES` or any
    :data:`~samplers.gflownet.losses.LossFunction` (flows derived from the rewards);
 5. an optimizer step with gradient clipping (the twist form adds ``twist_updates − 1`` head
@@ -23,33 +27,34 @@ Data parallel under ``accelerate launch`` (DDP, FSDP or DeepSpeed from ``acceler
 every process draws the step's whole batch from the same seeded generators, so the batch, the
 buffers, every random choice and every logged metric agree across processes and match one
 process. A twist head update then backpropagates through its process's share of the rows
-only (:meth:`GFlowNetTrainer.twist_loss`) and the prepared head averages the shares'
+only (:meth:`GFlowNetTrainer.batch_loss`) and the prepared head averages the shares'
 gradients; distillation, and the lora and residual forms (whose forward runs inside a Policy),
 take the whole batch's gradient on every process.
 """
 
 from __future__ import annotations
 
-import math
 import random
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import GradientState, is_initialized
+from tqdm.auto import tqdm
 
-from gfn_spin.density import Density, scores_from_steps
-from gfn_spin.residual import ResidualLocalProduct
+from gfn_spin.density import Density
 from gfn_spin.samples import Samples, ancestral_sample, pad_responses
-from gfn_spin.scores import TokenScores, weighted_logsum
-from gfn_spin.twist import TwistedLocalProduct
+from gfn_spin.schedules import lr_factor, lr_schedule
+from gfn_spin.scores import TokenScores
 from objectives.distill import distillation_loss
-from samplers.gflownet.config import GFlowNetConfig
+from samplers.gflownet.batches import FeatureBuffer, TrainingBatch
+from samplers.gflownet.config import LR_FLOOR, GFlowNetConfig
 from samplers.gflownet.losses import OBJECTIVES, LossFunction
 from samplers.gflownet.parametrization import Parametrization
-from samplers.replay import FeatureBuffer, ReplayBuffer
+from samplers.replay import ReplayBuffer
 
 
 class StateRecorder:
@@ -83,14 +88,15 @@ class Batch:
 
 class RolloutSource:
     """On-policy rollouts: the policy, tempered with probability ``explore_prob``, or with
-    probability ``replay_prob`` the replay buffer of the best responses found so far."""
+    probability ``replay_prob`` the replay buffer of the best responses found so far (it keeps
+    ``replay_capacity`` responses per prompt)."""
 
-    def __init__(self, config: GFlowNetConfig) -> None:
-        self.config = config
-        self.replay = ReplayBuffer(config.replay_capacity)
+    def __init__(self, replay_capacity: int) -> None:
+        self.replay = ReplayBuffer(replay_capacity)
 
     def draw(
         self,
+        config: GFlowNetConfig,
         policy: Density,
         prompt_ids: list[list[int]],
         rng: random.Random,
@@ -98,15 +104,14 @@ class RolloutSource:
         recorder: StateRecorder | None = None,
     ) -> Batch:
         """Responses for one batch (``recorder`` sees a rollout's states; a replay has none)."""
-        cfg = self.config
-        k = cfg.samples_per_prompt
-        if cfg.replay_prob > 0 and rng.random() < cfg.replay_prob:
+        k = config.samples_per_prompt
+        if config.replay_prob > 0 and rng.random() < config.replay_prob:
             stored = self.replay.prompts()
             if stored:
-                chosen = [list(rng.choice(stored)) for _ in range(cfg.prompts_per_step)]
+                chosen = [list(rng.choice(stored)) for _ in range(config.prompts_per_step)]
                 responses = [r for p in chosen for r in self.replay.sample(p, k, rng)]
                 rows = [p for p in chosen for _ in range(k)]
-                ids, lengths = pad_responses(responses, cfg.max_new_tokens, policy.pad_token_id)
+                ids, lengths = pad_responses(responses, config.max_new_tokens, policy.pad_token_id)
                 device = policy.device
                 replayed = Samples(
                     prompt_index=torch.arange(len(responses), device=device),
@@ -115,49 +120,57 @@ class RolloutSource:
                     texts=[],
                 )
                 return Batch(rows, replayed, "replay")
-        chosen = [rng.choice(prompt_ids) for _ in range(cfg.prompts_per_step)]
+        chosen = [rng.choice(prompt_ids) for _ in range(config.prompts_per_step)]
         temperature, source = 1.0, "policy"
-        if rng.random() < cfg.explore_prob:
-            temperature, source = rng.uniform(*cfg.explore_temperature), "explore"
+        if rng.random() < config.explore_prob:
+            temperature, source = rng.uniform(*config.explore_temperature), "explore"
         samples = ancestral_sample(
             policy,
             chosen,
             k,
-            max_new_tokens=cfg.max_new_tokens,
+            max_new_tokens=config.max_new_tokens,
             temperature=temperature,
             generator=generator,
             on_state=recorder,
         )
         return Batch([p for p in chosen for _ in range(k)], samples, source)
 
-    def add(self, batch: Batch, final_log_reward: torch.Tensor) -> None:
+    def add(self, config: GFlowNetConfig, batch: Batch, final_log_reward: torch.Tensor) -> None:
         """Offer a rolled-out batch's responses to the replay buffer."""
-        if batch.source != "replay" and self.config.replay_prob > 0:
+        if batch.source != "replay" and config.replay_prob > 0:
             self.replay.add(batch.rows, batch.samples.responses(), final_log_reward.tolist())
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.replay.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.replay.load_state_dict(state)
 
 
 class TeacherSource:
     """Draws of a normalized ``teacher`` density, with its log-probs at the states it visits
     (for distillation)."""
 
-    def __init__(self, teacher: Density, config: GFlowNetConfig) -> None:
+    def __init__(self, teacher: Density) -> None:
         self.teacher = teacher
-        self.config = config
 
     def draw(
-        self, prompt_ids: list[list[int]], rng: random.Random, generator: torch.Generator
+        self,
+        config: GFlowNetConfig,
+        prompt_ids: list[list[int]],
+        rng: random.Random,
+        generator: torch.Generator,
     ) -> tuple[Batch, torch.Tensor]:
         """A batch and the teacher's step log-probs ``[B, L+1, V]`` along it."""
-        cfg = self.config
-        chosen = [rng.choice(prompt_ids) for _ in range(cfg.prompts_per_step)]
-        rows = [p for p in chosen for _ in range(cfg.samples_per_prompt)]
-        recorder = StateRecorder(lambda state: [state.next_logprobs], cfg.max_new_tokens)
+        chosen = [rng.choice(prompt_ids) for _ in range(config.prompts_per_step)]
+        rows = [p for p in chosen for _ in range(config.samples_per_prompt)]
+        recorder = StateRecorder(lambda state: [state.next_logprobs], config.max_new_tokens)
         with torch.no_grad():
             samples = ancestral_sample(
                 self.teacher,
                 chosen,
-                cfg.samples_per_prompt,
-                max_new_tokens=cfg.max_new_tokens,
+                config.samples_per_prompt,
+                max_new_tokens=config.max_new_tokens,
                 generator=generator,
                 on_state=recorder,
             )
@@ -167,19 +180,25 @@ class TeacherSource:
 
 @dataclass
 class TrainState:
-    """What a checkpoint restores besides the weights and the optimizer."""
+    """The fit's position: optimizer steps taken and the metrics logged so far."""
 
     step: int = 0
     metrics: list[dict[str, Any]] = field(default_factory=list)
 
 
 class GFlowNetTrainer:
-    """Trains a :class:`Parametrization` toward ``target`` with a pluggable loss and source.
+    """Fits a :class:`Parametrization` toward ``target`` with a pluggable loss and source.
+
+    The trainer owns the fit: the config, the optimizer, the schedules, the random generators,
+    the batch source and buffers, and the loop (:meth:`fit`); :meth:`state_dict` and
+    :meth:`load_state_dict` hold everything a resumed fit needs besides the trainable weights
+    (those are the parametrization's).
 
     Args:
         target: the density to sample.
         parametrization: the trainable policy.
-        config: the training settings.
+        config: the training settings (the trainer's own; :meth:`set_peak_learning_rate`
+            changes it).
         loss: the objective (default: ``OBJECTIVES[config.loss]``).
         source: the batch source of :meth:`train_step` (default: a :class:`RolloutSource`).
         accelerator: where the optimizer steps run (default: :func:`default_accelerator`).
@@ -200,7 +219,7 @@ class GFlowNetTrainer:
         self.policy = parametrization.policy
         self.config = config
         self.loss = OBJECTIVES[config.loss] if loss is None else loss
-        self.source = RolloutSource(config) if source is None else source
+        self.source = RolloutSource(config.replay_capacity) if source is None else source
         optimizer = torch.optim.AdamW(
             parametrization.trainable_parameters,
             lr=config.learning_rate,
@@ -209,12 +228,13 @@ class GFlowNetTrainer:
         if accelerator is None:
             accelerator = default_accelerator(parametrization.init.device)
         self.accelerator = accelerator
-        # Gradients are averaged only through a forward of the prepared module: the twist
-        # head's can be put in its place; the other forms run theirs inside a Policy.
-        self.module: torch.nn.Module | None = None
-        if parametrization.head is not None:
-            self.module, self.optimizer = accelerator.prepare(parametrization.head, optimizer)
-            self.policy.head = self.module
+        # Gradients are averaged only through a forward of the prepared module: a form whose
+        # trainable part is one module (the twist head) is computed through the prepared one;
+        # the others run theirs inside a Policy.
+        self.module = parametrization.trainable_module()
+        if self.module is not None:
+            self.module, self.optimizer = accelerator.prepare(self.module, optimizer)
+            parametrization.use_prepared(self.module)
         else:
             self.optimizer = accelerator.prepare(optimizer)
         self.features = FeatureBuffer(config.twist_buffer)
@@ -224,26 +244,156 @@ class GFlowNetTrainer:
             config.seed
         )
 
+    def set_peak_learning_rate(self, learning_rate: float) -> None:
+        """Make ``learning_rate`` the fit's peak rate, reached without warmup (recorded in
+        ``config``); before the fit starts."""
+        if not learning_rate > 0:
+            raise ValueError(f"learning_rate={learning_rate} must be > 0")
+        self.config = replace(self.config, learning_rate=learning_rate, warmup_steps=0)
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate
+
+    # -- the fit -----------------------------------------------------------------------------
+
+    def check_fit(
+        self, steps: int | None, schedule_steps: int | None, teacher: Density | None
+    ) -> tuple[int, int]:
+        """The fit's steps and schedule length (defaults resolved), refused when negative, a
+        schedule shorter than the fit, or a teacher that cannot be distilled."""
+        total = self.config.steps if steps is None else steps
+        if total < 0:
+            raise ValueError(f"steps={total} must be >= 0")
+        horizon = total if schedule_steps is None else schedule_steps
+        if horizon < total:
+            raise ValueError(
+                f"schedule_steps={schedule_steps} must be at least the fit's steps ({total})"
+            )
+        if teacher is not None and (
+            not teacher.normalized
+            or teacher.vocab_size != self.target.vocab_size
+            or teacher.eos_token_id != self.target.eos_token_id
+        ):
+            raise ValueError(
+                "teacher must be a normalized density (e.g. another GFlowNetSampler's .policy) "
+                "over the target's vocabulary and EOS token"
+            )
+        return total, horizon
+
+    def fit(
+        self,
+        prompt_ids: list[list[int]],
+        steps: int | None = None,
+        *,
+        schedule_steps: int | None = None,
+        teacher: Density | None = None,
+        evaluate: Callable[[list[list[int]], int], float] | None = None,
+        checkpoint: Callable[[], None] | None = None,
+        progress: bool = True,
+        log_every: int = 10,
+    ) -> list[dict[str, Any]]:
+        """Train on ``prompt_ids`` until ``steps`` optimizer steps are done (default
+        ``config.steps``; a resumed trainer continues from its step). Returns the metrics log.
+
+        ``schedule_steps``: the length the learning-rate and reward-temperature schedules span
+        (default ``steps``). ``teacher``: distill it instead of stepping toward the target.
+        ``evaluate(prompts, num_samples)``: the ESS/N logged every ``config.eval_every``
+        steps, on the first ``eval_prompts`` prompts. ``checkpoint()``: called every
+        ``config.checkpoint_every`` steps and at the end.
+        """
+        total, horizon = self.check_fit(steps, schedule_steps, teacher)
+        cfg = self.config
+        source = None if teacher is None else TeacherSource(teacher)
+        eval_prompts = prompt_ids[: cfg.eval_prompts]
+        scheduler = self.scheduler(horizon)
+        bar = tqdm(
+            total=total, initial=self.state.step, disable=not progress, desc="gflownet", leave=False
+        )
+        started = time.perf_counter()
+        while self.state.step < total:
+            step = self.state.step
+            lr = self.optimizer.param_groups[0]["lr"]
+            temp = self.reward_temperature(step, horizon)
+            if source is None:
+                record = self.train_step(prompt_ids, temp)
+            else:
+                record = self.distill_step(prompt_ids, source)
+            scheduler.step()
+            self.state.step += 1
+            done = self.state.step
+            if (
+                evaluate is not None
+                and cfg.eval_every
+                and (done % cfg.eval_every == 0 or done == total)
+            ):
+                record["ess_fraction"] = evaluate(eval_prompts, cfg.eval_samples)
+            if done % log_every == 0 or done == total or "ess_fraction" in record:
+                record.update(
+                    step=done,
+                    lr=lr,
+                    reward_temperature=temp,
+                    seconds=time.perf_counter() - started,
+                )
+                self.state.metrics.append(record)
+                bar.set_postfix(loss=f"{record['loss']:.3g}")
+            bar.update(1)
+            if checkpoint is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
+                checkpoint()
+        bar.close()
+        if checkpoint is not None:
+            checkpoint()
+        return self.state.metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed fit needs besides the trainable weights: the optimizer, both random
+        generators, the batch source's and the feature buffer's contents, the step and the
+        metrics. Tensors and plain values only (read back with ``weights_only=True``)."""
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "torch_rng": self.generator.get_state(),
+            "python_rng": self.rng.getstate(),
+            "replay": self.source.state_dict(),
+            "features": self.features.state_dict(),
+            "step": self.state.step,
+            "metrics": self.state.metrics,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["torch_rng"])
+        self.rng.setstate(state["python_rng"])
+        self.source.load_state_dict(state["replay"])
+        self.features.load_state_dict(state["features"])
+        self.state = TrainState(step=int(state["step"]), metrics=list(state["metrics"]))
+
     # -- schedules ---------------------------------------------------------------------------
 
     def lr_factor(self, step: int, total: int) -> float:
-        """Learning rate at ``step`` of ``total`` over the peak: linear warmup over
-        ``warmup_steps`` (from 1/warmup at step 0), then constant or cosine to 5% of the peak."""
+        """Learning rate at ``step`` of ``total`` over the peak (:func:`gfn_spin.schedules.lr_factor`):
+        linear warmup over ``warmup_steps`` from 1/warmup at step 0, then ``lr_decay`` to
+        ``LR_FLOOR`` of the peak."""
         cfg = self.config
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.lr_decay == "constant":
-            return 1.0
-        frac = (step - cfg.warmup_steps) / max(total - cfg.warmup_steps, 1)
-        floor = 0.05
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * frac))
+        return lr_factor(
+            step,
+            total,
+            warmup_steps=cfg.warmup_steps,
+            decay=cfg.lr_decay,
+            min_lr_ratio=LR_FLOOR,
+            warmup_from_zero=False,
+        )
 
     def scheduler(self, total: int) -> torch.optim.lr_scheduler.LambdaLR:
         """The LR schedule of a fit of ``total`` steps, positioned at the current step (call
         its ``step()`` after each training step)."""
-        start = self.state.step
-        return torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda i: self.lr_factor(start + i, total)
+        cfg = self.config
+        return lr_schedule(
+            self.optimizer,
+            total,
+            warmup_steps=cfg.warmup_steps,
+            decay=cfg.lr_decay,
+            min_lr_ratio=LR_FLOOR,
+            warmup_from_zero=False,
+            start_step=self.state.step,
         )
 
     def reward_temperature(self, step: int, total: int) -> float:
@@ -268,7 +418,7 @@ class GFlowNetTrainer:
             with accelerator.accumulate(*([self.module] if self.module is not None else [])):
                 self.optimizer.zero_grad(set_to_none=True)
                 accelerator.backward(loss)
-                if self.config.max_grad_norm > 0:
+                if self.config.max_grad_norm is not None:
                     accelerator.clip_grad_norm_(
                         self.parametrization.trainable_parameters, self.config.max_grad_norm
                     )
@@ -278,7 +428,7 @@ class GFlowNetTrainer:
 
     def distill_step(self, prompt_ids: list[list[int]], source: TeacherSource) -> dict[str, Any]:
         """One step of token-level distillation (KL(teacher ‖ policy)) on the teacher's draws."""
-        batch, teacher_steps = source.draw(prompt_ids, self.rng, self.generator)
+        batch, teacher_steps = source.draw(self.config, prompt_ids, self.rng, self.generator)
         ids, lengths = batch.samples.response_ids, batch.samples.lengths
         student_steps = self.policy.step_logprobs(batch.rows, ids, lengths)
         loss = distillation_loss(teacher_steps, student_steps, lengths)
@@ -293,42 +443,24 @@ class GFlowNetTrainer:
         self, prompt_ids: list[list[int]], reward_temperature: float = 1.0
     ) -> dict[str, Any]:
         """One batch and its update(s) toward the target; returns its metrics."""
-        cfg = self.config
-        twist = isinstance(self.policy, TwistedLocalProduct)
-        # The twist form keeps what the rollout computed (every component's step scores and
-        # features at each state) instead of running the components again.
-        recorder = None
-        if twist:
-            recorder = StateRecorder(lambda state: state.component_outputs(), cfg.max_new_tokens)
-        batch = self.source.draw(self.policy, prompt_ids, self.rng, self.generator, recorder)
+        cfg, form = self.config, self.parametrization
+        read = form.rollout_reader()
+        recorder = None if read is None else StateRecorder(read, cfg.max_new_tokens)
+        batch = self.source.draw(cfg, self.policy, prompt_ids, self.rng, self.generator, recorder)
         rows, ids, lengths = batch.rows, batch.samples.response_ids, batch.samples.lengths
         keys: dict[tuple[int, ...], int] = {}
         group = torch.tensor([keys.setdefault(tuple(r), len(keys)) for r in rows])
-        if twist:
-            if recorder.values is None:  # a replayed batch: no rollout to read from
-                steps, features = self.policy.component_outputs(rows, ids, lengths)
-            else:
-                count = len(self.target.components)
-                steps, features = recorder.values[:count], recorder.values[count:]
-            log_reward = self._log_reward(steps, ids, lengths)
-            stored = {
-                "steps": list(steps),
-                "features": list(features),
-                "response_ids": ids,
-                "lengths": lengths,
-                "log_reward": log_reward,
-                "group": group,
-            }
-            self.features.add(stored)
-            loss = self._twist_update(stored, reward_temperature)
+        recorded = None if recorder is None else recorder.values
+        scored = form.training_batch(self.target, rows, ids, lengths, group, recorded)
+        if form.reuses_batches:
+            self.features.add(scored)
+        loss = self._update(scored, reward_temperature)
+        if form.reuses_batches:
             for _ in range(cfg.twist_updates - 1):
-                self._twist_update(self.features.sample(self.rng), reward_temperature)
-        else:
-            log_reward, scores = self._scores(rows, ids, lengths)
-            loss = self._loss(scores, log_reward, group, reward_temperature)
-            self.optimizer_step(loss)
+                self._update(self.features.sample(self.rng), reward_temperature)
+        log_reward = scored.log_reward
         final = log_reward.gather(1, lengths.to(log_reward.device)[:, None]).squeeze(1)
-        self.source.add(batch, final)
+        self.source.add(cfg, batch, final)
         finite = final[torch.isfinite(final)]
         return {
             "loss": float(loss.detach()),
@@ -337,81 +469,44 @@ class GFlowNetTrainer:
             "source": batch.source,
         }
 
-    def _loss(
-        self,
-        scores: TokenScores,
-        log_reward: torch.Tensor,
-        group: torch.Tensor,
-        reward_temperature: float,
-    ) -> torch.Tensor:
-        device = scores.token_logprobs.device
-        return self.loss(
-            self.config, scores, log_reward.to(device), group.to(device), reward_temperature
-        )
-
-    def _scores(
-        self, rows: list[list[int]], ids: torch.Tensor, lengths: torch.Tensor
-    ) -> tuple[torch.Tensor, TokenScores]:
-        """Target prefix-terminal log-densities (no grad) and the policy's scores (with grad)."""
-        if isinstance(self.policy, ResidualLocalProduct):
-            # The residual policy needs every component's step scores, which are also the
-            # target's: one no-grad pass per component serves both.
-            with torch.no_grad():
-                steps = [c.step_logprobs(rows, ids, lengths) for c in self.target.components]
-            log_reward = self._log_reward(steps, ids, lengths)
-            return log_reward, self.policy.score(rows, ids, lengths, component_steps=steps)
-        with torch.no_grad():
-            log_reward = self.target.score(rows, ids, lengths).prefix_terminal_logprobs()
-        return log_reward, self.policy.score(rows, ids, lengths)
-
-    def _log_reward(
-        self, steps: list[torch.Tensor], ids: torch.Tensor, lengths: torch.Tensor
-    ) -> torch.Tensor:
-        """The target's prefix-terminal log-densities ``[B, L+1]`` from its components' steps."""
-        combined = weighted_logsum([s.detach() for s in steps], self.target.weights)
-        device = combined.device
-        return scores_from_steps(
-            combined, ids.to(device), lengths.to(device), self.target.eos_token_id
-        ).prefix_terminal_logprobs()
-
-    def _twist_update(self, batch: dict[str, Any], reward_temperature: float) -> torch.Tensor:
-        """One head update on a stored (or fresh) batch of component outputs."""
-        loss, share = self.twist_loss(batch, reward_temperature)
+    def _update(self, batch: TrainingBatch, reward_temperature: float) -> torch.Tensor:
+        """One optimizer step on a fresh (or stored) batch; returns its loss."""
+        loss, share = self.batch_loss(batch, reward_temperature)
         self.optimizer_step(share)
         return loss
 
-    def twist_loss(
-        self, batch: dict[str, Any], reward_temperature: float
+    def batch_loss(
+        self, batch: TrainingBatch, reward_temperature: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The loss of a stored (or fresh) batch of component outputs, and the loss this
-        process backpropagates: with several processes, the loss through this process's share
-        of the rows times their count, so that the prepared head's average of the processes'
-        gradients is the whole batch's gradient."""
-        outputs = (batch["steps"], batch["features"])
-        scores = self._twist_scores(outputs, batch["response_ids"], batch["lengths"])
-        loss = self._loss(scores, batch["log_reward"], batch["group"], reward_temperature)
+        """The loss of a batch, and the loss this process backpropagates: with several
+        processes and a prepared trainable module, the loss through this process's share of
+        the rows times their count, so that the module's average of the processes' gradients
+        is the whole batch's gradient."""
+        scores = self._scores(batch)
+        device = scores.token_logprobs.device
+        loss = self.loss(
+            self.config,
+            scores,
+            batch.log_reward.to(device),
+            batch.group.to(device),
+            reward_temperature,
+        )
         processes = self.accelerator.num_processes
-        return loss, (loss if processes == 1 else loss * processes)
+        return loss, (loss if processes == 1 or self.module is None else loss * processes)
 
-    def _twist_scores(
-        self,
-        outputs: tuple[list[torch.Tensor], list[torch.Tensor]],
-        ids: torch.Tensor,
-        lengths: torch.Tensor,
-    ) -> TokenScores:
-        """The twist policy's scores of a batch from its components' outputs; with several
-        processes, gradients flow only through this process's contiguous share of the rows
-        (the others' rows enter as constants, so the loss is still the whole batch's)."""
+    def _scores(self, batch: TrainingBatch) -> TokenScores:
+        """The policy's scores of a batch; with several processes and a prepared module,
+        gradients flow only through this process's contiguous share of the rows (the others'
+        rows enter as constants, so the loss is still the whole batch's)."""
         processes, rank = self.accelerator.num_processes, self.accelerator.process_index
-        if processes == 1:
-            return self.policy.scores_from_outputs(outputs, ids, lengths)
-        count = len(lengths)
+        form = self.parametrization
+        if processes == 1 or self.module is None:
+            return form.scores(batch)
+        count = len(batch.lengths)
         mine = slice(count * rank // processes, count * (rank + 1) // processes)
         with torch.no_grad():
-            whole = self.policy.scores_from_outputs(outputs, ids, lengths)
-        steps, features = outputs
-        share = ([s[mine] for s in steps], [f[mine] for f in features])
-        part = self.policy.scores_from_outputs(share, ids[mine], lengths[mine])
+            whole = form.scores(batch)
+        part = form.scores(batch.select(mine))
 
         def splice(constant: torch.Tensor, tracked: torch.Tensor) -> torch.Tensor:
             return torch.cat([constant[: mine.start], tracked, constant[mine.stop :]])

@@ -17,7 +17,7 @@ import csv
 import dataclasses
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from experiments.common import (
 )
 from experiments.evaluation import Components, EvaluationConfig, enumerate_components
 from gfn_spin.io import write_text_atomic
+from gfn_spin.options import option
 from samplers.gflownet import GFlowNetConfig
 
 CSV_COLUMNS = (
@@ -59,10 +60,6 @@ CSV_COLUMNS = (
 )
 
 
-def _help(text: str) -> dict[str, str]:
-    return {"help": " ".join(text.split())}
-
-
 def ablation_gflownet() -> GFlowNetConfig:
     """The base GFlowNet setting that the studies vary: the twist form, 200 rollouts."""
     return GFlowNetConfig(
@@ -83,53 +80,39 @@ DERIVED = ("max_new_tokens", "adapter_name", "seed")
 class AblationConfig(EvaluationConfig):
     """Settings every sampler study shares: the world, the eval prompts, the base GFlowNet."""
 
-    output_dir: str = field(
-        default="outputs/sampler_ablation",
-        metadata=_help("Directory for ablation.csv, results.json, ablation.png and run.log."),
+    output_dir: str = option(
+        "outputs/sampler_ablation",
+        "Directory for ablation.csv, results.json, ablation.png and run.log.",
     )
-    quick: bool = field(
-        default=False,
-        metadata=_help("Small budgets everywhere: each size still at its default shrinks."),
+    quick: bool = option(False, "Small budgets everywhere: each size still at its default shrinks.")
+    alphas: tuple[float, ...] = option(
+        (0.5,), "Values of α; the target is GeometricMixture([base, π_t], [1-α, α])."
     )
-    alphas: tuple[float, ...] = field(
-        default=(0.5,),
-        metadata=_help("Values of α; the target is GeometricMixture([base, π_t], [1-α, α])."),
+    threads: int = option(
+        1,
+        "CPU threads for torch (the tiny models run fastest single-threaded; 0: torch's default).",
     )
-    threads: int = field(
-        default=1,
-        metadata=_help(
-            "CPU threads for torch (the tiny models run fastest single-threaded; 0: torch's "
-            "default)."
-        ),
+    world_cache: str | None = option(
+        None, "Cache directory of the tiny world (default $GFN_SPIN_CACHE or ~/.cache/gfn_spin)."
     )
-    world_cache: str | None = field(
-        default=None,
-        metadata=_help(
-            "Cache directory of the tiny world (default $GFN_SPIN_CACHE or ~/.cache/gfn_spin)."
-        ),
-    )
-    world: tuple[str, ...] = field(
-        default=(),
-        metadata=_help(
-            """Tiny-world settings as field=value, fields of gfn_spin.toyworld.ToyWorldConfig
+    world: tuple[str, ...] = option(
+        (),
+        """Tiny-world settings as field=value, fields of worlds.toy.ToyWorldConfig
             (e.g. shift_rule=style sft_examples=8192: a shifted task that overlaps the base
-            task); each distinct world is built once and cached."""
-        ),
+            task); each distinct world is built once and cached.""",
     )
-    num_eval_prompts: int = field(
-        default=4,
-        metadata=_help(
-            "Held-out prompts whose target is enumerated (each has 21,845 responses at L=7)."
-        ),
+    num_eval_prompts: int = option(
+        4, "Held-out prompts whose target is enumerated (each has 21,845 responses at L=7)."
     )
-    draws: int = field(
-        default=64,
-        metadata=_help("Draws per eval prompt of SIR/SMC (their |Δlog Z| is measured on them)."),
+    draws: int = option(
+        64, "Draws per eval prompt of SIR/SMC (their |Δlog Z| is measured on them)."
     )
-    gflownet: GFlowNetConfig = field(
-        default_factory=ablation_gflownet, metadata={"derived": DERIVED}
+    gflownet: GFlowNetConfig = option(
+        factory=ablation_gflownet,
+        help="The GFlowNet setting the studies vary, one flag per field (--gflownet.NAME).",
+        derived=DERIVED,
     )
-    progress: bool = field(default=True, metadata=_help("Show tqdm progress bars."))
+    progress: bool = option(True, "Show tqdm progress bars.")
 
     def validate(self) -> None:
         """Raise on bad values before any model work."""
@@ -170,7 +153,7 @@ class Setup:
 
     @cached_property
     def world(self) -> Any:
-        from gfn_spin.toyworld import build_world
+        from worlds.toy import build_world
 
         started = time.perf_counter()
         world = build_world(world_config(self.config.world), cache_dir=self.config.world_cache)
@@ -266,7 +249,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
                     [r["log_z_error"] for r in mine],
                     "o-",
                     label=f"{family} α={alpha:g}",
-                )  # fmt: skip
+                )
     axes[0].set(
         xscale="log", yscale="log", xlabel="K (SIR) or N (SMC)", ylabel="mean |log Ẑ − log Z|"
     )
@@ -285,10 +268,14 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     axes[2].set(xlabel="exact TV, one prompt, equal target evaluations")
     for (alpha, name), group in _groups(amortized, ("alpha", "name")).items():
         axes[3].plot(
-            [r["train_steps"] for r in group], [r["tv"] for r in group], "o-",
+            [r["train_steps"] for r in group],
+            [r["tv"] for r in group],
+            "o-",
             label=name.replace("GFlowNet fit", "SubTB fit").replace(
-                "Likelihood fit on exact target draws (oracle)", "oracle fit") + f" α={alpha:g}",
-        )  # fmt: skip
+                "Likelihood fit on exact target draws (oracle)", "oracle fit"
+            )
+            + f" α={alpha:g}",
+        )
     if amortized:
         axes[3].axhline(0.02, color="red", ls="--", lw=0.8)
         axes[3].set(xscale="log", xlabel="training steps", ylabel="exact TV")

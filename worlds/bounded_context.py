@@ -38,10 +38,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from einops import rearrange, repeat
 
 from gfn_spin.density import Density
 from gfn_spin.devices import resolve_generator
 from gfn_spin.samples import Samples, check_count
+from gfn_spin.scores import position_mask
 
 #: Largest number of contexts ``A^k`` a table may have (memory: ``A^k · (A+1)`` float64).
 MAX_CONTEXTS = 1 << 18
@@ -280,8 +282,7 @@ class BoundedContextTarget:
                 f"{self.max_new_tokens}"
             )
         lengths = lengths.cpu()
-        steps = torch.arange(width)
-        inside = steps[None, :] < lengths[:, None]
+        inside = position_mask(lengths, width)
         filler = self.tables.alphabet[0]
         padded = torch.where(inside, response_ids.cpu(), filler)
         contexts = state_contexts(self.tables, prompt_ids, padded)
@@ -345,7 +346,7 @@ class BoundedContextTarget:
         if not bool(torch.isfinite(log_z).all()):
             raise ValueError("a prompt has no response of positive score (log Z = -inf)")
         width, size = self.max_new_tokens, self.tables.num_symbols
-        prompt_index = torch.arange(len(prompt_ids)).repeat_interleave(num_samples)
+        prompt_index = repeat(torch.arange(len(prompt_ids)), "p -> (p s)", s=num_samples)
         context = self.tables.context_index(prompt_ids)[prompt_index]
         symbols = torch.zeros(len(prompt_index), width, dtype=torch.long)
         lengths = torch.full((len(prompt_index),), width, dtype=torch.long)
@@ -361,9 +362,8 @@ class BoundedContextTarget:
             if not bool(running.any()):
                 break
         alphabet = torch.tensor(self.tables.alphabet)
-        steps = torch.arange(width)
         eos = self.tables.eos_token_id
-        response_ids = torch.where(steps[None, :] < lengths[:, None], alphabet[symbols], eos)
+        response_ids = torch.where(position_mask(lengths, width), alphabet[symbols], eos)
         rows = [prompt_ids[i] for i in prompt_index.tolist()]
         log_target = self.log_unnormalized(rows, response_ids, lengths)
         return Samples(
@@ -431,8 +431,9 @@ class BoundedContextTarget:
         for remaining in range(self.max_new_tokens, 0, -1):
             moves = occupancy[:, None] * self.step_law(remaining).exp()  # -inf rows: 0 mass
             counts += moves
+            # Mass moved from context c by symbol v lands on successor[c, v].
             occupancy = torch.zeros_like(occupancy).index_add_(
-                0, successor.reshape(-1), moves[:, :size].reshape(-1)
+                0, rearrange(successor, "c v -> (c v)"), rearrange(moves[:, :size], "c v -> (c v)")
             )
         total = counts.sum(1, keepdim=True)
         law = torch.where(total > 0, counts / total.clamp_min(1e-300), 1.0 / (size + 1))
@@ -503,12 +504,9 @@ def check_bounded_context(
     steps = density.step_logprobs(prompt_ids, response_ids, lengths).double().cpu()
     columns = torch.tensor([*tables.alphabet, tables.eos_token_id])
     width = response_ids.shape[1]
-    inside = torch.arange(width + 1)[None, :] <= lengths.cpu()[:, None]
-    padded = torch.where(
-        torch.arange(width)[None, :] < lengths.cpu()[:, None],
-        response_ids.cpu(),
-        tables.alphabet[0],
-    )
+    lengths = lengths.cpu()
+    inside = position_mask(lengths + 1, width + 1)  # states 0..n
+    padded = torch.where(position_mask(lengths, width), response_ids.cpu(), tables.alphabet[0])
     contexts = state_contexts(tables, prompt_ids, padded)
     gap = (steps[..., columns] - tables.logprobs[contexts]).abs()
     # -inf on both sides (a masked token) is no gap.

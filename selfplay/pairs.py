@@ -1,11 +1,9 @@
-"""Self-play data through ``datasets``: (prompt, response) pairs from any source, and parquet
-files written and read back.
+"""The (prompt, response) pairs of a self-play run, from any ``datasets`` source.
 
 :func:`load_pairs` (a hub name, a local json/jsonl/parquet/csv file or folder, or a
-``datasets.Dataset``) gives a dataset with string columns ``prompt`` and ``response``;
-:func:`write_parquet` writes columns atomically, readable with :func:`load_parquet` or plain
-``datasets.load_dataset("parquet", ...)``. Turning text into token ids is
-:func:`gfn_spin.data.encode_example`'s job.
+``datasets.Dataset``) gives a dataset with string columns ``prompt`` and ``response``.
+Turning text into token ids is :func:`gfn_spin.data.encode_example`'s job; an iteration's
+parquet file is :mod:`selfplay.iteration_data`'s.
 """
 
 from __future__ import annotations
@@ -17,12 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
 from gfn_spin.data import first_problems
-from gfn_spin.io import atomic_path
 
 #: File suffixes ``datasets`` loads by builder name.
 _BUILDERS = {
@@ -192,32 +187,3 @@ def pairs_fingerprint(pairs: Dataset) -> str:
         digest.update(json.dumps([prompt, response], ensure_ascii=False).encode("utf-8"))
         digest.update(b"\n")
     return digest.hexdigest()
-
-
-def write_parquet(columns: dict[str, list[Any]], path: str | os.PathLike) -> Path:
-    """Write columns as one parquet file atomically (temporary file, then rename)."""
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        Dataset.from_dict(columns).to_parquet(str(tmp))
-    return path
-
-
-def load_parquet(path: str | os.PathLike) -> Dataset:
-    """An iteration's data written by :func:`write_parquet` (also readable with
-    ``datasets.load_dataset("parquet", data_files=path)``).
-
-    Read with pyarrow into an in-memory ``Dataset``: no ``datasets`` cache, so a file
-    rewritten at the same path is never served stale.
-
-    Raises:
-        ValueError: the file is truncated or not parquet (written atomically, so this is
-            outside damage), naming the file.
-    """
-    try:
-        return Dataset(pq.read_table(str(path)))
-    except (pa.ArrowException, OSError) as error:
-        raise ValueError(
-            f"{str(path)!r} is corrupted or truncated ({type(error).__name__}: {error}); the "
-            "run cannot resume from it: choose a new output_dir, or delete the run directory "
-            "to start over"
-        ) from error

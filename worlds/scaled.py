@@ -2,7 +2,7 @@
 
 For measuring samplers and GFlowNets where enumeration is impossible (``257^32`` responses) but
 the truth must still be a number (docs/scaled_world.md). Everything here has a next-token law
-that depends on the last two tokens only, so :mod:`gfn_spin.exact_dp` gives exact ``log Z``,
+that depends on the last two tokens only, so :mod:`worlds.bounded_context` gives exact ``log Z``,
 exact sampling and exact divergences of any geometric mixture of its policies.
 
 The task ("momentum walk"): symbols ``s0 .. s{A-1}`` sit on a circle. A prompt is the start of a
@@ -22,23 +22,20 @@ Two shifted tasks, each the target of a policy fine-tuned from the base:
 Models: one-layer Mistral-style ``MistralForCausalLM`` with ``sliding_window = 2`` and rotary
 positions, so a token's logits see that token and the one before it, at a fixed relative
 offset: the law depends on the last two tokens only (checked by
-:func:`gfn_spin.exact_dp.check_bounded_context`). Saved with ``save_pretrained`` under
+:func:`worlds.bounded_context.check_bounded_context`). Saved with ``save_pretrained`` under
 ``$GFN_SPIN_CACHE/scaled_world/<config hash>`` and loaded back with ``from_pretrained``.
 
 Why one module of about 500 lines: the task's exact law, the data it samples, the models'
-training and the cache key are one definition of the world (as in ``gfn_spin.toyworld``); a
+training and the cache key are one definition of the world (as in ``worlds.toy``); a
 change to any of them must change the cache hash with it.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
-import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +43,11 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
 
-from gfn_spin.exact_dp import BoundedContextTarget, ContextTables, expected_sum
-from gfn_spin.io import cache_directory, save_pretrained_atomic, write_json_atomic
+from gfn_spin.io import save_pretrained_atomic
 from gfn_spin.mixtures import GeometricMixture
 from gfn_spin.policy import Policy
+from worlds.bounded_context import BoundedContextTarget, ContextTables, expected_sum
+from worlds.building import build_once, config_key, load_policy, sft
 
 SPECIALS = ("[PAD]", "[BOS]", "[EOS]", "[UNK]")
 #: Tokens a next-token law depends on (the models' attention window; the task's order).
@@ -157,8 +155,7 @@ class ScaledWorldConfig:
         return cls(**values)
 
     def key(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:12]
+        return config_key(self)
 
 
 def _integer(config: Any, name: str, low: int) -> None:
@@ -223,7 +220,7 @@ class ScaledWorld:
     """The scaled world: tokenizer, exact tasks, the three policies, prompts.
 
     ``task``, ``iterate_task`` and ``stress_task`` are the exact data laws as
-    :class:`~gfn_spin.exact_dp.ContextTables`; ``base``, ``iterate`` and ``stress`` the trained
+    :class:`~worlds.bounded_context.ContextTables`; ``base``, ``iterate`` and ``stress`` the trained
     policies (pairs: ``(base, iterate)`` overlaps, ``(base, stress)`` does not).
     """
 
@@ -248,9 +245,7 @@ class ScaledWorld:
 
     def load_policy(self, name: str = "base", **kwargs: Any) -> Policy:
         """A fresh copy of a saved policy ("base", "iterate" or "stress")."""
-        return Policy.from_pretrained(
-            self.directory / _check_policy_name(name), allowed_token_ids=self.symbol_ids, **kwargs
-        )
+        return load_policy(self.directory, _check_policy_name(name), self.symbol_ids, **kwargs)
 
     def policy_tables(self, name: str) -> ContextTables:
         """The next-token law of policy ``name`` at every context (read once, then kept)."""
@@ -292,10 +287,6 @@ def _check_policy_name(name: str) -> str:
     if name not in ("base", *PAIRS):
         raise ValueError(f"name={name!r} must be one of {('base', *PAIRS)}")
     return name
-
-
-def default_cache_dir() -> Path:
-    return cache_directory("scaled_world")
 
 
 def _tasks(config: ScaledWorldConfig, symbol_ids: list[int], eos: int) -> list[ContextTables]:
@@ -385,27 +376,6 @@ def _responses(
     return rows, draws.response_ids, draws.lengths
 
 
-def _fit(
-    policy: Policy,
-    data: tuple[list[list[int]], torch.Tensor, torch.Tensor],
-    config: ScaledWorldConfig,
-    steps: int,
-    generator: torch.Generator,
-) -> None:
-    """Maximum likelihood on (prompt, response) pairs: one teacher-forced pass per step."""
-    prompts, response_ids, lengths = data
-    optimizer = torch.optim.AdamW(policy.model.parameters(), lr=config.learning_rate)
-    policy.model.train()
-    for _ in range(steps):
-        batch = torch.randint(len(prompts), (config.batch_size,), generator=generator)
-        rows = [prompts[i] for i in batch.tolist()]
-        nll = -policy.log_prob(rows, response_ids[batch], lengths[batch]).mean()
-        optimizer.zero_grad()
-        nll.backward()
-        optimizer.step()
-    policy.model.eval()
-
-
 def _model(config: ScaledWorldConfig, tokenizer: Any) -> MistralForCausalLM:
     return MistralForCausalLM(
         MistralConfig(
@@ -449,21 +419,19 @@ def build_world(
     task, iterate_task, stress_task = _tasks(config, symbol_ids, eos)
     train_prompts, eval_prompts = _prompts(config, task, symbol_ids, tokenizer.bos_token_id)
 
-    directory = Path(cache_dir or default_cache_dir()) / config.key()
-    done = directory / "world.json"
-    if rebuild or not done.exists():
-        started = time.perf_counter()
+    def train(directory: Path) -> None:
         _train_models(
             config, tokenizer, symbol_ids, train_prompts, task, iterate_task, stress_task, directory
         )
-        seconds = time.perf_counter() - started
-        write_json_atomic({"config": asdict(config), "build_seconds": seconds}, done)
-    seconds = json.loads(done.read_text()).get("build_seconds")
+
+    # The cache name predates the package: kept, so existing builds still load.
+    directory, record = build_once(
+        "scaled_world", config, train, cache_dir=cache_dir, rebuild=rebuild
+    )
+    seconds = record.get("build_seconds")
 
     def load(name: str) -> Policy:
-        return Policy.from_pretrained(
-            directory / name, allowed_token_ids=symbol_ids, device=device, dtype=torch.float32
-        )
+        return load_policy(directory, name, symbol_ids, device=device, dtype=torch.float32)
 
     return ScaledWorld(
         config=config,
@@ -496,12 +464,12 @@ def _train_models(
     generator = torch.Generator().manual_seed(config.seed + 1)
     torch.manual_seed(config.seed)
     base = Policy(_model(config, tokenizer), tokenizer, allowed_token_ids=symbol_ids)
-    sft = _responses(task, train_prompts, config, config.sft_examples, generator)
-    _fit(base, sft, config, config.sft_steps, generator)
+    data = _responses(task, train_prompts, config, config.sft_examples, generator)
+    sft(base, *data, config, config.sft_steps, generator)
     save_pretrained_atomic(base, directory / "base")
     for name, shifted in (("iterate", iterate_task), ("stress", stress_task)):
         policy = Policy(_model(config, tokenizer), tokenizer, allowed_token_ids=symbol_ids)
         policy.model.load_state_dict(base.model.state_dict())
         data = _responses(shifted, train_prompts, config, config.sft_examples, generator)
-        _fit(policy, data, config, config.finetune_steps, generator)
+        sft(policy, *data, config, config.finetune_steps, generator)
         save_pretrained_atomic(policy, directory / name)

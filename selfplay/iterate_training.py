@@ -12,13 +12,14 @@ weights.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
-from transformers import get_scheduler
 
 from gfn_spin.policy import Policy
+from gfn_spin.schedules import lr_schedule
 from objectives.spin import spin_loss, spin_metrics
 from selfplay.config import AlphaSpinConfig, derive_seed
 from selfplay.iteration_data import IterationData
@@ -54,12 +55,9 @@ def make_optimizer(
     optimizer = cls[config.optimizer](
         parameters, lr=config.learning_rate, weight_decay=config.weight_decay
     )
-    scheduler = get_scheduler(
-        config.lr_scheduler,
-        optimizer,
-        num_warmup_steps=int(config.warmup_ratio * total_steps),
-        num_training_steps=total_steps,
-    )
+    # No warmup with a constant rate, as transformers' "constant" (which runs kept).
+    warmup = 0 if config.lr_decay == "constant" else int(config.warmup_ratio * total_steps)
+    scheduler = lr_schedule(optimizer, total_steps, warmup_steps=warmup, decay=config.lr_decay)
     return optimizer, scheduler
 
 
@@ -89,6 +87,50 @@ def batch_loss(
     )
     metrics = spin_metrics(policy_real, policy_generated, ref_real, ref_generated, beta=config.beta)
     return losses, metrics
+
+
+@dataclass
+class StepParts:
+    """What every micro-batch of one iterate's training uses: the prepared scorer and
+    optimizer, the trainable weights, the accelerator, the config and the loss scale."""
+
+    scorer: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    parameters: Sequence[torch.nn.Parameter]
+    accelerator: Accelerator
+    config: AlphaSpinConfig
+    scale: float
+
+
+def micro_batch_step(
+    parts: StepParts,
+    data: IterationData,
+    rows: torch.Tensor,
+    totals: torch.Tensor,
+    iterate: str,
+    where: str,
+) -> None:
+    """One micro-batch of ``rows``: its SPIN loss backpropagated (the optimizer steps at the
+    end of an accumulation cycle), and its loss, metrics and row count added to ``totals``."""
+    accelerator, config = parts.accelerator, parts.config
+    with accelerator.accumulate(parts.scorer):
+        losses, metrics = batch_loss(parts.scorer, data, rows, config)
+        if not bool(torch.isfinite(losses).all()):
+            raise FloatingPointError(
+                f"the SPIN loss of {iterate} is not finite at {where}. Lower "
+                "learning_rate or beta, or set max_grad_norm"
+            )
+        accelerator.backward(losses.sum() * parts.scale)
+        if accelerator.sync_gradients and config.max_grad_norm is not None:
+            accelerator.clip_grad_norm_(parts.parameters, config.max_grad_norm)
+        parts.optimizer.step()
+        parts.optimizer.zero_grad(set_to_none=True)
+    totals += torch.tensor(
+        [float(losses.detach().double().sum())]
+        + [metrics[key] * len(rows) for key in METRICS]
+        + [float(len(rows))],
+        dtype=torch.float64,
+    )
 
 
 def train_iterate(
@@ -124,6 +166,7 @@ def train_iterate(
     # accumulation steps): the update is the global-batch mean.
     scale = size / config.batch_size
     totals = torch.zeros(2 + len(METRICS), dtype=torch.float64)  # loss, metrics, rows
+    step_parts = StepParts(scorer, optimizer, parameters, accelerator, config, scale)
     policy.model.train()
     bar = tqdm(
         total=total_steps,
@@ -139,27 +182,10 @@ def train_iterate(
                 f"optimizer step {epoch * steps_per_epoch + step + 1} of {total_steps} (epoch "
                 f"{epoch + 1}); nothing of this iteration is saved"
             )
-            for micro in range(config.gradient_accumulation_steps):
-                start = (step * config.gradient_accumulation_steps + micro) * config.batch_size
+            first = step * rows_per_step
+            for start in range(first, first + rows_per_step, config.batch_size):
                 rows = order[start : start + config.batch_size][rank::size]
-                with accelerator.accumulate(scorer):
-                    losses, metrics = batch_loss(scorer, data, rows, config)
-                    if not bool(torch.isfinite(losses).all()):
-                        raise FloatingPointError(
-                            f"the SPIN loss of π_{iteration + 1} is not finite at {where}. Lower "
-                            "learning_rate or beta, or set max_grad_norm"
-                        )
-                    accelerator.backward(losses.sum() * scale)
-                    if accelerator.sync_gradients and config.max_grad_norm is not None:
-                        accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                totals += torch.tensor(
-                    [float(losses.detach().double().sum())]
-                    + [metrics[key] * len(rows) for key in METRICS]
-                    + [float(len(rows))],
-                    dtype=torch.float64,
-                )
+                micro_batch_step(step_parts, data, rows, totals, f"π_{iteration + 1}", where)
             scheduler.step()
             with torch.no_grad():
                 finite = all(bool(torch.isfinite(p).all()) for p in parameters)

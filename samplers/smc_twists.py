@@ -77,5 +77,5 @@ def resolve_twist(twist: str | Twist | None) -> Twist | None:
         return TWISTS[twist]
     raise ValueError(
         f"twist={twist!r} must be None (the target's prefix as potential), one of "
-        f"{sorted(TWISTS)}, or a callable TwistInputs -> log ψ [B] (see samplers.twists.Twist)"
+        f"{sorted(TWISTS)}, or a callable TwistInputs -> log ψ [B] (see samplers.smc_twists.Twist)"
     )

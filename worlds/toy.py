@@ -27,15 +27,13 @@ build, its cache and the evaluator read the same config fields and task objects.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import math
 import os
 import random
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +44,10 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from gfn_spin.data import chat_messages
 from gfn_spin.density import Density
 from gfn_spin.exact import ExactDistribution, divergences, exact_distribution
-from gfn_spin.io import cache_directory, save_pretrained_atomic, write_json_atomic
+from gfn_spin.io import save_pretrained_atomic
 from gfn_spin.policy import Policy
 from gfn_spin.samples import pad_responses
+from worlds.building import build_once, config_key, load_policy, sft
 
 SYMBOLS = ("a", "b", "c", "d")
 SHIFT_RULES = ("symbol", "style")
@@ -165,8 +164,7 @@ class ToyWorldConfig:
                 )
 
     def key(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:12]
+        return config_key(self)
 
 
 class EchoTask:
@@ -273,9 +271,15 @@ class ToyWorld:
 
     def load_policy(self, name: str = "base", **kwargs: Any) -> Policy:
         """A fresh copy of a saved policy ("base" or "shifted") from its directory."""
-        return Policy.from_pretrained(
-            self.directory / name, allowed_token_ids=self.symbol_ids, **kwargs
-        )
+        return load_policy(self.directory, name, self.symbol_ids, **kwargs)
+
+    def key(self) -> str:
+        """The world's identity (its config hash), recorded by runs that use it."""
+        return self.config.key()
+
+    def evaluator(self) -> ToyWorldEvaluator:
+        """α-SPIN's default evaluation on this world (exact KLs, :class:`ToyWorldEvaluator`)."""
+        return ToyWorldEvaluator(self)
 
     def enumerate(self, density: Any, prompt_ids: list[int]) -> ExactDistribution:
         return exact_distribution(density, prompt_ids, self.max_new_tokens)
@@ -316,23 +320,9 @@ def _sft(
     steps: int,
     seed: int,
 ) -> None:
-    """Maximum likelihood on (prompt, response) pairs: one teacher-forced pass per step."""
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(policy.model.parameters(), lr=config.learning_rate)
+    """:func:`worlds.building.sft` on (prompt, response) pairs, its draws seeded by ``seed``."""
     ids, lengths = pad_responses(responses, config.max_new_tokens, policy.pad_token_id)
-    policy.model.train()
-    for _ in range(steps):
-        batch = torch.randint(len(responses), (config.batch_size,), generator=generator)
-        nll = -policy.log_prob([prompts[i] for i in batch], ids[batch], lengths[batch]).mean()
-        optimizer.zero_grad()
-        nll.backward()
-        optimizer.step()
-    policy.model.eval()
-
-
-def default_cache_dir() -> Path:
-    """The tiny world's cache (:func:`gfn_spin.io.cache_directory`)."""
-    return cache_directory("toyworld")
+    sft(policy, prompts, ids, lengths, config, steps, torch.Generator().manual_seed(seed))
 
 
 def build_world(
@@ -366,10 +356,7 @@ def build_world(
     sft_prompts = [rng.choice(train_prompts) for _ in range(config.sft_examples)]
     sft_responses = [task.sample(p, rng) for p in sft_prompts]
 
-    directory = Path(cache_dir or default_cache_dir()) / config.key()
-    directory.mkdir(parents=True, exist_ok=True)
-    done = directory / "world.json"
-    if rebuild or not done.exists():
+    def train(directory: Path) -> None:
         _train_models(
             config,
             tokenizer,
@@ -381,12 +368,12 @@ def build_world(
             rng,
             directory,
         )
-        write_json_atomic({"config": asdict(config)}, done)
+
+    # The cache name predates the package: kept, so existing builds still load.
+    directory, _ = build_once("toyworld", config, train, cache_dir=cache_dir, rebuild=rebuild)
 
     def load(name: str) -> Policy:
-        return Policy.from_pretrained(
-            directory / name, allowed_token_ids=symbol_ids, device=device, dtype=torch.float32
-        )
+        return load_policy(directory, name, symbol_ids, device=device, dtype=torch.float32)
 
     return ToyWorld(
         config=config,
