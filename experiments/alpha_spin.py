@@ -19,7 +19,8 @@ from __future__ import annotations
 import math
 import multiprocessing
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,8 +35,9 @@ from experiments.common import (
     write_text_atomic,
 )
 from gfn_spin.devices import resolve_device
-from gfn_spin.toyworld import ToyWorldEvaluator, build_world
+from gfn_spin.options import option
 from selfplay import AlphaSpinConfig, AlphaSpinTrainer
+from worlds.toy import ToyWorldEvaluator, build_world
 
 VARIANTS_FULL = [
     ("SPIN", 1.0, 1),
@@ -50,68 +52,42 @@ VARIANTS_FULL = [
 VARIANTS_QUICK = [("SPIN", 1.0, 1), ("α-SPIN", 0.5, 1), ("α-SPIN", 0.95, 2), ("FP", 1.0, "all")]
 
 
-def _help(text: str) -> dict[str, str]:
-    return {"help": " ".join(text.split())}
-
-
 @dataclass
 class StudyConfig:
     """Settings of the study (trainer settings not listed here keep AlphaSpinConfig's defaults)."""
 
-    output_dir: str = field(
-        default="runs/alpha_spin_study",
-        metadata=_help("Where results.json, results.md, kl.png and one folder per run go."),
+    output_dir: str = option(
+        "runs/alpha_spin_study", "Where results.json, results.md, kl.png and one folder per run go."
     )
-    quick: bool = field(
-        default=False,
-        metadata=_help(
-            "A smaller study (4 variants, 2 seeds, 2 iterations, 192 examples) for a first look."
-        ),
+    quick: bool = option(
+        False, "A smaller study (4 variants, 2 seeds, 2 iterations, 192 examples) for a first look."
     )
-    seeds: int = field(
-        default=3, metadata=_help("Seeds per variant (seed, seed+1, ..., seed+seeds-1).")
+    seeds: int = option(3, "Seeds per variant (seed, seed+1, ..., seed+seeds-1).")
+    seed: int = option(
+        0, "First seed of every variant's runs (adapter init, generation, batch order)."
     )
-    seed: int = field(
-        default=0,
-        metadata=_help(
-            "First seed of every variant's runs (adapter init, generation, batch order)."
-        ),
+    device: str = option(
+        "cpu", 'Device of every run: "cpu", "cuda", "cuda:1", ... or "auto" (CUDA when present).'
     )
-    device: str = field(
-        default="cpu",
-        metadata=_help(
-            'Device of every run: "cpu", "cuda", "cuda:1", ... or "auto" (CUDA when present).'
-        ),
+    iterations: int = option(3, "Self-play iterations per run.")
+    sampler: Literal["auto", "importance", "smc", "gflownet", "ancestral"] = option(
+        "auto",
+        """Opponent sampler when α < 1: "importance" (auto), "smc", "gflownet" or
+            "ancestral" (α = 1 is always sampled exactly).""",
     )
-    iterations: int = field(default=3, metadata=_help("Self-play iterations per run."))
-    sampler: Literal["auto", "importance", "smc", "gflownet", "ancestral"] = field(
-        default="auto",
-        metadata=_help(
-            """Opponent sampler when α < 1: "importance" (auto), "smc", "gflownet" or
-            "ancestral" (α = 1 is always sampled exactly)."""
-        ),
+    num_candidates: int = option(16, "K of the importance sampler.")
+    num_particles: int = option(16, "N of the SMC sampler.")
+    beta: float = option(2.0, "β of the SPIN loss.")
+    learning_rate: float = option(1e-3, "AdamW learning rate of the iterates' LoRA adapters.")
+    epochs: int = option(2, "Epochs per iteration.")
+    max_examples: int | None = option(
+        None, "Real examples per iteration (None: all the world's SFT examples)."
     )
-    num_candidates: int = field(default=16, metadata=_help("K of the importance sampler."))
-    num_particles: int = field(default=16, metadata=_help("N of the SMC sampler."))
-    beta: float = field(default=2.0, metadata=_help("β of the SPIN loss."))
-    learning_rate: float = field(
-        default=1e-3, metadata=_help("AdamW learning rate of the iterates' LoRA adapters.")
+    drift_prompts: int = option(
+        4, "Eval prompts on which the exact drift KL(π_t ‖ π_0) is computed (the costly one)."
     )
-    epochs: int = field(default=2, metadata=_help("Epochs per iteration."))
-    max_examples: int | None = field(
-        default=None,
-        metadata=_help("Real examples per iteration (None: all the world's SFT examples)."),
-    )
-    drift_prompts: int = field(
-        default=4,
-        metadata=_help(
-            "Eval prompts on which the exact drift KL(π_t ‖ π_0) is computed (the costly one)."
-        ),
-    )
-    workers: int = field(
-        default=2, metadata=_help("Runs executed in parallel (one CPU thread each).")
-    )
-    progress: bool = field(default=True, metadata=_help("Show a progress bar over the runs."))
+    workers: int = option(2, "Runs executed in parallel (one CPU thread each).")
+    progress: bool = option(True, "Show a progress bar over the runs.")
 
     def validate(self) -> None:
         """Raise on bad values before any model work (trainer settings: AlphaSpinConfig's checks)."""
@@ -185,6 +161,30 @@ def jobs(study: StudyConfig, root: Path) -> list[dict[str, Any]]:
     return out
 
 
+def run_jobs(
+    run: Callable[[dict[str, Any]], dict[str, Any]],
+    todo: list[dict[str, Any]],
+    workers: int,
+    progress: bool,
+) -> list[dict[str, Any]]:
+    """``run(job)`` for every (variant, seed) job, on ``workers`` spawned processes when more
+    than one (one CPU thread each), with a progress bar; the results in ``todo``'s order."""
+    if workers > 1:
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            results = list(
+                tqdm(
+                    pool.imap_unordered(run, todo),
+                    total=len(todo),
+                    desc="runs",
+                    disable=not progress,
+                )
+            )
+    else:
+        results = [run(job) for job in tqdm(todo, desc="runs", disable=not progress)]
+    order = {(j["variant"], j["seed"]): i for i, j in enumerate(todo)}
+    return sorted(results, key=lambda r: order[(r["variant"], r["seed"])])
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     mean = sum(values) / len(values)
     if len(values) < 2:
@@ -245,9 +245,13 @@ def plot(table: dict[str, Any], path: Path) -> None:
         ts = [r["iteration"] for r in rows]
         for axis, key in zip(axes, ("kl_data", "kl_drift"), strict=True):
             axis.errorbar(
-                ts, [r[key] for r in rows], yerr=[r[key + "_std"] for r in rows],
-                marker="o", capsize=3, label=variant,
-            )  # fmt: skip
+                ts,
+                [r[key] for r in rows],
+                yerr=[r[key + "_std"] for r in rows],
+                marker="o",
+                capsize=3,
+                label=variant,
+            )
     axes[0].set(xlabel="iteration t", ylabel="KL(p_data ‖ π_t)", title="distance to the data")
     axes[1].set(xlabel="iteration t", ylabel="KL(π_t ‖ π_0)", title="drift from the base")
     axes[0].legend(fontsize=7)
@@ -268,30 +272,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     build_world()  # once here, so that workers load it from the cache
     started = time.perf_counter()
     log.info(f"{len(todo)} runs on {study.workers} workers -> {root}")
-    results = []
-    if study.workers > 1:
-        context = multiprocessing.get_context("spawn")
-        with context.Pool(study.workers) as pool:
-            for result in tqdm(
-                pool.imap_unordered(run_one, todo),
-                total=len(todo),
-                desc="runs",
-                disable=not study.progress,
-            ):
-                results.append(result)
-    else:
-        results = [run_one(job) for job in tqdm(todo, desc="runs", disable=not study.progress)]
-    order = {(j["variant"], j["seed"]): i for i, j in enumerate(todo)}
-    results.sort(key=lambda r: order[(r["variant"], r["seed"])])
+    results = run_jobs(run_one, todo, study.workers, study.progress)
     table = summarize(results, study.iterations)
-    text = markdown(table, study)
     output = {"summary": table, "runs": results, "seconds": time.perf_counter() - started}
+    write_study(output, markdown(table, study), root, study, "kl.png", plot, log)
+    return output
+
+
+def write_study(
+    output: dict[str, Any],
+    text: str,
+    root: Path,
+    study: Any,
+    figure: str,
+    draw: Callable[[dict[str, Any], Path], None],
+    log: Any,
+) -> None:
+    """A study's outputs in ``root``: results.json (``output`` with the study's config), the
+    table ``text`` as results.md (also printed), and ``draw(output["summary"], root / figure)``."""
     write_results(output, root, study)
     write_text_atomic(text, root / "results.md")
-    plot(table, root / "kl.png")
+    draw(output["summary"], root / figure)
     print(text)
-    log.info(f"wrote {root / 'results.json'}, results.md, kl.png in {output['seconds']:.0f} s")
-    return output
+    log.info(f"wrote {root / 'results.json'}, results.md, {figure} in {output['seconds']:.0f} s")
 
 
 if __name__ == "__main__":
