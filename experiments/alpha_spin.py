@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import multiprocessing
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -161,6 +162,30 @@ def jobs(study: StudyConfig, root: Path) -> list[dict[str, Any]]:
     return out
 
 
+def run_jobs(
+    run: Callable[[dict[str, Any]], dict[str, Any]],
+    todo: list[dict[str, Any]],
+    workers: int,
+    progress: bool,
+) -> list[dict[str, Any]]:
+    """``run(job)`` for every (variant, seed) job, on ``workers`` spawned processes when more
+    than one (one CPU thread each), with a progress bar; the results in ``todo``'s order."""
+    if workers > 1:
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            results = list(
+                tqdm(
+                    pool.imap_unordered(run, todo),
+                    total=len(todo),
+                    desc="runs",
+                    disable=not progress,
+                )
+            )
+    else:
+        results = [run(job) for job in tqdm(todo, desc="runs", disable=not progress)]
+    order = {(j["variant"], j["seed"]): i for i, j in enumerate(todo)}
+    return sorted(results, key=lambda r: order[(r["variant"], r["seed"])])
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     mean = sum(values) / len(values)
     if len(values) < 2:
@@ -247,30 +272,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     build_world()  # once here, so that workers load it from the cache
     started = time.perf_counter()
     log.info(f"{len(todo)} runs on {study.workers} workers -> {root}")
-    results = []
-    if study.workers > 1:
-        context = multiprocessing.get_context("spawn")
-        with context.Pool(study.workers) as pool:
-            for result in tqdm(
-                pool.imap_unordered(run_one, todo),
-                total=len(todo),
-                desc="runs",
-                disable=not study.progress,
-            ):
-                results.append(result)
-    else:
-        results = [run_one(job) for job in tqdm(todo, desc="runs", disable=not study.progress)]
-    order = {(j["variant"], j["seed"]): i for i, j in enumerate(todo)}
-    results.sort(key=lambda r: order[(r["variant"], r["seed"])])
+    results = run_jobs(run_one, todo, study.workers, study.progress)
     table = summarize(results, study.iterations)
-    text = markdown(table, study)
     output = {"summary": table, "runs": results, "seconds": time.perf_counter() - started}
+    write_study(output, markdown(table, study), root, study, "kl.png", plot, log)
+    return output
+
+
+def write_study(
+    output: dict[str, Any],
+    text: str,
+    root: Path,
+    study: Any,
+    figure: str,
+    draw: Callable[[dict[str, Any], Path], None],
+    log: Any,
+) -> None:
+    """A study's outputs in ``root``: results.json (``output`` with the study's config), the
+    table ``text`` as results.md (also printed), and ``draw(output["summary"], root / figure)``."""
     write_results(output, root, study)
     write_text_atomic(text, root / "results.md")
-    plot(table, root / "kl.png")
+    draw(output["summary"], root / figure)
     print(text)
-    log.info(f"wrote {root / 'results.json'}, results.md, kl.png in {output['seconds']:.0f} s")
-    return output
+    log.info(f"wrote {root / 'results.json'}, results.md, {figure} in {output['seconds']:.0f} s")
 
 
 if __name__ == "__main__":

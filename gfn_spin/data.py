@@ -106,16 +106,39 @@ def check_no_special_tokens(
         )
 
 
+def uses_chat_template(tokenizer: Any, chat_template: bool | None = None) -> bool:
+    """The one rule for encoding a string prompt, shared by the sampler API (:class:`Policy`)
+    and self-play's command line: through the tokenizer's chat template as a user turn
+    whenever the tokenizer has one, unless ``chat_template=False``.
+
+    Raises:
+        ValueError: ``chat_template=True`` for a tokenizer without a chat template.
+    """
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if chat_template is None:
+        return has_template
+    if chat_template and not has_template:
+        raise ValueError(
+            "chat_template=True but the tokenizer has no chat template; leave chat_template "
+            "unset (None) to encode plain text"
+        )
+    return bool(chat_template)
+
+
 def encode_prompt(
-    tokenizer: Any, prompt: str, *, max_prompt_length: int | None = None
+    tokenizer: Any,
+    prompt: str,
+    *,
+    chat_template: bool | None = None,
+    max_prompt_length: int | None = None,
 ) -> list[int]:
-    """Token ids of a prompt as a user turn through the tokenizer's chat template.
+    """Token ids of a prompt, by :func:`uses_chat_template`'s rule: as a user turn ending in the
+    generation prompt, or the bare text with the tokenizer's special tokens.
 
     Over-long prompts keep their last ``max_prompt_length`` tokens (the generation prompt at
-    the end of the template must survive). A tokenizer without a chat template encodes the
-    bare text with its special tokens.
+    the end of the template must survive).
     """
-    if getattr(tokenizer, "chat_template", None):
+    if uses_chat_template(tokenizer, chat_template):
         text = tokenizer.apply_chat_template(
             chat_messages(prompt), tokenize=False, add_generation_prompt=True
         )
@@ -138,8 +161,8 @@ def encode_example(
 ) -> tuple[list[int], list[int] | None]:
     """The one prompt/response → token ids map, for generation and training alike.
 
-    The prompt goes through the chat template as a user turn ending in the generation prompt;
-    the response is the assistant text's tokens without special tokens, cut at the length
+    The prompt is encoded by :func:`encode_prompt` (the chat template whenever the tokenizer
+    has one, the rule the sampler API follows too); the response is the assistant text's tokens without special tokens, cut at the length
     cap ``max_new_tokens`` (the stop there is forced, docs/conventions.md; otherwise EOS ends it, which
     is the policy's convention, not a token of the response).
 

@@ -13,6 +13,7 @@ adapter file checks stand next to it: only its loaders use them.
 
 from __future__ import annotations
 
+import copy
 import operator
 import os
 import re
@@ -28,12 +29,7 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from gfn_spin import adapters
-from gfn_spin.data import (
-    check_no_special_tokens,
-    encode_prompt,
-    is_blank,
-    warn_unknown_tokens,
-)
+from gfn_spin.data import check_no_special_tokens, encode_prompt, is_blank, uses_chat_template
 from gfn_spin.density import Density, PromptLike, scores_from_steps
 from gfn_spin.devices import default_device, default_dtype
 from gfn_spin.io import make_directory
@@ -137,6 +133,28 @@ def _size(text: str) -> tuple[int, ...]:
     return tuple(int(n) for n in re.findall(r"\d+", text))
 
 
+def dequantized_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """The same network as a plain model of its class, sharing ``model``'s tensors.
+
+    A GGUF load is dequantized already but keeps a quantization entry in its config, for which
+    ``save_pretrained`` refuses it. The copy is built without memory on the meta device and
+    takes the loaded tensors as they are (no second copy of the weights), its config without
+    that entry.
+    """
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        plain = type(model)(config)
+    plain.load_state_dict(model.state_dict(), assign=True)
+    # Non-persistent buffers (rotary frequencies) are not in the state dict.
+    for name, buffer in model.named_buffers():
+        owner, _, attribute = name.rpartition(".")
+        setattr(plain.get_submodule(owner), attribute, buffer)
+    plain.tie_weights()
+    return plain.eval()
+
+
 @dataclass
 class PolicyState:
     """Decoding state of a batch of prefixes: KV cache, mask, next positions, next log-probs,
@@ -174,7 +192,10 @@ class Policy(Density):
         allowed_token_ids: if given, responses may only use these tokens (EOS is always
             allowed); other logits are masked before the softmax, so the policy is the LM
             renormalized on that vocabulary. Makes exact enumeration possible on small worlds.
-        chat_template: pass string prompts through the tokenizer's chat template as a user turn.
+        chat_template: whether string prompts go through the tokenizer's chat template as a
+            user turn; ``None`` (default): whenever the tokenizer has one
+            (:func:`gfn_spin.data.uses_chat_template`, the rule self-play's command line
+            follows too). Token-id prompts are always used as given.
     """
 
     def __init__(
@@ -184,7 +205,7 @@ class Policy(Density):
         *,
         adapter: adapters.AdapterSpec = None,
         allowed_token_ids: Sequence[int] | None = None,
-        chat_template: bool = False,
+        chat_template: bool | None = None,
     ) -> None:
         if tokenizer.eos_token_id is None:
             raise ValueError(
@@ -193,12 +214,10 @@ class Policy(Density):
         if tokenizer.pad_token_id is None:
             # Padding is only ever masked out, so EOS can stand in for a missing PAD token.
             tokenizer.pad_token = tokenizer.eos_token
-        if chat_template and getattr(tokenizer, "chat_template", None) is None:
-            raise ValueError("chat_template=True but the tokenizer has no chat template")
         self.model = model
         self._tokenizer = tokenizer
         self.adapter = adapter
-        self.chat_template = chat_template
+        self.chat_template = uses_chat_template(tokenizer, chat_template)
         self.allowed_token_ids = None if allowed_token_ids is None else list(allowed_token_ids)
         self._mask_cache: dict[torch.device, torch.Tensor] = {}
         self._tokens = 0
@@ -213,12 +232,16 @@ class Policy(Density):
         adapter: str | os.PathLike | None = None,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
+        gguf_file: str | None = None,
         **kwargs: Any,
     ) -> Policy:
         """Load a model and tokenizer by hub name or local directory (``save_pretrained``).
 
         ``adapter`` is the path of a peft adapter to read through (loaded as "default").
-        Other keyword arguments go to :class:`Policy`.
+        ``gguf_file`` names a GGUF file in ``name_or_path`` (needs the ``gguf`` package, the
+        ``[real]`` extra): its weights are dequantized to ``dtype`` into a plain model, so the
+        policy trains, takes adapters and saves like any other (``save_pretrained`` writes an
+        HF folder that loads without ``gguf``). Other keyword arguments go to :class:`Policy`.
         """
         name_or_path = str(name_or_path)
         looks_local = name_or_path.startswith((".", "/", "~")) or os.path.isdir(name_or_path)
@@ -232,10 +255,20 @@ class Policy(Density):
         try:
             # Never run code from a model folder: no remote code, and pickled weights
             # (pytorch_model.bin) load with torch.load(weights_only=True).
-            tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
-            model = AutoModelForCausalLM.from_pretrained(
-                name_or_path, dtype=dtype, trust_remote_code=False, weights_only=True
+            tokenizer = AutoTokenizer.from_pretrained(
+                name_or_path, trust_remote_code=False, gguf_file=gguf_file
             )
+            model = AutoModelForCausalLM.from_pretrained(
+                name_or_path,
+                dtype=dtype,
+                trust_remote_code=False,
+                weights_only=True,
+                gguf_file=gguf_file,
+            )
+            if gguf_file is not None:
+                model = dequantized_copy(model)
+        except ImportError:  # the gguf package is missing: say so as transformers does
+            raise
         except Exception as error:  # truncated weights, garbage tokenizer.json, bad config
             if isinstance(error, OSError) and not looks_local:
                 raise OSError(
@@ -405,11 +438,9 @@ class Policy(Density):
         vocab = None
         for index, prompt in enumerate(prompts):
             if isinstance(prompt, str):
-                if self.chat_template:
-                    encoded.append(encode_prompt(self._tokenizer, prompt))
-                else:
-                    encoded.append(self._tokenizer(prompt)["input_ids"])
-                    warn_unknown_tokens(self._tokenizer, encoded[-1], prompt)
+                encoded.append(
+                    encode_prompt(self._tokenizer, prompt, chat_template=self.chat_template)
+                )
             else:
                 try:
                     ids = [operator.index(t) for t in prompt]

@@ -8,7 +8,7 @@ gathered into one :class:`~selfplay.iteration_data.IterationData` on every proce
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from accelerate import PartialState
@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from gfn_spin.density import Density
 from gfn_spin.scores import position_mask
-from samplers.base import Sampler
+from samplers.base import Sampler, SampleStats
 from selfplay.config import derive_seed
 from selfplay.iteration_data import Examples, IterationData
 
@@ -58,11 +58,13 @@ def make_iteration_data(
     seed: int,
     state: PartialState,
     progress: bool = False,
+    on_stats: Callable[[SampleStats], None] | None = None,
 ) -> IterationData:
     """One y' per example from ``sampler``, and the reference log-probs of y and y'.
 
     ``state`` (an ``accelerate`` state or ``Accelerator``) names this process's share of the
-    chunks; chunk c is drawn with seed ``derive_seed(seed, c's first row)``.
+    chunks; chunk c is drawn with seed ``derive_seed(seed, c's first row)``. ``on_stats``, when
+    given, sees the stats of each of this process's chunks (:func:`opponent_metrics`).
     """
     pad = reference.pad_token_id
     starts = list(range(0, len(examples), chunk))
@@ -73,6 +75,8 @@ def make_iteration_data(
         rows = slice(start, start + chunk)
         prompts = examples.prompt_ids[rows]
         samples = sampler.sample(prompts, 1, generator=derive_seed(seed, start))
+        if on_stats is not None:
+            on_stats(samples.stats)
         lengths = samples.lengths.cpu()
         generated = fixed_width(samples.response_ids, lengths, max_new_tokens, pad)
         real = (examples.real_ids[rows], examples.real_lengths[rows])
@@ -91,3 +95,32 @@ def make_iteration_data(
         ref_real_logps=ref_real,
         ref_generated_logps=ref_generated,
     )
+
+
+def opponent_metrics(stats: Sequence[SampleStats], state: PartialState) -> dict[str, float]:
+    """What the opponent measured while drawing an iteration's y', over every process's chunks:
+    means over the prompts, with standard errors ``*_se``, of ``opponent/log_z`` (log Ẑ),
+    ``opponent/ess_fraction`` (ESS/K of SIR, ESS/N of SMC; not for one draw of a sampler with
+    an exact density, whose ESS of one weight says nothing) and ``opponent/elbo`` (mean
+    log π̃_ref − log q, samplers with an exact density: log Z minus it is their KL(q‖π_ref)),
+    where the sampler estimates them; and ``opponent/tokens`` (the model tokens it evaluated;
+    its time is the record's ``seconds["generate"]``). The same dict on every process,
+    whatever their number."""
+    mine = []
+    for s in stats:
+        weighted = s.num_candidates is not None or s.num_particles is not None
+        names = ("log_z", "elbo") + (("ess_fraction",) if weighted else ())
+        chunk = {
+            n: getattr(s, n).double().cpu().tolist() for n in names if getattr(s, n) is not None
+        }
+        mine.append(chunk | {"tokens": s.tokens})
+    chunks = gather_object(mine)
+    metrics: dict[str, float] = {"opponent/tokens": float(sum(c["tokens"] for c in chunks))}
+    for name in ("log_z", "elbo", "ess_fraction"):
+        values = torch.tensor([v for c in chunks for v in c.get(name, [])], dtype=torch.float64)
+        values = values[torch.isfinite(values)]
+        if len(values):
+            metrics[f"opponent/{name}"] = float(values.mean())
+            spread = float(values.std()) if len(values) > 1 else 0.0
+            metrics[f"opponent/{name}_se"] = spread / len(values) ** 0.5
+    return metrics

@@ -12,6 +12,8 @@ import os
 from collections.abc import Sequence
 from typing import Protocol
 
+from accelerate import PartialState
+
 from gfn_spin.density import Density
 from gfn_spin.mixtures import ArithmeticMixture
 from gfn_spin.policy import Policy
@@ -156,7 +158,8 @@ def fit_opponent_gflownet(
     fit_prompts: Sequence[Sequence[int]],
     warm_start_from: GFlowNetSampler | str | os.PathLike | None,
 ) -> bool:
-    """Fit the opponent GFlowNet, warm-started when possible; returns whether it was.
+    """Fit the opponent GFlowNet, warm-started when possible; returns whether it was. Its
+    progress bar shows with ``config.progress``, on the main process only.
 
     The reference changes between iterations (its history mixture drops its oldest iterate
     and takes the newest), so what carries over is the learned correction to its local
@@ -177,5 +180,6 @@ def fit_opponent_gflownet(
                 "GFlowNet opponent: cold start, the warm start is impossible: %s", reason
             )
     steps = config.gflownet_warm_steps if warm else None
-    gflownet.fit(list(fit_prompts), steps, progress=False)
+    progress = config.progress and PartialState().is_main_process
+    gflownet.fit(list(fit_prompts), steps, progress=progress)
     return warm

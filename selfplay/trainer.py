@@ -24,9 +24,11 @@ training goes through ``accelerate.Accelerator``; every process ends with the sa
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -37,9 +39,10 @@ from tqdm.auto import tqdm
 from gfn_spin.data import check_no_special_tokens
 from gfn_spin.density import Density
 from gfn_spin.devices import check_device, resolve_device
+from gfn_spin.io import write_json_atomic
 from gfn_spin.policy import Policy
 from selfplay.config import RUN_RESUMABLE_FIELDS, AlphaSpinConfig, derive_seed
-from selfplay.generation import make_iteration_data
+from selfplay.generation import make_iteration_data, opponent_metrics
 from selfplay.iterate_training import train_iterate
 from selfplay.iterates import freeze, iterate_name, load_iterate, new_iterate, save_iterate
 from selfplay.iteration_data import encode_examples, read_iteration_data, write_iteration_data
@@ -256,6 +259,7 @@ class AlphaSpinTrainer:
             if not run.done(f"data_{t}"):
                 started = time.perf_counter()
                 previous = None if t == 0 else run.opponent_path(t - 1)
+                chunk_stats = []
                 sampler = self.opponents(
                     cfg,
                     reference,
@@ -275,9 +279,13 @@ class AlphaSpinTrainer:
                     seed=derive_seed(cfg.seed, "generate", t),
                     state=accelerator,
                     progress=self._show(),
+                    on_stats=chunk_stats.append,
                 )
+                opponent = opponent_metrics(chunk_stats, accelerator)
                 if accelerator.is_main_process:
                     write_iteration_data(data, self.examples, self.base.tokenizer, run.data_path(t))
+                    # Kept beside the data, so that a run resumed after it still records them.
+                    write_json_atomic(opponent, _opponent_path(run, t))
                 timer.add("generate", started)
                 run.complete(f"data_{t}")
             data = read_iteration_data(
@@ -292,6 +300,8 @@ class AlphaSpinTrainer:
             )
             freeze(policy, parameters)
             timer.add("train", started)
+            if _opponent_path(run, t).is_file():
+                metrics.update(json.loads(_opponent_path(run, t).read_text(encoding="utf-8")))
             if accelerator.is_main_process:
                 save_iterate(policy, run.iterate_path(t + 1))
             started = time.perf_counter()
@@ -301,6 +311,11 @@ class AlphaSpinTrainer:
             record = {"iteration": t + 1, "metrics": metrics, "seconds": timer.seconds}
             run.complete(f"train_{iterate_name(t + 1)}", record)
         return [r for r in run.records if r["iteration"] <= cfg.iterations]
+
+
+def _opponent_path(run: RunDirectory, t: int) -> Path:
+    """Where iteration t's opponent metrics (:func:`selfplay.generation.opponent_metrics`) go."""
+    return run.data_path(t).with_suffix(".opponent.json")
 
 
 def comparable_config(config: AlphaSpinConfig) -> dict[str, Any]:

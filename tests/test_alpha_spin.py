@@ -153,10 +153,18 @@ def test_alpha1_h1_is_plain_spin(world, kl_only, tmp_path):
 
 def test_geometric_reference_data(world, kl_only, tmp_path):
     """α < 1, h = 2 with SIR: stored reference log-probs are the hand-built geometric mixture's."""
-    trainer, _ = run(
+    trainer, records = run(
         world, kl_only, tmp_path, alpha=0.8, history=2, sampler="importance", num_candidates=4
     )
     out, cfg = tmp_path / "run", trainer.config
+    # The opponent's measurements are recorded: none at t = 0 (π_0 is sampled exactly), SIR's
+    # ESS/K and log Ẑ at t = 1, in metrics.json as in the returned records.
+    assert "opponent/ess_fraction" not in records[1]["metrics"]
+    second = records[2]["metrics"]
+    assert 0.25 <= second["opponent/ess_fraction"] <= 1  # ESS of K = 4 weights is in [1, 4]
+    assert math.isfinite(second["opponent/log_z"]) and second["opponent/log_z_se"] >= 0
+    assert second["opponent/tokens"] > 0
+    assert json.loads((out / "metrics.json").read_text())[2]["metrics"] == second
     pi_1 = load_iterate([trainer.base], out / "iterates" / "iter_1", 1, cfg)
     data = read_iteration_data(
         out / "data" / "iteration_1.parquet",

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from gfn_spin import Policy
 from gfn_spin.adapters import default_lora_config
+from gfn_spin.data import encode_example, uses_chat_template
 from gfn_spin.samples import ancestral_sample
+from worlds.toy import numbered_tokenizer
 
 
 def _responses(rows: list[list[int]], width: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,10 +97,29 @@ def test_prompts_as_ids_are_used_exactly_and_strings_are_tokenized(world):
     ids = [1, 5, 6, 4]
     assert policy.encode_prompts([ids]) == [ids]
     assert policy.encode_prompts(["a b"]) == [ids]
-    chat = Policy(policy.model, world.tokenizer, chat_template=True)
-    assert chat.encode_prompts(["a b"]) == [ids]
+    # The tiny world's chat template spells the plain encoding, so its results do not depend
+    # on the default (the chat template whenever the tokenizer has one).
+    assert policy.chat_template
+    plain = Policy(policy.model, world.tokenizer, chat_template=False)
+    assert plain.encode_prompts(["a b"]) == policy.encode_prompts(["a b"]) == [ids]
     with pytest.raises(TypeError, match="not a str"):
         policy.encode_prompts("a b")
+
+
+def test_one_rule_encodes_string_prompts_for_the_library_and_self_play(world):
+    plain = numbered_tokenizer(8)
+    assert not uses_chat_template(plain) and uses_chat_template(world.tokenizer)
+    assert not uses_chat_template(world.tokenizer, False)
+    with pytest.raises(ValueError, match="no chat template"):
+        uses_chat_template(plain, True)
+    templated = copy.deepcopy(world.tokenizer)
+    templated.chat_template = "{% for m in messages %}[BOS] b {{ m['content'] }} =>{% endfor %}"
+    policy = Policy(world.base.model, templated)
+    assert policy.encode_prompts(["a"]) == [encode_example(templated, "a")[0]]
+    assert policy.encode_prompts(["a"]) == [templated("b a")["input_ids"]]
+    assert Policy(world.base.model, templated, chat_template=False).encode_prompts(["a"]) == [
+        templated("a")["input_ids"]
+    ]
 
 
 def test_sampling_is_seeded_and_respects_the_cap(world, prompt):

