@@ -584,6 +584,23 @@ class Policy(Density):
         return self._log_softmax(logits), hidden
 
     @property
+    def logits_follow_features(self) -> bool:
+        """Whether the LM head alone maps the features of :meth:`step_logprobs_and_features`
+        to the logits (no scaling or soft-capping after it, as some architectures add)."""
+        config = self.model.config
+        softcap = getattr(config, "final_logit_softcapping", None)
+        return softcap is None and getattr(config, "logit_scale", None) in (None, 1, 1.0)
+
+    def logprobs_from_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Step scores ``[..., V]`` from features ``[..., H]`` (the LM head's input) through the
+        LM head alone, no model pass: what a stored batch of a twist fit keeps instead of
+        ``[B, L+1, V]`` scores (exact where :attr:`logits_follow_features`)."""
+        head = self.model.get_output_embeddings()
+        with adapters.route(self.model, self.adapter):
+            logits = head(features.to(self.device, self.model.dtype))
+        return self._log_softmax(logits)
+
+    @property
     def hidden_size(self) -> int:
         """Width of the features returned with ``features=True``."""
         return int(self.model.config.hidden_size)

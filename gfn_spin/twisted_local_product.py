@@ -176,6 +176,19 @@ class TwistedLocalProduct(Density):
         valid = valid.to(inputs.device)
         return at_valid_states(self.head(inputs[valid]), valid)  # bf16 under autocast
 
+    @property
+    def steps_follow_features(self) -> bool:
+        """Whether every component's step scores follow from its features alone."""
+        return all(c.logits_follow_features for c in self.components)
+
+    def component_steps(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Every component's step scores ``[B, L+1, V]`` from its features ``[B, L+1, H_c]``
+        through its LM head (no gradients, no model pass)."""
+        with torch.no_grad():
+            return [
+                c.logprobs_from_features(f) for c, f in zip(self.components, features, strict=True)
+            ]
+
     def component_outputs(
         self, prompts: Sequence[PromptLike], response_ids: torch.Tensor, lengths: torch.Tensor
     ) -> ComponentOutputs:

@@ -14,6 +14,7 @@ import torch
 
 from gfn_spin import ArithmeticMixture, GeometricMixture, LocalProduct
 from gfn_spin.exact import divergences, exact_distribution
+from gfn_spin.scores import position_mask
 from samplers import GFlowNetSampler, ImportanceResampler, SMCSampler
 from samplers.gflownet import (
     PARAMETRIZATIONS,
@@ -162,8 +163,8 @@ def _model_calls(sampler, models, prompts) -> list[tuple[bool, int]]:
 def test_twist_training_step_runs_the_models_without_gradients(world):
     """The twist form learns from what the rollout computed: with one head update per rollout
     every model call is a no-grad decoding call (one prefill per distinct prompt, then one
-    token at a time); a stored batch used again adds one teacher-forced no-grad pass per
-    component (its prefill and one pass over the responses), never a gradient in a model."""
+    token at a time); a stored batch used again adds no model pass at all (its step scores
+    come from its stored features through the LM heads), and never a gradient in a model."""
     shifted, target = _setup(world)
     calls, heads = {}, {}
     for updates in (1, 2):
@@ -187,10 +188,8 @@ def test_twist_training_step_runs_the_models_without_gradients(world):
     # Two prefills (one per component), then single tokens only: no teacher-forced pass.
     assert len(decoding) > 2 and all(width > 1 for _, width in decoding[:2]), decoding
     assert all(width == 1 for _, width in decoding[2:]), decoding
-    # The same rollout (same seed), then the stored batch's pass: wider calls, two per component.
-    assert more[: len(decoding)] == decoding
-    extra = more[len(decoding) :]
-    assert len(extra) == 4 and all(width > 1 for _, width in extra), extra
+    # The same rollout (same seed), and nothing more for the stored batch.
+    assert more == decoding
 
 
 def test_training_step_carries_no_gradient_through_sampling(world):
@@ -514,9 +513,10 @@ def _tensors(value):
 
 
 def test_nothing_a_twist_fit_keeps_across_steps_scales_with_the_vocabulary(world, tmp_path):
-    """The batch buffer keeps token ids, lengths, rewards and groups: no tensor with a
-    vocabulary-sized dimension, in memory or in a checkpoint, whose trainer state is then the
-    head's two Adam moments plus a few bytes per stored state."""
+    """The batch buffer keeps token ids, lengths, rewards, groups and the components' features:
+    no tensor with a vocabulary-sized dimension, in memory or in a checkpoint, whose trainer
+    state is then the head's two Adam moments plus the features and a few bytes per stored
+    state."""
     shifted, target = _setup(world)
     vocab = target.vocab_size
     # The check means something only if no other dimension is the vocabulary's.
@@ -532,8 +532,33 @@ def test_nothing_a_twist_fit_keeps_across_steps_scales_with_the_vocabulary(world
     saved = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
     assert [t.shape for t in _tensors(saved["batches"]) if vocab in t.shape] == []
     weights = (checkpoint / "twist_head.safetensors").stat().st_size
-    # Per stored state: its token id (8 bytes), its reward (4), and the serialization's overhead
-    # per tensor and per prompt row (well under 1 KiB per row of 8 states).
+    # Per stored state: its token id (8 bytes), its reward (4), every component's features
+    # (4 bytes each), and the serialization's overhead per tensor and per prompt row (well
+    # under 1 KiB per row of 8 states).
     rows = 3 * FAST["prompts_per_step"] * FAST["samples_per_prompt"]
-    bound = 2 * weights + rows * (L + 1) * 12 + rows * 1024
+    width = sum(c.hidden_size for c in target.components)
+    bound = 2 * weights + rows * (L + 1) * (12 + 4 * width) + rows * 1024
     assert (checkpoint / "trainer_state.pt").stat().st_size < bound
+
+
+def test_a_stored_twist_batch_is_rescored_from_its_features_as_by_teacher_forcing(world):
+    """A kept batch's step scores, recomputed through each component's LM head from its
+    features, equal those of a teacher-forced pass (the components are frozen); a kept batch
+    without features (the fallback for heads that scale their logits) is teacher-forced."""
+    shifted, target = _setup(world)
+    sampler = GFlowNetSampler(
+        target, shifted, max_new_tokens=L, parametrization="twist", steps=1, **FAST
+    )
+    sampler.fit(world.train_prompts[:4], progress=False)
+    form, (stored,) = sampler.trainer.parametrization, sampler.trainer.batches._batches[:1]
+    assert set(stored.inputs) == {"features"}
+    from_features = form.restored(stored).inputs["steps"]
+    forced, _ = form.policy.component_outputs(stored.rows, stored.response_ids, stored.lengths)
+    fallback = form.restored(stored.without_inputs()).inputs["steps"]
+    # The states a response visits (s_0..s_len); a rollout records nothing past them.
+    visited = position_mask(stored.lengths + 1, L + 1)
+    for mine, teacher, other in zip(from_features, forced, fallback, strict=True):
+        mine, teacher, finite = mine[visited], teacher[visited], torch.isfinite(teacher[visited])
+        assert torch.equal(torch.isfinite(mine), finite) and torch.equal(other[visited], teacher)
+        # float32 rounding of the same matrix product, taken in another order
+        assert (mine[finite] - teacher[finite]).abs().max() < 1e-5

@@ -3,8 +3,8 @@
 For the trainer and the parametrizations: a :class:`TrainingBatch` is what a loss on the
 policy needs from one batch of responses (the target's rewards, and what the parametrization
 reads to score the policy); a :class:`BatchBuffer` keeps the last few of them, as the
-parametrization stores them (token ids, lengths and rewards: nothing that scales with the
-vocabulary), for a form whose stored batches can be scored again exactly (the twist head reads
+parametrization stores them (token ids, lengths, rewards and, for the twist, features:
+nothing that scales with the vocabulary), for a form whose stored batches can be scored again exactly (the twist head reads
 frozen components).
 """
 

@@ -124,13 +124,13 @@ class GFlowNetConfig:
     twist_updates: int = option(
         8,
         '"twist": head updates per rollout; the first uses the fresh batch, the others stored '
-        "batches, whose component scores and features are recomputed by a teacher-forced "
-        "no-grad pass (the components are frozen, so they are exact).",
+        "batches, whose component scores are recomputed from their stored features through "
+        "each component's LM head (the components are frozen, so they are exact).",
     )
     twist_buffer: int = option(
         64,
-        '"twist": training batches kept for the extra head updates (token ids, lengths and '
-        "rewards: nothing that scales with the vocabulary).",
+        '"twist": training batches kept for the extra head updates (token ids, lengths, '
+        "rewards and features: nothing that scales with the vocabulary).",
     )
     weighting: Weighting = option(
         "batch", 'SubTB normalization: "batch" (published LM recipe) or "geometric_within".'

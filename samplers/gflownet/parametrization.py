@@ -244,9 +244,11 @@ class TwistParametrization(Parametrization):
 
     The head reads what the components computed at each state: a fresh batch's inputs are
     what its rollout computed (every component's step scores ``[B, L+1, V]`` and features
-    ``[B, L+1, H_c]``). A stored batch keeps only its token ids, lengths and rewards; its
-    inputs are recomputed by one teacher-forced no-grad pass per component when it is used
-    again (exact, the components being frozen, up to float rounding against decoding).
+    ``[B, L+1, H_c]``). A stored batch keeps its token ids, lengths, rewards and features,
+    never the step scores: when it is used again they are recomputed from the features
+    through each component's LM head (exact, the components being frozen), or, for a model
+    whose logits do not follow its last hidden state alone, by one teacher-forced no-grad
+    pass per component.
     """
 
     name = "twist"
@@ -285,12 +287,19 @@ class TwistParametrization(Parametrization):
         return lambda state: state.component_outputs()
 
     def kept(self, batch: TrainingBatch) -> TrainingBatch:
-        return batch.without_inputs()
+        kept = batch.without_inputs()
+        if self.policy.steps_follow_features:
+            kept.inputs = {"features": list(batch.inputs["features"])}
+        return kept
 
     def restored(self, batch: TrainingBatch) -> TrainingBatch:
-        steps, features = self.policy.component_outputs(
-            batch.rows, batch.response_ids, batch.lengths
-        )
+        features = batch.inputs.get("features")
+        if features is None:
+            steps, features = self.policy.component_outputs(
+                batch.rows, batch.response_ids, batch.lengths
+            )
+        else:
+            steps = self.policy.component_steps(features)
         restored = batch.without_inputs()
         restored.inputs = {"steps": list(steps), "features": list(features)}
         return restored

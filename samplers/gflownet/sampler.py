@@ -45,7 +45,7 @@ CONFIG_FILE = "gflownet_config.json"
 TRAINER_STATE = "trainer_state.pt"
 METRICS_FILE = "metrics.json"
 #: What a checkpoint's trainer state holds (the trainer's state_dict less step and metrics).
-TRAINER_STATE_KEYS = ("optimizer", "torch_rng", "python_rng", "replay", "features")
+TRAINER_STATE_KEYS = ("optimizer", "torch_rng", "python_rng", "replay", "batches")
 #: The tool named in a GFlowNet checkpoint folder's marker.
 CHECKPOINT_TOOL = "samplers.GFlowNetSampler"
 
