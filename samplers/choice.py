@@ -225,6 +225,22 @@ def _local_option(
         )
 
 
+def _checked_local_product(
+    target: Density, draws_per_prompt: int, pilot_prompts: int, pilot_draws: int
+) -> Density:
+    """The target's local product, once the settings of :func:`choose_sampler` are checked."""
+    if draws_per_prompt < 1:
+        raise ValueError(f"draws_per_prompt={draws_per_prompt} must be >= 1")
+    if pilot_draws < 2 or pilot_prompts < 1:
+        raise ValueError(
+            f"pilot_draws={pilot_draws} must be >= 2 and pilot_prompts={pilot_prompts} >= 1"
+        )
+    local_product = getattr(target, "local_product", None)
+    if local_product is None:
+        raise ValueError("choose_sampler needs a GeometricMixture target (its local product)")
+    return local_product()
+
+
 def choose_sampler(
     target: Density,
     prompts: Sequence[PromptLike],
@@ -262,20 +278,10 @@ def choose_sampler(
             prompt; 0: unknown), each priced at least one local-product candidate.
         generator: seed or generator of the pilots.
     """
-    if draws_per_prompt < 1:
-        raise ValueError(f"draws_per_prompt={draws_per_prompt} must be >= 1")
-    if pilot_draws < 2 or pilot_prompts < 1:
-        raise ValueError(
-            f"pilot_draws={pilot_draws} must be >= 2 and pilot_prompts={pilot_prompts} >= 1"
-        )
-    local_product = getattr(target, "local_product", None)
-    if local_product is None:
-        raise ValueError("choose_sampler needs a GeometricMixture target (its local product)")
-    local = local_product()
+    local = _checked_local_product(target, draws_per_prompt, pilot_prompts, pilot_draws)
     subset = pilot_subset(prompts, pilot_prompts)
     draws = len(prompts) * draws_per_prompt
     cap = {"max_new_tokens": max_new_tokens}
-
     pilot = ImportanceResampler(target, local, pilot_draws, **cap).sample(
         subset, 1, generator=generator
     )
