@@ -105,15 +105,9 @@ def opponent_sampler(
 
     def fitted() -> tuple[GFlowNetSampler, int]:
         return _fitted_gflownet(
-            config,
-            reference,
-            iterates,
-            max_new_tokens=max_new_tokens,
-            iteration=iteration,
-            fit_prompts=fit_prompts,
-            warm_start_from=warm_start_from,
-            save_to=save_to,
-        )
+            config, reference, iterates[-1], iteration, max_new_tokens, fit_prompts,
+            warm_start_from, save_to,
+        )  # fmt: skip
 
     if kind == "gflownet":
         return fitted()[0]
@@ -131,18 +125,18 @@ def opponent_sampler(
 def _fitted_gflownet(
     config: AlphaSpinConfig,
     reference: Density,
-    iterates: Sequence[Policy],
-    *,
-    max_new_tokens: int,
+    current: Policy,
     iteration: int,
+    max_new_tokens: int,
     fit_prompts: Sequence[Sequence[int]],
     warm_start_from: GFlowNetSampler | str | os.PathLike | None,
     save_to: str | os.PathLike | None,
 ) -> tuple[GFlowNetSampler, int]:
-    """The GFlowNet opponent, fitted (warm when possible) and saved; its fit's tokens."""
+    """The GFlowNet opponent on the ``current`` iterate π_t, fitted (warm when possible) and
+    saved; its fit's model tokens."""
     gflownet = GFlowNetSampler(
         reference,
-        iterates[-1],  # a LoRA iterate carries the GFlowNet's adapter stacked on its own
+        current,  # a LoRA iterate carries the GFlowNet's adapter stacked on its own
         config=dataclasses.replace(
             config.gflownet,
             max_new_tokens=max_new_tokens,
