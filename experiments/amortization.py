@@ -137,8 +137,59 @@ def amortization_alpha(
     train_probe = [list(p) for p in world.train_prompts[::stride][: len(eval_prompts)]]
     train_components = enumerate_components(world.base, world.shifted, train_probe, cap)
     measured = {"eval": (eval_prompts, components), "train": (train_probe, train_components)}
-    # (name, GFlowNet form, fit prompts, oracle?, prompts measured on): the eval-prompt fit is
-    # the non-amortized reference, so only its own prompts count.
+    study = _AmortizationStudy(config, world.shifted, target, alpha, cap, measured, logger)
+    refine_steps = config.amortization_options.refine_steps
+    rows = []
+    for fit_name, form, prompts, oracle, measured_on in _fits(config, world, eval_prompts):
+        sampler = study.sampler_for(fit_name, form)
+        gfn = sampler.config
+        generator, exact = torch.Generator().manual_seed(config.seed), {}
+        seconds, tokens0 = 0.0, model_tokens(target, sampler.policy)
+        for steps in sorted(config.amortization_options.amortization_steps):
+            started = time.perf_counter()
+            if oracle:
+                likelihood_fit(sampler, prompts, steps, generator, exact)
+            else:
+                sampler.fit(prompts, steps=steps, progress=False)
+            seconds += time.perf_counter() - started
+            # the oracle reads the enumerated target: no count of evaluations applies
+            evaluations = None if oracle else steps * gfn.prompts_per_step * gfn.samples_per_prompt
+            tokens = None if oracle else model_tokens(target, sampler.policy) - tokens0
+            setting = f"{len(prompts)} fit prompts, {steps} steps"
+            rows += [
+                study.measure(fit_name, sampler, on, setting, steps, seconds, tokens, evaluations)
+                for on in measured_on
+            ]
+        if refine_steps and "train" in measured_on and not oracle:
+            refined = study.sampler_for(fit_name + " refined", form)
+            refined.warm_start(sampler)
+            started, before = time.perf_counter(), model_tokens(target, refined.policy)
+            refined.fit(eval_prompts, steps=refine_steps, progress=False)
+            extra = model_tokens(target, refined.policy) - before
+            setting = (
+                f"{len(prompts)} fit prompts, {steps} steps, then {refine_steps} steps "
+                f"on the eval prompts ({extra} tokens)"
+            )
+            rows.append(
+                study.measure(
+                    f"{fit_name}, refined on eval prompts",
+                    refined,
+                    "eval",
+                    setting,
+                    steps + refine_steps,
+                    seconds + time.perf_counter() - started,
+                    tokens + extra,
+                    evaluations + refine_steps * gfn.prompts_per_step * gfn.samples_per_prompt,
+                )
+            )
+    return rows
+
+
+def _fits(
+    config: AblationConfig, world: Any, eval_prompts: list
+) -> list[tuple[str, str, Any, bool, tuple[str, ...]]]:
+    """(name, GFlowNet form, fit prompts, oracle?, prompts measured on) of each fit: the
+    eval-prompt fit is the non-amortized reference, so only its own prompts count."""
     fits = [
         (
             f"GFlowNet ({form}) fit on train prompts",
@@ -165,12 +216,35 @@ def amortization_alpha(
             ("eval", "train"),
         ),
     ]
+    return fits
 
-    def measure(name, sampler, on, setting, steps, seconds, tokens, evaluations) -> dict:
-        probe, probe_components = measured[on]
+
+@dataclass
+class _AmortizationStudy:
+    """What every fit of one α shares: the target, the length cap, the probes ``measured``
+    (name -> prompts and their enumerated components) and the logger rows are reported to."""
+
+    config: AblationConfig
+    shifted: Any
+    target: GeometricMixture
+    alpha: float
+    cap: int
+    measured: dict[str, tuple[Any, Any]]
+    logger: Any
+
+    def measure(self, name, sampler, on, setting, steps, seconds, tokens, evaluations) -> dict:
+        """The exact-TV row of ``sampler`` on the ``on`` probe, with its fit's costs."""
+        probe, probe_components = self.measured[on]
         entry = Entry(f"{name}, TV on {on} prompts", sampler, sampler.policy, "")
         (row,) = evaluate_exact(
-            config, world.shifted, cap, alpha, [entry], probe_components, probe, logger
+            self.config,
+            self.shifted,
+            self.cap,
+            self.alpha,
+            [entry],
+            probe_components,
+            probe,
+            self.logger,
         )
         row.update(
             section="amortization",
@@ -180,63 +254,16 @@ def amortization_alpha(
             fit_tokens=tokens,
             target_evaluations=evaluations,
         )
-        logger.info("α=%g %s, %s: TV %.4f", alpha, entry.name, setting, row["tv"])
+        self.logger.info("α=%g %s, %s: TV %.4f", self.alpha, entry.name, setting, row["tv"])
         return row
 
-    def sampler_for(fit_name: str, form: str) -> GFlowNetSampler:
-        gfn = gfn_config(config, f"lr_decay=constant,parametrization={form}", alpha, cap)
+    def sampler_for(self, fit_name: str, form: str) -> GFlowNetSampler:
+        """A fresh GFlowNet in ``form`` at a constant learning rate, its adapter named by fit."""
+        gfn = gfn_config(
+            self.config, f"lr_decay=constant,parametrization={form}", self.alpha, self.cap
+        )
         gfn.adapter_name += "_" + "".join(c if c.isalnum() else "_" for c in fit_name.lower())
-        return GFlowNetSampler(target, world.shifted, gfn)
-
-    rows = []
-    for fit_name, form, prompts, oracle, measured_on in fits:
-        sampler = sampler_for(fit_name, form)
-        gfn = sampler.config
-        generator, exact = torch.Generator().manual_seed(config.seed), {}
-        seconds, tokens0 = 0.0, model_tokens(target, sampler.policy)
-        for steps in sorted(config.amortization_options.amortization_steps):
-            started = time.perf_counter()
-            if oracle:
-                likelihood_fit(sampler, prompts, steps, generator, exact)
-            else:
-                sampler.fit(prompts, steps=steps, progress=False)
-            seconds += time.perf_counter() - started
-            # the oracle reads the enumerated target: no count of evaluations applies
-            evaluations = None if oracle else steps * gfn.prompts_per_step * gfn.samples_per_prompt
-            tokens = None if oracle else model_tokens(target, sampler.policy) - tokens0
-            setting = f"{len(prompts)} fit prompts, {steps} steps"
-            rows += [
-                measure(fit_name, sampler, on, setting, steps, seconds, tokens, evaluations)
-                for on in measured_on
-            ]
-        if config.amortization_options.refine_steps and "train" in measured_on and not oracle:
-            refined = sampler_for(fit_name + " refined", form)
-            refined.warm_start(sampler)
-            started, before = time.perf_counter(), model_tokens(target, refined.policy)
-            refined.fit(
-                eval_prompts, steps=config.amortization_options.refine_steps, progress=False
-            )
-            extra = model_tokens(target, refined.policy) - before
-            setting = (
-                f"{len(prompts)} fit prompts, {steps} steps, then {config.amortization_options.refine_steps} steps "
-                f"on the eval prompts ({extra} tokens)"
-            )
-            rows.append(
-                measure(
-                    f"{fit_name}, refined on eval prompts",
-                    refined,
-                    "eval",
-                    setting,
-                    steps + config.amortization_options.refine_steps,
-                    seconds + time.perf_counter() - started,
-                    tokens + extra,
-                    evaluations
-                    + config.amortization_options.refine_steps
-                    * gfn.prompts_per_step
-                    * gfn.samples_per_prompt,
-                )
-            )
-    return rows
+        return GFlowNetSampler(self.target, self.shifted, gfn)
 
 
 def amortization(config: AblationConfig, setup: Setup, logger: Any) -> list[dict[str, Any]]:

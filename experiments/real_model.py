@@ -24,12 +24,15 @@ Outputs in ``output_dir``: ``results.json`` (every row, the config, the environm
 ``real_model.png`` (KL and ``|Δ log Z|`` per sampler, pair and α), ``run.log``. ``--world
 tiny`` runs the same measurements on the tiny world (seconds; for tests). A bad setting stops
 with a one-line error before any model work.
+
+Why one module over 400 lines: it is one study read top to bottom (settings, world, measures,
+tables, figure, run), each part used only by the next.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -218,6 +221,83 @@ def _estimate(name: str, estimate: Estimate) -> dict[str, float]:
     return {name: value, f"{name}_se": se}
 
 
+@dataclass
+class _PairRows:
+    """The rows of one pair and α, each measured against the SMC ``reference`` per prompt;
+    ``subsets`` names the prompt indices a density sampler's KL is averaged over."""
+
+    pair: str
+    alpha: float
+    reference: Any
+    subsets: dict[str, list[int]]
+    draws: int
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def add_density(self, name: str, samples: Any, extra: dict[str, Any]) -> None:
+        """KL(q‖p) ± SE and ESS/N per prompt subset, from ``draws`` draws per prompt."""
+        log_w = (samples.log_target - samples.log_q).double().view(-1, self.draws).cpu()
+        kl = kl_to_target(log_w, self.reference)
+        ess = samples.stats["ess_fraction"]
+        for subset, index in self.subsets.items():
+            self.rows.append(
+                _row(self.pair, self.alpha, name, subset, **_estimate("kl", kl.select(index)),
+                     ess_fraction=float(ess[index].mean()), **extra)
+            )  # fmt: skip
+
+    def add_weighting(self, name: str, samples: Any, extra: dict[str, Any]) -> dict[str, Any]:
+        """|Δ log Z| ± SE of a sampler without a density, over all prompts; returns its row."""
+        error = log_z_error(samples.stats["log_z_populations"], self.reference)
+        row = _row(self.pair, self.alpha, name, "all", **_estimate("log_z_error", error),
+                   ess_fraction=float(samples.stats["ess_fraction"].mean()),
+                   sampling_tokens_per_draw=samples.stats.tokens / len(samples), **extra)  # fmt: skip
+        row.setdefault("tokens_per_draw", row["sampling_tokens_per_draw"])
+        self.rows.append(row)
+        return row
+
+    def with_reference(self) -> list[dict[str, Any]]:
+        """Every row, stamped with the reference's mean ``log Z`` ± SE over prompts."""
+        log_z, log_z_se = self.reference.mean()
+        for row in self.rows:
+            row.update(reference_log_z=log_z, reference_log_z_se=log_z_se)
+        return self.rows
+
+
+def _fitted_gflownet(
+    config: RealModelConfig, world: OpenWorld, target: GeometricMixture, other: Policy, pair: str
+) -> tuple[GFlowNetSampler, int, float]:
+    """The pair's GFlowNet fitted on the fit prompts, with its fit's model tokens and seconds."""
+    gfn_config = replace(
+        config.gflownet,
+        max_new_tokens=world.max_new_tokens,
+        seed=config.seed,
+        adapter_name=f"real_model_{pair}",
+    )
+    gflownet = GFlowNetSampler(target, other, gfn_config)
+    fit_started, tokens_before = time.perf_counter(), model_tokens(target, gflownet.policy)
+    gflownet.fit(world.fit_prompts, progress=config.progress, log_every=10**9)
+    fit_tokens = model_tokens(target, gflownet.policy) - tokens_before
+    return gflownet, fit_tokens, time.perf_counter() - fit_started
+
+
+def _fit_costs(
+    gflownet: GFlowNetSampler,
+    fit_tokens: int,
+    fit_seconds: float,
+    fit_per_draw: float,
+    saved: float,
+    n_fit: int,
+) -> dict[str, Any]:
+    """The fit's cost columns; ``saved``: the sampling tokens per draw it saves against SMC."""
+    return {
+        "fit_tokens": fit_tokens,
+        "fit_seconds": fit_seconds,
+        "fit_steps": gflownet.state.step,
+        "fit_tokens_per_draw": fit_per_draw,
+        # Draws per fit prompt after which fit + GFlowNet draws cost fewer tokens than SMC's.
+        "break_even_draws_per_prompt": fit_tokens / n_fit / saved if saved > 0 else None,
+    }
+
+
 def measure_pair(
     config: RealModelConfig,
     world: OpenWorld,
@@ -233,7 +313,6 @@ def measure_pair(
     prompts = world.fit_prompts + world.new_prompts
     subsets = {"fit": list(range(n_fit)), "new": list(range(n_fit, len(prompts)))}
     seed, n, k, runs = config.seed, config.draws, config.particles, config.runs
-    rows: list[dict[str, Any]] = []
 
     def stage(text: str) -> None:
         bar.set_postfix_str(f"{pair} α={alpha:g} {text}")
@@ -249,30 +328,13 @@ def measure_pair(
         batch_size=config.batch_size,
     )
     stage("reference")
-
-    def density_rows(name: str, samples: Any, extra: dict[str, Any]) -> None:
-        log_w = (samples.log_target - samples.log_q).double().view(len(prompts), n).cpu()
-        kl = kl_to_target(log_w, reference)
-        ess = samples.stats["ess_fraction"]
-        for subset, index in subsets.items():
-            rows.append(
-                _row(pair, alpha, name, subset, **_estimate("kl", kl.select(index)),
-                     ess_fraction=float(ess[index].mean()), **extra)
-            )  # fmt: skip
+    rows = _PairRows(pair, alpha, reference, subsets, n)
+    density_rows, weighting_row = rows.add_density, rows.add_weighting
 
     local = AncestralSampler(target.local_product(), max_new_tokens=cap, target=target)
     samples = local.sample(prompts, n, generator=seed + 1)
     density_rows("local product", samples, {"tokens_per_draw": samples.stats.tokens / len(samples)})
     stage("local product")
-
-    def weighting_row(name: str, samples: Any, extra: dict[str, Any]) -> dict[str, Any]:
-        error = log_z_error(samples.stats["log_z_populations"], reference)
-        row = _row(pair, alpha, name, "all", **_estimate("log_z_error", error),
-                   ess_fraction=float(samples.stats["ess_fraction"].mean()),
-                   sampling_tokens_per_draw=samples.stats.tokens / len(samples), **extra)  # fmt: skip
-        row.setdefault("tokens_per_draw", row["sampling_tokens_per_draw"])
-        rows.append(row)
-        return row
 
     sir = ImportanceResampler(target, None, k, max_new_tokens=cap, batch_size=config.batch_size)
     weighting_row(f"SIR K={k}", sir.sample(prompts, runs, generator=seed + 2), {})
@@ -281,14 +343,7 @@ def measure_pair(
     smc_row = weighting_row(f"SMC N={k}", smc.sample(prompts, runs, generator=seed + 3), {})
     stage("SMC")
 
-    gfn_config = replace(
-        config.gflownet, max_new_tokens=cap, seed=seed, adapter_name=f"real_model_{pair}"
-    )
-    gflownet = GFlowNetSampler(target, other, gfn_config)
-    fit_started, tokens_before = time.perf_counter(), model_tokens(target, gflownet.policy)
-    gflownet.fit(world.fit_prompts, progress=config.progress, log_every=10**9)
-    fit_tokens = model_tokens(target, gflownet.policy) - tokens_before
-    fit_seconds = time.perf_counter() - fit_started
+    gflownet, fit_tokens, fit_seconds = _fitted_gflownet(config, world, target, other, pair)
     stage("GFlowNet fit")
     samples = gflownet.sample(prompts, n, generator=seed + 4)
     twisted = SMCSampler(
@@ -302,14 +357,7 @@ def measure_pair(
     fit_per_draw = fit_tokens / draws_made
     sampling = samples.stats.tokens / len(samples)
     saved = smc_row["sampling_tokens_per_draw"] - sampling
-    fit_extra = {
-        "fit_tokens": fit_tokens,
-        "fit_seconds": fit_seconds,
-        "fit_steps": gflownet.state.step,
-        "fit_tokens_per_draw": fit_per_draw,
-        # Draws per fit prompt after which fit + GFlowNet draws cost fewer tokens than SMC's.
-        "break_even_draws_per_prompt": fit_tokens / n_fit / saved if saved > 0 else None,
-    }
+    fit_extra = _fit_costs(gflownet, fit_tokens, fit_seconds, fit_per_draw, saved, n_fit)
     density_rows(
         f"GFlowNet ({gflownet.parametrization})",
         samples,
@@ -323,12 +371,9 @@ def measure_pair(
         {"tokens_per_draw": twisted_sampling + fit_per_draw, **fit_extra,
          "break_even_draws_per_prompt": None},
     )  # fmt: skip
-    log_z, log_z_se = reference.mean()
-    for row in rows:
-        row.update(reference_log_z=log_z, reference_log_z_se=log_z_se)
     logger.debug("%s α=%g reference log Z per prompt %s ± %s", pair, alpha,
                  reference.value.tolist(), reference.se.tolist())  # fmt: skip
-    return rows
+    return rows.with_reference()
 
 
 def _cell(row: dict[str, Any], name: str) -> str:

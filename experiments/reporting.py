@@ -171,67 +171,86 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
                 "the draws made)",
                 fontsize=8,
             )
-            exact = [r for r in block if r["measure"] in EXACT_MEASURES]
-            families = list(dict.fromkeys(_family(r["name"]) for r in exact))
-            for i, family in enumerate(families):
-                series = [r for r in exact if _family(r["name"]) == family]
-                series.sort(key=_total)
-                colour = colours[i % len(colours)]
-                x = [_total(r) for r in series]
-                ax.plot(x, [r["tv"] for r in series], "o-", color=colour, label=family)
-                positive = [(xi, r["kl"]) for xi, r in zip(x, series, strict=True) if r["kl"] > 0]
-                if positive:
-                    ax.plot(*zip(*positive, strict=True), "s--", color=colour, mfc="none")
-                for r in series:
-                    label = r["budget"] if r["name"].startswith("SIR") else ""
-                    if r.get("fit_tokens"):
-                        # The sampling cost alone, hollow, joined to the total it leaves out.
-                        ax.plot(
-                            [r["tokens_per_draw"], _total(r)],
-                            [r["tv"], r["tv"]],
-                            "o:",
-                            color=colour,
-                            mfc="none",
-                            markevery=[0],
-                        )
-                        if "matched" in r:
-                            even = format_break_even(r["break_even_draws_per_prompt"])
-                            label = f"{label} break-even {even} draws/prompt".strip()
-                    if label:
-                        ax.annotate(label, (_total(r), r["tv"]), fontsize=7)
-            ax.set_ylabel("exact error to the target (● TV, □ KL(target‖sampler))")
-            ax.set_title(f"α = {alpha:g}: exact laws")
-            ax.legend(fontsize=7)
-            ax2 = axes_row[1]
-            smc = [r for r in block if r["measure"] == "smc" and r["floor_met"]]
-            smc.sort(key=lambda r: r["tokens_per_draw"])
-            if smc:
-                ax2.errorbar(
-                    [r["tokens_per_draw"] for r in smc],
-                    [r["log_z_error"] for r in smc],
-                    yerr=[r["log_z_error_se"] for r in smc],
-                    fmt="o-",
-                    capsize=3,
-                    color=colours[len(families) % len(colours)],
-                )
-                for r in smc:
-                    ax2.annotate(r["budget"], (r["tokens_per_draw"], r["log_z_error"]), fontsize=7)
-            ax2.set_xscale("log")
-            ax2.set_yscale("log")
-            ax2.set_xlim(ax.get_xlim())  # the same cost axis as the exact panel
-            ax2.set_xlabel("model tokens per draw (no fit)")
-            ax2.set_ylabel("SMC: mean |log Ẑ − log Z| per run (± SE)")
-            ax2.set_title(f"α = {alpha:g}: SMC (no computable law)")
+            families = _plot_exact_panel(ax, block, alpha, colours)
+            colour = colours[families % len(colours)]
+            _plot_smc_panel(axes_row[1], ax, block, alpha, colour)
         else:
-            for r in block:
-                if r.get("elbo_gap") is None:
-                    continue
-                ax.scatter(r["tokens_per_draw"], max(r["elbo_gap"], 1e-4))
-                ax.annotate(r["name"], (r["tokens_per_draw"], max(r["elbo_gap"], 1e-4)), fontsize=7)
-            ax.set_ylabel("ELBO gap ≈ KL(sampler‖target)")
-            ax.set_title(f"α = {alpha:g}")
+            _plot_elbo_panel(ax, block, alpha)
     fig.tight_layout()
     tmp = path.with_name("." + path.name + ".tmp.png")
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     tmp.replace(path)
+
+
+def _plot_exact_panel(ax: Any, block: list[dict[str, Any]], alpha: float, colours: list) -> int:
+    """One α's exact TV and KL per sampler family against the whole cost; returns the count of
+    families drawn (the next colour is SMC's)."""
+    exact = [r for r in block if r["measure"] in EXACT_MEASURES]
+    families = list(dict.fromkeys(_family(r["name"]) for r in exact))
+    for i, family in enumerate(families):
+        series = [r for r in exact if _family(r["name"]) == family]
+        series.sort(key=_total)
+        colour = colours[i % len(colours)]
+        x = [_total(r) for r in series]
+        ax.plot(x, [r["tv"] for r in series], "o-", color=colour, label=family)
+        positive = [(xi, r["kl"]) for xi, r in zip(x, series, strict=True) if r["kl"] > 0]
+        if positive:
+            ax.plot(*zip(*positive, strict=True), "s--", color=colour, mfc="none")
+        for r in series:
+            label = r["budget"] if r["name"].startswith("SIR") else ""
+            if r.get("fit_tokens"):
+                # The sampling cost alone, hollow, joined to the total it leaves out.
+                ax.plot(
+                    [r["tokens_per_draw"], _total(r)],
+                    [r["tv"], r["tv"]],
+                    "o:",
+                    color=colour,
+                    mfc="none",
+                    markevery=[0],
+                )
+                if "matched" in r:
+                    even = format_break_even(r["break_even_draws_per_prompt"])
+                    label = f"{label} break-even {even} draws/prompt".strip()
+            if label:
+                ax.annotate(label, (_total(r), r["tv"]), fontsize=7)
+    ax.set_ylabel("exact error to the target (● TV, □ KL(target‖sampler))")
+    ax.set_title(f"α = {alpha:g}: exact laws")
+    ax.legend(fontsize=7)
+    return len(families)
+
+
+def _plot_smc_panel(
+    ax2: Any, ax: Any, block: list[dict[str, Any]], alpha: float, colour: str
+) -> None:
+    """One α's SMC |Δlog Z| against its cost, on the cost axis of the exact panel ``ax``."""
+    smc = [r for r in block if r["measure"] == "smc" and r["floor_met"]]
+    smc.sort(key=lambda r: r["tokens_per_draw"])
+    if smc:
+        ax2.errorbar(
+            [r["tokens_per_draw"] for r in smc],
+            [r["log_z_error"] for r in smc],
+            yerr=[r["log_z_error_se"] for r in smc],
+            fmt="o-",
+            capsize=3,
+            color=colour,
+        )
+        for r in smc:
+            ax2.annotate(r["budget"], (r["tokens_per_draw"], r["log_z_error"]), fontsize=7)
+    ax2.set_xscale("log")
+    ax2.set_yscale("log")
+    ax2.set_xlim(ax.get_xlim())  # the same cost axis as the exact panel
+    ax2.set_xlabel("model tokens per draw (no fit)")
+    ax2.set_ylabel("SMC: mean |log Ẑ − log Z| per run (± SE)")
+    ax2.set_title(f"α = {alpha:g}: SMC (no computable law)")
+
+
+def _plot_elbo_panel(ax: Any, block: list[dict[str, Any]], alpha: float) -> None:
+    """One α's ELBO gap per sampler with a density (real models: nothing enumerable)."""
+    for r in block:
+        if r.get("elbo_gap") is None:
+            continue
+        ax.scatter(r["tokens_per_draw"], max(r["elbo_gap"], 1e-4))
+        ax.annotate(r["name"], (r["tokens_per_draw"], max(r["elbo_gap"], 1e-4)), fontsize=7)
+    ax.set_ylabel("ELBO gap ≈ KL(sampler‖target)")
+    ax.set_title(f"α = {alpha:g}")

@@ -4,9 +4,9 @@ For small vocabularies and length caps every response can be listed, so a sample
 is a number (TV, KL) instead of an anecdote. The prefix tree is expanded level by level in
 batches: one forward step per level with cached keys/values, never one full pass per response.
 
-Why one module: enumeration, the divergences between enumerated laws and SIR's exact output
-law (computed from the enumeration) are the exact side of every sampler comparison, and
-they share the enumeration's types.
+Why one module over 400 lines: enumeration, the divergences between enumerated laws and SIR's
+exact output law (computed from the enumeration) are the exact side of every sampler
+comparison, and they share the enumeration's types.
 """
 
 from __future__ import annotations

@@ -3,6 +3,10 @@
 Long runs are killed; a checkpoint, manifest or results file written in place could then be
 left half-written and loaded later. Everything is written to a temporary sibling first and
 renamed into place (a rename within one directory is atomic on POSIX).
+
+Why one module over 400 lines: claiming, staging, publishing and pruning are one protocol over
+one ownership marker, whose rules (never touch a file the toolkit did not write) must be read
+together.
 """
 
 from __future__ import annotations

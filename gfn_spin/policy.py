@@ -5,9 +5,9 @@ ancestral sampling with the KV cache. Several policies can share one set of weig
 names the peft adapter it reads (``adapter=None`` reads the bare base weights), so self-play
 iterates and a GFlowNet adapter cost one model in memory.
 
-Why one module: :class:`Policy` is one object, an HF model read as a density; its scoring,
-KV-cache sampling steps, adapter views and saving share the adapter routing and the
-context checks, so splitting the class would spread one invariant over several files. The
+Why one module over 400 lines: :class:`Policy` is one object, an HF model read as a density;
+its scoring, KV-cache sampling steps, adapter views and saving share the adapter routing and
+the context checks, so splitting the class would spread one invariant over several files. The
 adapter file checks stand next to it: only its loaders use them.
 """
 

@@ -184,6 +184,20 @@ def _sampling_logprobs(logprobs: torch.Tensor, temperature: float, top_p: float)
 
 
 @torch.no_grad()
+def _draw_tokens(logprobs: torch.Tensor, generator: torch.Generator, step: int) -> torch.Tensor:
+    """One token per row of ``logprobs`` ``[B, V]`` -> ``[B]``; non-finite probabilities are
+    reported as the density's fault, naming the response position ``step``."""
+    try:
+        return torch.multinomial(logprobs.exp(), 1, generator=generator).squeeze(1)
+    except RuntimeError as error:  # torch's "probability tensor contains inf/nan"
+        if bool(torch.isfinite(logprobs).any(-1).all()):
+            raise
+        raise FloatingPointError(
+            f"the density's next-token probabilities are NaN or inf at response position "
+            f"{step}: its weights (or a component's) are not finite or far too large"
+        ) from error
+
+
 def ancestral_sample(
     density: Density,
     prompts: Sequence[PromptLike],
@@ -235,15 +249,7 @@ def ancestral_sample(
         if on_state is not None:
             on_state(step, active, state)
         logprobs = _sampling_logprobs(state.next_logprobs, temperature, top_p)
-        try:
-            token = torch.multinomial(logprobs.exp(), 1, generator=generator).squeeze(1)
-        except RuntimeError as error:  # torch's "probability tensor contains inf/nan"
-            if bool(torch.isfinite(logprobs).any(-1).all()):
-                raise
-            raise FloatingPointError(
-                f"the density's next-token probabilities are NaN or inf at response position "
-                f"{step}: its weights (or a component's) are not finite or far too large"
-            ) from error
+        token = _draw_tokens(logprobs, generator, step)
         log_q[active] += logprobs.gather(1, token[:, None]).squeeze(1)
         going_on = token != eos
         response_ids[active[going_on], step] = token[going_on]

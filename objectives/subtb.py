@@ -44,10 +44,10 @@ only ever touches masked (-inf) tokens. Values past n_b go through
 torch.where before any arithmetic, so no garbage there can leak into values
 or gradients.
 
-Why one module: every loss here is a function of the same per-state potentials
-(:func:`balance_potentials`) under the same input checks and -inf rules; split apart, each
-file would import the others' private helpers, and the conventions above would be written
-once per file.
+Why one module over 400 lines: every loss here is a function of the same per-state potentials
+(:func:`balance_potentials`) under the same input checks and -inf rules; split apart, each file
+would import the others' private helpers, and the conventions above would be written once per
+file.
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ import torch
 
 from gfn_spin.density import Density, PromptLike
 from samplers.ancestral import AncestralSampler
-from samplers.base import Sampler
+from samplers.base import Sampler, Samples
 from samplers.costs import total_tokens_per_draw
 from samplers.gflownet import GFlowNetSampler
 from samplers.importance import ImportanceResampler
@@ -137,6 +137,110 @@ def pilot_subset(prompts: Sequence[PromptLike], size: int) -> list[PromptLike]:
     return [prompts[i * len(prompts) // size] for i in range(size)]
 
 
+_Option = tuple[SamplerOption, Callable[[], Sampler]]
+
+
+def _option(
+    name: str,
+    tv: float,
+    tokens: float,
+    fit: int,
+    build: Callable[[], Sampler],
+    accuracy: float,
+    draws: int,
+) -> _Option:
+    """One candidate priced over ``draws`` draws, with the builder of its sampler."""
+    total = total_tokens_per_draw(tokens, fit, draws)
+    return SamplerOption(name, tv, tokens, fit, total, tv <= accuracy), build
+
+
+def _gflownet_options(
+    target: Density,
+    gflownet: GFlowNetSampler,
+    own: Samples,
+    pilot_size: int,
+    fit_tokens: int,
+    kl: float | None,
+    per_candidate: float,
+    accuracy: float,
+    draws: int,
+    cap: dict[str, int],
+) -> list[_Option]:
+    """The GFlowNet alone and, when its pilot ``own`` (``pilot_size`` draws) says one draw is not enough, SIR over it.
+
+    Its TV is bounded by Pinsker from ``kl`` when known, else from the pilot's χ² = 1/ESS - 1.
+    """
+    gfn_ess = own.stats.ess_fraction.double().cpu()
+    gfn_tokens = own.stats.tokens / pilot_size
+    chi = 1.0 / gfn_ess - 1.0
+    tv = math.sqrt(kl / 2) if kl is not None else 0.5 * float(chi.clamp(min=0.0).sqrt().mean())
+    options = [_option("GFlowNet", tv, gfn_tokens, fit_tokens, lambda: gflownet, accuracy, draws)]
+    k_gfn, bound_gfn = sir_candidates_for(gfn_ess, accuracy)
+    if k_gfn > 1:
+        options.append(
+            _option(
+                f"SIR(GFlowNet) K={k_gfn}",
+                bound_gfn,
+                k_gfn * (gfn_tokens + per_candidate),
+                fit_tokens,
+                lambda: ImportanceResampler(target, gflownet.policy, k_gfn, **cap),
+                accuracy,
+                draws,
+            )
+        )
+    return options
+
+
+def _local_option(
+    target: Density,
+    local: Density,
+    ess: torch.Tensor,
+    per_candidate: float,
+    cap: dict[str, int],
+    accuracy: float,
+    draws: int,
+) -> tuple[int, _Option]:
+    """The baseline: the local product itself when its pilot ESS ``[P]`` says one candidate
+    reaches ``accuracy``, else SIR over it with the K the bound asks; returns K with it."""
+    k, bound = sir_candidates_for(ess, accuracy)
+    if k == 1:
+        return k, _option(
+            "local product",
+            bound,
+            per_candidate,
+            0,
+            lambda: AncestralSampler(local, target=target, **cap),
+            accuracy,
+            draws,
+        )
+    else:
+        return k, _option(
+            f"SIR K={k}",
+            bound,
+            k * per_candidate,
+            0,
+            lambda: ImportanceResampler(target, local, k, **cap),
+            accuracy,
+            draws,
+        )
+
+
+def _checked_local_product(
+    target: Density, draws_per_prompt: int, pilot_prompts: int, pilot_draws: int
+) -> Density:
+    """The target's local product, once the settings of :func:`choose_sampler` are checked."""
+    if draws_per_prompt < 1:
+        raise ValueError(f"draws_per_prompt={draws_per_prompt} must be >= 1")
+    if pilot_draws < 2 or pilot_prompts < 1:
+        raise ValueError(
+            f"pilot_draws={pilot_draws} must be >= 2 and pilot_prompts={pilot_prompts} >= 1"
+        )
+    local_product = getattr(target, "local_product", None)
+    if local_product is None:
+        raise ValueError("choose_sampler needs a GeometricMixture target (its local product)")
+    return local_product()
+
+
 def choose_sampler(
     target: Density,
     prompts: Sequence[PromptLike],
@@ -174,50 +278,19 @@ def choose_sampler(
             prompt; 0: unknown), each priced at least one local-product candidate.
         generator: seed or generator of the pilots.
     """
-    if draws_per_prompt < 1:
-        raise ValueError(f"draws_per_prompt={draws_per_prompt} must be >= 1")
-    if pilot_draws < 2 or pilot_prompts < 1:
-        raise ValueError(
-            f"pilot_draws={pilot_draws} must be >= 2 and pilot_prompts={pilot_prompts} >= 1"
-        )
-    local_product = getattr(target, "local_product", None)
-    if local_product is None:
-        raise ValueError("choose_sampler needs a GeometricMixture target (its local product)")
-    local = local_product()
+    local = _checked_local_product(target, draws_per_prompt, pilot_prompts, pilot_draws)
     subset = pilot_subset(prompts, pilot_prompts)
     draws = len(prompts) * draws_per_prompt
     cap = {"max_new_tokens": max_new_tokens}
-
     pilot = ImportanceResampler(target, local, pilot_draws, **cap).sample(
         subset, 1, generator=generator
     )
     ess = pilot.stats.ess_fraction.double().cpu()
     per_candidate = pilot.stats.tokens / (len(subset) * pilot_draws)
     pilot_tokens = pilot.stats.tokens
-    options: list[tuple[SamplerOption, Callable[[], Sampler]]] = []
-
-    def add(name: str, tv: float, tokens: float, fit: int, build: Callable[[], Sampler]) -> None:
-        total = total_tokens_per_draw(tokens, fit, draws)
-        options.append((SamplerOption(name, tv, tokens, fit, total, tv <= accuracy), build))
-
-    k, bound = sir_candidates_for(ess, accuracy)
-    if k == 1:
-        add(
-            "local product",
-            bound,
-            per_candidate,
-            0,
-            lambda: AncestralSampler(local, target=target, **cap),
-        )
-    else:
-        add(
-            f"SIR K={k}",
-            bound,
-            k * per_candidate,
-            0,
-            lambda: ImportanceResampler(target, local, k, **cap),
-        )
-    sir_total = options[-1][0].total_tokens_per_draw
+    k, baseline = _local_option(target, local, ess, per_candidate, cap, accuracy, draws)
+    options = [baseline]
+    sir_total = baseline[0].total_tokens_per_draw
     notes = []
     may_pay = total_tokens_per_draw(per_candidate, fit_rollouts * per_candidate, draws) < sir_total
     if gflownet is None and fit_gflownet is not None and k > max_candidates and may_pay:
@@ -226,24 +299,18 @@ def choose_sampler(
     if gflownet is not None:
         own = gflownet.sample(subset, pilot_draws, generator=generator)
         pilot_tokens += own.stats.tokens
-        gfn_ess = own.stats.ess_fraction.double().cpu()
-        gfn_tokens = own.stats.tokens / (len(subset) * pilot_draws)
-        chi = 1.0 / gfn_ess - 1.0
-        tv = (
-            math.sqrt(gflownet_kl / 2)
-            if gflownet_kl is not None
-            else 0.5 * float(chi.clamp(min=0.0).sqrt().mean())
+        options += _gflownet_options(
+            target,
+            gflownet,
+            own,
+            len(subset) * pilot_draws,
+            gflownet_fit_tokens,
+            gflownet_kl,
+            per_candidate,
+            accuracy,
+            draws,
+            cap,
         )
-        add("GFlowNet", tv, gfn_tokens, gflownet_fit_tokens, lambda: gflownet)
-        k_gfn, bound_gfn = sir_candidates_for(gfn_ess, accuracy)
-        if k_gfn > 1:
-            add(
-                f"SIR(GFlowNet) K={k_gfn}",
-                bound_gfn,
-                k_gfn * (gfn_tokens + per_candidate),
-                gflownet_fit_tokens,
-                lambda: ImportanceResampler(target, gflownet.policy, k_gfn, **cap),
-            )
     options.sort(key=lambda item: (not item[0].meets_accuracy, item[0].total_tokens_per_draw))
     chosen, build = options[0]
     return SamplerChoice(

