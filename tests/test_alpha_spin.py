@@ -13,6 +13,7 @@ from datasets import Dataset, load_dataset
 from gfn_spin import ArithmeticMixture, GeometricMixture
 from gfn_spin.data import encode_example
 from gfn_spin.exact import divergences
+from gfn_spin.io import DIRECTORY_MARKER
 from gfn_spin.samples import pad_responses
 from samplers.ancestral import AncestralSampler
 from selfplay import AlphaSpinConfig, AlphaSpinTrainer
@@ -187,9 +188,13 @@ def test_resume_equals_uninterrupted(world, kl_only, tmp_path):
     # Stop after one iteration, leave debris of an interrupted second one, then resume.
     run(world, kl_only, tmp_path, name="cut", iterations=1)
     cut = tmp_path / "cut"
+    # The debris of a save cut short: gfn-spin's own marker lists the file and says the save
+    # did not finish (a folder without the marker would be a user's, and is refused).
     garbage = cut / "iterates" / "iter_2"
     garbage.mkdir(parents=True)
     (garbage / "adapter_config.json").write_text("{not json")
+    marker = {"files": ["adapter_config.json"], "complete": False}
+    (garbage / DIRECTORY_MARKER).write_text(json.dumps(marker))
     # A temporary named as the atomic writer names it (<final name>.<8 random>.tmp).
     (cut / "data" / "iteration_1.parquet.abcd_123.tmp").write_text("partial")
     # Files a user put there: not the run's names, so never deleted.
