@@ -183,7 +183,6 @@ def _sampling_logprobs(logprobs: torch.Tensor, temperature: float, top_p: float)
     return logprobs
 
 
-@torch.no_grad()
 def _draw_tokens(logprobs: torch.Tensor, generator: torch.Generator, step: int) -> torch.Tensor:
     """One token per row of ``logprobs`` ``[B, V]`` -> ``[B]``; non-finite probabilities are
     reported as the density's fault, naming the response position ``step``."""
@@ -198,6 +197,7 @@ def _draw_tokens(logprobs: torch.Tensor, generator: torch.Generator, step: int) 
         ) from error
 
 
+@torch.no_grad()
 def ancestral_sample(
     density: Density,
     prompts: Sequence[PromptLike],
