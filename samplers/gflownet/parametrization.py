@@ -299,7 +299,8 @@ class TwistParametrization(Parametrization):
                 batch.rows, batch.response_ids, batch.lengths
             )
         else:
-            steps = self.policy.component_steps(features)
+            # The components' features come first (a prompt-reading form adds its memory).
+            steps = self.policy.component_steps(features[: len(self.policy.components)])
         restored = batch.without_inputs()
         restored.inputs = {"steps": list(steps), "features": list(features)}
         return restored
