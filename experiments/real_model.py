@@ -216,9 +216,12 @@ def _row(pair: str, alpha: float, sampler: str, prompts: str, **values: Any) -> 
     return {"pair": pair, "alpha": alpha, "sampler": sampler, "prompts": prompts, **values}
 
 
-def _estimate(name: str, estimate: Estimate) -> dict[str, float]:
+def _estimate(name: str, estimate: Estimate) -> dict[str, Any]:
+    """The estimate's mean ± SE over prompts, and whether it stands above its noise: a value
+    within twice its standard error of zero is not a result (shown in parentheses, drawn
+    hatched)."""
     value, se = estimate.mean()
-    return {name: value, f"{name}_se": se}
+    return {name: value, f"{name}_se": se, f"{name}_resolved": abs(value) > 2 * se}
 
 
 @dataclass
@@ -378,7 +381,17 @@ def measure_pair(
 
 def _cell(row: dict[str, Any], name: str) -> str:
     value = row.get(name)
-    return "—" if value is None else f"{value:.3f} ± {row[f'{name}_se']:.3f}"
+    if value is None:
+        return "—"
+    text = f"{value:.3f} ± {row[f'{name}_se']:.3f}"
+    return text if row[f"{name}_resolved"] else f"({text})"
+
+
+#: The tables' footnote for estimates within twice their standard error of zero.
+UNRESOLVED = (
+    "(…): within 2 SE of zero, not resolved at these settings; more --draws, --runs, "
+    "--fit_prompts/--new_prompts or --reference_runs resolve it (--full on a GPU)"
+)
 
 
 def format_tables(rows: list[dict[str, Any]]) -> str:
@@ -407,7 +420,7 @@ def format_tables(rows: list[dict[str, Any]]) -> str:
                 f"{r['tokens_per_draw']:>11.0f}{fit}"
             )
         blocks.append("\n".join(lines))
-    return "\n\n".join(blocks)
+    return "\n\n".join(blocks) + "\n" + UNRESOLVED
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -428,18 +441,19 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         )
         width = 0.8 / max(1, len(series))
         for j, (sampler, subset) in enumerate(series):
-            values, errors = [], []
+            values, errors, hatches = [], [], []
             for setting in settings:
                 match = [r for r in rows if (r["pair"], r["alpha"]) == setting
                          and (r["sampler"], r["prompts"]) == (sampler, subset)]  # fmt: skip
                 values.append(match[0][name] if match else float("nan"))
                 errors.append(2 * match[0][f"{name}_se"] if match else 0.0)
+                hatches.append("" if match and match[0][f"{name}_resolved"] else "//")
             x = [i + (j - (len(series) - 1) / 2) * width for i in range(len(settings))]
             tag = sampler if subset == "all" else f"{sampler}, {subset} prompts"
-            ax.bar(x, values, width, yerr=errors, label=tag, capsize=2)
+            ax.bar(x, values, width, yerr=errors, label=tag, capsize=2, hatch=hatches)
         ax.set_xticks(range(len(settings)), [f"{p} α={a:g}" for p, a in settings])
         ax.set_ylabel(label)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, title="hatched: within 2 SE of 0", title_fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
