@@ -14,6 +14,13 @@ stored batches. Printed, as ratios:
 - a checkpoint's size over its trainable weights' file.
 
     python -m bench.gflownet_twist_fit                  # vocab 49,152, 2 layers x 64, 100 steps
+    python -m bench.gflownet_twist_fit --world smollm2  # SmolLM2-135M-Instruct and its style pair
+
+With ``--world smollm2`` the target is the real-model world's style pair (worlds.smollm: the
+base and its style adapter, α = ``--alpha``), the prompts its first ``--prompts`` training
+tasks encoded with the chat template, the head and batch the real-model preset's
+(experiments.real_model.real_model_gflownet); ``--width``, ``--layers``, ``--heads``,
+``--vocab`` and ``--prompt-tokens`` do not apply.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import torch
 
 from bench._timing import emit
 from bench.gflownet_step import random_mixture, random_prompts, status_bytes
+from gfn_spin.mixtures import GeometricMixture
 from gfn_spin.samples import ancestral_sample
 from samplers import GFlowNetSampler
 
@@ -46,6 +54,13 @@ def _reset_peak() -> int:
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--world",
+        choices=("random", "smollm2"),
+        default="random",
+        help="random: two random Llama-shaped LMs of --vocab/--width/--layers/--heads; "
+        "smollm2: the real-model world's style pair (random)",
+    )
     parser.add_argument("--vocab", type=int, default=49152, help="vocabulary size (49152)")
     parser.add_argument("--width", type=int, default=64, help="hidden size (64)")
     parser.add_argument("--layers", type=int, default=2, help="transformer layers (2)")
@@ -67,21 +82,37 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def setting(args: argparse.Namespace) -> tuple[GeometricMixture, list[list[int]], dict]:
+    """The target, the prompts (token ids) and the sampler's settings of ``args.world``."""
+    batch = {
+        "max_new_tokens": args.new_tokens,
+        "prompts_per_step": args.prompts,
+        "samples_per_prompt": args.samples,
+        "explore_prob": 0.0,
+        "replay_prob": 0.0,
+        "seed": 0,
+    }
+    if args.world == "random":
+        return random_mixture(args), random_prompts(args), batch | {"parametrization": "twist"}
+    # Not at module level: the real-model world needs its optional wheel.
+    from experiments.real_model import real_model_gflownet
+    from worlds.smollm import build_world
+
+    world = build_world()
+    base, other = world.pairs["style"]
+    target = GeometricMixture([base, other], [1 - args.alpha, args.alpha])
+    prompts = base.encode_prompts(world.train_prompts[: args.prompts])
+    preset = {
+        name: getattr(real_model_gflownet(), name)
+        for name in ("twist_width", "twist_depth", "twist_updates", "twist_buffer")
+    }
+    return target, prompts, batch | preset | {"parametrization": "twist"}
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse(argv)
-    target = random_mixture(args)
-    prompts = random_prompts(args)
-    sampler = GFlowNetSampler(
-        target,
-        target.components[1],
-        parametrization="twist",
-        max_new_tokens=args.new_tokens,
-        prompts_per_step=args.prompts,
-        samples_per_prompt=args.samples,
-        explore_prob=0.0,
-        replay_prob=0.0,
-        seed=0,
-    )
+    target, prompts, settings = setting(args)
+    sampler = GFlowNetSampler(target, target.components[1], **settings)
     seconds, rss_first = [], 0
     for step in range(1, args.steps + 1):
         start = time.perf_counter()
@@ -113,8 +144,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "step_over_sampling": step_time / statistics.median(sampling),
         "checkpoint_over_weights": sum(sizes.values()) / weights,
     }
+    model = (
+        "SmolLM2-135M-Instruct style pair"
+        if args.world == "smollm2"
+        else (f"{args.layers} layers x {args.width}")
+    )
     print(
-        f"twist GFlowNet fit, vocab {args.vocab}, {args.layers} layers x {args.width}, batch "
+        f"twist GFlowNet fit, vocab {target.vocab_size}, {model}, α = {args.alpha}, batch "
         f"{args.prompts} x {args.samples}, L = {args.new_tokens}, {args.steps} steps"
     )
     print(
@@ -131,7 +167,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         f"{figures['checkpoint_over_weights']:.2f}x its trainable weights ({weights / 2**20:.1f} "
         f"MiB); files {sizes}"
     )
-    emit("gflownet_twist_fit", vocab=args.vocab, steps=args.steps, **figures)
+    emit(
+        "gflownet_twist_fit", world=args.world, vocab=target.vocab_size, steps=args.steps, **figures
+    )
     return figures
 
 
