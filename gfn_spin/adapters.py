@@ -13,6 +13,7 @@ routing flags of peft's tuner layers and restores them afterwards.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -144,7 +145,8 @@ def add_adapter(model: torch.nn.Module, name: str, config: LoraConfig) -> PeftMo
         for param, flag in flags:
             param.requires_grad_(flag)
         return model
-    return get_peft_model(model, config, adapter_name=name)
+    with quiet_peft_wrap():
+        return get_peft_model(model, config, adapter_name=name)
 
 
 def load_adapter(
@@ -161,4 +163,17 @@ def load_adapter(
         for param in new_params:
             param.requires_grad_(is_trainable)
         return model
-    return PeftModel.from_pretrained(model, path, adapter_name=name, is_trainable=is_trainable)
+    with quiet_peft_wrap():
+        return PeftModel.from_pretrained(model, path, adapter_name=name, is_trainable=is_trainable)
+
+
+@contextmanager
+def quiet_peft_wrap() -> Iterator[None]:
+    """Wrap a model in peft without transformers 5's FutureWarning about
+    ``is_gradient_checkpointing``: peft (0.21) reads that deprecated attribute when it wraps a
+    model, so every run printed a warning its user can do nothing about."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning
+        )
+        yield
