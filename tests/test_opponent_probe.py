@@ -266,3 +266,39 @@ def test_probe_settings_are_checked(world, tmp_path):
     with pytest.raises(ValueError, match="probe_prompts=65 exceeds the 64 examples"):
         AlphaSpinTrainer(config, world=world)
     assert not (tmp_path / "x").exists()
+
+
+# -- in the real-model α-SPIN study's table ----------------------------------------------------
+
+
+def test_real_study_table_shows_the_probe_and_marks_a_bound():
+    """experiments.alpha_spin_real: the probe's figure per iteration, averaged over seeds with
+    the probes' own SEs combined; a bound is shown as one (≤), never as an estimate."""
+    from experiments.alpha_spin_real import StudyConfig, markdown, summarize
+
+    def record(t, **probe):
+        metrics = {"task/score": 0.5, "task/score_se": 0.1}
+        return {"iteration": t, "metrics": metrics | {f"opponent/{k}": v for k, v in probe.items()}}
+
+    def result(variant, seed, first, second):
+        return {"variant": variant, "seed": seed, "records": [record(0), first, second]}
+
+    results = [
+        result(
+            "α-SPIN", 0, record(1, kl=0.0, kl_se=0.0), record(2, kl_bound=0.3, kl_bound_se=0.03)
+        ),
+        result(
+            "α-SPIN", 1, record(1, kl=0.0, kl_se=0.0), record(2, kl_bound=0.5, kl_bound_se=0.04)
+        ),
+        result("SPIN", 0, record(1), record(2)),
+    ]
+    table = summarize(results, 2)
+    second = table["α-SPIN"][2]
+    assert second["opponent_kl_bound"] == pytest.approx(0.4)
+    assert second["opponent_kl_bound_se"] == pytest.approx(0.025)  # √(0.03² + 0.04²) / 2
+    assert "opponent_kl" not in second and "opponent_kl_bound" not in table["SPIN"][2]
+    text = markdown(table, StudyConfig(iterations=2, seeds=2, probe_prompts=4))
+    assert "| α-SPIN | 0.000 ± 0.000 | ≤ 0.400 ± 0.025 |" in text
+    assert "| SPIN | —" not in text  # no probe at α = 1: no row
+    with pytest.raises(ValueError, match="probe_prompts=65 exceeds train_tasks=64"):
+        StudyConfig(probe_prompts=65).validate()
