@@ -10,7 +10,9 @@ nothing can be enumerated. Runs SPIN (α=1, h=1), α-SPIN (α=0.95, h=2) and fic
 (:mod:`worlds.smollm`: its GGUF converted once) on the world's built-in instruction set
 (additions and first letters, each with one checkable answer). Before and after every
 iteration it scores the iterate on the held-out tasks (mean score of its draws at temperature 1,
-with the standard error over tasks) and records the opponent's ESS/N and log Ẑ; it writes
+with the standard error over tasks) and records the opponent's ESS/N and log Ẑ, and, for α < 1,
+its KL to π_ref from the opponent probe (``selfplay.probe``: an estimate for a sampler with a
+density, an upper bound for SIR and SMC, on the first ``--probe-prompts`` training tasks); it writes
 results.md, score.png, run.log and results.json (study config, per-run records, summary,
 versions) to ``--output-dir``. Each run lives in its own folder and resumes when the study is
 restarted.
@@ -48,7 +50,8 @@ class StudyConfig:
     quick: bool = option(
         False,
         """A CPU-sized study: 8 training tasks (one optimizer step of 8 pairs per epoch), 8
-            held-out tasks × 4 draws, L = 8, K = N = 4, 8 GFlowNet steps.""",
+            held-out tasks × 4 draws, L = 8, K = N = 4, 8 GFlowNet steps, the opponent probe on 2
+            tasks with 16 reference particles.""",
     )
     seeds: int = option(3, "Seeds per variant (seed, ..., seed+seeds-1).")
     seed: int = option(0, "First seed of every variant's runs.")
@@ -83,6 +86,24 @@ class StudyConfig:
         """Prompts per opponent call: with K candidates each, every policy keeps a KV cache
             of chunk × K rows (about 46 kB per token and row for this model).""",
     )
+    probe_prompts: int = option(
+        4,
+        """Training tasks on which each α < 1 iteration's opponent is measured against π_ref
+            (AlphaSpinConfig.probe_prompts: its KL, or an upper bound for SIR and SMC, in the
+            results table); 0: no probe.""",
+    )
+    probe_reference_particles: int = option(
+        64, "Particles N of each reference SMC run of the opponent probe."
+    )
+    probe_reference_runs: int = option(
+        4, "Independent reference SMC runs per probe prompt (≥ 2; their Ẑ are averaged)."
+    )
+    probe_draws: int = option(
+        16, "Draws per probe prompt of an opponent with a density (GFlowNet, ancestral), ≥ 2."
+    )
+    probe_runs: int = option(
+        4, "Independent log Ẑ estimates per probe prompt of a SIR or SMC opponent (≥ 2)."
+    )
     workers: int = option(2, "Runs in parallel (one CPU thread each).")
     progress: bool = option(True, "Show a progress bar over the runs.")
 
@@ -92,6 +113,11 @@ class StudyConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
+        if self.probe_prompts > self.train_tasks:
+            raise ValueError(
+                f"probe_prompts={self.probe_prompts} exceeds train_tasks={self.train_tasks}, "
+                "the tasks it measures the opponent on"
+            )
         resolve_device(self.device, "device")
 
     def world(self) -> SmolWorldConfig:
@@ -113,6 +139,8 @@ StudyConfig.QUICK = {
     "num_particles": 4,
     "batch_size": 8,
     "gflownet_steps": 8,
+    "probe_prompts": 2,
+    "probe_reference_particles": 16,
 }
 
 
@@ -170,6 +198,11 @@ def jobs(study: StudyConfig, root: Path, base: Path) -> list[dict[str, Any]]:
                         "iterations": study.iterations,
                         "max_new_tokens": study.max_new_tokens,
                         "generation_chunk": study.generation_chunk,
+                        "probe_prompts": study.probe_prompts,
+                        "probe_reference_particles": study.probe_reference_particles,
+                        "probe_reference_runs": study.probe_reference_runs,
+                        "probe_draws": study.probe_draws,
+                        "probe_runs": study.probe_runs,
                         "seed": seed,
                         "device": None if study.device == "auto" else study.device,
                         "output_dir": str(root / "runs" / f"a{alpha:g}_h{history}_s{seed}"),
@@ -179,10 +212,28 @@ def jobs(study: StudyConfig, root: Path, base: Path) -> list[dict[str, Any]]:
     return out
 
 
+def probe_summary(metrics: list[dict[str, Any]]) -> dict[str, float]:
+    """The opponent probe's figure over the seeds' records of one iteration: the mean of each
+    seed's ``opponent/kl`` (or ``opponent/kl_bound``, an upper bound, kept under its own name;
+    each over the seeds that have it, as ``sampler="auto"`` may pick differently per seed) and
+    the standard error of that mean from the probes' own SEs (the seeds' probes are
+    independent, so their squared SEs add); empty where no seed has one."""
+    out: dict[str, float] = {}
+    for key in ("kl", "kl_bound"):
+        found = [m for m in metrics if f"opponent/{key}" in m]
+        if found:
+            out[f"opponent_{key}"] = sum(m[f"opponent/{key}"] for m in found) / len(found)
+            squares = sum(m[f"opponent/{key}_se"] ** 2 for m in found)
+            out[f"opponent_{key}_se"] = squares**0.5 / len(found)
+    return out
+
+
 def summarize(results: list[dict[str, Any]], iterations: int) -> dict[str, Any]:
     """Per variant and iteration: the task score's mean over seeds with its standard error
     over seeds, the mean within-run standard error (over held-out tasks), the paired change
-    from the base, and the opponent's ESS/N where it has one."""
+    from the base, the opponent's ESS/N where it has one, and the opponent probe's KL or KL
+    bound (:func:`probe_summary`) where it ran: row t holds the opponent that drew π_t's
+    training data (iteration t − 1)."""
     runs_of: dict[str, list[list[dict[str, Any]]]] = {}
     for result in results:
         runs_of.setdefault(result["variant"], []).append(result["records"])
@@ -209,6 +260,7 @@ def summarize(results: list[dict[str, Any]], iterations: int) -> dict[str, Any]:
             ess = [m["opponent/ess_fraction"] for m in metrics if "opponent/ess_fraction" in m]
             if ess:
                 row["opponent_ess_fraction"] = sum(ess) / len(ess)
+            row.update(probe_summary(metrics))
             rows.append(row)
         table[variant] = rows
     return table
@@ -232,6 +284,43 @@ def markdown(table: dict[str, Any], study: StudyConfig) -> str:
         ]
         cells.append(f"{rows[-1]['change']:+.3f} ± {rows[-1]['change_se']:.3f}")
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n" + probe_markdown(table, study)
+
+
+def probe_cell(row: dict[str, Any]) -> str:
+    """``KL ± SE``, ``≤ bound ± SE`` (SIR, SMC: an upper bound on the KL), both (``sampler=
+    "auto"`` picked a density sampler for some seeds and SIR for others), or ``—``."""
+    parts = []
+    if "opponent_kl" in row:
+        parts.append(f"{row['opponent_kl']:.3f} ± {row['opponent_kl_se']:.3f}")
+    if "opponent_kl_bound" in row:
+        parts.append(f"≤ {row['opponent_kl_bound']:.3f} ± {row['opponent_kl_bound_se']:.3f}")
+    return "; ".join(parts) or "—"
+
+
+def probe_markdown(table: dict[str, Any], study: StudyConfig) -> str:
+    """The opponent probe's table (the variants it ran for), or nothing."""
+    probed = {
+        variant: rows
+        for variant, rows in table.items()
+        if any(probe_cell(r) != "—" for r in rows[1:])
+    }
+    if not probed:
+        return ""
+    iterations = range(1, study.iterations + 1)
+    lines = [
+        "",
+        f"Opponent's KL(q ‖ π_ref) on {study.probe_prompts} training tasks "
+        "(`selfplay.probe`), mean over seeds ± the standard error from the probes' own: column "
+        "t is the opponent that drew π_t's training data (t = 1: π_ref = π_0, sampled exactly); "
+        "≤: SIR and SMC have no density, and the figure is the upper bound log Z − E[log Ẑ] "
+        "on the KL of one draw's law, not an estimate of it.",
+        "",
+        "| variant | " + " | ".join(f"t={t}" for t in iterations) + " |",
+        "|---" * (study.iterations + 1) + "|",
+    ]
+    for variant, rows in probed.items():
+        lines.append(f"| {variant} | " + " | ".join(probe_cell(rows[t]) for t in iterations) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -55,7 +55,7 @@ from gfn_spin.policy import Policy
 from samplers import AncestralSampler, ImportanceResampler, SMCSampler
 from samplers.accuracy import Estimate, kl_to_target, log_z_error, smc_reference
 from samplers.gflownet import GFlowNetConfig, GFlowNetSampler
-from samplers.weighting import model_tokens
+from samplers.weighting import log_weights_by_prompt, model_tokens
 from worlds.toy import build_world as build_tiny
 
 World = Literal["smollm2", "tiny"]
@@ -238,7 +238,7 @@ class _PairRows:
 
     def add_density(self, name: str, samples: Any, extra: dict[str, Any]) -> None:
         """KL(q‖p) ± SE and ESS/N per prompt subset, from ``draws`` draws per prompt."""
-        log_w = (samples.log_target - samples.log_q).double().view(-1, self.draws).cpu()
+        log_w = log_weights_by_prompt(samples.log_target, samples.log_q, self.draws)
         kl = kl_to_target(log_w, self.reference)
         ess = samples.stats["ess_fraction"]
         for subset, index in self.subsets.items():

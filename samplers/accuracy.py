@@ -9,7 +9,9 @@ world (tests/test_accuracy.py) before it is trusted on a real vocabulary:
 - :func:`kl_to_target`: ``KL(q‖p) = log Z − E_q[log p̃ − log q]`` of a sampler with an exact
   ``log q``, from its draws' log-weights and a reference ``log Z``;
 - :func:`log_z_error`: ``|log Ẑ − log Z|`` of the estimates a weighting sampler (SIR, SMC)
-  makes, for samplers without a density (compare them at equal model tokens).
+  makes, for samplers without a density (compare them at equal model tokens);
+- :func:`kl_upper_bound`: ``log Z − E[log Ẑ]``, an upper bound on the KL of one SIR or SMC
+  draw's law to the target (those samplers have no density, so their KL has no estimate).
 
 Every estimator returns an :class:`Estimate` per prompt; :meth:`Estimate.mean` averages it
 over prompts (independent, so the squared standard errors add).
@@ -158,10 +160,45 @@ def log_z_error(log_z_estimates: torch.Tensor, reference: Estimate) -> Estimate:
     return Estimate(errors.mean(-1), (sample_se.square() + reference.se.square()).sqrt())
 
 
+def kl_upper_bound(log_z_estimates: torch.Tensor, reference: Estimate) -> Estimate:
+    """``log Z − E[log Ẑ]`` per prompt from R independent estimates, with its SE: an upper
+    bound on ``KL(q‖p)`` of the law q of one draw of SIR or SMC, never an estimate of it.
+
+    SIR's draw (one of K candidates picked ∝ its weight) has
+    ``KL(q_K‖p) ≤ log Z − E[log Ẑ_K]``, ``Ẑ_K`` the mean of the K weights (Domke & Sheldon
+    2018, "Importance Weighting and Variational Inference": the draw's law is the marginal of
+    an augmented distribution whose KL to the target's augmentation is this gap). The same
+    holds for one particle drawn ∝ its final weight from an SMC population with its unbiased
+    ``Ẑ`` (Naesseth et al. 2018, "Variational Sequential Monte Carlo"; Le et al. 2018,
+    "Auto-Encoding Sequential Monte Carlo"), by the same argument on the population's extended
+    space. With K = 1 (or N = 1, which never resamples) the bound is the proposal's own KL, an
+    equality. The SE is the runs' ``sd/√R`` added in quadrature to the reference's; a
+    reference ``log Z̄`` biased low (about ``−SE²/2``) biases the bound low by as much.
+
+    Args:
+        log_z_estimates: ``[P, R]`` each run's ``log Ẑ`` (R ≥ 2; the sampler's
+            ``stats["log_z_populations"]`` with ``num_samples=R``: one per SIR draw or SMC
+            population).
+        reference: the target's reference ``log Z`` per prompt.
+    """
+    log_z_estimates = torch.as_tensor(log_z_estimates, dtype=torch.float64)
+    runs = log_z_estimates.shape[-1]
+    if runs < 2:
+        raise ValueError(f"kl_upper_bound needs at least 2 estimates per prompt, got {runs}")
+    if not bool(torch.isfinite(log_z_estimates).all()):
+        raise ValueError("an estimate log Ẑ is not finite: the bound is infinite or undefined")
+    sample_se = log_z_estimates.std(-1) / math.sqrt(runs)
+    return Estimate(
+        reference.value - log_z_estimates.mean(-1),
+        (sample_se.square() + reference.se.square()).sqrt(),
+    )
+
+
 __all__ = [
     "Estimate",
     "importance_log_z",
     "kl_to_target",
+    "kl_upper_bound",
     "log_z_error",
     "reference_log_z",
     "smc_reference",

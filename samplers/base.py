@@ -27,6 +27,7 @@ from samplers.weighting import (
     default_proposal,
     effective_sample_size,
     ess_fraction,
+    log_weights_by_prompt,
     logmeanexp,
     model_tokens,
 )
@@ -164,7 +165,7 @@ def importance_stats(
     ``num_samples`` draws), "ess_fraction" (``ess / num_samples``), "log_z" (``logmeanexp(log
     w)``, a lower bound on ``log Z`` in expectation) and "elbo" (``mean(log w)``).
     """
-    log_w = (log_target - log_q).double().view(-1, num_samples).cpu()
+    log_w = log_weights_by_prompt(log_target, log_q, num_samples)
     return {
         "ess": effective_sample_size(log_w),
         "ess_fraction": ess_fraction(log_w),

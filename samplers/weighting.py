@@ -64,6 +64,15 @@ def ess_fraction(log_weights: torch.Tensor) -> torch.Tensor:
     return effective_sample_size(log_weights.double()) / log_weights.shape[-1]
 
 
+def log_weights_by_prompt(
+    log_target: torch.Tensor, log_q: torch.Tensor, num_samples: int
+) -> torch.Tensor:
+    """``[P, n]`` float64 log-weights ``log G̃ − log q`` on the CPU, one row per prompt, of
+    draws made ``n = num_samples`` per prompt (rows grouped by prompt, as every sampler
+    returns them): what the ESS, ``log Ẑ`` and KL estimates of a sampler with a density read."""
+    return (log_target - log_q).double().view(-1, num_samples).cpu()
+
+
 def logmeanexp(values: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """``log mean exp`` along ``dim`` (``-inf`` when every entry is ``-inf``)."""
     return torch.logsumexp(values, dim) - math.log(values.shape[dim])

@@ -21,9 +21,19 @@ from objectives.spin import LOSS_TYPES
 from samplers.gflownet import GFlowNetConfig
 from samplers.gflownet.config import RUN_DERIVED_FIELDS
 
-#: α-SPIN run fields that may differ when a run is resumed (they do not change its results);
+#: α-SPIN run fields that may differ when a run is resumed (they do not change its results:
+#: the probe's settings change what later iterations measure, never the data or the iterates);
 #: a GFlowNet fit has its own, samplers.gflownet.config.RESUMABLE_FIELDS.
-RUN_RESUMABLE_FIELDS = ("output_dir", "iterations", "progress")
+RUN_RESUMABLE_FIELDS = (
+    "output_dir",
+    "iterations",
+    "progress",
+    "probe_prompts",
+    "probe_reference_particles",
+    "probe_reference_runs",
+    "probe_draws",
+    "probe_runs",
+)
 
 
 def opponent_gflownet_config() -> GFlowNetConfig:
@@ -144,6 +154,35 @@ class AlphaSpinConfig:
         "processes).",
     )
 
+    # -- opponent probe --------------------------------------------------------------------
+    probe_prompts: int = option(
+        0,
+        "At α < 1, measure each iteration's opponent against π_ref on the first this many "
+        "prompts (selfplay.probe; metrics.json: opponent/kl ± SE for an opponent with a "
+        "density, opponent/kl_bound ± SE, an upper bound, for SIR and SMC, and "
+        "opponent/probe_tokens); 0: no probe. Cost per iteration and prompt, on the main "
+        "process while the others wait: probe_reference_runs × probe_reference_particles SMC "
+        "particles (none at t = 0, where π_ref = π_0 has log Z = 0), then probe_draws draws of "
+        "the opponent (a density) or probe_runs draws of K or N each (SIR, SMC), all scored "
+        "under π_ref.",
+    )
+    probe_reference_particles: int = option(
+        64, "Particles N of each reference SMC run of the opponent probe."
+    )
+    probe_reference_runs: int = option(
+        4, "Independent reference SMC runs per probe prompt (≥ 2; their Ẑ are averaged)."
+    )
+    probe_draws: int = option(
+        16,
+        "Draws per probe prompt of an opponent with a density (GFlowNet, ancestral, local "
+        "product), for its KL (≥ 2).",
+    )
+    probe_runs: int = option(
+        4,
+        "Independent log Ẑ estimates (one per draw) per probe prompt of a SIR or SMC "
+        "opponent, for its KL bound (≥ 2).",
+    )
+
     # -- loss and optimization -------------------------------------------------------------
     beta: float = option(2.0, "β, the reward scale of the SPIN loss (SPIN: 0.1 for 7B).")
     loss_type: Literal[LOSS_TYPES] = option(
@@ -262,6 +301,7 @@ class AlphaSpinConfig:
             )
         if self.gflownet_warm_learning_rate is not None:
             _check_number(self, "gflownet_warm_learning_rate", 0.0, low_open=True)
+        _check_probe(self)
         for name in ("max_new_tokens", "max_examples"):
             if getattr(self, name) is not None:
                 check_count(name, getattr(self, name))
@@ -314,6 +354,17 @@ def _check_number(
         bound = f"> {low:g}" if low_open else f">= {low:g}"
         upper = f" and < {high:g}" if high != math.inf else ""
         raise ValueError(f"{name}={value!r} must be a finite number {bound}{upper}")
+
+
+def _check_probe(config: AlphaSpinConfig) -> None:
+    """Refuse a bad opponent-probe setting (a count, and at least 2 of what gives an SE)."""
+    value = config.probe_prompts
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"probe_prompts={value!r} must be an integer >= 0 (0: no probe)")
+    check_count("probe_reference_particles", config.probe_reference_particles)
+    for name in ("probe_reference_runs", "probe_draws", "probe_runs"):
+        if check_count(name, getattr(config, name)) < 2:
+            raise ValueError(f"{name}={getattr(config, name)} must be >= 2 (for a standard error)")
 
 
 def derive_seed(seed: int, *parts: Any) -> int:

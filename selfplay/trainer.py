@@ -11,7 +11,9 @@ Iteration t, in :meth:`AlphaSpinTrainer.train`:
    :func:`selfplay.generation.make_iteration_data`:
    one y' per example, and the reference log-probs of y and y' computed once and stored with
    the data (parquet), so training keeps only the policy in memory. A GFlowNet opponent is
-   saved in ``opponents/`` and warm-starts the next iteration's fit.
+   saved in ``opponents/`` and warm-starts the next iteration's fit. With
+   ``probe_prompts > 0`` (α < 1), :mod:`selfplay.probe` measures the opponent's KL to π_ref
+   (or, for SIR and SMC, an upper bound on it) on a few prompts.
 3. :func:`selfplay.iterates.new_iterate` + :func:`selfplay.iterate_training.train_iterate`: π_{t+1}
    starts from π_t and minimizes ``objectives.spin.spin_loss``.
 4. evaluate, save the iterate and record the metrics; every step is atomic and listed in a
@@ -41,6 +43,7 @@ from gfn_spin.density import Density
 from gfn_spin.devices import check_device, resolve_device
 from gfn_spin.io import write_json_atomic
 from gfn_spin.policy import Policy
+from samplers.base import Sampler
 from selfplay.config import RUN_RESUMABLE_FIELDS, AlphaSpinConfig, derive_seed
 from selfplay.generation import make_iteration_data, opponent_metrics
 from selfplay.iterate_training import train_iterate
@@ -48,6 +51,7 @@ from selfplay.iterates import freeze, iterate_name, load_iterate, new_iterate, s
 from selfplay.iteration_data import encode_examples, read_iteration_data, write_iteration_data
 from selfplay.opponents import OpponentFactory, opponent_sampler
 from selfplay.pairs import load_pairs, pairs_fingerprint
+from selfplay.probe import opponent_probe
 from selfplay.reference import build_reference
 from selfplay.run_directory import DATA_HASH, RunDirectory
 
@@ -112,6 +116,27 @@ def check_context_fits(
             f"plus max_new_tokens={max_new_tokens} exceed the model's context of {context} "
             f"tokens; lower --max-prompt-length to {context - max_new_tokens} or less (longer "
             "prompts keep their last tokens), or lower --max-new-tokens"
+        )
+
+
+def check_example_count(config: AlphaSpinConfig, examples: int, processes: int) -> None:
+    """Refuse, before any work, too few examples for one optimizer step or for the probe's
+    prompts, and a batch that leaves a process without rows; the message names the setting."""
+    rows_per_step = config.batch_size * config.gradient_accumulation_steps
+    if examples < rows_per_step:
+        raise ValueError(
+            f"{examples} examples are fewer than one optimizer step "
+            f"(batch_size × gradient_accumulation_steps = {rows_per_step}); lower batch_size"
+        )
+    if config.probe_prompts > examples:
+        raise ValueError(
+            f"probe_prompts={config.probe_prompts} exceeds the {examples} examples whose "
+            "prompts it would measure the opponent on; lower probe_prompts"
+        )
+    if config.batch_size < processes:
+        raise ValueError(
+            f"batch_size={config.batch_size} gives some of the {processes} processes no rows; "
+            "raise batch_size"
         )
 
 
@@ -200,17 +225,7 @@ class AlphaSpinTrainer:
             self.max_new_tokens,
             config.max_prompt_length,
         )
-        rows_per_step = config.batch_size * config.gradient_accumulation_steps
-        if len(self.examples) < rows_per_step:
-            raise ValueError(
-                f"{len(self.examples)} examples are fewer than one optimizer step "
-                f"(batch_size × gradient_accumulation_steps = {rows_per_step}); lower batch_size"
-            )
-        if config.batch_size < self.accelerator.num_processes:
-            raise ValueError(
-                f"batch_size={config.batch_size} gives some of the "
-                f"{self.accelerator.num_processes} processes no rows; raise batch_size"
-            )
+        check_example_count(config, len(self.examples), self.accelerator.num_processes)
         if evaluate is None and self.world is not None and policy.allowed_token_ids is not None:
             evaluate = self.world.evaluator()
         self.evaluate = evaluate
@@ -257,37 +272,7 @@ class AlphaSpinTrainer:
             timer = _Timer()
             reference = build_reference(iterates, cfg.alpha, cfg.history)
             if not run.done(f"data_{t}"):
-                started = time.perf_counter()
-                previous = None if t == 0 else run.opponent_path(t - 1)
-                chunk_stats = []
-                sampler = self.opponents(
-                    cfg,
-                    reference,
-                    iterates,
-                    max_new_tokens=self.max_new_tokens,
-                    iteration=t,
-                    fit_prompts=self.examples.prompt_ids,
-                    warm_start_from=previous if previous and previous.is_dir() else None,
-                    save_to=run.opponent_path(t) if accelerator.is_main_process else None,
-                )
-                data = make_iteration_data(
-                    sampler,
-                    reference,
-                    self.examples,
-                    max_new_tokens=self.max_new_tokens,
-                    chunk=cfg.generation_chunk,
-                    seed=derive_seed(cfg.seed, "generate", t),
-                    state=accelerator,
-                    progress=self._show(),
-                    on_stats=chunk_stats.append,
-                )
-                opponent = opponent_metrics(chunk_stats, accelerator)
-                if accelerator.is_main_process:
-                    write_iteration_data(data, self.examples, self.base.tokenizer, run.data_path(t))
-                    # Kept beside the data, so that a run resumed after it still records them.
-                    write_json_atomic(opponent, _opponent_path(run, t))
-                timer.add("generate", started)
-                run.complete(f"data_{t}")
+                self._draw_data(run, t, reference, iterates, timer)
             data = read_iteration_data(
                 run.data_path(t),
                 max_new_tokens=self.max_new_tokens,
@@ -311,6 +296,77 @@ class AlphaSpinTrainer:
             record = {"iteration": t + 1, "metrics": metrics, "seconds": timer.seconds}
             run.complete(f"train_{iterate_name(t + 1)}", record)
         return [r for r in run.records if r["iteration"] <= cfg.iterations]
+
+    def _draw_data(
+        self,
+        run: RunDirectory,
+        t: int,
+        reference: Density,
+        iterates: Sequence[Policy],
+        timer: _Timer,
+    ) -> None:
+        """Iteration t's step ``data_t``: the opponent's y' and the reference log-probs
+        (parquet), and what the opponent and the probe measured, kept beside the data."""
+        cfg, accelerator = self.config, self.accelerator
+        started = time.perf_counter()
+        previous = None if t == 0 else run.opponent_path(t - 1)
+        chunk_stats = []
+        sampler = self.opponents(
+            cfg,
+            reference,
+            iterates,
+            max_new_tokens=self.max_new_tokens,
+            iteration=t,
+            fit_prompts=self.examples.prompt_ids,
+            warm_start_from=previous if previous and previous.is_dir() else None,
+            save_to=run.opponent_path(t) if accelerator.is_main_process else None,
+        )
+        data = make_iteration_data(
+            sampler,
+            reference,
+            self.examples,
+            max_new_tokens=self.max_new_tokens,
+            chunk=cfg.generation_chunk,
+            seed=derive_seed(cfg.seed, "generate", t),
+            state=accelerator,
+            progress=self._show(),
+            on_stats=chunk_stats.append,
+        )
+        opponent = opponent_metrics(chunk_stats, accelerator)
+        timer.add("generate", started)
+        if cfg.probe_prompts > 0 and cfg.alpha < 1.0:
+            started = time.perf_counter()
+            opponent.update(self._probe(sampler, reference, t))
+            timer.add("probe", started)
+        started = time.perf_counter()
+        if accelerator.is_main_process:
+            write_iteration_data(data, self.examples, self.base.tokenizer, run.data_path(t))
+            # Kept beside the data, so that a run resumed after it still records them.
+            write_json_atomic(opponent, _opponent_path(run, t))
+        timer.add("generate", started)
+        run.complete(f"data_{t}")
+
+    def _probe(self, sampler: Sampler, reference: Density, t: int) -> dict[str, float]:
+        """:func:`selfplay.probe.opponent_probe` of iteration t's opponent on the first
+        ``probe_prompts`` prompts, on the main process, broadcast to the others. The reference
+        SMC decodes at most ``generation_chunk × num_particles`` particles at once, the SMC
+        opponent's own batch."""
+        cfg = self.config
+        metrics: list[dict[str, float]] = [{}]
+        if self.accelerator.is_main_process:
+            metrics[0] = opponent_probe(
+                sampler,
+                reference,
+                self.examples.prompt_ids[: cfg.probe_prompts],
+                reference_particles=cfg.probe_reference_particles,
+                reference_runs=cfg.probe_reference_runs,
+                draws=cfg.probe_draws,
+                runs=cfg.probe_runs,
+                max_new_tokens=self.max_new_tokens,
+                seed=derive_seed(cfg.seed, "probe", t),
+                batch_size=cfg.generation_chunk * cfg.num_particles,
+            )
+        return broadcast_object_list(metrics)[0]
 
 
 def _opponent_path(run: RunDirectory, t: int) -> Path:

@@ -13,6 +13,7 @@ import pytest
 
 from experiments import (
     alpha_spin,
+    alpha_spin_real,
     amortization,
     geometric_mixture,
     large_models,
@@ -34,6 +35,7 @@ EXPERIMENTS = [
     alpha_spin,
     train_alpha_spin,
     real_model,
+    alpha_spin_real,
 ]
 
 
@@ -70,6 +72,7 @@ def test_help_documents_every_flag_with_its_default(module, capsys):
         alpha_spin,
         train_alpha_spin,
         real_model,
+        alpha_spin_real,
     ):  # the ablation runs on CPU
         assert "--device" in entries
     for flag, text in entries.items():
