@@ -5,9 +5,12 @@ the target is the geometric mixture of two Llama-shaped LMs with random weights 
 vocabulary of 49,152 (SmolLM2's), the sampler the twist form with its default buffer of
 stored batches. Printed, as ratios:
 
-- resident memory: the peak resident set size from step ``--first`` to the last step over the
-  resident size at step ``--first`` (the buffer fills over the first ``twist_buffer`` steps, so
-  a buffer whose batches scale with the vocabulary shows here);
+- resident memory: the peak resident set size over the last ``--window`` steps over the peak
+  over the ``--window`` steps after step ``--first`` (the buffer fills over the first
+  ``twist_buffer`` steps, so a buffer whose batches scale with the vocabulary shows here), and
+  the resident size between steps (freed memory returned first) at the last step over that at
+  step ``--first``. Peaks are compared with peaks: a step's own transient tensors (the fresh
+  batch's vocabulary-sized scores) are in both windows;
 - a training step's time (median over the steps after ``--first``) over the time of one
   sampling pass of the local product on the same batch (same prompts, rows and length cap;
   median of ``--repeats``);
@@ -72,13 +75,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--alpha", type=float, default=0.5, help="target weight α (0.5)")
     parser.add_argument("--steps", type=int, default=100, help="training steps (100)")
     parser.add_argument("--first", type=int, default=10, help="step memory is compared to (10)")
+    parser.add_argument("--window", type=int, default=10, help="steps per peak window (10)")
     parser.add_argument("--repeats", type=int, default=5, help="timed sampling passes (5)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (1)")
     args = parser.parse_args(argv)
     args.device = "cpu"  # resident memory is a CPU figure
     torch.set_num_threads(args.threads)
-    if not 0 < args.first < args.steps:
-        parser.error("--first must lie between 0 and --steps")
+    if not (0 < args.first and args.window > 0 and args.first + 2 * args.window <= args.steps):
+        parser.error("need 0 < --first and --first + 2 x --window <= --steps")
     return args
 
 
@@ -113,14 +117,20 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse(argv)
     target, prompts, settings = setting(args)
     sampler = GFlowNetSampler(target, target.components[1], **settings)
-    seconds, rss_first = [], 0
+    seconds, rss = [], {}
+    last_window = args.steps - args.window
     for step in range(1, args.steps + 1):
         start = time.perf_counter()
         sampler.train_step(prompts)
         seconds.append(time.perf_counter() - start)
         if step == args.first:
-            rss_first = _reset_peak()
-    peak = status_bytes("VmHWM")
+            rss["first"] = _reset_peak()
+        elif step == args.first + args.window:
+            rss["first_peak"] = status_bytes("VmHWM")
+        if step == last_window:
+            _reset_peak()
+    rss["last_peak"] = status_bytes("VmHWM")
+    rss["last"] = _reset_peak()
 
     local = target.local_product()
     generator = torch.Generator().manual_seed(0)
@@ -140,7 +150,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     step_time = statistics.median(seconds[args.first :])
     figures = {
-        "peak_rss_growth": peak / rss_first - 1,
+        "peak_rss_growth": rss["last_peak"] / rss["first_peak"] - 1,
+        "rss_growth": rss["last"] / rss["first"] - 1,
         "step_over_sampling": step_time / statistics.median(sampling),
         "checkpoint_over_weights": sum(sizes.values()) / weights,
     }
@@ -154,9 +165,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         f"{args.prompts} x {args.samples}, L = {args.new_tokens}, {args.steps} steps"
     )
     print(
-        f"peak RSS from step {args.first} to {args.steps}: {peak / 2**20:.0f} MiB, "
-        f"{figures['peak_rss_growth']:+.1%} over the RSS at step {args.first} "
-        f"({rss_first / 2**20:.0f} MiB)"
+        f"peak RSS over steps {last_window + 1}-{args.steps}: {rss['last_peak'] / 2**20:.0f} "
+        f"MiB, {figures['peak_rss_growth']:+.1%} over steps {args.first + 1}-"
+        f"{args.first + args.window} ({rss['first_peak'] / 2**20:.0f} MiB); RSS between steps "
+        f"{rss['last'] / 2**20:.0f} MiB at step {args.steps}, {figures['rss_growth']:+.1%} over "
+        f"step {args.first} ({rss['first'] / 2**20:.0f} MiB)"
     )
     print(
         f"step {step_time * 1e3:.0f} ms (median of {len(seconds) - args.first}) = "
