@@ -112,6 +112,47 @@ def test_every_sampler_runs_a_few_tokens(smol):
         assert ((stats.ess_fraction > 0) & (stats.ess_fraction <= 1 + 1e-6)).all(), name
 
 
+def tensors_in(value) -> list[torch.Tensor]:
+    """Every tensor inside nested dicts, lists and tuples."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [t for item in value for t in tensors_in(item)]
+    return []
+
+
+def test_one_gflownet_step_keeps_nothing_of_vocabulary_size(smol, tmp_path):
+    """One twist-form step of the real-model preset: what the fit keeps for later steps (its
+    buffer of batches, the replay buffer) holds no tensor with a vocabulary-sized axis, and a
+    checkpoint is the head, its two Adam moments and the ids and features of the buffer. Each
+    kept batch is ``[B, L+1, F]`` features at most, far below ``L × vocab`` per row."""
+    from experiments.real_model import real_model_gflownet
+
+    target = GeometricMixture([smol.base, smol.style], [0.5, 0.5])
+    settings = real_model_gflownet()
+    sampler = GFlowNetSampler(
+        target, smol.style, config=settings, max_new_tokens=3, prompts_per_step=1,
+        samples_per_prompt=2, twist_buffer=2,
+    )  # fmt: skip
+    prompts = smol.base.encode_prompts(smol.train_prompts[:1])
+    sampler.train_step(prompts)
+    sampler.train_step(prompts)
+    vocab = target.vocab_size
+    state = sampler.trainer.state_dict()
+    kept = tensors_in(state["batches"]) + tensors_in(state["replay"])
+    assert kept and all(vocab not in t.shape for t in kept)
+    assert len(state["batches"]["batches"]) == 2  # both steps' batches are kept
+    weights = sum(p.numel() * p.element_size() for p in sampler.weights.trainable_parameters)
+    kept_bytes = sum(t.numel() * t.element_size() for t in kept)
+    assert kept_bytes < weights / 100
+    folder = sampler.save_checkpoint(tmp_path / "fit")
+    total = sum(f.stat().st_size for f in folder.iterdir())
+    # The head and its two Adam moments, plus the kept batches and small files.
+    assert total < 3 * weights + kept_bytes + 2**20
+
+
 def test_the_world_pairs_are_apart_as_built(smol):
     """The style adapter moved far from the base, the α-SPIN iterate a little (measured)."""
     iterate = smol.distances["iterate"]["kl_base_to_other"]
