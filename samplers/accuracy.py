@@ -115,15 +115,22 @@ def kl_to_target(log_weights: torch.Tensor, log_z: Estimate) -> Estimate:
             exact value with zero SE).
     """
     log_weights = torch.as_tensor(log_weights, dtype=torch.float64)
-    draws = log_weights.shape[-1]
-    if draws < 2:
-        raise ValueError(f"kl_to_target needs at least 2 draws per prompt, got {draws}")
     if not bool(torch.isfinite(log_weights).all()):
         raise ValueError("a draw has a non-finite log-weight: KL(q‖p) is infinite or undefined")
-    sample_se = log_weights.std(-1) / math.sqrt(draws)
-    return Estimate(
-        log_z.value - log_weights.mean(-1), (sample_se.square() + log_z.se.square()).sqrt()
-    )
+    mean, se = _mean_beside(log_weights, log_z, "kl_to_target", "draws")
+    return Estimate(log_z.value - mean, se)
+
+
+def _mean_beside(
+    values: torch.Tensor, reference: Estimate, caller: str, what: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-prompt mean of ``[P, n]`` values (n ≥ 2) and its SE ``sd/√n``, added in quadrature
+    to the reference's SE (the values and the reference runs are independent)."""
+    count = values.shape[-1]
+    if count < 2:
+        raise ValueError(f"{caller} needs at least 2 {what} per prompt, got {count}")
+    sample_se = values.std(-1) / math.sqrt(count)
+    return values.mean(-1), (sample_se.square() + reference.se.square()).sqrt()
 
 
 def importance_log_z(log_weights: torch.Tensor, group: int) -> torch.Tensor:
@@ -152,12 +159,8 @@ def log_z_error(log_z_estimates: torch.Tensor, reference: Estimate) -> Estimate:
         reference: the reference ``log Z`` per prompt.
     """
     log_z_estimates = torch.as_tensor(log_z_estimates, dtype=torch.float64)
-    runs = log_z_estimates.shape[-1]
-    if runs < 2:
-        raise ValueError(f"log_z_error needs at least 2 estimates per prompt, got {runs}")
     errors = (log_z_estimates - reference.value[:, None]).abs()
-    sample_se = errors.std(-1) / math.sqrt(runs)
-    return Estimate(errors.mean(-1), (sample_se.square() + reference.se.square()).sqrt())
+    return Estimate(*_mean_beside(errors, reference, "log_z_error", "estimates"))
 
 
 def kl_upper_bound(log_z_estimates: torch.Tensor, reference: Estimate) -> Estimate:
@@ -182,16 +185,10 @@ def kl_upper_bound(log_z_estimates: torch.Tensor, reference: Estimate) -> Estima
         reference: the target's reference ``log Z`` per prompt.
     """
     log_z_estimates = torch.as_tensor(log_z_estimates, dtype=torch.float64)
-    runs = log_z_estimates.shape[-1]
-    if runs < 2:
-        raise ValueError(f"kl_upper_bound needs at least 2 estimates per prompt, got {runs}")
     if not bool(torch.isfinite(log_z_estimates).all()):
         raise ValueError("an estimate log Ẑ is not finite: the bound is infinite or undefined")
-    sample_se = log_z_estimates.std(-1) / math.sqrt(runs)
-    return Estimate(
-        reference.value - log_z_estimates.mean(-1),
-        (sample_se.square() + reference.se.square()).sqrt(),
-    )
+    mean, se = _mean_beside(log_z_estimates, reference, "kl_upper_bound", "estimates")
+    return Estimate(reference.value - mean, se)
 
 
 __all__ = [
