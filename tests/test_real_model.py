@@ -16,6 +16,7 @@ import torch
 from gfn_spin import GeometricMixture, Policy
 from gfn_spin.adapters import route
 from samplers import GFlowNetSampler, ImportanceResampler, SMCSampler
+from tests.containers import tensors
 from worlds import smollm
 
 pytestmark = pytest.mark.slow
@@ -112,17 +113,6 @@ def test_every_sampler_runs_a_few_tokens(smol):
         assert ((stats.ess_fraction > 0) & (stats.ess_fraction <= 1 + 1e-6)).all(), name
 
 
-def tensors_in(value) -> list[torch.Tensor]:
-    """Every tensor inside nested dicts, lists and tuples."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, (list, tuple)):
-        return [t for item in value for t in tensors_in(item)]
-    return []
-
-
 def test_one_gflownet_step_keeps_nothing_of_vocabulary_size(smol, tmp_path):
     """One twist-form step of the real-model preset: what the fit keeps for later steps (its
     buffer of batches, the replay buffer) holds no tensor with a vocabulary-sized axis, and a
@@ -141,7 +131,7 @@ def test_one_gflownet_step_keeps_nothing_of_vocabulary_size(smol, tmp_path):
     sampler.train_step(prompts)
     vocab = target.vocab_size
     state = sampler.trainer.state_dict()
-    kept = tensors_in(state["batches"]) + tensors_in(state["replay"])
+    kept = list(tensors(state["batches"])) + list(tensors(state["replay"]))
     assert kept and all(vocab not in t.shape for t in kept)
     assert len(state["batches"]["batches"]) == 2  # both steps' batches are kept
     weights = sum(p.numel() * p.element_size() for p in sampler.weights.trainable_parameters)
