@@ -49,6 +49,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import GradientState, is_initialized
 from tqdm.auto import tqdm
+from transformers.optimization import Adafactor
 
 from gfn_spin.density import Density
 from gfn_spin.samples import Samples, ancestral_sample, pad_responses
@@ -225,11 +226,7 @@ class GFlowNetTrainer:
         self.config = config
         self.loss = OBJECTIVES[config.loss] if loss is None else loss
         self.source = RolloutSource(config.replay_capacity) if source is None else source
-        optimizer = torch.optim.AdamW(
-            parametrization.trainable_parameters,
-            lr=config.learning_rate,
-            weight_decay=config.weight_decay,
-        )
+        optimizer = make_optimizer(parametrization.trainable_parameters, config)
         if accelerator is None:
             accelerator = default_accelerator(parametrization.init.device)
         self.accelerator = accelerator
@@ -551,6 +548,27 @@ class GFlowNetTrainer:
             splice(whole.eos_logprobs, part.eos_logprobs),
             whole.lengths,
         )
+
+
+def make_optimizer(
+    parameters: list[torch.nn.Parameter], config: GFlowNetConfig
+) -> torch.optim.Optimizer:
+    """The fit's optimizer (``config.optimizer``), at ``config.learning_rate``, which the
+    schedule then scales."""
+    if config.optimizer == "adafactor":
+        # Adafactor's own relative step and parameter scaling are off: the toolkit's schedule
+        # sets the rate, as for AdamW. beta1=None keeps no first moment, so its whole state is
+        # the factored second moments.
+        return Adafactor(
+            parameters,
+            lr=config.learning_rate,
+            weight_decay=config.weight_decay,
+            beta1=None,
+            scale_parameter=False,
+            relative_step=False,
+            warmup_init=False,
+        )
+    return torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
 
 
 def default_accelerator(device: torch.device) -> Accelerator:
