@@ -64,6 +64,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="random: two random Llama-shaped LMs of --vocab/--width/--layers/--heads; "
         "smollm2: the real-model world's style pair (random)",
     )
+    parser.add_argument(
+        "--optimizer",
+        choices=("adamw", "adafactor"),
+        default="adamw",
+        help="the fit's optimizer (GFlowNetConfig.optimizer; adamw)",
+    )
     parser.add_argument("--vocab", type=int, default=49152, help="vocabulary size (49152)")
     parser.add_argument("--width", type=int, default=64, help="hidden size (64)")
     parser.add_argument("--layers", type=int, default=2, help="transformer layers (2)")
@@ -95,6 +101,7 @@ def setting(args: argparse.Namespace) -> tuple[GeometricMixture, list[list[int]]
         "explore_prob": 0.0,
         "replay_prob": 0.0,
         "seed": 0,
+        "optimizer": args.optimizer,
     }
     if args.world == "random":
         return random_mixture(args), random_prompts(args), batch | {"parametrization": "twist"}
@@ -161,7 +168,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         else (f"{args.layers} layers x {args.width}")
     )
     print(
-        f"twist GFlowNet fit, vocab {target.vocab_size}, {model}, α = {args.alpha}, batch "
+        f"twist GFlowNet fit ({args.optimizer}), vocab {target.vocab_size}, {model}, α = "
+        f"{args.alpha}, batch "
         f"{args.prompts} x {args.samples}, L = {args.new_tokens}, {args.steps} steps"
     )
     print(
