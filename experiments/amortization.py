@@ -2,22 +2,31 @@
 prompts, and which option transfers to new prompts?  ``python -m experiments.amortization``.
 
 For whoever decides how to train a GFlowNet of the tiny world's geometric mixture
-(docs/toyworld.md; ``--many_prompt overlap|stress``: the many-prompt world, whose eval prompts
-are new to every fit): the base setting (``--gflownet.<field>``, constant learning rate) is
+(docs/toyworld.md; ``--many-prompt overlap|stress``: the many-prompt world, whose eval prompts,
+evenly spaced among its new prompts, are new to every fit): the base setting
+(``--gflownet.<field>``, constant learning rate unless ``--amortization-schedule base``) is
 fitted on the train prompts in each form of ``amortization_forms``, and, as a non-amortized
 reference, on the eval prompts themselves; exact TV after each of ``amortization_steps``, on
-the eval prompts and (for the amortized fits) on as many train prompts, beside the
-maximum-likelihood oracle. Each amortized fit is then refined on the eval prompts for
-``refine_steps`` (semi-amortized: warm-started from it). Every row carries its fit's model
-tokens (``fit_tokens``; a refinement's include the amortized fit's). Outputs:
-:mod:`experiments.studies`.
+the eval prompts and (for the amortized fits) on as many train prompts, beside the local
+product (no fit) and the maximum-likelihood oracle (``--oracle false``: none). Each amortized
+fit is then refined on the eval prompts for ``refine_steps`` (``GFlowNetSampler.refine``,
+semi-amortized). Every row carries its fit's model tokens (``fit_tokens``; a refinement's
+include the amortized fit's). Outputs: :mod:`experiments.studies`.
+
+At ``GFlowNetConfig``'s defaults (the fits a user runs; docs/gflownet.md, "On the many-prompt
+world")::
+
+    python -m experiments.amortization --many-prompt stress --num-eval-prompts 8 \
+        --gflownet.parametrization auto --gflownet.learning-rate 2e-3 \
+        --gflownet.prompts-per-step 16 --gflownet.explore-prob 0.667 \
+        --amortization-schedule base --amortization-steps 1000 --oracle false
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -28,6 +37,7 @@ from gfn_spin.exact import ExactDistribution, exact_distribution
 from gfn_spin.mixtures import GeometricMixture
 from gfn_spin.options import option
 from gfn_spin.samples import pad_responses
+from samplers import AncestralSampler
 from samplers.gflownet import GFlowNetSampler
 from samplers.weighting import model_tokens
 
@@ -47,8 +57,19 @@ class AmortizationOptions:
     )
     refine_steps: int = option(
         50,
-        "Steps of semi-amortized refinement on the eval prompts, warm-started from each "
-        "amortized fit after its last amortization_steps (0: none).",
+        "Steps of semi-amortized refinement on the eval prompts (GFlowNetSampler.refine), "
+        "warm-started from each amortized fit after its last amortization_steps (0: none).",
+    )
+    amortization_schedule: Literal["constant", "base"] = option(
+        "constant",
+        '"constant": every fit at the base peak learning rate, so each of amortization_steps '
+        'measures a fit of that length; "base": the base setting\'s warmup and lr_decay over '
+        "the last of amortization_steps, so the last measurement is the fit as a user runs it "
+        "(the earlier ones are mid-schedule).",
+    )
+    oracle: bool = option(
+        True,
+        "Also fit the maximum-likelihood oracle on the train prompts (about one more fit's time).",
     )
 
     def validate(self, config: AblationConfig) -> None:
@@ -121,68 +142,76 @@ def amortization_alpha(
     config: AblationConfig, setup: Setup, alpha: float, logger: Any
 ) -> list[dict[str, Any]]:
     """The base GFlowNet setting fitted on the train prompts (in each form of
-    ``amortization_forms``, then refined on the eval prompts) vs on the eval prompts themselves.
+    ``amortization_forms``, then refined on the eval prompts) vs on the eval prompts themselves,
+    beside the local product (no fit) on both probes.
 
-    All fits run with a constant learning rate so that one fit is measured after each of
-    ``amortization_steps`` (a cosine schedule depends on the total). If the amortized fit
-    stalls while the one on the eval prompts keeps improving, and its TV on train prompts is no better
-    than on held-out ones, the limit is fitting many prompts with one adapter, not steps or
-    generalization. A third fit, the oracle of :func:`likelihood_fit` on the train prompts,
-    tells the SubTB training signal apart from what the parametrization can amortize.
+    By default all fits run with a constant learning rate so that one fit is measured after
+    each of ``amortization_steps`` (a cosine schedule depends on the total);
+    ``amortization_schedule="base"`` runs the base setting's own schedule instead. If the
+    amortized fit stalls while the one on the eval prompts keeps improving, and its TV on train
+    prompts is no better than on held-out ones, the limit is fitting many prompts with one
+    adapter, not steps or generalization. The oracle of :func:`likelihood_fit` on the train
+    prompts tells the SubTB training signal apart from what the parametrization can amortize.
     """
-    world, components, eval_prompts = setup.world, setup.components, setup.eval_prompts
+    world, eval_prompts = setup.world, setup.eval_prompts
     cap = world.max_new_tokens
     target = GeometricMixture([world.base, world.shifted], [1 - alpha, alpha])
     stride = max(1, len(world.train_prompts) // len(eval_prompts))
     train_probe = [list(p) for p in world.train_prompts[::stride][: len(eval_prompts)]]
     train_components = enumerate_components(world.base, world.shifted, train_probe, cap)
-    measured = {"eval": (eval_prompts, components), "train": (train_probe, train_components)}
+    measured = {"eval": (eval_prompts, setup.components), "train": (train_probe, train_components)}
     study = _AmortizationStudy(config, world.shifted, target, alpha, cap, measured, logger)
-    refine_steps = config.amortization_options.refine_steps
-    rows = []
+    local = target.local_product()
+    baseline = AncestralSampler(local, max_new_tokens=cap, target=target)
+    rows = [
+        study.measure("Local product (no fit)", baseline, local, on, "no fit", 0, 0.0, 0, 0)
+        for on in ("eval", "train")
+    ]
     for fit_name, form, prompts, oracle, measured_on in _fits(config, world, eval_prompts):
         sampler = study.sampler_for(fit_name, form)
-        gfn = sampler.config
-        generator, exact = torch.Generator().manual_seed(config.seed), {}
-        seconds, tokens0 = 0.0, model_tokens(target, sampler.policy)
-        for steps in sorted(config.amortization_options.amortization_steps):
-            started = time.perf_counter()
-            if oracle:
-                likelihood_fit(sampler, prompts, steps, generator, exact)
-            else:
-                sampler.fit(prompts, steps=steps, progress=False)
-            seconds += time.perf_counter() - started
-            # the oracle reads the enumerated target: no count of evaluations applies
-            evaluations = None if oracle else steps * gfn.prompts_per_step * gfn.samples_per_prompt
-            tokens = None if oracle else model_tokens(target, sampler.policy) - tokens0
-            setting = f"{len(prompts)} fit prompts, {steps} steps"
-            rows += [
-                study.measure(fit_name, sampler, on, setting, steps, seconds, tokens, evaluations)
-                for on in measured_on
-            ]
-        if refine_steps and "train" in measured_on and not oracle:
-            refined = study.sampler_for(fit_name + " refined", form)
-            refined.warm_start(sampler)
-            started, before = time.perf_counter(), model_tokens(target, refined.policy)
-            refined.fit(eval_prompts, steps=refine_steps, progress=False)
-            extra = model_tokens(target, refined.policy) - before
-            setting = (
-                f"{len(prompts)} fit prompts, {steps} steps, then {refine_steps} steps "
-                f"on the eval prompts ({extra} tokens)"
-            )
-            rows.append(
-                study.measure(
-                    f"{fit_name}, refined on eval prompts",
-                    refined,
-                    "eval",
-                    setting,
-                    steps + refine_steps,
-                    seconds + time.perf_counter() - started,
-                    tokens + extra,
-                    evaluations + refine_steps * gfn.prompts_per_step * gfn.samples_per_prompt,
-                )
-            )
+        fit_rows, seconds, tokens = _fit_and_measure(
+            study, sampler, fit_name, prompts, oracle, measured_on
+        )
+        rows += fit_rows
+        if config.amortization_options.refine_steps and "train" in measured_on and not oracle:
+            rows.append(study.refine(sampler, fit_name, eval_prompts, seconds, tokens))
     return rows
+
+
+def _fit_and_measure(
+    study: _AmortizationStudy,
+    sampler: GFlowNetSampler,
+    fit_name: str,
+    prompts: list,
+    oracle: bool,
+    measured_on: tuple[str, ...],
+) -> tuple[list[dict[str, Any]], float, int | None]:
+    """One fit measured on ``measured_on`` after each of ``amortization_steps``: its rows, and
+    its seconds and model tokens in all (None for the oracle)."""
+    options, gfn = study.config.amortization_options, sampler.config
+    generator, exact = torch.Generator().manual_seed(study.config.seed), {}
+    seconds, spent = 0.0, 0
+    horizon, rows = max(options.amortization_steps), []
+    for steps in sorted(options.amortization_steps):
+        # the components' counters also advance while measuring: count the fit's chunks only
+        started, before = time.perf_counter(), model_tokens(study.target, sampler.policy)
+        if oracle:
+            likelihood_fit(sampler, prompts, steps, generator, exact)
+        else:
+            sampler.fit(prompts, steps=steps, progress=False, schedule_steps=horizon)
+        seconds += time.perf_counter() - started
+        spent += model_tokens(study.target, sampler.policy) - before
+        # the oracle reads the enumerated target: no count of evaluations applies
+        evaluations = None if oracle else steps * gfn.prompts_per_step * gfn.samples_per_prompt
+        tokens = None if oracle else spent
+        setting = f"{len(prompts)} fit prompts, {steps} steps"
+        rows += [
+            study.measure(
+                fit_name, sampler, sampler.policy, on, setting, steps, seconds, tokens, evaluations
+            )
+            for on in measured_on
+        ]
+    return rows, seconds, tokens
 
 
 def _fits(
@@ -200,22 +229,25 @@ def _fits(
         )
         for form in config.amortization_options.amortization_forms
     ]
-    fits += [
+    fits.append(
         (
             "GFlowNet fit on eval prompts",
             config.gflownet.parametrization,
             eval_prompts,
             False,
             ("eval",),
-        ),
-        (
-            "Likelihood fit on exact target draws (oracle) on train prompts",
-            config.gflownet.parametrization,
-            world.train_prompts,
-            True,
-            ("eval", "train"),
-        ),
-    ]
+        )
+    )
+    if config.amortization_options.oracle:
+        fits.append(
+            (
+                "Likelihood fit on exact target draws (oracle) on train prompts",
+                config.gflownet.parametrization,
+                world.train_prompts,
+                True,
+                ("eval", "train"),
+            )
+        )
     return fits
 
 
@@ -232,10 +264,13 @@ class _AmortizationStudy:
     measured: dict[str, tuple[Any, Any]]
     logger: Any
 
-    def measure(self, name, sampler, on, setting, steps, seconds, tokens, evaluations) -> dict:
-        """The exact-TV row of ``sampler`` on the ``on`` probe, with its fit's costs."""
+    def measure(
+        self, name, sampler, density, on, setting, steps, seconds, tokens, evaluations
+    ) -> dict:
+        """The exact-TV row of ``density`` (``sampler``'s law) on the ``on`` probe, with its
+        fit's costs."""
         probe, probe_components = self.measured[on]
-        entry = Entry(f"{name}, TV on {on} prompts", sampler, sampler.policy, "")
+        entry = Entry(f"{name}, TV on {on} prompts", sampler, density, "")
         (row,) = evaluate_exact(
             self.config,
             self.shifted,
@@ -257,12 +292,46 @@ class _AmortizationStudy:
         self.logger.info("α=%g %s, %s: TV %.4f", self.alpha, entry.name, setting, row["tv"])
         return row
 
-    def sampler_for(self, fit_name: str, form: str) -> GFlowNetSampler:
-        """A fresh GFlowNet in ``form`` at a constant learning rate, its adapter named by fit."""
-        gfn = gfn_config(
-            self.config, f"lr_decay=constant,parametrization={form}", self.alpha, self.cap
+    def refine(
+        self,
+        amortized: GFlowNetSampler,
+        fit_name: str,
+        prompts: list,
+        seconds: float,
+        tokens: int,
+    ) -> dict[str, Any]:
+        """``amortized`` refined on the eval ``prompts`` (``GFlowNetSampler.refine``, which
+        keeps its config: its schedule over ``refine_steps``), measured there; its costs
+        include the amortized fit's."""
+        steps, gfn = self.config.amortization_options.refine_steps, amortized.config
+        started, before = time.perf_counter(), model_tokens(self.target, amortized.policy)
+        refined = amortized.refine(prompts, steps)
+        # both policies read the target's components, whose counters the refinement advanced
+        extra = model_tokens(self.target, refined.policy) - before
+        done = amortized.state.step
+        setting = f"{done} steps, then {steps} steps on the eval prompts ({extra} tokens)"
+        return self.measure(
+            f"{fit_name}, refined on eval prompts",
+            refined,
+            refined.policy,
+            "eval",
+            setting,
+            done + steps,
+            seconds + time.perf_counter() - started,
+            tokens + extra,
+            (done + steps) * gfn.prompts_per_step * gfn.samples_per_prompt,
         )
-        gfn.adapter_name += "_" + "".join(c if c.isalnum() else "_" for c in fit_name.lower())
+
+    def sampler_for(self, fit_name: str, form: str) -> GFlowNetSampler:
+        """A fresh GFlowNet in ``form`` (at a constant learning rate unless
+        ``amortization_schedule`` is "base"), its adapter named by fit."""
+        variant = f"parametrization={form}"
+        if self.config.amortization_options.amortization_schedule == "constant":
+            variant = "lr_decay=constant," + variant
+        gfn = gfn_config(self.config, variant, self.alpha, self.cap)
+        # α and the fit tell the study's adapters apart; short enough for refine's "_refined"
+        slug = "".join(c if c.isalnum() else "_" for c in f"{self.alpha:g}_{fit_name}".lower())
+        gfn.adapter_name = f"amortization_{slug}"
         return GFlowNetSampler(self.target, self.shifted, gfn)
 
 

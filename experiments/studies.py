@@ -110,7 +110,9 @@ class AblationConfig(EvaluationConfig):
         fitted, never in SFT) the eval prompts; empty: the tiny world.""",
     )
     num_eval_prompts: int = option(
-        4, "Held-out prompts whose target is enumerated (each has 21,845 responses at L=7)."
+        4,
+        "Held-out prompts whose target is enumerated (each has 21,845 responses at L=7; evenly "
+        "spaced among the many-prompt world's new prompts).",
     )
     draws: int = option(
         64, "Draws per eval prompt of SIR/SMC (their |Δlog Z| is measured on them)."
@@ -179,7 +181,11 @@ class Setup:
 
     @cached_property
     def eval_prompts(self) -> list[list[int]]:
-        return [list(p) for p in self.world.eval_prompts[: self.config.num_eval_prompts]]
+        prompts, count = self.world.eval_prompts, self.config.num_eval_prompts
+        # The many-prompt world's 1,024 new prompts are sorted: its first few would share
+        # their first symbols, so it is probed at evenly spaced ones.
+        stride = max(1, len(prompts) // count) if self.config.many_prompt else 1
+        return [list(p) for p in prompts[::stride][:count]]
 
     @cached_property
     def components(self) -> Components:
@@ -305,15 +311,16 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     )
     axes[2].set(xlabel="exact TV, one prompt, equal target evaluations")
     for (alpha, name), group in _groups(amortized, ("alpha", "name")).items():
-        axes[3].plot(
-            [r["train_steps"] for r in group],
-            [r["tv"] for r in group],
-            "o-",
-            label=name.replace("GFlowNet fit", "SubTB fit").replace(
+        label = (
+            name.replace("GFlowNet fit", "SubTB fit").replace(
                 "Likelihood fit on exact target draws (oracle)", "oracle fit"
             )
-            + f" α={alpha:g}",
+            + f" α={alpha:g}"
         )
+        if all(r["train_steps"] == 0 for r in group):  # no fit (the local product): a level
+            axes[3].axhline(group[0]["tv"], ls=":", lw=1, label=label)
+            continue
+        axes[3].plot([r["train_steps"] for r in group], [r["tv"] for r in group], "o-", label=label)
     if amortized:
         axes[3].axhline(0.02, color="red", ls="--", lw=0.8)
         axes[3].set(xscale="log", xlabel="training steps", ylabel="exact TV")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import types
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from experiments.amortization import AmortizationConfig
 from experiments.cli import build_parser, parse_config
 from experiments.large_models import LargeConfig
 from experiments.sampler_sweep import SweepConfig
+from experiments.studies import Setup
 from experiments.torchgfn_baseline import TorchgfnConfig
 from gfn_spin.exact import divergences, exact_distribution
 from gfn_spin.mixtures import GeometricMixture
@@ -66,6 +68,8 @@ def test_tiny_ablation_writes_outputs(world, tmp_path):
         ]
         # each amortized form refined 2 steps on the eval prompts after its 4
         + [(f"{form}, refined on eval prompts, TV on eval prompts", "6") for form in forms]
+        # the local product, no fit, on both probes
+        + [(f"Local product (no fit), TV on {on} prompts", "0") for on in ("eval", "train")]
     )
     gflownet = [r for r in rows if r["section"] == "sweep" and r["name"].startswith("GFlowNet")]
     budgets = [r for r in rows if r["section"] == "sweep" and r["name"][:3] in ("SIR", "SMC")]
@@ -135,6 +139,83 @@ def test_the_umbrella_offers_every_flag_of_every_study():
 def test_bad_setting_is_rejected_before_work(tmp_path, flag, setting, message):
     with pytest.raises(ValueError, match=message):
         sampler_ablation.main(["--output-dir", str(tmp_path), flag, setting])
+
+
+def test_amortization_at_the_base_schedule_measures_the_fits_a_user_runs(world, tmp_path):
+    """With ``--amortization-schedule base`` the study's fits are the base setting's own: its
+    eval-prompt fit, measured after 3 and 5 steps, is at 5 the fit of 5 steps done by hand
+    (cosine over 5 steps, from the same seed) and its refinement is ``refine``'s; the local
+    product's row is its TV enumerated directly. Both sides are exact laws, so they agree to
+    float32 rounding (1e-6); a schedule spanning each chunk alone, or the constant rate, gives
+    another fit."""
+    settings = {
+        "steps": 2,
+        "prompts_per_step": 2,
+        "samples_per_prompt": 2,
+        "learning_rate": 0.01,
+        "warmup_steps": 1,
+    }
+    flags = [f"--gflownet.{k.replace('_', '-')}={v}" for k, v in settings.items()]
+    results = amortization.main(
+        [
+            "--output-dir", str(tmp_path / "study"),
+            "--world-cache", str(world.directory.parent),
+            "--num-eval-prompts", "2", "--draws", "4",
+            *flags,
+            "--amortization-steps", "3", "5",
+            "--amortization-forms", "twist",
+            "--refine-steps", "2",
+            "--amortization-schedule", "base",
+            "--oracle", "false",
+            "--progress", "false",
+        ]
+    )  # fmt: skip
+    rows = {(r["name"], r["train_steps"]): r for r in results["rows"]}
+    assert not any("oracle" in name for name, _ in rows)
+    cap, prompts = world.max_new_tokens, [list(p) for p in world.eval_prompts[:2]]
+    target = GeometricMixture([world.base, world.shifted], [0.5, 0.5])
+
+    def tv(density) -> float:
+        with torch.no_grad():
+            values = [
+                0.5
+                * float(
+                    (
+                        exact_distribution(density, p, cap).logprobs.exp()
+                        - exact_distribution(target, p, cap).logprobs.exp()
+                    )
+                    .abs()
+                    .sum()
+                )
+                for p in prompts
+            ]
+        return sum(values) / len(values)
+
+    config = {**settings, "max_new_tokens": cap, "parametrization": "twist", "twist_updates": 8}
+    config.update(explore_prob=0.0, seed=0)
+    by_hand = GFlowNetSampler(target, world.shifted, adapter_name="by_hand", **config)
+    by_hand.fit(prompts, steps=5, progress=False)
+    on_eval = rows[("GFlowNet fit on eval prompts, TV on eval prompts", 5)]
+    assert on_eval["tv"] == pytest.approx(tv(by_hand.policy), abs=1e-6)
+    local = rows[("Local product (no fit), TV on eval prompts", 0)]
+    assert local["tv"] == pytest.approx(tv(target.local_product()), abs=1e-6)
+    amortized = GFlowNetSampler(target, world.shifted, adapter_name="amortized", **config)
+    amortized.fit(world.train_prompts, steps=5, progress=False)
+    name = "GFlowNet (twist) fit on train prompts, refined on eval prompts, TV on eval prompts"
+    refined = amortized.refine(prompts, 2)
+    assert rows[(name, 7)]["tv"] == pytest.approx(tv(refined.policy), abs=1e-6)
+
+
+def test_the_many_prompt_world_is_probed_at_evenly_spaced_new_prompts():
+    """Its 1,024 new prompts are sorted, so the first 8 would share their first symbols: the
+    studies take every 128th instead; the tiny world keeps its first eval prompts."""
+    world = types.SimpleNamespace(eval_prompts=[[i] for i in range(1024)])
+    for many_prompt, expected in (("overlap", range(0, 1024, 128)), ("", range(8))):
+        config = parse_config(AmortizationConfig, ["--num-eval-prompts", "8"])
+        config.many_prompt = many_prompt
+        setup = Setup(config, logger=None)
+        setup.__dict__["world"] = world  # the cached property, without building a world
+        assert setup.eval_prompts == [[i] for i in expected]
 
 
 def _oracle_kl(world, prompt, fit_alpha: float, reference) -> tuple[float, float]:
