@@ -70,7 +70,7 @@ def test_scores_match_decoding_and_each_row_alone(world):
         for b, prompt in enumerate(rows):
             # The prompt's hidden states from the models themselves, unpadded, read through the
             # weights each component reads: the session's world models carry the adapters other
-            # tests trained (peft leaves the last one added active), which the policies route
+            # tests trained (peft keeps one of them active), which the policies route
             # around but a bare model call would add in.
             hidden = []
             for c in local.components:
