@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from gfn_spin import GeometricMixture
+from gfn_spin.adapters import route
 from gfn_spin.exact import exact_distribution
 from gfn_spin.prompt_twist import PromptAttentionTwistHead, PromptTwistedLocalProduct
 from gfn_spin.samples import ancestral_sample, pad_responses
@@ -67,16 +68,16 @@ def test_scores_match_decoding_and_each_row_alone(world):
             decoded.append(state.next_logprobs)
         decoded = torch.stack(decoded, dim=1)
         for b, prompt in enumerate(rows):
-            # The prompt's hidden states from the models themselves, unpadded.
-            memory = torch.cat(
-                [
-                    c.model(input_ids=torch.tensor([prompt]), output_hidden_states=True)
-                    .hidden_states[-1][0]
-                    .float()
-                    for c in local.components
-                ],
-                dim=-1,
-            )
+            # The prompt's hidden states from the models themselves, unpadded, read through the
+            # weights each component reads: the session's world models carry the adapters other
+            # tests trained (peft keeps one of them active), which the policies route
+            # around but a bare model call would add in.
+            hidden = []
+            for c in local.components:
+                with route(c.model, c.adapter):
+                    out = c.model(input_ids=torch.tensor([prompt]), output_hidden_states=True)
+                hidden.append(out.hidden_states[-1][0].float())
+            memory = torch.cat(hidden, dim=-1)
             outputs = [
                 c.step_logprobs_and_features([prompt], ids[b : b + 1], lengths[b : b + 1])
                 for c in local.components
