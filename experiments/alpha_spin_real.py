@@ -21,7 +21,7 @@ restarted.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,9 +30,11 @@ import torch
 from experiments.alpha_spin import label, mean_std, run_jobs, write_study
 from experiments.cli import parse_config
 from experiments.common import prepare_output_dir, setup_logging
+from experiments.real_model import real_model_gflownet
 from gfn_spin.devices import resolve_device
 from gfn_spin.options import option
 from gfn_spin.policy import Policy
+from samplers.gflownet.config import RUN_DERIVED_FIELDS
 from selfplay import AlphaSpinConfig, AlphaSpinTrainer
 from worlds.smollm import SmolWorldConfig, TaskScorer, converted_folder, task_pairs, task_split
 
@@ -144,6 +146,20 @@ StudyConfig.QUICK = {
 }
 
 
+def study_gflownet(study: StudyConfig) -> dict[str, Any]:
+    """The GFlowNet opponent's settings: the real-model preset
+    (:func:`experiments.real_model.real_model_gflownet`) at the study's steps, without the
+    fields each run sets itself. The tiny world's defaults (lr 2e-3, 8 head updates per rollout,
+    exploration) took the opponent's KL to π_ref from the local product's to 0.97 nats in 8
+    steps on this model."""
+    preset = replace(
+        real_model_gflownet(),
+        steps=study.gflownet_steps,
+        warmup_steps=study.gflownet_steps // 4,
+    )
+    return {k: v for k, v in asdict(preset).items() if k not in RUN_DERIVED_FIELDS}
+
+
 def run_one(job: dict[str, Any]) -> dict[str, Any]:
     """One (variant, seed) run in a worker: train from the base, score every iterate."""
     torch.set_num_threads(1)
@@ -181,13 +197,7 @@ def jobs(study: StudyConfig, root: Path, base: Path) -> list[dict[str, Any]]:
                         "sampler": study.sampler,
                         "num_candidates": study.num_candidates,
                         "num_particles": study.num_particles,
-                        "gflownet": {
-                            "steps": study.gflownet_steps,
-                            "prompts_per_step": 4,
-                            "samples_per_prompt": 4,
-                            "twist_buffer": 4,
-                            "warmup_steps": study.gflownet_steps // 4,
-                        },
+                        "gflownet": study_gflownet(study),
                         "gflownet_warm_steps": max(1, study.gflownet_steps // 4),
                         "beta": study.beta,
                         "learning_rate": study.learning_rate,
