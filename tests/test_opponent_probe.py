@@ -302,3 +302,31 @@ def test_real_study_table_shows_the_probe_and_marks_a_bound():
     assert "| SPIN | —" not in text  # no probe at α = 1: no row
     with pytest.raises(ValueError, match="probe_prompts=65 exceeds train_tasks=64"):
         StudyConfig(probe_prompts=65).validate()
+
+
+def test_real_study_gflownet_opponent_builds_for_every_reference(world, tmp_path):
+    """The study's GFlowNet settings (the real-model preset) make an opponent for the reference
+    of every α < 1 variant at iteration 2, whose M_h mixes π_0 and π_1 when h ≥ 2 (no twist
+    form there: the preset's "twist" failed the α-SPIN runs at that iteration)."""
+    from experiments.alpha_spin_real import StudyConfig, jobs
+    from experiments.cli import parse_config
+    from selfplay.reference import build_reference
+
+    study = parse_config(StudyConfig, ["--quick", "--sampler", "gflownet"])
+    variants = {
+        job["variant"]: job
+        for job in jobs(study, tmp_path, tmp_path / "base")
+        if job["config"]["alpha"] < 1
+    }
+    assert variants
+    for job in variants.values():
+        config = AlphaSpinConfig(**job["config"])
+        assert config.gflownet.optimizer == "adafactor"  # the real-model preset
+        # Fresh policies: the residual form adds its adapter to the model it reads.
+        iterates = [world.load_policy("base"), world.load_policy("shifted")]
+        reference = build_reference(iterates, config.alpha, config.history)
+        sampler = opponent_sampler(
+            config, reference, iterates, max_new_tokens=CAP, iteration=2,
+            fit_prompts=world.train_prompts[:2],
+        )  # fmt: skip
+        assert sampler.sample(world.eval_prompts[:1], 1, generator=0).lengths.numel() == 1
