@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from gfn_spin import Policy
-from gfn_spin.adapters import default_lora_config
+from gfn_spin.adapters import default_lora_config, route
 from gfn_spin.data import encode_example, uses_chat_template
 from gfn_spin.samples import ancestral_sample
 from worlds.toy import numbered_tokenizer
@@ -39,7 +39,9 @@ def test_token_scores_equal_hf_log_softmax(world, raw_policy):
     eos = world.tokenizer.eos_token_id
     for b, (prompt, row) in enumerate(zip(prompts, rows, strict=True)):
         full = torch.tensor([prompt + row])
-        with torch.no_grad():
+        # Through the adapter the policy reads (none): the session's shared model may carry
+        # adapters other tests added, which a bare call would apply.
+        with torch.no_grad(), route(world.base.model, world.base.adapter):
             logp = torch.log_softmax(world.base.model(input_ids=full).logits[0].float(), -1)
         for k in range(width):
             state = len(prompt) - 1 + k
