@@ -20,6 +20,7 @@ from gfn_spin.scores import weighted_logsum
 from gfn_spin.twisted_local_product import TwistedLocalProduct, head_inputs
 from samplers import GFlowNetSampler
 from samplers.gflownet import StateRecorder
+from tests.stepping import forced_and_decoded
 
 L = 7
 
@@ -60,13 +61,7 @@ def test_scores_match_decoding_and_each_row_alone(world):
     local, twisted = _twisted(world)
     rows, ids, lengths = _rows(world)
     with torch.no_grad():
-        forced = twisted.step_logprobs(rows, ids, lengths)
-        state = twisted.start(rows)
-        decoded = [state.next_logprobs]
-        for k in range(L):
-            state = twisted.advance(state, ids[:, k].clamp_min(0))
-            decoded.append(state.next_logprobs)
-        decoded = torch.stack(decoded, dim=1)
+        forced, decoded = forced_and_decoded(twisted, rows, ids, lengths)
         for b, prompt in enumerate(rows):
             # The prompt's hidden states from the models themselves, unpadded, read through the
             # weights each component reads: the session's world models carry the adapters other

@@ -22,6 +22,7 @@ from gfn_spin.twisted_local_product import TwistedLocalProduct, TwistHead, head_
 from objectives.distill import distillation_loss
 from samplers import GFlowNetSampler
 from samplers.gflownet import StateRecorder
+from tests.stepping import forced_and_decoded
 
 L = 7
 
@@ -61,14 +62,7 @@ def test_teacher_forced_scores_match_decoding_and_a_per_state_recomputation(worl
     _, local, twisted = _twisted(world)
     rows, ids, lengths = _batch(twisted, prompt)
     with torch.no_grad():
-        forced = twisted.step_logprobs(rows, ids, lengths)
-        # Step by step through the KV-cache path.
-        state = twisted.start(rows)
-        decoded = [state.next_logprobs]
-        for k in range(L):
-            state = twisted.advance(state, ids[:, k].clamp_min(0))
-            decoded.append(state.next_logprobs)
-        decoded = torch.stack(decoded, dim=1)
+        forced, decoded = forced_and_decoded(twisted, rows, ids, lengths)
         # Per state from the components' own teacher-forced outputs, one row and state at a time.
         outputs = [c.step_logprobs_and_features(rows, ids, lengths) for c in local.components]
         # Scores from stored outputs (the head runs on valid states only) equal the full pass.
