@@ -41,6 +41,9 @@ class SampleStats(Mapping):
         log_z: ``[P]`` estimate (or exact value) of the target's log-normalizer.
         elbo: ``[P]`` mean of ``log G̃ − log q`` over the prompt's draws (exact ``log_q`` only).
         log_z_populations: ``[P, num_samples]`` each SMC population's (or SIR draw's) ``log Ẑ``.
+        log_weights: ``[P, num_samples, K or N]`` the importance log-weights of every SIR draw's
+            K candidates, or of every SMC population's N particles since its last resampling
+            (all of them with resampling off): what a pilot reads the weight distribution from.
         resamples: ``[P]`` mean resampling steps per SMC population.
         num_candidates: SIR's K.
         num_particles: SMC's N.
@@ -53,6 +56,7 @@ class SampleStats(Mapping):
     log_z: torch.Tensor | None = None
     elbo: torch.Tensor | None = None
     log_z_populations: torch.Tensor | None = None
+    log_weights: torch.Tensor | None = None
     resamples: torch.Tensor | None = None
     num_candidates: int | None = None
     num_particles: int | None = None

@@ -52,7 +52,8 @@ class ImportanceResampler(ProposalSampler):
     blocks; K when the proposal is the target; ``ess_fraction`` is it over K), ``log_z``
     ``[P]`` (``logmeanexp`` of all the prompt's ``num_samples·K`` log-weights),
     ``log_z_populations`` ``[P, num_samples]`` (each draw's own ``log Ẑ`` from its K candidates,
-    independent across draws), ``tokens``, ``seconds``, ``num_candidates``.
+    independent across draws), ``log_weights`` ``[P, num_samples, K]`` (every candidate's),
+    ``tokens``, ``seconds``, ``num_candidates``.
 
     Args:
         target: the density to sample (any density; unnormalized is fine).
@@ -114,7 +115,7 @@ class ImportanceResampler(ProposalSampler):
     ) -> Draws:
         if self._decoder is not None:
             draws = self._decoder.populations(prompt_ids, num_samples, generator)
-            keep = ("ess", "ess_fraction", "log_z", "log_z_populations")
+            keep = ("ess", "ess_fraction", "log_z", "log_z_populations", "log_weights")
             stats = {key: draws.stats[key] for key in keep}
             draws.stats = {**stats, "num_candidates": self.num_candidates}
             return draws
@@ -159,6 +160,7 @@ class ImportanceResampler(ProposalSampler):
                 "ess_fraction": ess / k,
                 "log_z": logmeanexp(log_w.flatten(1)).cpu(),
                 "log_z_populations": logmeanexp(log_w).cpu(),
+                "log_weights": log_w.cpu(),
                 "num_candidates": k,
             },
         )

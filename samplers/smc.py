@@ -139,8 +139,9 @@ class SMCSampler(ProposalSampler):
     ``stats``: ``log_z`` ``[P]`` (``log`` of the mean over the prompt's populations of ``Ẑ``),
     ``log_z_populations`` ``[P, num_samples]`` (each population's ``log Ẑ``), ``ess`` ``[P]``
     (absolute ESS of the final weights, mean over populations; ``ess_fraction`` is it over N),
-    ``resamples`` ``[P]`` (mean resampling steps per population), ``tokens``, ``seconds``,
-    ``num_particles``.
+    ``log_weights`` ``[P, num_samples, N]`` (each population's final weights since its last
+    resampling), ``resamples`` ``[P]`` (mean resampling steps per population), ``tokens``,
+    ``seconds``, ``num_particles``.
 
     Args:
         target: the density to sample (a GeometricMixture typically; any density works).
@@ -224,6 +225,7 @@ class SMCSampler(ProposalSampler):
                 "ess_fraction": ess / self.num_particles,
                 "log_z": logmeanexp(log_z_populations),
                 "log_z_populations": log_z_populations,
+                "log_weights": merged["log_weights"].view(*per_prompt, -1).double().cpu(),
                 "resamples": merged["resamples"].view(per_prompt).double().mean(1).cpu(),
                 "num_particles": self.num_particles,
             },
@@ -458,6 +460,7 @@ class SMCSampler(ProposalSampler):
             "log_target": populations.path_log_target[chosen].float(),
             "log_z": populations.log_z,
             "ess": effective_sample_size(by_group),
+            "log_weights": by_group,
             "resamples": populations.resamples,
         }
 
