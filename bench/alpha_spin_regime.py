@@ -20,7 +20,11 @@ fit prompts (the same prompts every iteration, as SPIN's training set). Opponent
 - SMC with N particles from the local product: its law has no closed form, so its TV is the
   empirical TV of ``--smc-draws`` draws per probe prompt, printed beside the same estimator on as
   many exact draws (the noise floor: only what lies above it is SMC's error). Tokens measured as
-  SIR's.
+  SIR's;
+- auto: what ``samplers.choose_sampler`` picks for ``--auto-accuracy`` (α-SPIN's ``auto``),
+  with its exact TV and its total tokens (its pilot, and the GFlowNet's fit if it asks for
+  one), over the cheapest option whose exact TV meets that accuracy: SIR at the smallest such
+  K (bisected below the grid), or the GFlowNet, fit included.
 
 TV is the mean over ``--probe`` evenly spaced prompts of those served, with its standard error
 over prompts. ``--quick`` runs a small setting (a few minutes on a CPU).
@@ -44,7 +48,7 @@ from bench._timing import emit
 from bench.alpha_spin_iteration import ReferenceLaw, counts
 from gfn_spin.mixtures import GeometricMixture
 from gfn_spin.policy import Policy
-from samplers import ImportanceResampler, SMCSampler
+from samplers import ImportanceResampler, SMCSampler, choose_sampler
 from samplers.gflownet import GFlowNetConfig, GFlowNetSampler
 from samplers.weighting import model_tokens
 from worlds.many_prompt import ManyPromptConfig, ManyPromptWorld, build_many_prompt_world
@@ -110,12 +114,169 @@ def responses(samples: Any) -> list[tuple[int, ...]]:
     ]
 
 
+def sir_row(
+    args: argparse.Namespace,
+    law: ReferenceLaw,
+    reference: GeometricMixture,
+    local: Any,
+    ks: Sequence[int],
+    cost_prompts: Sequence[Sequence[int]],
+    scale: float,
+) -> dict[int, dict[str, float]]:
+    """Per K: SIR's exact TV (local-product proposal) and its tokens over all draws."""
+    tvs = law.sir_tvs(local, ks)
+    return {
+        k: {
+            "tv": tvs[k],
+            "tokens": sir_tokens(reference, local, k, law.cap, cost_prompts, args.draws) * scale,
+        }
+        for k in ks
+    }
+
+
+def sir_tokens(
+    reference: GeometricMixture,
+    local: Any,
+    k: int,
+    cap: int,
+    cost_prompts: Sequence[Sequence[int]],
+    draws: int,
+) -> int:
+    """Measured model tokens of SIR with K candidates on ``cost_prompts``."""
+    return draw_tokens(
+        ImportanceResampler(reference, local, k, max_new_tokens=cap), cost_prompts, draws
+    )
+
+
+def smc_rows(
+    args: argparse.Namespace,
+    law: ReferenceLaw,
+    reference: GeometricMixture,
+    cost_prompts: Sequence[Sequence[int]],
+    scale: float,
+    probe: Sequence[Sequence[int]],
+) -> tuple[dict[int, dict[str, Any]], tuple[float, float]]:
+    """Per N: SMC's empirical TV on the probe prompts and its tokens; and the noise floor of
+    that estimator (as many exact draws)."""
+    generator = torch.Generator().manual_seed(args.seed)
+    floor = mean_and_error(
+        empirical_tv(
+            law,
+            [
+                [
+                    target.responses[i]
+                    for i in target.sample_indices(args.smc_draws, generator).tolist()
+                ]
+                for target in law.exact
+            ],
+        )
+    )
+    smc = {}
+    for n in counts(args.particles):
+        sampler = SMCSampler(reference, n, max_new_tokens=law.cap)
+        tokens = draw_tokens(sampler, cost_prompts, args.draws) * scale
+        draws = [responses(sampler.sample([p], args.smc_draws, generator=args.seed)) for p in probe]
+        smc[n] = {"empirical_tv": mean_and_error(empirical_tv(law, draws)), "tokens": tokens}
+    return smc, floor
+
+
+def smallest_sir_k(law: ReferenceLaw, local: Any, accuracy: float, ks: Sequence[int]) -> int | None:
+    """The smallest K whose SIR (local-product proposal) has exact mean TV ≤ ``accuracy``:
+    the first K of the grid ``ks`` that does, then bisection below it (SIR's TV falls with K)."""
+    tvs = law.sir_tvs(local, ks)
+    above = [k for k in ks if tvs[k] <= accuracy]
+    if not above:
+        return None
+    high = above[0]
+    low = max([k for k in ks if k < high], default=0)  # its TV is above the accuracy
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (
+            (low, middle) if law.sir_tvs(local, [middle])[middle] <= accuracy else (middle, high)
+        )
+    return high
+
+
+def auto_row(
+    args: argparse.Namespace,
+    law: ReferenceLaw,
+    reference: GeometricMixture,
+    prompts: Sequence[Sequence[int]],
+    cost_prompts: Sequence[Sequence[int]],
+    scale: float,
+    fitted: tuple[GFlowNetSampler, int, float, float],
+) -> dict[str, Any]:
+    """What ``samplers.choose_sampler`` picks for ``--auto-accuracy`` (as α-SPIN's ``auto``
+    does), its exact TV and total tokens (pilot, and the fit when it fits), against the
+    cheapest opponent whose exact TV meets that accuracy: SIR at its smallest such K, or the
+    iteration's GFlowNet (fit included) when its TV does.
+
+    ``fitted``: the iteration's GFlowNet, its fit tokens, exact TV and total tokens. It is fitted
+    before the choice; ``choose_sampler`` is handed it through ``fit_gflownet``, so its fit
+    is charged to ``auto`` only when ``auto`` asks for a fit, as in α-SPIN.
+    """
+    gflownet, fit_tokens, gfn_tv, gfn_total = fitted
+    asked: list[bool] = []
+
+    def fit() -> tuple[GFlowNetSampler, int]:
+        asked.append(True)
+        return gflownet, fit_tokens
+
+    config = gflownet.config
+    choice = choose_sampler(
+        reference,
+        prompts,
+        accuracy=args.auto_accuracy,
+        draws_per_prompt=args.draws,
+        max_new_tokens=law.cap,
+        fit_gflownet=fit,
+        fit_rollouts=config.steps * config.prompts_per_step * config.samples_per_prompt,
+        rule=args.auto_rule,
+        generator=args.seed,
+    )
+    chosen = choice.sampler
+    local = reference.local_product()
+    if isinstance(chosen, GFlowNetSampler):
+        tv = gfn_tv
+    elif isinstance(chosen, ImportanceResampler):
+        k = chosen.num_candidates
+        tv = law.sir_tvs(chosen.proposal, [k])[k]
+    else:  # the local product alone
+        tv = law.sir_tvs(local, [1])[1]
+    total = choice.pilot_tokens + (fit_tokens if asked else 0)
+    total += draw_tokens(chosen, cost_prompts, args.draws) * scale
+    k_min = smallest_sir_k(law, local, args.auto_accuracy, counts(args.candidates))
+    cheapest = {}
+    if k_min is not None:
+        cheapest[f"SIR K={k_min}"] = (
+            sir_tokens(reference, local, k_min, law.cap, cost_prompts, args.draws) * scale
+        )
+    if gfn_tv <= args.auto_accuracy:
+        cheapest["GFlowNet"] = gfn_total
+    best = min(cheapest, key=cheapest.get) if cheapest else None
+    return {
+        "accuracy": args.auto_accuracy,
+        "rule": args.auto_rule,
+        "chosen": choice.chosen.name,
+        "fitted": bool(asked),
+        "tv": tv,
+        "total_tokens": total,
+        "pilot_tokens": choice.pilot_tokens,
+        "cheapest": best,
+        "cheapest_tokens": cheapest.get(best),
+        "over_cheapest": None if best is None else total / cheapest[best],
+    }
+
+
 def regime(args: argparse.Namespace, preset: str, alpha: float) -> list[dict[str, Any]]:
     """All iterations of one preset and α; one row per iteration."""
     many = build_many_prompt_world(ManyPromptConfig(preset=preset))
     cap, base = many.max_new_tokens, many.world.base
     prompts = many.fit_prompts[: args.prompts]
-    probe = prompts[:: max(1, len(prompts) // args.probe)][: args.probe]
+    # Evenly spaced, offset by half a spacing from the prompts auto's pilot reads
+    # (samplers.choice.pilot_subset), so its choice is not scored on the prompts it measured.
+    spacing = max(1, len(prompts) // args.probe)
+    probe = prompts[spacing // 2 :: spacing][: args.probe]
     served = len(prompts) * args.draws
     overrides = json.loads(args.overrides)
     rows, previous = [], None
@@ -140,41 +301,21 @@ def regime(args: argparse.Namespace, preset: str, alpha: float) -> list[dict[str
         previous = gflownet
 
         ks = counts(args.candidates)
-        sir_tv = {k: tv for k, tv in law.sir_tvs(local, ks).items()}
         cost_prompts = prompts[: args.cost_prompts]
         scale = served / (len(cost_prompts) * args.draws)
-        sir_tokens = {
-            k: draw_tokens(
-                ImportanceResampler(reference, local, k, max_new_tokens=cap),
-                cost_prompts,
-                args.draws,
-            )
-            * scale
-            for k in ks
-        }
-        matched = next((k for k in ks if sir_tv[k] <= gfn_tv[0]), None)
-        smc = {}
-        generator = torch.Generator().manual_seed(args.seed)
-        floor = mean_and_error(
-            empirical_tv(
-                law,
-                [
-                    [
-                        target.responses[i]
-                        for i in target.sample_indices(args.smc_draws, generator).tolist()
-                    ]
-                    for target in law.exact
-                ],
-            )
-        )
-        for n in counts(args.particles):
-            sampler = SMCSampler(reference, n, max_new_tokens=cap)
-            tokens = draw_tokens(sampler, cost_prompts, args.draws) * scale
-            draws = [
-                responses(sampler.sample([p], args.smc_draws, generator=args.seed)) for p in probe
-            ]
-            smc[n] = {"empirical_tv": mean_and_error(empirical_tv(law, draws)), "tokens": tokens}
+        sir = sir_row(args, law, reference, local, ks, cost_prompts, scale)
+        matched = next((k for k in ks if sir[k]["tv"] <= gfn_tv[0]), None)
+        smc, floor = smc_rows(args, law, reference, cost_prompts, scale, probe)
         gfn_total = fit_tokens + gfn_draw_tokens
+        auto = auto_row(
+            args,
+            law,
+            reference,
+            prompts,
+            cost_prompts,
+            scale,
+            (gflownet, fit_tokens, gfn_tv[0], gfn_total),
+        )
         row = {
             "preset": preset,
             "alpha": alpha,
@@ -188,12 +329,13 @@ def regime(args: argparse.Namespace, preset: str, alpha: float) -> list[dict[str
                 "total_tokens": gfn_total,
                 "warm": t > 1,
             },
-            "local_product_tv": sir_tv.get(1),
-            "sir": {k: {"tv": sir_tv[k], "tokens": sir_tokens[k]} for k in ks},
+            "local_product_tv": sir[1]["tv"] if 1 in sir else None,
+            "sir": sir,
             "sir_matched_k": matched,
             "gflownet_over_sir_tokens": None
             if matched is None
-            else gfn_total / sir_tokens[matched],
+            else gfn_total / sir[matched]["tokens"],
+            "auto": auto,
             "smc": smc,
             "smc_noise_floor_tv": floor,
         }
@@ -225,6 +367,19 @@ def report(row: dict[str, Any]) -> None:
             f"{row['gflownet_over_sir_tokens']:.3f}",
             flush=True,
         )
+    a = row["auto"]
+    versus = (
+        "no option meets the accuracy"
+        if a["cheapest"] is None
+        else f"cheapest at that accuracy {a['cheapest']} ({a['cheapest_tokens']:,.0f}): "
+        f"{a['over_cheapest']:.3f}×"
+    )
+    print(
+        f"  auto (accuracy {a['accuracy']}, rule {a['rule']}): {a['chosen']}, TV {a['tv']:.4f}, tokens "
+        f"{a['total_tokens']:,.0f} (pilot {a['pilot_tokens']:,}"
+        f"{', fit' if a['fitted'] else ''}); {versus}",
+        flush=True,
+    )
     for n, v in row["smc"].items():
         print(
             f"  SMC N = {n}: empirical TV {v['empirical_tv'][0]:.4f} ± {v['empirical_tv'][1]:.4f} "
@@ -251,7 +406,20 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument(
         "--cost-prompts", type=int, default=64, help="prompts of SIR/SMC token counts"
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--auto-accuracy",
+        type=float,
+        default=0.01,
+        help="accuracy (mean exact TV) asked of choose_sampler for the auto row (α-SPIN's "
+        "auto_accuracy default)",
+    )
+    parser.add_argument(
+        "--auto-rule",
+        choices=["estimate", "bound"],
+        default="estimate",
+        help="choose_sampler's rule for SIR's K (samplers.choice)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the fits and pilots")
     parser.add_argument("--quick", action="store_true", help="a small setting (minutes)")
     args = parser.parse_args(argv)
     if args.quick:
