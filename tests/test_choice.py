@@ -10,7 +10,7 @@ import torch
 from experiments.evaluation import smallest_sir_ks
 from gfn_spin.exact import divergences, exact_distribution, sir_output_laws
 from gfn_spin.mixtures import GeometricMixture
-from samplers import AncestralSampler, GFlowNetSampler, ImportanceResampler
+from samplers import GFlowNetSampler, ImportanceResampler
 from samplers.choice import (
     candidates_for,
     choose_sampler,
@@ -91,7 +91,8 @@ def test_choose_sampler_takes_the_local_product_or_the_rules_sir(world, target, 
     cap = world.max_new_tokens
     common = {"draws_per_prompt": 2, "max_new_tokens": cap, "rule": rule, "generator": 0}
     loose = choose_sampler(target, prompts, accuracy=0.5, **common)
-    assert loose.chosen.name == "local product" and isinstance(loose.sampler, AncestralSampler)
+    assert loose.chosen.name == "local product" and isinstance(loose.sampler, ImportanceResampler)
+    assert loose.sampler.num_candidates == 1 and loose.sampler.weights_from == "decoding"
     tight = choose_sampler(target, prompts, accuracy=0.002, **common)
     k, predicted = candidates_for(tight.pilot_log_weights, 0.002, rule)
     assert k > 1 and tight.chosen.name == f"SIR K={k}" and tight.chosen.predicted_tv == predicted
