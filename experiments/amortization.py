@@ -6,10 +6,11 @@ For whoever decides how to train a GFlowNet of the tiny world's geometric mixtur
 evenly spaced among its new prompts, are new to every fit): the base setting
 (``--gflownet.<field>``, constant learning rate unless ``--amortization-schedule base``) is
 fitted on the train prompts in each form of ``amortization_forms``, and, as a non-amortized
-reference, on the eval prompts themselves; exact TV after each of ``amortization_steps``, on
-the eval prompts and (for the amortized fits) on as many train prompts, beside the local
-product (no fit) and the maximum-likelihood oracle (``--oracle false``: none). Each amortized
-fit is then refined on the eval prompts for ``refine_steps`` (``GFlowNetSampler.refine``,
+reference, on the served new prompts themselves (``--served probe``: the eval prompts; ``all``:
+every new prompt of the world); exact TV after each of ``amortization_steps``, on the eval
+prompts and (for the amortized fits) on as many train prompts, beside the local product (no
+fit) and the maximum-likelihood oracle (``--oracle false``: none). Each amortized fit is then
+refined on the served prompts for ``refine_steps`` (``GFlowNetSampler.refine``,
 semi-amortized). Every row carries its fit's model tokens (``fit_tokens``; a refinement's
 include the amortized fit's). Outputs: :mod:`experiments.studies`.
 
@@ -57,7 +58,7 @@ class AmortizationOptions:
     )
     refine_steps: int = option(
         50,
-        "Steps of semi-amortized refinement on the eval prompts (GFlowNetSampler.refine), "
+        "Steps of semi-amortized refinement on the served prompts (GFlowNetSampler.refine), "
         "warm-started from each amortized fit after its last amortization_steps (0: none).",
     )
     amortization_schedule: Literal["constant", "base"] = option(
@@ -66,6 +67,13 @@ class AmortizationOptions:
         'measures a fit of that length; "base": the base setting\'s warmup and lr_decay over '
         "the last of amortization_steps, so the last measurement is the fit as a user runs it "
         "(the earlier ones are mid-schedule).",
+    )
+    served: Literal["probe", "all"] = option(
+        "probe",
+        "The new prompts being served, on which the non-amortized reference fit and the "
+        'refinement train: "probe" (the num_eval_prompts measured) or "all" (every new prompt '
+        "of the world: with --many-prompt its 1,024, each visited a few times, as in α-SPIN). "
+        "TV is measured on the probe either way.",
     )
     oracle: bool = option(
         True,
@@ -167,14 +175,17 @@ def amortization_alpha(
         study.measure("Local product (no fit)", baseline, local, on, "no fit", 0, 0.0, 0, 0)
         for on in ("eval", "train")
     ]
-    for fit_name, form, prompts, oracle, measured_on in _fits(config, world, eval_prompts):
+    served = eval_prompts
+    if config.amortization_options.served == "all":
+        served = [list(p) for p in world.eval_prompts]
+    for fit_name, form, prompts, oracle, measured_on in _fits(config, world, served):
         sampler = study.sampler_for(fit_name, form)
         fit_rows, seconds, tokens = _fit_and_measure(
             study, sampler, fit_name, prompts, oracle, measured_on
         )
         rows += fit_rows
         if config.amortization_options.refine_steps and "train" in measured_on and not oracle:
-            rows.append(study.refine(sampler, fit_name, eval_prompts, seconds, tokens))
+            rows.append(study.refine(sampler, fit_name, served, seconds, tokens))
     return rows
 
 
@@ -215,10 +226,10 @@ def _fit_and_measure(
 
 
 def _fits(
-    config: AblationConfig, world: Any, eval_prompts: list
+    config: AblationConfig, world: Any, served: list
 ) -> list[tuple[str, str, Any, bool, tuple[str, ...]]]:
-    """(name, GFlowNet form, fit prompts, oracle?, prompts measured on) of each fit: the
-    eval-prompt fit is the non-amortized reference, so only its own prompts count."""
+    """(name, GFlowNet form, fit prompts, oracle?, prompts measured on) of each fit: the fit on
+    the ``served`` new prompts is the non-amortized reference, measured on the eval probe."""
     fits = [
         (
             f"GFlowNet ({form}) fit on train prompts",
@@ -233,7 +244,7 @@ def _fits(
         (
             "GFlowNet fit on eval prompts",
             config.gflownet.parametrization,
-            eval_prompts,
+            served,
             False,
             ("eval",),
         )
@@ -300,16 +311,16 @@ class _AmortizationStudy:
         seconds: float,
         tokens: int,
     ) -> dict[str, Any]:
-        """``amortized`` refined on the eval ``prompts`` (``GFlowNetSampler.refine``, which
-        keeps its config: its schedule over ``refine_steps``), measured there; its costs
-        include the amortized fit's."""
+        """``amortized`` refined on the served new ``prompts`` (``GFlowNetSampler.refine``,
+        which keeps its config: its schedule over ``refine_steps``), measured on the eval probe;
+        its costs include the amortized fit's."""
         steps, gfn = self.config.amortization_options.refine_steps, amortized.config
         started, before = time.perf_counter(), model_tokens(self.target, amortized.policy)
         refined = amortized.refine(prompts, steps)
         # both policies read the target's components, whose counters the refinement advanced
         extra = model_tokens(self.target, refined.policy) - before
         done = amortized.state.step
-        setting = f"{done} steps, then {steps} steps on the eval prompts ({extra} tokens)"
+        setting = f"{done} steps, then {steps} steps on {len(prompts)} new prompts ({extra} tokens)"
         return self.measure(
             f"{fit_name}, refined on eval prompts",
             refined,

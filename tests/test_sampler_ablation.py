@@ -141,9 +141,11 @@ def test_bad_setting_is_rejected_before_work(tmp_path, flag, setting, message):
         sampler_ablation.main(["--output-dir", str(tmp_path), flag, setting])
 
 
-def test_amortization_at_the_base_schedule_measures_the_fits_a_user_runs(world, tmp_path):
+@pytest.mark.parametrize("served", ["probe", "all"])
+def test_amortization_at_the_base_schedule_measures_the_fits_a_user_runs(world, tmp_path, served):
     """With ``--amortization-schedule base`` the study's fits are the base setting's own: its
-    eval-prompt fit, measured after 3 and 5 steps, is at 5 the fit of 5 steps done by hand
+    fit on the served prompts (the 2 eval prompts measured, or every eval prompt of the world),
+    measured after 3 and 5 steps, is at 5 the fit of 5 steps done by hand on those prompts
     (cosine over 5 steps, from the same seed) and its refinement is ``refine``'s; the local
     product's row is its TV enumerated directly. Both sides are exact laws, so they agree to
     float32 rounding (1e-6); a schedule spanning each chunk alone, or the constant rate, gives
@@ -166,6 +168,7 @@ def test_amortization_at_the_base_schedule_measures_the_fits_a_user_runs(world, 
             "--amortization-forms", "twist",
             "--refine-steps", "2",
             "--amortization-schedule", "base",
+            "--served", served,
             "--oracle", "false",
             "--progress", "false",
         ]
@@ -173,6 +176,8 @@ def test_amortization_at_the_base_schedule_measures_the_fits_a_user_runs(world, 
     rows = {(r["name"], r["train_steps"]): r for r in results["rows"]}
     assert not any("oracle" in name for name, _ in rows)
     cap, prompts = world.max_new_tokens, [list(p) for p in world.eval_prompts[:2]]
+    fitted_on = prompts if served == "probe" else [list(p) for p in world.eval_prompts]
+    assert len(fitted_on) > 2 or served == "probe"
     target = GeometricMixture([world.base, world.shifted], [0.5, 0.5])
 
     def tv(density) -> float:
@@ -194,7 +199,7 @@ def test_amortization_at_the_base_schedule_measures_the_fits_a_user_runs(world, 
     config = {**settings, "max_new_tokens": cap, "parametrization": "twist", "twist_updates": 8}
     config.update(explore_prob=0.0, seed=0)
     by_hand = GFlowNetSampler(target, world.shifted, adapter_name="by_hand", **config)
-    by_hand.fit(prompts, steps=5, progress=False)
+    by_hand.fit(fitted_on, steps=5, progress=False)
     on_eval = rows[("GFlowNet fit on eval prompts, TV on eval prompts", 5)]
     assert on_eval["tv"] == pytest.approx(tv(by_hand.policy), abs=1e-6)
     local = rows[("Local product (no fit), TV on eval prompts", 0)]
@@ -202,7 +207,7 @@ def test_amortization_at_the_base_schedule_measures_the_fits_a_user_runs(world, 
     amortized = GFlowNetSampler(target, world.shifted, adapter_name="amortized", **config)
     amortized.fit(world.train_prompts, steps=5, progress=False)
     name = "GFlowNet (twist) fit on train prompts, refined on eval prompts, TV on eval prompts"
-    refined = amortized.refine(prompts, 2)
+    refined = amortized.refine(fitted_on, 2)
     assert rows[(name, 7)]["tv"] == pytest.approx(tv(refined.policy), abs=1e-6)
 
 
