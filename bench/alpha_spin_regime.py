@@ -205,13 +205,15 @@ def auto_row(
     cost_prompts: Sequence[Sequence[int]],
     scale: float,
     fitted: tuple[GFlowNetSampler, int, float, float],
+    fit_steps: int,
 ) -> dict[str, Any]:
     """What ``samplers.choose_sampler`` picks for ``--auto-accuracy`` (as α-SPIN's ``auto``
     does), its exact TV and total tokens (pilot, and the fit when it fits), against the
     cheapest opponent whose exact TV meets that accuracy: SIR at its smallest such K, or the
     iteration's GFlowNet (fit included) when its TV does.
 
-    ``fitted``: the iteration's GFlowNet, its fit tokens, exact TV and total tokens. It is fitted
+    ``fitted``: the iteration's GFlowNet, its fit tokens, exact TV and total tokens, after a
+    fit of ``fit_steps`` steps (cold or warm; what auto would run to fit it). It is fitted
     before the choice; ``choose_sampler`` is handed it through ``fit_gflownet``, so its fit
     is charged to ``auto`` only when ``auto`` asks for a fit, as in α-SPIN.
     """
@@ -230,7 +232,7 @@ def auto_row(
         draws_per_prompt=args.draws,
         max_new_tokens=law.cap,
         fit_gflownet=fit,
-        fit_rollouts=config.steps * config.prompts_per_step * config.samples_per_prompt,
+        fit_rollouts=fit_steps * config.prompts_per_step * config.samples_per_prompt,
         rule=args.auto_rule,
         generator=args.seed,
     )
@@ -315,6 +317,7 @@ def regime(args: argparse.Namespace, preset: str, alpha: float) -> list[dict[str
             cost_prompts,
             scale,
             (gflownet, fit_tokens, gfn_tv[0], gfn_total),
+            args.warm_steps if t > 1 else args.cold_steps,
         )
         row = {
             "preset": preset,
