@@ -180,20 +180,27 @@ def smc_rows(
     return smc, floor
 
 
-def smallest_sir_k(law: ReferenceLaw, local: Any, accuracy: float, ks: Sequence[int]) -> int | None:
-    """The smallest K whose SIR (local-product proposal) has exact mean TV ≤ ``accuracy``:
-    the first K of the grid ``ks`` that does, then bisection below it (SIR's TV falls with K)."""
+def smallest_sir_k(
+    law: ReferenceLaw, local: Any, accuracy: float, ks: Sequence[int], limit: int = 4096
+) -> int | None:
+    """The smallest K whose SIR (local-product proposal) has exact mean TV ≤ ``accuracy``: the
+    first K of the grid ``ks`` that does (doubling past the grid up to ``limit`` when none
+    does), then bisection below it (SIR's TV falls with K). None past ``limit``."""
     tvs = law.sir_tvs(local, ks)
-    above = [k for k in ks if tvs[k] <= accuracy]
-    if not above:
-        return None
-    high = above[0]
-    low = max([k for k in ks if k < high], default=0)  # its TV is above the accuracy
+    meeting = [k for k in ks if tvs[k] <= accuracy]
+    if meeting:
+        high = meeting[0]
+        low = max([k for k in ks if k < high], default=0)  # its TV is above the accuracy
+    else:
+        low, high = ks[-1], 2 * ks[-1]
+        while law.sir_tvs(local, [high])[high] > accuracy:
+            if high >= limit:
+                return None
+            low, high = high, 2 * high
     while high - low > 1:
         middle = (low + high) // 2
-        low, high = (
-            (low, middle) if law.sir_tvs(local, [middle])[middle] <= accuracy else (middle, high)
-        )
+        meets = law.sir_tvs(local, [middle])[middle] <= accuracy
+        low, high = (low, middle) if meets else (middle, high)
     return high
 
 
