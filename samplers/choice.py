@@ -6,7 +6,9 @@ from the local product is enough, nor run SIR where it needs K in the hundreds.
 
 1. **Pilot** (on up to ``pilot_prompts`` of the prompts): SIR from the local product with
    ``pilot_draws`` candidates, one draw per prompt. It gives ``pilot_draws`` importance
-   weights per prompt, and its tokens the cost of one candidate.
+   weights per prompt, and its tokens the cost of one candidate. While the K it asks for
+   (step 2) is above half its weights per prompt, it draws as many again, up to
+   ``max_pilot_draws``: n weights say little about SIR with K ≫ n candidates.
 2. **SIR's K** for the accuracy (the mean exact TV of one draw's law to the target, over
    prompts), by the ``rule``. K = 1 is the local product alone.
 
@@ -60,6 +62,7 @@ from typing import Literal
 import torch
 
 from gfn_spin.density import Density, PromptLike
+from gfn_spin.devices import resolve_generator
 from gfn_spin.exact import sir_output_laws
 from samplers.base import Sampler, Samples
 from samplers.costs import total_tokens_per_draw
@@ -300,24 +303,53 @@ def _gflownet_options(
     return options
 
 
+def _local_pilot(
+    target: Density,
+    local: Density,
+    subset: Sequence[PromptLike],
+    sizes: tuple[int, int],
+    accuracy: float,
+    rule: Rule,
+    cap: dict[str, int],
+    generator: torch.Generator | int | None,
+) -> tuple[torch.Tensor, int, int, float]:
+    """The local product's pilot on ``subset``: SIR with ``sizes[0]`` candidates, one draw per
+    prompt, its candidates doubled (fresh ones added) while the K the ``rule`` asks for is
+    above half of them, up to ``sizes[1]`` (a pilot of n weights says little about K ≫ n: on
+    the many-prompt stress world 16 weights asked for K = 51 where 87 were needed). Returns
+    its ``[P, n]`` log-weights, its tokens, and K with its predicted TV."""
+    generator = resolve_generator(generator, local.device)
+    log_weights, tokens = torch.empty(len(subset), 0, dtype=torch.float64), 0
+    more = sizes[0]
+    while True:
+        pilot = ImportanceResampler(target, local, more, **cap).sample(
+            subset, 1, generator=generator
+        )
+        # [P, 1, n]: one draw of n candidates per prompt
+        log_weights = torch.cat([log_weights, pilot.stats.log_weights.flatten(1)], 1)
+        tokens += pilot.stats.tokens
+        k, predicted = candidates_for(log_weights, accuracy, rule)
+        n = log_weights.shape[1]
+        if 2 * k <= n or n >= sizes[1]:
+            return log_weights, tokens, k, predicted
+        more = min(n, sizes[1] - n)
+
+
 def _local_option(
     target: Density,
     local: Density,
-    log_weights: torch.Tensor,
+    k: int,
+    predicted: float,
     per_candidate: float,
     cap: dict[str, int],
     accuracy: float,
     draws: int,
-    rule: Rule,
-) -> tuple[int, _Option]:
-    """The baseline: the local product itself when its pilot's ``[P, n]`` ``log_weights`` say
-    one candidate reaches ``accuracy``, else SIR over it with the K ``rule`` asks; returns K
-    with it."""
-    k, predicted = candidates_for(log_weights, accuracy, rule)
+) -> _Option:
+    """The baseline: the local product itself (K = 1), else SIR over it with K candidates."""
     # K = 1 is the local product's own law. SIR with one candidate draws it and accumulates
     # log G̃ while decoding; an AncestralSampler with the target would score every draw in a
     # second, teacher-forced pass (twice the tokens: 2.1x on the many-prompt overlap world).
-    return k, _option(
+    return _option(
         "local product" if k == 1 else f"SIR K={k}",
         predicted,
         k * per_candidate,
@@ -329,14 +361,16 @@ def _local_option(
 
 
 def _checked_local_product(
-    target: Density, draws_per_prompt: int, pilot_prompts: int, pilot_draws: int
+    target: Density, draws_per_prompt: int, pilot_prompts: int, pilot_draws: tuple[int, int]
 ) -> Density:
-    """The target's local product, once the settings of :func:`choose_sampler` are checked."""
+    """The target's local product, once the settings of :func:`choose_sampler` are checked
+    (``pilot_draws``: its first and largest pilot size)."""
     if draws_per_prompt < 1:
         raise ValueError(f"draws_per_prompt={draws_per_prompt} must be >= 1")
-    if pilot_draws < 2 or pilot_prompts < 1:
+    if pilot_draws[0] < 2 or pilot_prompts < 1 or pilot_draws[1] < pilot_draws[0]:
         raise ValueError(
-            f"pilot_draws={pilot_draws} must be >= 2 and pilot_prompts={pilot_prompts} >= 1"
+            f"pilot_draws={pilot_draws[0]} must be >= 2, max_pilot_draws={pilot_draws[1]} at "
+            f"least that, and pilot_prompts={pilot_prompts} >= 1"
         )
     local_product = getattr(target, "local_product", None)
     if local_product is None:
@@ -353,6 +387,7 @@ def choose_sampler(
     max_new_tokens: int,
     pilot_prompts: int = 16,
     pilot_draws: int = 16,
+    max_pilot_draws: int = 256,
     max_candidates: int = 64,
     gflownet: GFlowNetSampler | None = None,
     gflownet_fit_tokens: int = 0,
@@ -372,6 +407,8 @@ def choose_sampler(
             ``len(prompts) × draws_per_prompt`` draws.
         max_new_tokens: the length cap L.
         pilot_prompts, pilot_draws: the pilot's size (weights per prompt: ``pilot_draws``).
+        max_pilot_draws: the local product's pilot doubles its weights per prompt while the K
+            it asks for is above half of them, up to this many.
         max_candidates: above this K, SIR is "in the hundreds": ``fit_gflownet`` is tried.
         gflownet: an already fitted GFlowNet to compare, with its ``gflownet_fit_tokens``.
         gflownet_kl: an exact or estimated KL between the target and the GFlowNet's law (either
@@ -387,19 +424,17 @@ def choose_sampler(
             but the accuracy is met whenever the pilot's χ² is right).
         generator: seed or generator of the pilots.
     """
-    local = _checked_local_product(target, draws_per_prompt, pilot_prompts, pilot_draws)
+    local = _checked_local_product(
+        target, draws_per_prompt, pilot_prompts, (pilot_draws, max_pilot_draws)
+    )
     subset = pilot_subset(prompts, pilot_prompts)
     draws = len(prompts) * draws_per_prompt
     cap = {"max_new_tokens": max_new_tokens}
-    pilot = ImportanceResampler(target, local, pilot_draws, **cap).sample(
-        subset, 1, generator=generator
+    log_weights, pilot_tokens, k, predicted = _local_pilot(
+        target, local, subset, (pilot_draws, max_pilot_draws), accuracy, rule, cap, generator
     )
-    log_weights = pilot.stats.log_weights.flatten(1)  # [P, 1, n]: one draw of n candidates
-    per_candidate = pilot.stats.tokens / (len(subset) * pilot_draws)
-    pilot_tokens = pilot.stats.tokens
-    k, baseline = _local_option(
-        target, local, log_weights, per_candidate, cap, accuracy, draws, rule
-    )
+    per_candidate = pilot_tokens / log_weights.numel()
+    baseline = _local_option(target, local, k, predicted, per_candidate, cap, accuracy, draws)
     options = [baseline]
     sir_total = baseline[0].total_tokens_per_draw
     notes = []

@@ -100,7 +100,11 @@ def test_choose_sampler_takes_the_local_product_or_the_rules_sir(world, target, 
     assert tight.chosen.fit_tokens == 0
     assert tight.chosen.total_tokens_per_draw == tight.chosen.tokens_per_draw > 0
     assert tight.pilot_tokens > 0 and len(tight.options) == 1
-    assert tight.pilot_log_weights.shape == (4, 16)
+    # The pilot grew from 16 weights per prompt, doubling while K was above half of them.
+    n = tight.pilot_log_weights.shape[1]
+    assert loose.pilot_log_weights.shape == (4, 16) and n in (32, 64, 128, 256)
+    assert 2 * k <= n or n == 256
+    assert 2 * candidates_for(tight.pilot_log_weights[:, : n // 2], 0.002, rule)[0] > n // 2
 
 
 @pytest.mark.parametrize("alpha", [0.5, 0.95])
