@@ -43,6 +43,8 @@ from samplers.gflownet.parametrization import (
     corrupted,
 )
 from samplers.gflownet.trainer import GFlowNetTrainer, TrainState
+from samplers.smc import SMCSampler
+from samplers.weighting import is_residual_on_local_product_of
 
 CONFIG_FILE = "gflownet_config.json"
 TRAINER_STATE = "trainer_state.pt"
@@ -331,7 +333,24 @@ class GFlowNetSampler(Sampler):
     def draw(
         self, prompt_ids: list[list[int]], num_samples: int, generator: torch.Generator | None
     ) -> Draws:
-        """Ancestral samples from the trained policy; ``log_q`` exact."""
+        """Ancestral samples from the trained policy; ``log_q`` exact.
+
+        A policy whose states carry the target's component states (the twist, prompt-twist and
+        residual forms) is decoded as SMC with one particle that never resamples: the same
+        ancestral draw, with ``log G̃`` accumulated from those states on the way, so that
+        :meth:`Sampler.sample` does not score every draw again in a teacher-forced pass of the
+        components (about half of a draw's model tokens). ``log q = log G̃ − log w``."""
+        if is_residual_on_local_product_of(self.policy, self.target):
+            one = SMCSampler(
+                self.target,
+                1,
+                proposal=self.policy,
+                ess_threshold=0.0,
+                max_new_tokens=self.max_new_tokens,
+            ).populations(prompt_ids, num_samples, generator)
+            log_w = one.stats["log_z_populations"].flatten().to(one.log_target.device)
+            log_q = (one.log_target.double() - log_w).to(one.log_target.dtype)
+            return Draws(one.response_ids, one.lengths, log_q=log_q, log_target=one.log_target)
         samples = ancestral_sample(
             self.policy,
             prompt_ids,
