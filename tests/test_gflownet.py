@@ -23,6 +23,7 @@ from samplers.gflownet import (
     latest_checkpoint,
 )
 from samplers.replay import ReplayBuffer
+from samplers.weighting import model_tokens
 from tests.containers import tensors
 
 L = 7
@@ -578,3 +579,33 @@ def test_a_stored_twist_batch_is_rescored_from_its_features_as_by_teacher_forcin
         assert torch.equal(torch.isfinite(mine), finite) and torch.equal(other[visited], teacher)
         # float32 rounding of the same matrix product, taken in another order
         assert (mine[finite] - teacher[finite]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("form", ["twist", "residual"])
+def test_draws_read_log_target_while_decoding(world, form):
+    """A policy on the target's local product draws with log q and log G̃ equal to teacher-forced
+    scoring (float32 rounding of a 7-token sum: 1e-4), and sampling costs only the decoding's
+    model tokens: the counters advance by stats.tokens, with no second scoring pass (which
+    would add the components' tokens of every draw again)."""
+    target = GeometricMixture([world.base, world.shifted], [0.5, 0.5])
+    prompts = [list(p) for p in world.eval_prompts[:2]]
+    sampler = GFlowNetSampler(
+        target,
+        world.shifted,
+        max_new_tokens=world.max_new_tokens,
+        parametrization=form,
+        adapter_name=f"draws_{form}",
+        steps=3,
+        prompts_per_step=2,
+        samples_per_prompt=2,
+    )
+    sampler.fit(prompts, progress=False)
+    before = model_tokens(target, sampler.policy)
+    samples = sampler.sample(prompts, 6, generator=0)
+    assert model_tokens(target, sampler.policy) - before == samples.stats.tokens
+    rows = [prompts[i] for i in samples.prompt_index.tolist()]
+    with torch.no_grad():
+        log_q = sampler.policy.log_prob(rows, samples.response_ids, samples.lengths)
+        log_target = target.log_prob(rows, samples.response_ids, samples.lengths)
+    torch.testing.assert_close(samples.log_q, log_q, atol=1e-4, rtol=0)
+    torch.testing.assert_close(samples.log_target, log_target, atol=1e-4, rtol=0)
