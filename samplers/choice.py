@@ -202,7 +202,8 @@ class SamplerOption:
         name: "local product", "SIR K=<k>", "GFlowNet" or "SIR(GFlowNet) K=<k>".
         predicted_tv: the pilot's bound on the mean exact TV of one draw to the target.
         tokens_per_draw: model tokens per draw to sample (measured on the pilot; SIR(GFlowNet):
-            K × (a GFlowNet draw + a local-product candidate, the scoring pass's price)).
+            K GFlowNet draws, plus K local-product candidates, the scoring pass's price, when
+            its weights are not read while decoding).
         fit_tokens: model tokens of the fit it needs (0 without one).
         total_tokens_per_draw: ``tokens_per_draw`` plus the fit spread over the draws asked for.
         meets_accuracy: ``predicted_tv`` is at most the accuracy asked for.
@@ -289,13 +290,17 @@ def _gflownet_options(
     options = [_option("GFlowNet", tv, gfn_tokens, fit_tokens, lambda: gflownet, accuracy, draws)]
     k_gfn, predicted = candidates_for(log_w, accuracy, rule)
     if k_gfn > 1:
+        over = ImportanceResampler(target, gflownet.policy, k_gfn, **cap)
+        # weights read while decoding (a policy on the local product), else a scoring pass of
+        # the components, priced as a local-product candidate
+        scoring = 0.0 if over.weights_from == "decoding" else per_candidate
         options.append(
             _option(
                 f"SIR(GFlowNet) K={k_gfn}",
                 predicted,
-                k_gfn * (gfn_tokens + per_candidate),
+                k_gfn * (gfn_tokens + scoring),
                 fit_tokens,
-                lambda: ImportanceResampler(target, gflownet.policy, k_gfn, **cap),
+                lambda: over,
                 accuracy,
                 draws,
             )

@@ -21,6 +21,7 @@ from samplers.smc import SMCSampler
 from samplers.weighting import (
     effective_sample_size,
     is_local_product_of,
+    is_residual_on_local_product_of,
     logmeanexp,
 )
 
@@ -41,8 +42,10 @@ class ImportanceResampler(ProposalSampler):
     draws are independent). Cost in model tokens per draw: ``K·(|x| + n̄)`` per proposal
     component for sampling plus the same per target component for one teacher-forced scoring
     pass (``n̄`` the mean candidate length). With the target's local product as proposal (the
-    default for a geometric mixture) there is no scoring pass: the weights are accumulated while
-    decoding, exactly as :class:`~samplers.SMCSampler` does with resampling switched off.
+    default for a geometric mixture), or a policy on it whose states carry the components' (a
+    twist, prompt-twist or residual GFlowNet's ``.policy``), there is no scoring pass: the
+    weights are accumulated while decoding, exactly as :class:`~samplers.SMCSampler` does with
+    resampling switched off.
 
     If every candidate of a draw has zero target density (all log-weights ``-inf``) no draw is
     possible and ``sample`` raises a RuntimeError (give a proposal whose support covers the
@@ -62,8 +65,8 @@ class ImportanceResampler(ProposalSampler):
         num_candidates: K, candidates per output draw.
         max_new_tokens: the length cap L.
         batch_size: candidates per decoding/scoring batch (bounds memory; whole blocks of K).
-        weights_from: "decoding" (the proposal is the target's local product: the weights
-            accumulate while decoding, no scoring pass), "scoring" (decode, then one
+        weights_from: "decoding" (the proposal is the target's local product or a policy on it:
+            the weights accumulate while decoding, no scoring pass), "scoring" (decode, then one
             teacher-forced target pass over the candidates; any proposal), or "auto" (decoding
             where it applies).
     """
@@ -83,9 +86,12 @@ class ImportanceResampler(ProposalSampler):
         self.max_new_tokens = check_count("max_new_tokens", max_new_tokens)
         self.batch_size = check_count("batch_size", batch_size)
         # With the target's own local product as proposal, log w = Σ_k log Z_loc(s_k) is known
-        # while decoding: SIR is then SMC that never resamples, and skips the teacher-forced
-        # scoring pass (about three quarters of SIR's time on the tiny world).
-        local = is_local_product_of(self.proposal, target)
+        # while decoding, and a policy on it carries the components' step scores: SIR is then
+        # SMC that never resamples, and skips the teacher-forced scoring pass (about three
+        # quarters of SIR's time on the tiny world).
+        local = is_local_product_of(self.proposal, target) or is_residual_on_local_product_of(
+            self.proposal, target
+        )
         if weights_from == "auto":
             weights_from = "decoding" if local else "scoring"
         if weights_from not in ("decoding", "scoring") or (
@@ -93,7 +99,7 @@ class ImportanceResampler(ProposalSampler):
         ):
             raise ValueError(
                 f"weights_from={weights_from!r} must be 'auto', 'scoring', or 'decoding' (only "
-                "with the target's local product as proposal)"
+                "with the target's local product, or a policy on it, as proposal)"
             )
         self.weights_from: WeightSource = weights_from
         # SMC that never resamples: the same candidates and weights, accumulated while decoding.

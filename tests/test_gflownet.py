@@ -609,3 +609,22 @@ def test_draws_read_log_target_while_decoding(world, form):
         log_target = target.log_prob(rows, samples.response_ids, samples.lengths)
     torch.testing.assert_close(samples.log_q, log_q, atol=1e-4, rtol=0)
     torch.testing.assert_close(samples.log_target, log_target, atol=1e-4, rtol=0)
+
+
+def test_sir_over_a_twist_gflownet_reads_its_weights_while_decoding(world):
+    """SIR with a twist GFlowNet's policy as proposal takes the decoding path: the chosen draws'
+    log G̃ equal teacher-forced scoring (1e-4), and it costs the candidates' decoding alone,
+    where the scoring path adds a pass of the components over every candidate."""
+    target = GeometricMixture([world.base, world.shifted], [0.5, 0.5])
+    prompts = [list(p) for p in world.eval_prompts[:2]]
+    cap = world.max_new_tokens
+    gfn = GFlowNetSampler(target, world.shifted, max_new_tokens=cap, adapter_name="sir_over")
+    decoding = ImportanceResampler(target, gfn.policy, 4, max_new_tokens=cap)
+    scoring = ImportanceResampler(target, gfn.policy, 4, max_new_tokens=cap, weights_from="scoring")
+    assert decoding.weights_from == "decoding"
+    samples = decoding.sample(prompts, 3, generator=0)
+    rows = [prompts[i] for i in samples.prompt_index.tolist()]
+    with torch.no_grad():
+        log_target = target.log_prob(rows, samples.response_ids, samples.lengths)
+    torch.testing.assert_close(samples.log_target, log_target, atol=1e-4, rtol=0)
+    assert samples.stats.tokens < scoring.sample(prompts, 3, generator=0).stats.tokens
