@@ -11,15 +11,15 @@ from experiments.evaluation import smallest_sir_ks
 from gfn_spin.exact import divergences, exact_distribution, sir_output_laws
 from gfn_spin.mixtures import GeometricMixture
 from samplers import GFlowNetSampler, ImportanceResampler
-from samplers.choice import (
+from samplers.choice import choose_sampler
+from samplers.gflownet import GFlowNetConfig
+from samplers.sir_candidates import (
     candidates_for,
-    choose_sampler,
     sir_candidates_estimated,
     sir_candidates_for,
     sir_tv_bound,
     sir_tv_estimates,
 )
-from samplers.gflownet import GFlowNetConfig
 from selfplay import AlphaSpinConfig
 from selfplay.config import derive_seed
 from selfplay.opponents import opponent_sampler
