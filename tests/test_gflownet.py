@@ -587,11 +587,14 @@ def test_draws_read_log_target_while_decoding(world, form):
     scoring (float32 rounding of a 7-token sum: 1e-4), and sampling costs only the decoding's
     model tokens: the counters advance by stats.tokens, with no second scoring pass (which
     would add the components' tokens of every draw again)."""
-    target = GeometricMixture([world.base, world.shifted], [0.5, 0.5])
+    # Fresh copies: the residual form puts a LoRA adapter on its init policy's model, which
+    # must not be the session's shared world.shifted (later tests read it).
+    base, shifted = world.load_policy("base"), world.load_policy("shifted")
+    target = GeometricMixture([base, shifted], [0.5, 0.5])
     prompts = [list(p) for p in world.eval_prompts[:2]]
     sampler = GFlowNetSampler(
         target,
-        world.shifted,
+        shifted,
         max_new_tokens=world.max_new_tokens,
         parametrization=form,
         adapter_name=f"draws_{form}",
