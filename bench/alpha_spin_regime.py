@@ -24,7 +24,8 @@ fit prompts (the same prompts every iteration, as SPIN's training set). Opponent
 - auto: what ``samplers.choose_sampler`` picks for ``--auto-accuracy`` (α-SPIN's ``auto``),
   with its exact TV and its total tokens (its pilot, and the GFlowNet's fit if it asks for
   one), over the cheapest option whose exact TV meets that accuracy: SIR at the smallest such
-  K (bisected below the grid), or the GFlowNet, fit included.
+  K (``experiments.evaluation.smallest_sir_ks`` on SIR's exact laws), or the GFlowNet, fit
+  included.
 
 TV is the mean over ``--probe`` evenly spaced prompts of those served, with its standard error
 over prompts. ``--quick`` runs a small setting (a few minutes on a CPU).
@@ -46,6 +47,7 @@ import torch
 
 from bench._timing import emit
 from bench.alpha_spin_iteration import ReferenceLaw, counts
+from experiments.evaluation import smallest_sir_ks
 from gfn_spin.mixtures import GeometricMixture
 from gfn_spin.policy import Policy
 from samplers import ImportanceResampler, SMCSampler, choose_sampler
@@ -180,30 +182,6 @@ def smc_rows(
     return smc, floor
 
 
-def smallest_sir_k(
-    law: ReferenceLaw, local: Any, accuracy: float, ks: Sequence[int], limit: int = 4096
-) -> int | None:
-    """The smallest K whose SIR (local-product proposal) has exact mean TV ≤ ``accuracy``: the
-    first K of the grid ``ks`` that does (doubling past the grid up to ``limit`` when none
-    does), then bisection below it (SIR's TV falls with K). None past ``limit``."""
-    tvs = law.sir_tvs(local, ks)
-    meeting = [k for k in ks if tvs[k] <= accuracy]
-    if meeting:
-        high = meeting[0]
-        low = max([k for k in ks if k < high], default=0)  # its TV is above the accuracy
-    else:
-        low, high = ks[-1], 2 * ks[-1]
-        while law.sir_tvs(local, [high])[high] > accuracy:
-            if high >= limit:
-                return None
-            low, high = high, 2 * high
-    while high - low > 1:
-        middle = (low + high) // 2
-        meets = law.sir_tvs(local, [middle])[middle] <= accuracy
-        low, high = (low, middle) if meets else (middle, high)
-    return high
-
-
 def auto_row(
     args: argparse.Namespace,
     law: ReferenceLaw,
@@ -213,6 +191,7 @@ def auto_row(
     scale: float,
     fitted: tuple[GFlowNetSampler, int, float, float],
     fit_steps: int,
+    known: dict[int, float],
 ) -> dict[str, Any]:
     """What ``samplers.choose_sampler`` picks for ``--auto-accuracy`` (as α-SPIN's ``auto``
     does), its exact TV and total tokens (pilot, and the fit when it fits), against the
@@ -222,7 +201,8 @@ def auto_row(
     ``fitted``: the iteration's GFlowNet, its fit tokens, exact TV and total tokens, after a
     fit of ``fit_steps`` steps (cold or warm; what auto would run to fit it). It is fitted
     before the choice; ``choose_sampler`` is handed it through ``fit_gflownet``, so its fit
-    is charged to ``auto`` only when ``auto`` asks for a fit, as in α-SPIN.
+    is charged to ``auto`` only when ``auto`` asks for a fit, as in α-SPIN. ``known``: SIR's
+    exact TV (local-product proposal) at the K of the grid, K = 1 among them.
     """
     gflownet, fit_tokens, gfn_tv, gfn_total = fitted
     asked: list[bool] = []
@@ -247,22 +227,19 @@ def auto_row(
     local = reference.local_product()
     if isinstance(chosen, GFlowNetSampler):
         tv = gfn_tv
-    elif isinstance(chosen, ImportanceResampler):
+    else:  # SIR (K = 1: the local product), from the local product or over the GFlowNet
         k = chosen.num_candidates
         tv = law.sir_tvs(chosen.proposal, [k])[k]
-    else:  # the local product alone
-        tv = law.sir_tvs(local, [1])[1]
     total = choice.pilot_tokens + (fit_tokens if asked else 0)
     total += draw_tokens(chosen, cost_prompts, args.draws) * scale
-    k_min = smallest_sir_k(law, local, args.auto_accuracy, counts(args.candidates))
-    cheapest = {}
-    if k_min is not None:
-        cheapest[f"SIR K={k_min}"] = (
-            sir_tokens(reference, local, k_min, law.cap, cost_prompts, args.draws) * scale
-        )
+    [(k_min, _)] = smallest_sir_ks(lambda ks: law.sir_tvs(local, ks), [args.auto_accuracy], known)
+    cheapest = {
+        f"SIR K={k_min}": sir_tokens(reference, local, k_min, law.cap, cost_prompts, args.draws)
+        * scale
+    }
     if gfn_tv <= args.auto_accuracy:
         cheapest["GFlowNet"] = gfn_total
-    best = min(cheapest, key=cheapest.get) if cheapest else None
+    best = min(cheapest, key=cheapest.get)
     return {
         "accuracy": args.auto_accuracy,
         "rule": args.auto_rule,
@@ -272,8 +249,8 @@ def auto_row(
         "total_tokens": total,
         "pilot_tokens": choice.pilot_tokens,
         "cheapest": best,
-        "cheapest_tokens": cheapest.get(best),
-        "over_cheapest": None if best is None else total / cheapest[best],
+        "cheapest_tokens": cheapest[best],
+        "over_cheapest": total / cheapest[best],
     }
 
 
@@ -325,6 +302,7 @@ def regime(args: argparse.Namespace, preset: str, alpha: float) -> list[dict[str
             scale,
             (gflownet, fit_tokens, gfn_tv[0], gfn_total),
             args.warm_steps if t > 1 else args.cold_steps,
+            {k: v["tv"] for k, v in sir.items()} | ({} if 1 in sir else law.sir_tvs(local, [1])),
         )
         row = {
             "preset": preset,
@@ -378,16 +356,11 @@ def report(row: dict[str, Any]) -> None:
             flush=True,
         )
     a = row["auto"]
-    versus = (
-        "no option meets the accuracy"
-        if a["cheapest"] is None
-        else f"cheapest at that accuracy {a['cheapest']} ({a['cheapest_tokens']:,.0f}): "
-        f"{a['over_cheapest']:.3f}×"
-    )
     print(
-        f"  auto (accuracy {a['accuracy']}, rule {a['rule']}): {a['chosen']}, TV {a['tv']:.4f}, tokens "
-        f"{a['total_tokens']:,.0f} (pilot {a['pilot_tokens']:,}"
-        f"{', fit' if a['fitted'] else ''}); {versus}",
+        f"  auto (accuracy {a['accuracy']}, rule {a['rule']}): {a['chosen']}, TV {a['tv']:.4f}, "
+        f"tokens {a['total_tokens']:,.0f} (pilot {a['pilot_tokens']:,}"
+        f"{', fit' if a['fitted'] else ''}); cheapest at that accuracy {a['cheapest']} "
+        f"({a['cheapest_tokens']:,.0f}): {a['over_cheapest']:.3f}×",
         flush=True,
     )
     for n, v in row["smc"].items():

@@ -166,7 +166,8 @@ def test_sir_candidates_estimated_is_the_smallest_k_meeting_the_estimate():
 @pytest.mark.parametrize("weights_from", ["decoding", "scoring"])
 def test_sir_reports_every_candidates_log_weight(world, target, weights_from):
     """stats.log_weights holds each draw's K candidate weights: the chosen draw's own
-    log G̃ − log q is among them (its log q from the local product, enumerated)."""
+    log G̃ − log q is among them (its log q from the local product, teacher-forced; float32
+    rounding of a sum over at most 7 tokens stays below 1e-4)."""
     prompts, cap = world.eval_prompts[:2], world.max_new_tokens
     sampler = ImportanceResampler(target, None, 4, max_new_tokens=cap, weights_from=weights_from)
     samples = sampler.sample(prompts, 3, generator=0)
