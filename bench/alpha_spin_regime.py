@@ -21,6 +21,10 @@ fit prompts (the same prompts every iteration, as SPIN's training set). Opponent
   empirical TV of ``--smc-draws`` draws per probe prompt, printed beside the same estimator on as
   many exact draws (the noise floor: only what lies above it is SMC's error). Tokens measured as
   SIR's;
+- SIR over the GFlowNet: the iteration's fitted GFlowNet as SIR's proposal, at the smallest K
+  whose exact TV meets ``--gflownet-accuracy``; tokens are the fit plus SIR's draws. Printed
+  beside the cheapest SIR from the local product at equal or lower exact TV (its smallest such
+  K, searched on its exact laws);
 - auto: what ``samplers.choose_sampler`` picks for ``--auto-accuracy`` (α-SPIN's ``auto``),
   with its exact TV and its total tokens (its pilot, and the GFlowNet's fit if it asks for
   one), over the cheapest option whose exact TV meets that accuracy: SIR at the smallest such
@@ -182,6 +186,41 @@ def smc_rows(
     return smc, floor
 
 
+def sir_over_gflownet_row(
+    args: argparse.Namespace,
+    law: ReferenceLaw,
+    reference: GeometricMixture,
+    gflownet: GFlowNetSampler,
+    cost: tuple[Sequence[Sequence[int]], float],
+    known: tuple[float, dict[int, float]],
+) -> dict[str, Any]:
+    """SIR over the fitted ``gflownet`` at the smallest K whose exact TV meets
+    ``--gflownet-accuracy``, its total tokens (``fit_tokens`` of ``known``'s fit included),
+    against the cheapest SIR from the local product at equal or lower exact TV.
+
+    ``cost``: the prompts SIR's tokens are measured on and the scale to all draws; ``known``:
+    the GFlowNet's fit tokens and SIR's exact TV from the local product at the K of the grid.
+    """
+    (cost_prompts, scale), (fit_tokens, local_known) = cost, known
+    proposal, local = gflownet.policy, reference.local_product()
+    own = law.sir_tvs(proposal, [1])
+    [(k, tv)] = smallest_sir_ks(lambda ks: law.sir_tvs(proposal, ks), [args.gflownet_accuracy], own)
+    sampler = ImportanceResampler(reference, proposal, k, max_new_tokens=law.cap)
+    total = fit_tokens + draw_tokens(sampler, cost_prompts, args.draws) * scale
+    [(k_local, tv_local)] = smallest_sir_ks(lambda ks: law.sir_tvs(local, ks), [tv], local_known)
+    local_tokens = sir_tokens(reference, local, k_local, law.cap, cost_prompts, args.draws) * scale
+    return {
+        "accuracy": args.gflownet_accuracy,
+        "k": k,
+        "tv": tv,
+        "total_tokens": total,
+        "local_k": k_local,
+        "local_tv": tv_local,
+        "local_tokens": local_tokens,
+        "over_local": total / local_tokens,
+    }
+
+
 def auto_row(
     args: argparse.Namespace,
     law: ReferenceLaw,
@@ -293,6 +332,7 @@ def regime(args: argparse.Namespace, preset: str, alpha: float) -> list[dict[str
         matched = next((k for k in ks if sir[k]["tv"] <= gfn_tv[0]), None)
         smc, floor = smc_rows(args, law, reference, cost_prompts, scale, probe)
         gfn_total = fit_tokens + gfn_draw_tokens
+        known = {k: v["tv"] for k, v in sir.items()} | ({} if 1 in sir else law.sir_tvs(local, [1]))
         auto = auto_row(
             args,
             law,
@@ -302,7 +342,10 @@ def regime(args: argparse.Namespace, preset: str, alpha: float) -> list[dict[str
             scale,
             (gflownet, fit_tokens, gfn_tv[0], gfn_total),
             args.warm_steps if t > 1 else args.cold_steps,
-            {k: v["tv"] for k, v in sir.items()} | ({} if 1 in sir else law.sir_tvs(local, [1])),
+            known,
+        )
+        over = sir_over_gflownet_row(
+            args, law, reference, gflownet, (cost_prompts, scale), (fit_tokens, known)
         )
         row = {
             "preset": preset,
@@ -323,6 +366,7 @@ def regime(args: argparse.Namespace, preset: str, alpha: float) -> list[dict[str
             "gflownet_over_sir_tokens": None
             if matched is None
             else gfn_total / sir[matched]["tokens"],
+            "sir_over_gflownet": over,
             "auto": auto,
             "smc": smc,
             "smc_noise_floor_tv": floor,
@@ -355,6 +399,14 @@ def report(row: dict[str, Any]) -> None:
             f"{row['gflownet_over_sir_tokens']:.3f}",
             flush=True,
         )
+    o = row["sir_over_gflownet"]
+    print(
+        f"  SIR over the GFlowNet at TV ≤ {o['accuracy']}: K = {o['k']}, TV {o['tv']:.4f}, "
+        f"tokens {o['total_tokens']:,.0f} (fit included); SIR from the local product at ≤ that "
+        f"TV: K = {o['local_k']} (TV {o['local_tv']:.4f}), {o['local_tokens']:,.0f}: "
+        f"{o['over_local']:.3f}×",
+        flush=True,
+    )
     a = row["auto"]
     print(
         f"  auto (accuracy {a['accuracy']}, rule {a['rule']}): {a['chosen']}, TV {a['tv']:.4f}, "
@@ -388,6 +440,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--probe", type=int, default=16, help="prompts of the exact TV")
     parser.add_argument(
         "--cost-prompts", type=int, default=64, help="prompts of SIR/SMC token counts"
+    )
+    parser.add_argument(
+        "--gflownet-accuracy",
+        type=float,
+        default=0.02,
+        help="exact TV asked of SIR over the GFlowNet (the smallest K reaching it is priced)",
     )
     parser.add_argument(
         "--auto-accuracy",
