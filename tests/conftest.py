@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gfn_spin.mixtures import GeometricMixture
 from worlds.toy import ToyWorld, build_world
 
 # The tiny models run fastest single-threaded, and a second thread makes every test 10x slower
@@ -22,6 +23,19 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> ToyWorld:
 def prompt(world: ToyWorld) -> list[int]:
     """One held-out prompt (3 symbols) used by single-prompt exactness tests."""
     return next(p for p in world.eval_prompts if len(p) == 5)
+
+
+@pytest.fixture(scope="module")
+def target(world: ToyWorld) -> GeometricMixture:
+    """The α = 0.5 geometric mixture of the tiny world's two policies (a module may define its
+    own ``target``)."""
+    return GeometricMixture([world.base, world.shifted], [0.5, 0.5])
+
+
+@pytest.fixture(scope="module")
+def prompts(world: ToyWorld) -> list[list[int]]:
+    """The first two held-out prompts (a module or a parametrization may define its own)."""
+    return world.eval_prompts[:2]
 
 
 @pytest.fixture

@@ -20,7 +20,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gfn_spin import GeometricMixture
 from gfn_spin.exact import ExactDistribution, divergences, exact_distribution
 from samplers import AncestralSampler, ImportanceResampler, SMCSampler
 from samplers.accuracy import (
@@ -36,16 +35,6 @@ from samplers.weighting import logmeanexp
 CAP = 5
 Z_SIGMAS = 4.0  # Gaussian two-sided tail ≈ 6e-5 (see the module docstring)
 DRAWS = 4000
-
-
-@pytest.fixture(scope="module")
-def target(world) -> GeometricMixture:
-    return GeometricMixture([world.base, world.shifted], [0.5, 0.5])
-
-
-@pytest.fixture(scope="module")
-def prompts(world) -> list[list[int]]:
-    return world.eval_prompts[:2]
 
 
 @pytest.fixture(scope="module")

@@ -66,5 +66,7 @@ def test_visits_are_prefix_probabilities(setting):
     for row in rows[:: max(1, len(rows) // 40)].tolist():
         depth = int(tree.depth[row])
         prefix = tuple(tree.prefixes[row, :depth].tolist())
-        through = sum(float(m) for r, m in zip(exact.responses, mass, strict=True) if r[:depth] == prefix)
+        through = sum(
+            float(m) for r, m in zip(exact.responses, mass, strict=True) if r[:depth] == prefix
+        )
         assert abs(float(tree.visits[row]) - through) < ATOL * 10

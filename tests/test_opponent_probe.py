@@ -39,16 +39,6 @@ REFERENCE = dict(reference_particles=32, reference_runs=100)
 
 
 @pytest.fixture(scope="module")
-def target(world) -> GeometricMixture:
-    return GeometricMixture([world.base, world.shifted], [0.5, 0.5])
-
-
-@pytest.fixture(scope="module")
-def prompts(world) -> list[list[int]]:
-    return world.eval_prompts[:2]
-
-
-@pytest.fixture(scope="module")
 def exact_p(target, prompts):
     return [exact_distribution(target, p, CAP) for p in prompts]
 

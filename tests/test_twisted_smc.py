@@ -32,7 +32,7 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from gfn_spin import GeometricMixture, Policy
+from gfn_spin import Policy
 from gfn_spin.density import Density, PromptLike
 from gfn_spin.exact import ExactDistribution, exact_distribution
 from gfn_spin.residual import ResidualLocalProduct
@@ -42,11 +42,6 @@ from samplers.smc_twists import TwistInputs, flow_twist
 CAP = 5
 Z_SIGMAS = 4.0  # Gaussian two-sided tail ≈ 6e-5 (see the module docstring)
 FLOAT_TOL = 1e-4  # float32 rounding of at most six log-probabilities of size ≤ 10
-
-
-@pytest.fixture(scope="module")
-def target(world) -> GeometricMixture:
-    return GeometricMixture([world.base, world.shifted], [0.5, 0.5])
 
 
 @pytest.fixture(scope="module")
