@@ -6,6 +6,7 @@ product's; its visits must be the target's prefix probabilities. Both sides are 
 over the same 341 responses per prompt (L = 4, 4 symbols), so they agree to rounding: the
 tolerance is 1e-6 in probability, far below what a wrong twist, child order or missing EOS
 factor moves (the target and its local product differ by more than 1e-3, checked below).
+``bench.twist_capacity``, which fits heads by the tree's exact gradient, is checked here too.
 """
 
 from __future__ import annotations
@@ -70,3 +71,33 @@ def test_visits_are_prefix_probabilities(setting):
             float(m) for r, m in zip(exact.responses, mass, strict=True) if r[:depth] == prefix
         )
         assert abs(float(tree.visits[row]) - through) < ATOL * 10
+
+
+def test_capacity_bench_measures_exact_tv_and_its_fit_helps(setting):
+    """``bench.twist_capacity``: a zero head's TV is the local product's, as enumeration gives
+    it; the exact-gradient fit lowers the TV on the prompts it was fitted on (a sign error in
+    the KL or the weights makes it rise)."""
+    from argparse import Namespace
+
+    from bench.twist_capacity import fit_head, probe_tvs, states
+    from gfn_spin.exact import divergences
+    from gfn_spin.twisted_local_product import TwistHead
+
+    target, prompts, _ = setting
+    width, vocab = max(map(len, prompts)), target.vocab_size
+    data = states(target, prompts, CAP, width, progress=False)
+    zero = TwistHead(data.inputs["features"].shape[1], vocab)
+    tvs = probe_tvs(target, prompts, CAP, width, {"features": zero})
+    for i, prompt in enumerate(prompts):
+        p = exact_distribution(target, prompt, CAP)
+        q = exact_distribution(target.local_product(), prompt, CAP)
+        expected = divergences(p.logprobs, q.logprobs)["tv"]
+        assert abs(tvs["features"][i] - expected) < ATOL
+        assert abs(tvs["local product"][i] - expected) < ATOL
+    args = Namespace(
+        width=64, depth=2, learning_rate=1e-2, epochs=200, batch=256, seed=0, progress=False
+    )
+    fitted = probe_tvs(
+        target, prompts, CAP, width, {"features": fit_head(data, "features", args, vocab)}
+    )
+    assert sum(fitted["features"]) < 0.5 * sum(tvs["local product"])
