@@ -56,15 +56,22 @@ class States:
 
 
 def head_inputs(
-    tree: StateTree, prompts: Sequence[Sequence[int]], vocab: int, width: int
+    tree: StateTree,
+    prompts: Sequence[Sequence[int]],
+    vocab: int,
+    width: int,
+    heads: Sequence[str],
 ) -> dict[str, torch.Tensor]:
-    """Per head, its input at every state of ``tree`` (``prompts``: the tree's prompts, each
-    left-padded to ``width`` tokens for the raw sequence)."""
-    padded = torch.tensor([[0] * (width - len(p)) + list(p) for p in prompts])
-    sequence = torch.cat([padded[tree.prompt_index], tree.prefixes.clamp_min(0)], dim=1)
-    depth = one_hot(tree.depth, tree.max_new_tokens).float()
-    raw = torch.cat([rearrange(one_hot(sequence, vocab).float(), "s n v -> s (n v)"), depth], 1)
-    return {"features": tree.features, "features+sequence": torch.cat([tree.features, raw], 1)}
+    """Per head of ``heads``, its input at every state of ``tree`` (``prompts``: the tree's
+    prompts, each left-padded to ``width`` tokens for the raw sequence)."""
+    inputs = {"features": tree.features}
+    if "features+sequence" in heads:
+        padded = torch.tensor([[0] * (width - len(p)) + list(p) for p in prompts])
+        sequence = torch.cat([padded[tree.prompt_index], tree.prefixes.clamp_min(0)], dim=1)
+        depth = one_hot(tree.depth, tree.max_new_tokens).float()
+        raw = rearrange(one_hot(sequence, vocab).float(), "s n v -> s (n v)")
+        inputs["features+sequence"] = torch.cat([tree.features, raw, depth], dim=1)
+    return {name: inputs[name] for name in heads}
 
 
 def states(
@@ -72,6 +79,7 @@ def states(
     prompts: Sequence[Sequence[int]],
     cap: int,
     width: int,
+    heads: Sequence[str],
     progress: bool,
 ) -> States:
     """The states of every prompt's tree (those the target reaches), in chunks of prompts."""
@@ -80,7 +88,7 @@ def states(
         chunk = prompts[start : start + CHUNK]
         tree = state_tree(target, chunk, cap)
         reached = tree.visits > 0
-        inputs = head_inputs(tree, chunk, target.vocab_size, width)
+        inputs = head_inputs(tree, chunk, target.vocab_size, width, heads)
         parts.append(
             (
                 {name: x[reached] for name, x in inputs.items()},
@@ -91,7 +99,7 @@ def states(
         )
     visits = torch.cat([p[3] for p in parts])
     return States(
-        {name: torch.cat([p[0][name] for p in parts]) for name in HEADS},
+        {name: torch.cat([p[0][name] for p in parts]) for name in heads},
         torch.cat([p[1] for p in parts]),
         torch.cat([p[2] for p in parts]),
         visits * len(visits) / visits.sum(),
@@ -135,7 +143,7 @@ def probe_tvs(
     tvs: dict[str, list[float]] = {name: [] for name in [*heads, "local product"]}
     for prompt in prompts:
         tree = state_tree(target, [prompt], cap)
-        inputs = head_inputs(tree, [prompt], target.vocab_size, width)
+        inputs = head_inputs(tree, [prompt], target.vocab_size, width, list(heads))
         exact = tree.response_logprobs(tree.log_optimal.double()).exp()
         laws = {name: tree.log_local + head(inputs[name]) for name, head in heads.items()}
         laws["local product"] = tree.log_local
@@ -159,7 +167,7 @@ def capacity(args: argparse.Namespace, preset: str) -> list[dict[str, Any]]:
     chosen = torch.randperm(len(many.fit_prompts), generator=generator)[: args.fit_prompts]
     fit = [list(many.fit_prompts[i]) for i in sorted(chosen.tolist())]
     width = max(len(p) for p in [*many.fit_prompts, *many.new_prompts])
-    data = states(target, fit, cap, width, args.progress)
+    data = states(target, fit, cap, width, args.heads, args.progress)
     heads = {name: fit_head(data, name, args, target.vocab_size) for name in args.heads}
     probes = {
         "new": many.new_prompts[:: max(1, len(many.new_prompts) // args.probe)][: args.probe],

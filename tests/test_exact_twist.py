@@ -85,7 +85,7 @@ def test_capacity_bench_measures_exact_tv_and_its_fit_helps(setting):
 
     target, prompts, _ = setting
     width, vocab = max(map(len, prompts)), target.vocab_size
-    data = states(target, prompts, CAP, width, progress=False)
+    data = states(target, prompts, CAP, width, ["features"], progress=False)
     zero = TwistHead(data.inputs["features"].shape[1], vocab)
     tvs = probe_tvs(target, prompts, CAP, width, {"features": zero})
     for i, prompt in enumerate(prompts):
