@@ -22,8 +22,6 @@ Printed per preset and head: exact TV on ``--probe`` new prompts and on as many 
 from __future__ import annotations
 
 import argparse
-import math
-import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,9 +32,11 @@ from torch.nn.functional import one_hot
 from tqdm.auto import tqdm
 
 from bench._timing import emit
+from bench.alpha_spin_regime import mean_and_error
 from gfn_spin.exact_twist import StateTree, state_tree
 from gfn_spin.mixtures import GeometricMixture
 from gfn_spin.twisted_local_product import TwistHead
+from objectives.distill import state_kl
 from worlds.many_prompt import ManyPromptConfig, build_many_prompt_world
 
 HEADS = ("features", "features+sequence")
@@ -55,7 +55,7 @@ class States:
     weights: torch.Tensor
 
 
-def head_inputs(
+def inputs_by_head(
     tree: StateTree,
     prompts: Sequence[Sequence[int]],
     vocab: int,
@@ -88,7 +88,7 @@ def states(
         chunk = prompts[start : start + CHUNK]
         tree = state_tree(target, chunk, cap)
         reached = tree.visits > 0
-        inputs = head_inputs(tree, chunk, target.vocab_size, width, heads)
+        inputs = inputs_by_head(tree, chunk, target.vocab_size, width, heads)
         parts.append(
             (
                 {name: x[reached] for name, x in inputs.items()},
@@ -104,12 +104,6 @@ def states(
         torch.cat([p[2] for p in parts]),
         visits * len(visits) / visits.sum(),
     )
-
-
-def state_kl(log_optimal: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """``[N]`` ``KL(q*(·|s) ‖ q(·|s))`` per state (``0 log 0 = 0``)."""
-    optimal = log_optimal.exp()
-    return (optimal * (log_optimal - log_q).masked_fill(optimal == 0, 0.0)).sum(-1)
 
 
 def fit_head(data: States, name: str, args: argparse.Namespace, vocab: int) -> TwistHead:
@@ -143,7 +137,7 @@ def probe_tvs(
     tvs: dict[str, list[float]] = {name: [] for name in [*heads, "local product"]}
     for prompt in prompts:
         tree = state_tree(target, [prompt], cap)
-        inputs = head_inputs(tree, [prompt], target.vocab_size, width, list(heads))
+        inputs = inputs_by_head(tree, [prompt], target.vocab_size, width, list(heads))
         exact = tree.response_logprobs(tree.log_optimal.double()).exp()
         laws = {name: tree.log_local + head(inputs[name]) for name, head in heads.items()}
         laws["local product"] = tree.log_local
@@ -151,11 +145,6 @@ def probe_tvs(
             law = tree.response_logprobs(torch.log_softmax(logits.double(), dim=-1)).exp()
             tvs[name].append(0.5 * float((law - exact).abs().sum()))
     return tvs
-
-
-def mean_and_error(values: Sequence[float]) -> tuple[float, float]:
-    spread = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
-    return statistics.fmean(values), spread
 
 
 def capacity(args: argparse.Namespace, preset: str) -> list[dict[str, Any]]:

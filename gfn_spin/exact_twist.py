@@ -141,7 +141,10 @@ def state_tree(
     for level in optimal[:-1]:
         visits.append(rearrange(visits[-1][:, None] * level[:, tokens_of].exp(), "n a -> (n a)"))
     prompt_index = torch.cat(
-        [repeat(torch.arange(count), "p -> (p n)", n=width**depth) for depth in range(len(levels))]
+        [
+            repeat(torch.arange(count, device=target.device), "p -> (p n)", n=width**depth)
+            for depth in range(len(levels))
+        ]
     )
     return StateTree(
         features=torch.cat([f for f, _, _ in levels]),

@@ -12,6 +12,23 @@ from __future__ import annotations
 import torch
 
 
+def state_kl(teacher_steps: torch.Tensor, student_steps: torch.Tensor) -> torch.Tensor:
+    """``KL(teacher(·|s) ‖ student(·|s))`` at every state: normalized log-probabilities
+    ``[..., V]`` in, ``[...]`` out (float32 at least).
+
+    Tokens the teacher forbids (log-prob -inf) contribute 0; a token the teacher allows and the
+    student forbids gives +inf, as the KL does.
+    """
+    dtype = torch.promote_types(teacher_steps.dtype, torch.float32)  # bf16 sums in float32
+    teacher = teacher_steps.to(dtype)
+    student = student_steps.to(dtype)
+    probs = teacher.exp()
+    allowed = probs > 0
+    # where() on both branches keeps -inf - -inf (NaN) out of the value and the gradient.
+    gap = torch.where(allowed, teacher - torch.where(allowed, student, 0.0), 0.0)
+    return (probs * gap).sum(-1)
+
+
 def distillation_loss(
     teacher_steps: torch.Tensor, student_steps: torch.Tensor, lengths: torch.Tensor
 ) -> torch.Tensor:
@@ -32,14 +49,7 @@ def distillation_loss(
             f"{tuple(student_steps.shape)} must both be [B, L+1, V]"
         )
     width = teacher_steps.shape[1] - 1
-    dtype = torch.promote_types(teacher_steps.dtype, torch.float32)  # bf16 sums in float32
-    teacher = teacher_steps.to(dtype)
-    student = student_steps.to(dtype)
-    probs = teacher.exp()
-    allowed = probs > 0
-    # where() on both branches keeps -inf - -inf (NaN) out of the value and the gradient.
-    gap = torch.where(allowed, teacher - torch.where(allowed, student, 0.0), 0.0)
-    per_state = (probs * gap).sum(-1)  # [B, L+1]
+    per_state = state_kl(teacher_steps, student_steps)  # [B, L+1]
     steps = torch.arange(width + 1, device=per_state.device)
     lengths = lengths.to(per_state.device)
     visited = (steps[None, :] <= lengths[:, None]) & (steps[None, :] < width)
